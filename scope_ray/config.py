@@ -1,0 +1,336 @@
+"""One typed config tree for a job, validated on load before any Ray work starts.
+
+A job is a YAML file (see ``jobs/``) plus ``--set key=value`` overrides. Every section is a
+frozen pydantic model that forbids unknown keys; cross-field rules that need the model registry
+(layer range, K versus dictionary size, shift versus grid) run in ``JobConfig``'s validator.
+Every failure is a ``ConfigError`` whose message names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scope_ray.models.registry import REGISTRY, ModelSpec, get_spec
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the key and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------- model
+class ModelConfig(_Section):
+    name: str = Field("demo-vit-tiny", description="registry name (see `scope-ray models` / docs/models.md)")
+    weights: str = Field(
+        "none",
+        description="'none' = random init from `seed`; 'pretrained' = the library's pretrained tag "
+        "(needs internet on the cluster); otherwise a local path or s3:// URI of a safetensors file",
+    )
+    layer: int | None = Field(None, description="designated block, 1-based; default: the registry's (paper Table 5)")
+    tau: float | Literal["auto"] | None = Field(
+        None, description="outlier norm threshold; default: the registry's, 'auto' where the paper gives none"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(REGISTRY)}")
+        return v
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_spec(self.name)
+
+    @property
+    def resolved_layer(self) -> int:
+        return self.layer if self.layer is not None else self.spec.layer
+
+    @property
+    def resolved_tau(self) -> float | Literal["auto"]:
+        if self.tau is not None:
+            return self.tau
+        return self.spec.tau if self.spec.tau is not None else "auto"
+
+
+# ----------------------------------------------------------------------------------- data
+class SourceConfig(_Section):
+    """One split of one dataset."""
+
+    format: Literal["folder", "parquet", "webdataset"] = Field(description="storage layout, see docs/data.md")
+    path: str = Field(description="local path or s3:// URI of the split")
+    split: str | None = Field(None, description="ADE20K folder layout only: sub-folder under images/ and annotations/")
+    max_images: int | None = Field(None, ge=1, description="read at most this many images (in source order)")
+
+
+class DatasetConfig(_Section):
+    train: SourceConfig | None = None
+    val: SourceConfig | None = None
+
+
+class DataConfig(_Section):
+    imagenet: DatasetConfig = DatasetConfig()
+    ade20k: DatasetConfig = DatasetConfig()
+    nyud: DatasetConfig = DatasetConfig()
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="images with more pixels are rejected unread (decompression-bomb guard)"
+    )
+    min_side: int = Field(8, ge=1, description="images with a shorter side are rejected (too small to resize meaningfully)")
+
+
+# -------------------------------------------------------------------------------- extract
+class ExtractConfig(_Section):
+    tokens_per_image: int = Field(4, ge=1, description="random patch tokens per training image (paper: 4)")
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
+    train_split: Literal["train", "val"] = "train"
+    val_split: Literal["train", "val"] | None = Field("val", description="split whose every token is kept for evaluation; null skips it")
+
+
+# ------------------------------------------------------------------------------------ sae
+class SAEConfig(_Section):
+    expansion: int = Field(32, ge=1, description="dictionary size q = expansion x width (paper: 32)")
+    k: int = Field(30, ge=1, description="BatchTopK K (paper: 30)")
+    k_aux: int = Field(512, ge=1)
+    aux_coef: float = Field(1 / 32, ge=0)
+    dead_after_tokens: int = Field(10_000_000, ge=1, description="a latent is dead after not firing for this many tokens")
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4096, ge=1)
+    epochs: int = Field(1, ge=1)
+    threshold_ema: float = Field(0.99, gt=0, lt=1)
+
+
+# ---------------------------------------------------------------------------------- scope
+class ScopeConfig(_Section):
+    shift: int = Field(1, ge=1, description="SCC shift s in patches (paper: 1)")
+    shifts: tuple[int, ...] | None = Field(
+        None, description="shifts for the instability sweep (Table 9); null = 1..6, capped at what the grid allows"
+    )
+    k_cds: int = Field(16, ge=1, description="top images per feature for CDS")
+    gamma: float | Literal["auto"] = Field("auto", description="CDS split threshold; 'auto' = Otsu")
+    instability_images: int = Field(1000, ge=1, description="images for the outlier-instability analysis (one per class)")
+
+    @field_validator("shifts")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (not v or any(s < 1 for s in v)):
+            raise ValueError("must be a non-empty list of shifts >= 1")
+        return v
+
+
+# --------------------------------------------------------------------------------- probes
+class ProbeTaskConfig(_Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(ge=1)
+    lr_range: tuple[float, float]
+    weight_decay_range: tuple[float, float] = (1e-5, 1e-4)
+    trials: int = Field(5, ge=1)
+
+    @field_validator("lr_range", "weight_decay_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+
+class ProbesConfig(_Section):
+    classification: ProbeTaskConfig = ProbeTaskConfig(batch_size=1024, lr_range=(1e-3, 1e-2))
+    segmentation: ProbeTaskConfig = ProbeTaskConfig(batch_size=64, lr_range=(1e-3, 1e-2))
+    depth: ProbeTaskConfig = ProbeTaskConfig(batch_size=8, lr_range=(1e-1, 1.0))
+    depth_bins: int = Field(256, ge=2)
+    max_depth: float = Field(10.0, gt=0, description="metres; upper edge of the depth bins")
+
+
+# -------------------------------------------------------------------------------- storage
+class StorageConfig(_Section):
+    root: str = Field("results", description="results root: local path, file:// or s3://bucket/prefix")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, ...); credentials always come from the AWS chain"
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"unsupported scheme in {v!r}; allowed: a local path, file://..., s3://...")
+        return v
+
+
+# ------------------------------------------------------------------------------------ ray
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a new local instance")
+    num_actors: int = Field(1, ge=1, description="model actors per stage (one per GPU on a GPU cluster)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | Literal["auto"] = Field(
+        "auto", description="'auto' = 1 when the cluster has GPUs, else 0; a number > 0 fails at once on a GPU-less cluster"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per actor; default = cpus_per_actor")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs per image-decoding task")
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _nonneg(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be 'auto' or a number >= 0")
+        return v
+
+
+# ------------------------------------------------------------------------------------ job
+class JobConfig(_Section):
+    name: str = Field("scope-ray", description="job name, used in logs and sweep tables")
+    seed: int = Field(0, description="one seed for every random choice (weights, token sampling, SAE, probes)")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    extract: ExtractConfig = ExtractConfig()
+    sae: SAEConfig = SAEConfig()
+    scope: ScopeConfig = ScopeConfig()
+    probes: ProbesConfig = ProbesConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobConfig":
+        spec = self.model.spec
+        if not 1 <= self.model.resolved_layer <= spec.depth:
+            raise _KeyError("model.layer", f"{self.model.layer} is out of range for {spec.name}; allowed: 1..{spec.depth}")
+        q = self.sae.expansion * spec.width
+        if self.sae.k > q:
+            raise _KeyError(
+                "sae.k", f"{self.sae.k} is larger than the dictionary (expansion {self.sae.expansion} x width "
+                f"{spec.width} = {q}); allowed: 1..{q}"
+            )
+        # The overlap must be at least 2x2 patches for the CDS normaliser sqrt(2)(p - s - 1) to be positive.
+        max_shift = spec.grid - 2
+        for key, shifts in (("scope.shift", (self.scope.shift,)), ("scope.shifts", self.scope.shifts or ())):
+            bad = [s for s in shifts if s > max_shift]
+            if bad:
+                raise _KeyError(key, f"{bad[0]} leaves no 2x2 overlap on {spec.name}'s {spec.grid}x{spec.grid} grid; allowed: 1..{max_shift}")
+        n = self.extract.tokens_per_image
+        if n > spec.num_patches:
+            raise _KeyError("extract.tokens_per_image", f"{n} exceeds the {spec.num_patches} patches per image; allowed: 1..{spec.num_patches}")
+        return self
+
+    @property
+    def instability_shifts(self) -> tuple[int, ...]:
+        if self.scope.shifts is not None:
+            return self.scope.shifts
+        return tuple(range(1, min(6, self.model.spec.grid - 2) + 1))
+
+    def stage_hash(self, *sections: str) -> str:
+        """A short hash of the named sections (dotted keys) plus the seed: what a stage's output depends on."""
+        dumped = self.model_dump(mode="json")
+        picked = {"seed": self.seed}
+        for s in sections:
+            node: Any = dumped
+            for part in s.split("."):
+                node = node[part]
+            picked[s] = node
+        blob = json.dumps(picked, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class _KeyError(ValueError):
+    """Raised inside validators to carry the dotted key out through pydantic."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------------- loading
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        node = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if node is None:
+            return []
+    return list(getattr(node, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(JobConfig, loc)
+            lines.append(f"{key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            # Cross checks run on the whole tree (empty loc) and carry their own dotted key.
+            lines.append(msg if loc == () else f"{key}: {msg} (got {e.get('input')!r})")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{got_s}")
+    return "invalid job config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set sae.k=32")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = json.loads(json.dumps(raw))  # deep copy, plain types
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a job from a YAML path (or a dict, or None for all defaults) plus ``key=value`` overrides."""
+    if source is None:
+        raw: Any = {}
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"job file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"job file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("a job config must be a mapping of sections (model, data, sae, ...)")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+Config = JobConfig
+__all__ = ["ConfigError", "JobConfig", "SourceConfig", "load_config", "apply_overrides", "Union"]
