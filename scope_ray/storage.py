@@ -68,3 +68,185 @@ def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fi
 
 def join_uri(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout (recorded in manifests)."""
+    from scope_ray import __version__
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+class StageIncomplete(RuntimeError):
+    """Reading a stage that has no manifest (never run, interrupted, or run with another config)."""
+
+
+@dataclass
+class StageDir:
+    """``ROOT/<model>/<stage>/`` — one stage's outputs and its completion manifest."""
+
+    root: "ResultsRoot"
+    model: str
+    stage: str
+
+    @property
+    def uri(self) -> str:
+        return join_uri(self.root.uri, self.model, self.stage)
+
+    @property
+    def path(self) -> str:
+        return posixpath.join(self.root.path, self.model, self.stage)
+
+    def table_path(self, table: str) -> str:
+        return posixpath.join(self.path, table)
+
+    # --- manifest -------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any] | None:
+        mpath = posixpath.join(self.path, MANIFEST)
+        try:
+            with self.root.fs.open(mpath, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def is_complete(self, config_hash: str | None = None) -> bool:
+        """Committed, and (when given) with this config hash."""
+        m = self.manifest()
+        return m is not None and (config_hash is None or m.get("config_hash") == config_hash)
+
+    def reset(self) -> None:
+        """Remove whatever an earlier, uncommitted or outdated attempt left behind."""
+        if self.root.fs.exists(self.path):
+            self.root.fs.rm(self.path, recursive=True)
+
+    def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None) -> dict:
+        """Write the manifest, last: listing every part file of every table makes the stage readable."""
+        tables: dict[str, list[str]] = {}
+        for table in rows:
+            tdir = self.table_path(table)
+            files = sorted(posixpath.basename(p) for p in self.root.fs.glob(posixpath.join(tdir, "*.parquet")))
+            tables[table] = files
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "model": self.model,
+            "stage": self.stage,
+            "config_hash": config_hash,
+            "inputs": inputs,
+            "rows": rows,
+            "tables": tables,
+            "code_version": code_version(),
+            "host": socket.gethostname(),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        mpath = posixpath.join(self.path, MANIFEST)
+        if self.root.scheme == "file":
+            # Same-directory rename is atomic on POSIX: a reader sees no manifest or the whole one.
+            tmp = mpath + ".tmp"
+            self.root.ensure_dir(self.path)
+            with self.root.fs.open(tmp, "wb") as f:
+                f.write(blob)
+            self.root.fs.mv(tmp, mpath)
+        else:
+            # An S3 PUT is atomic per object: the manifest appears whole or not at all.
+            self.root.fs.pipe_file(mpath, blob)
+        return manifest
+
+    # --- tables ---------------------------------------------------------------------------
+    def write_part(self, table: str, part_name: str, data: pa.Table) -> str:
+        """Write one part file; a retried task writing the same part name overwrites, never duplicates."""
+        tdir = self.table_path(table)
+        self.root.ensure_dir(tdir)
+        fpath = posixpath.join(tdir, f"{part_name}.parquet")
+        write_parquet(data, fpath, self.root)
+        return fpath
+
+    def part_files(self, table: str) -> list[str]:
+        """Full paths of a committed table's part files (only those the manifest lists)."""
+        m = self.manifest()
+        if m is None:
+            raise StageIncomplete(f"stage {self.model}/{self.stage} at {self.root.uri} is not complete (no manifest)")
+        if table not in m["tables"]:
+            raise KeyError(f"stage {self.model}/{self.stage} has no table {table!r}; it has {sorted(m['tables'])}")
+        return [posixpath.join(self.table_path(table), f) for f in m["tables"][table]]
+
+    def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        files = self.part_files(table)
+        if not files:
+            return pa.table({})
+        parts = [pq.read_table(f, columns=columns, filesystem=self.root.arrow_fs) for f in files]
+        return pa.concat_tables(parts, promote_options="default")
+
+    def table_uris(self, table: str) -> list[str]:
+        """Part files as paths for Ray Data (use with ``root.arrow_fs``)."""
+        return self.part_files(table)
+
+
+def write_parquet(data: pa.Table, path: str, root: "ResultsRoot") -> None:
+    """Write through a temporary name so a crash mid-write never leaves a truncated part file."""
+    if root.scheme == "file":
+        tmp = path + ".tmp"
+        pq.write_table(data, tmp, filesystem=root.arrow_fs)
+        os.replace(tmp, path)
+    else:
+        # S3 objects appear only when the upload completes.
+        pq.write_table(data, path, filesystem=root.arrow_fs)
+
+
+class ResultsRoot:
+    """A results root URI with the filesystem handles every stage writes through."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None):
+        self.uri = uri.rstrip("/") if uri.startswith("s3://") else uri
+        self.endpoint_url = endpoint_url
+        self.scheme, self.path = split_uri(uri)
+        self.fs, _ = fsspec_filesystem(uri, endpoint_url)
+        self.arrow_fs, _ = arrow_filesystem(uri, endpoint_url)
+
+    def __reduce__(self):
+        # Ship the URI, not live clients, to Ray workers: each process opens its own connections.
+        return (ResultsRoot, (self.uri, self.endpoint_url))
+
+    def __repr__(self) -> str:
+        return f"ResultsRoot({self.uri!r})"
+
+    def ensure_dir(self, path: str) -> None:
+        # Object stores have no directories; s3fs's makedirs would even create a missing bucket,
+        # turning a typo in the root into a silent new bucket.
+        if self.scheme == "file":
+            self.fs.makedirs(path, exist_ok=True)
+
+    def stage(self, model: str, stage: str) -> StageDir:
+        return StageDir(self, model, stage)
+
+    def check_writable(self) -> None:
+        """Fail early, before any work, when the root cannot be written."""
+        probe = posixpath.join(self.path, f".write-probe-{os.getpid()}-{time.time_ns()}")
+        try:
+            self.ensure_dir(self.path)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not writable"
+            raise PermissionError(f"results root {self.uri} is not writable: {type(exc).__name__}: {exc}") from None
+
+    def models(self) -> list[str]:
+        if not self.fs.exists(self.path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)
+                      if self.fs.isdir(p) and not posixpath.basename(p.rstrip("/")).startswith("."))
+
+
+def content_hash(items: Iterable[str]) -> str:
+    """A short stable name for a batch, from what it contains (so a retry rewrites the same part)."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]

@@ -29,7 +29,9 @@ class ModelSpec:
     ``arch`` is the open_clip model name or the timm model name; ``pretrained_tag`` the
     library's weight tag (used when a job asks for ``weights: pretrained``).
     ``tau`` is None where the paper gives none (the CLIP models): ``tau: auto`` then applies.
-    ``builder_kwargs`` go to the library's constructor (e.g. a non-default image size).
+    ``builder_kwargs`` go to the library's constructor: ``timm.create_model`` kwargs for timm
+    (e.g. a non-default image size), top-level model-config overrides for open_clip
+    (e.g. ``quick_gelu``).
     """
 
     name: str
@@ -65,6 +67,10 @@ def _clip(name: str, arch: str, depth: int, width: int, heads: int, patch: int, 
         name=name, family="clip", loader="open_clip", arch=arch, pretrained_tag="openai",
         depth=depth, width=width, num_heads=heads, patch=patch, image_size=size,
         layer=depth, tau=None, mean=CLIP_MEAN, std=CLIP_STD, has_text_tower=True,
+        # OpenAI trained with QuickGELU, but open_clip's plain "ViT-*" configs build nn.GELU and
+        # only warn on a mismatch: without this flag the openai weights load (GELU has no
+        # parameters) and silently compute something else.
+        builder_kwargs=(("quick_gelu", True),),
         description=f"OpenAI CLIP {arch} image tower (open_clip)",
     )
 

@@ -1,0 +1,61 @@
+"""Connecting to Ray and sizing actor requests against what the cluster really has."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from scope_ray.config import RayConfig
+
+
+class ClusterResourceError(RuntimeError):
+    """The job asks for resources the cluster does not have (Ray itself would wait forever)."""
+
+
+def connect(cfg: RayConfig, *, num_cpus: int | None = None) -> None:
+    """Join the cluster ``cfg.address`` (or RAY_ADDRESS) names, or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+    pool_size: int
+
+
+def actor_resources(cfg: RayConfig) -> ActorResources:
+    """What each model actor asks for; fails at once where the cluster cannot satisfy it."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
+    if cfg.gpus_per_actor == "auto":
+        num_gpus = 1.0 if gpus > 0 else 0.0
+    else:
+        num_gpus = float(cfg.gpus_per_actor)
+        if num_gpus > 0 and gpus == 0:
+            raise ClusterResourceError(
+                f"ray.gpus_per_actor={num_gpus} but the Ray cluster has no GPUs (resources: "
+                f"{ {k: v for k, v in total.items() if not k.startswith('node:')} }); "
+                "set ray.gpus_per_actor=auto or 0 to run on CPUs, or add GPU nodes"
+            )
+    if cfg.cpus_per_actor > cpus:
+        raise ClusterResourceError(
+            f"ray.cpus_per_actor={cfg.cpus_per_actor} exceeds the cluster's {cpus:g} CPUs; allowed: up to {cpus:g}"
+        )
+    pool = cfg.num_actors
+    if num_gpus > 0:
+        # One actor per GPU is the useful maximum; more would queue forever for a GPU.
+        pool = max(1, min(pool, int(gpus // num_gpus)))
+    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
+    return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)

@@ -1,0 +1,213 @@
+"""Extraction: stream images through ViT actors and store designated-layer patch tokens.
+
+Two tables per model, both under ``ROOT/<model>/extract/`` (docs/storage.md):
+- ``train_tokens``: ``tokens_per_image`` random patch tokens per training image (SAE training data);
+- ``val_tokens``: every patch token of the validation split (SAE evaluation, tau);
+plus ``rejects`` (split, image id, reason) for every image that could not be used.
+
+Ray Data streams the source through decoding tasks and a pool of model actors. Each actor writes
+its own part files (named by the content of its batch, so a retried batch overwrites rather than
+duplicates) and returns only counts, so the driver never holds activations.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from scope_ray.config import JobConfig, SourceConfig
+from scope_ray.storage import ResultsRoot, StageDir, content_hash
+from scope_ray.tokens import REJECTS_SCHEMA, sample_positions, token_table
+
+STAGE = "extract"
+Mode = Literal["sample", "all"]
+
+
+class TokenExtractor:
+    """A Ray Data actor: decoded pixels in, token part files out, a one-row count summary returned."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, table: str, mode: Mode, torch_threads: int):
+        import torch
+
+        from scope_ray.models import build_model
+
+        torch.set_num_threads(torch_threads)
+        self.job, self.split, self.table, self.mode = job, split, table, mode
+        self.stage = root.stage(job.model.name, STAGE)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = build_model(
+            job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
+            endpoint_url=job.storage.endpoint_url,
+        ).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ids = [str(i) for i in batch["image_id"]]
+        ok = np.asarray(batch["ok"], dtype=bool)
+        part = f"{self.split}-{content_hash(ids)}"
+        if (~ok).any():
+            rejects = pa.table(
+                {"split": [self.split] * int((~ok).sum()),
+                 "image_id": [i for i, good in zip(ids, ok) if not good],
+                 "reason": [str(r) for r, good in zip(batch["reason"], ok) if not good]},
+                schema=REJECTS_SCHEMA,
+            )
+            self.stage.write_part("rejects", part, rejects)
+        n_rows = 0
+        if ok.any():
+            good_ids = [i for i, good in zip(ids, ok) if good]
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
+            with torch.inference_mode():
+                out = self.model.forward_layer(self.model.preprocess(pixels))
+            tokens_BND = out.patch_tokens.float().cpu().numpy()
+            norms_BN = out.norms.float().cpu().numpy()
+            b, n, _ = tokens_BND.shape
+            if self.mode == "sample":
+                k = self.job.extract.tokens_per_image
+                pos_BK = np.stack([sample_positions(i, n, k, self.job.seed) for i in good_ids])
+            else:
+                pos_BK = np.broadcast_to(np.arange(n), (b, n))
+            rows = np.arange(b)[:, None]
+            table = token_table(good_ids, pos_BK, tokens_BND[rows, pos_BK], norms_BN[rows, pos_BK])
+            self.stage.write_part(self.table, part, table)
+            n_rows = table.num_rows
+        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]), "rows": np.array([n_rows])}
+
+
+@dataclass
+class SplitCounts:
+    images: int = 0
+    rejected: int = 0
+    rows: int = 0
+
+    @property
+    def used(self) -> int:
+        return self.images - self.rejected
+
+
+@dataclass
+class ExtractResult:
+    skipped: bool
+    counts: dict[str, SplitCounts] = field(default_factory=dict)
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    manifest: dict | None = None
+
+
+def config_hash(job: JobConfig) -> str:
+    """What the extracted tokens depend on (a change here means the stage is redone)."""
+    return job.stage_hash("model", "data.imagenet", "data.max_pixels", "data.min_side", "extract")
+
+
+def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split: str, table: str, mode: Mode,
+                  progress: bool) -> SplitCounts:
+    import ray.data
+    from tqdm import tqdm
+
+    from scope_ray.data.sources import read_source
+    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.decode import decode_batch
+
+    res = actor_resources(job.ray)
+    spec = job.model.spec
+    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side),
+        batch_size=job.extract.batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        TokenExtractor,
+        fn_constructor_kwargs=dict(job=job, root=root, split=split, table=table, mode=mode,
+                                   torch_threads=res.torch_threads),
+        compute=ray.data.ActorPoolStrategy(size=res.pool_size),
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        batch_size=job.extract.batch_size, batch_format="numpy",
+    )
+    counts = SplitCounts()
+    bar = tqdm(desc=f"extract {split}", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        counts.images += int(summary["images"].sum())
+        counts.rejected += int(summary["rejected"].sum())
+        counts.rows += int(summary["rows"].sum())
+        bar.update(int(summary["images"].sum()))
+        bar.set_postfix(rejected=counts.rejected, tokens=counts.rows)
+    bar.close()
+    return counts
+
+
+def _verify(stage: StageDir, root: ResultsRoot, table: str, counts: SplitCounts, per_image: int) -> None:
+    """Nothing lost, nothing doubled: rows = used images x tokens per image, each (image, position) once."""
+    import pyarrow.dataset as pads
+
+    files = [f for f in root.fs.glob(f"{stage.table_path(table)}/*.parquet")]
+    if not files:
+        got = 0
+        unique_images = 0
+    else:
+        t = pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table(columns=["image_id"])
+        got = t.num_rows
+        unique_images = len(pc.unique(t.column("image_id")))
+    expected = counts.used * per_image
+    if got != expected or unique_images != counts.used:
+        raise RuntimeError(
+            f"extract {table}: {got} rows for {unique_images} images on storage, expected {expected} rows for "
+            f"{counts.used} images ({counts.images} in - {counts.rejected} rejected); not committing"
+        )
+
+
+def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> ExtractResult:
+    """Run (or skip, when already committed with this config) the extraction stage for ``job``."""
+    stage = root.stage(job.model.name, STAGE)
+    chash = config_hash(job)
+    if stage.is_complete(chash):
+        log(f"[extract] {job.model.name}: already complete at {stage.uri} (config {chash}); skipping")
+        return ExtractResult(skipped=True, manifest=stage.manifest())
+    src = job.data.imagenet
+    plan: list[tuple[str, str, Mode, SourceConfig | None]] = [
+        (job.extract.train_split, "train_tokens", "sample", getattr(src, job.extract.train_split)),
+    ]
+    if job.extract.val_split is not None:
+        plan.append((job.extract.val_split, "val_tokens", "all", getattr(src, job.extract.val_split)))
+    for split, _, _, source in plan:
+        if source is None:
+            raise ValueError(f"data.imagenet.{split} is not set: extraction needs it (see docs/data.md)")
+    stage.reset()
+    spec = job.model.spec
+    result = ExtractResult(skipped=False)
+    for split, table, mode, source in plan:
+        log(f"[extract] {job.model.name} layer {job.model.resolved_layer}: {split} split from {source.path} -> {table}")
+        counts = _stream_split(job, root, source, split, table, mode, progress)
+        per_image = job.extract.tokens_per_image if mode == "sample" else spec.num_patches
+        _verify(stage, root, table, counts, per_image)
+        result.counts[table] = counts
+    rejects = root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")
+    if rejects:
+        import pyarrow.dataset as pads
+
+        reasons = pads.dataset(rejects, filesystem=root.arrow_fs, format="parquet").to_table(columns=["reason"])
+        for r in reasons.column("reason").to_pylist():
+            key = r.split(":")[0]
+            result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
+    rows = {table: c.rows for table, c in result.counts.items()}
+    rows["rejects"] = sum(c.rejected for c in result.counts.values())
+    inputs = {
+        table: {"split": split, "source": source.model_dump(mode="json"), "images": result.counts[table].images,
+                "rejected": result.counts[table].rejected}
+        for split, table, _, source in plan
+    }
+    result.manifest = stage.commit(
+        chash, inputs, rows,
+        extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
+               "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed},
+    )
+    for table, c in result.counts.items():
+        log(f"[extract] {table}: {c.images} images in, {c.rejected} rejected, {c.rows} token rows")
+    if result.reject_reasons:
+        log("[extract] rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
+    return result

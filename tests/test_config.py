@@ -1,0 +1,91 @@
+"""Config: every bad job fails on load, naming the key and what is allowed."""
+
+import pytest
+
+from scope_ray.config import ConfigError, load_config
+from scope_ray.models.registry import REGISTRY
+
+
+def _error(overrides, source=None) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(source, overrides)
+    return str(exc.value)
+
+
+def test_defaults_load_and_resolve_from_registry():
+    job = load_config(None)
+    spec = REGISTRY[job.model.name]
+    assert job.model.resolved_layer == spec.layer
+    assert job.model.resolved_tau == "auto"  # demo model has no published tau
+    assert job.instability_shifts == tuple(range(1, min(6, spec.grid - 2) + 1))
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("model.name=vit-huge-9000", "model.name", "clip-vit-b16"),
+        ("model.layer=99", "model.layer", "1..4"),
+        ("model.layer=0", "model.layer", "1..4"),
+        ("sae.k=5000", "sae.k", "1..3072"),
+        ("scope.shift=7", "scope.shift", "1..5"),
+        ("scope.shifts=[1, 6]", "scope.shifts", "1..5"),
+        ("sae.bogus=1", "sae.bogus", "expansion"),
+        ("nonsense=1", "nonsense", "model"),
+        ("sae.k=thirty", "sae.k", "integer"),
+        ("extract.tokens_per_image=50", "extract.tokens_per_image", "1..49"),
+        ("ray.gpus_per_actor=-2", "ray.gpus_per_actor", "auto"),
+        ("storage.root=ftp://host/x", "storage.root", "s3://"),
+        ("probes.depth.lr_range=[1.0, 0.1]", "probes.depth.lr_range", "low <= high"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(override, key, allowed):
+    msg = _error([override])
+    assert f"{key}:" in msg
+    assert allowed in msg
+
+
+def test_bad_nested_source():
+    msg = _error(["data.imagenet.train={format: zip, path: /x}"])
+    assert "data.imagenet.train.format" in msg and "'folder', 'parquet' or 'webdataset'" in msg
+    msg = _error(["data.imagenet.train={format: folder}"])
+    assert "data.imagenet.train.path" in msg
+
+
+def test_layer_checked_against_the_chosen_model():
+    # Layer 40 is valid for DINOv2-G and out of range for DINOv2-B: the check follows the model.
+    assert load_config(None, ["model.name=dinov2-g", "model.layer=40"]).model.resolved_layer == 40
+    assert "allowed: 1..12" in _error(["model.name=dinov2-b", "model.layer=40"])
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model:\n  name: deit3-b\nsae:\n  k: 16\n")
+    cfg = load_config(job, ["sae.k=24", "storage.root=s3://bucket/prefix"])
+    assert (cfg.model.name, cfg.sae.k, cfg.storage.root) == ("deit3-b", 24, "s3://bucket/prefix")
+    assert cfg.model.resolved_tau == 500.0
+
+
+def test_unreadable_sources():
+    assert "does not exist" in _error([], "/nonexistent/job.yaml")
+    assert "key=value" in _error(["sae.k"])
+
+
+def test_not_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert "not valid YAML" in _error([], bad)
+
+
+def test_stage_hash_tracks_only_named_sections():
+    a = load_config(None)
+    b = load_config(None, ["sae.k=12"])
+    c = load_config(None, ["extract.batch_size=8"])
+    assert a.stage_hash("model", "extract") == b.stage_hash("model", "extract")
+    assert a.stage_hash("model", "extract") != c.stage_hash("model", "extract")
+    assert a.stage_hash("model") != load_config(None, ["seed=1"]).stage_hash("model")
+
+
+def test_config_is_frozen():
+    job = load_config(None)
+    with pytest.raises(Exception):
+        job.seed = 3
