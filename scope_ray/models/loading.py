@@ -156,14 +156,15 @@ def _tensor_dict(obj: object, uri: str) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, spec: ModelSpec, state: dict[str, torch.Tensor], uri: str) -> None:
-    if spec.loader == "timm":
-        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-        if isinstance(model, VisionTransformer):
-            # timm's own filter is the identity on a dict saved from this model, but resamples the
-            # position table of hub checkpoints made at another size (DINOv2 ships at 518 px).
-            state = checkpoint_filter_fn(state, model)
     try:
+        if spec.loader == "timm":
+            from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+            if isinstance(model, VisionTransformer):
+                # timm's own filter is the identity on a dict saved from this model, but resamples
+                # the position table of hub checkpoints made at another size (DINOv2 ships at 518 px).
+                state = checkpoint_filter_fn(state, model)
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, KeyError) as err:
+        # The filter fails on shapes it cannot resample, load_state_dict on anything else.
         raise ValueError(f"weights file {uri!r} does not fit {spec.name}: {err}") from err
