@@ -1,0 +1,1 @@
+"""Datasets: readers (Ray Data), image decoding, synthetic scenes and bundled photos."""

@@ -1,0 +1,242 @@
+"""Where Ray Data enters: one dataset split in any storage format → a lazy, streaming Dataset.
+
+Every source yields the same columns (docs/data.md is the reference):
+    image_id  string   unique and stable across runs (see ``_id`` helpers below)
+    image     binary   encoded bytes as stored; null/empty allowed, ``decode_image`` rejects them
+    label     int64    imagenet only; -1 = no label
+    mask      binary   ade20k only; annotation PNG in the release encoding, null = missing
+    depth     binary   nyud only; 16-bit PNG in millimetres, null = missing
+Nothing is decoded or filtered by file extension here: a stray file must reach the decoder and
+become a recorded reject, not vanish. Nothing is materialised either: the driver only lists files
+(and reads one Parquet footer or ``classes.txt``); the rest runs in Ray tasks as rows stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from scope_ray.config import SourceConfig
+from scope_ray.storage import arrow_filesystem, fsspec_filesystem, join_uri
+
+DatasetName = Literal["imagenet", "ade20k", "nyud"]
+TARGET_COLUMN: dict[str, str] = {"imagenet": "label", "ade20k": "mask", "nyud": "depth"}
+CLASSES_FILE = "classes.txt"
+# WebDataset member suffixes taken as the image, in order of preference (lower-cased).
+WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
+WDS_TARGET_SUFFIX = {"imagenet": "cls", "ade20k": "seg.png", "nyud": "depth.png"}
+_ANNOTATION_READ_THREADS = 16  # paired-file reads are latency-bound on object stores
+
+
+def output_schema(dataset: DatasetName) -> pa.Schema:
+    target = pa.field("label", pa.int64()) if dataset == "imagenet" else pa.field(TARGET_COLUMN[dataset], pa.binary())
+    return pa.schema([pa.field("image_id", pa.string()), pa.field("image", pa.binary()), target])
+
+
+def read_source(
+    source: SourceConfig,
+    dataset: DatasetName,
+    *,
+    endpoint_url: str | None = None,
+    ordered: bool = True,
+) -> "ray.data.Dataset":  # noqa: F821
+    """A lazy Dataset of ``source``'s rows (columns: ``output_schema(dataset)``).
+
+    ``ordered`` turns on Ray's ``preserve_order`` for this dataset and everything derived from it:
+    rows then arrive in file order (files sorted by path) and ``max_images`` picks the same
+    images on every run. Without it Ray emits blocks as tasks finish.
+    """
+    if dataset not in TARGET_COLUMN:
+        raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(TARGET_COLUMN)}")
+    if source.split is not None and not (source.format == "folder" and dataset == "ade20k"):
+        raise ValueError(f"source {source.path!r}: `split` is only used by ade20k folder sources "
+                         f"(images/<split>/, annotations/<split>/); leave it unset for {dataset} {source.format}")
+    if source.format == "folder":
+        ds = _read_folder(source, dataset, endpoint_url)
+    elif source.format == "parquet":
+        ds = _read_parquet(source, dataset, endpoint_url)
+    elif source.format == "webdataset":
+        ds = _read_webdataset(source, dataset, endpoint_url)
+    else:  # pragma: no cover - SourceConfig's Literal makes this unreachable
+        raise ValueError(f"unknown source format {source.format!r}")
+    if ordered:
+        # The context object is this dataset's own copy, shared with datasets derived from it.
+        ds.context.execution_options.preserve_order = True
+    if source.max_images is not None:
+        ds = ds.limit(source.max_images)
+    return ds
+
+
+def _table(dataset: str, ids: Any, images: Any, target: Any) -> pa.Table:
+    schema = output_schema(dataset)
+    cols = [pa.array(c, type=f.type) if isinstance(c, list) else c.cast(f.type)
+            for c, f in zip((ids, images, target), schema)]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+# ------------------------------------------------------------------------------------ folder
+def _folder_roots(source: SourceConfig, dataset: str) -> tuple[str, str | None]:
+    """(URI of the directory holding the images, URI of the paired annotation directory)."""
+    if dataset == "imagenet":
+        return source.path, None
+    if dataset == "ade20k":
+        if not source.split:
+            raise ValueError(f"ade20k folder source {source.path!r} needs `split` (e.g. training, validation): "
+                             "the release layout is images/<split>/ and annotations/<split>/")
+        return join_uri(source.path, "images", source.split), join_uri(source.path, "annotations", source.split)
+    return join_uri(source.path, "images"), join_uri(source.path, "depth")
+
+
+def imagenet_class_index(image_root: str, endpoint_url: str | None = None) -> dict[str, int]:
+    """wnid → label: the line order of ``classes.txt`` (in the split directory or beside it),
+    else the sorted names of the split's sub-directories."""
+    fs, root = fsspec_filesystem(image_root, endpoint_url)
+    parent = posixpath.dirname(root)
+    for candidate in [posixpath.join(root, CLASSES_FILE)] + ([posixpath.join(parent, CLASSES_FILE)] if parent else []):
+        try:
+            text = fs.cat_file(candidate).decode("utf-8")
+        except FileNotFoundError:
+            continue
+        index: dict[str, int] = {}
+        for line in text.splitlines():
+            # First token only: also reads LOC_synset_mapping.txt-style "n01440764 tench, Tinca tinca".
+            if line.strip() and not line.lstrip().startswith("#"):
+                index.setdefault(line.split()[0], len(index))
+        return index
+    names = sorted(
+        posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(root, detail=True) if e.get("type") == "directory"
+    )
+    return {n: i for i, n in enumerate(n for n in names if not n.startswith((".", "_")))}
+
+
+def _skipped(rel: str) -> bool:
+    parts = rel.split("/")
+    return parts[-1] == CLASSES_FILE or any(p.startswith(".") for p in parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_fs(uri: str, endpoint_url: str | None):
+    return fsspec_filesystem(uri, endpoint_url)
+
+
+def _read_or_none(fs, path: str) -> bytes | None:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None  # a missing annotation is data, not an error: the probe skips that image
+
+
+def _folder_batch(batch: pa.Table, *, dataset: str, root: str, class_index: dict[str, int],
+                  target_root: str | None, endpoint_url: str | None) -> pa.Table:
+    prefix = root.rstrip("/") + "/"
+    paths = batch.column("path").to_pylist()
+    rels = [p[len(prefix):] if p.startswith(prefix) else posixpath.basename(p) for p in paths]
+    keep = [i for i, rel in enumerate(rels) if not _skipped(rel)]
+    rels = [rels[i] for i in keep]
+    images = batch.column("bytes").take(pa.array(keep, pa.int64()))
+    if dataset == "imagenet":
+        target: Any = [class_index.get(rel.split("/")[0], -1) if "/" in rel else -1 for rel in rels]
+    else:
+        fs, troot = _cached_fs(target_root, endpoint_url)
+        paths = [posixpath.join(troot, posixpath.splitext(rel)[0] + ".png") for rel in rels]
+        with ThreadPoolExecutor(min(_ANNOTATION_READ_THREADS, max(len(paths), 1))) as pool:
+            target = list(pool.map(functools.partial(_read_or_none, fs), paths))
+    return _table(dataset, rels, images, target)
+
+
+def _read_folder(source: SourceConfig, dataset: str, endpoint_url: str | None):
+    import ray.data
+
+    image_root, target_root = _folder_roots(source, dataset)
+    class_index = imagenet_class_index(image_root, endpoint_url) if dataset == "imagenet" else {}
+    fs, path = arrow_filesystem(image_root, endpoint_url)
+    # No file_extensions filter on purpose (module docstring). Ray sorts the listed paths and
+    # skips names starting with "." or "_" directly under `path`.
+    ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True)
+    return ds.map_batches(
+        _folder_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        fn_kwargs=dict(dataset=dataset, root=path, class_index=class_index, target_root=target_root,
+                       endpoint_url=endpoint_url),
+    )
+
+
+# ----------------------------------------------------------------------------------- parquet
+def _binary_column(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Plain binary, or the ``struct<bytes, path>`` that Hugging Face datasets write for images."""
+    if pa.types.is_struct(col.type):
+        return pc.struct_field(col, "bytes")
+    return col
+
+
+def _parquet_batch(batch: pa.Table, *, dataset: str) -> pa.Table:
+    n = batch.num_rows
+    target_name = TARGET_COLUMN[dataset]
+    if target_name in batch.column_names:
+        target = batch.column(target_name)
+        target = pc.fill_null(target.cast(pa.int64()), -1) if dataset == "imagenet" else _binary_column(target)
+    else:
+        target = pa.array([-1] * n, pa.int64()) if dataset == "imagenet" else pa.nulls(n, pa.binary())
+    return _table(dataset, batch.column("key").cast(pa.string()), _binary_column(batch.column("image")), target)
+
+
+def _read_parquet(source: SourceConfig, dataset: str, endpoint_url: str | None):
+    import pyarrow.dataset as pads
+    import ray.data
+
+    fs, path = arrow_filesystem(source.path, endpoint_url)
+    # One footer read on the driver (the first file's schema) for an early, clear error.
+    names = pads.dataset(path, filesystem=fs, format="parquet").schema.names
+    target = TARGET_COLUMN[dataset]
+    missing = [c for c in ("key", "image") if c not in names]
+    if missing:
+        raise ValueError(
+            f"parquet source {source.path!r} lacks column(s) {', '.join(missing)}; it has: {', '.join(names)}. "
+            f"A {dataset} shard needs key (string id), image (encoded bytes) and {target} (see docs/data.md)"
+        )
+    columns = ["key", "image"] + ([target] if target in names else [])
+    # select_columns right after the read is pushed down into it: other columns are never read.
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(columns)
+    return ds.map_batches(_parquet_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          fn_kwargs=dict(dataset=dataset))
+
+
+# -------------------------------------------------------------------------------- webdataset
+def _wds_sample(sample: dict[str, Any], *, dataset: str) -> dict[str, Any]:
+    """Ray's per-sample decoder hook, used only to pick raw members: no member is ever decoded
+    (no pickle, no torch.load), and every sample gets the same keys so no column is NaN-filled."""
+    members = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
+    image = next((members[s] for s in WDS_IMAGE_SUFFIXES if s in members), None)
+    out = {"__key__": sample["__key__"], "__url__": sample.get("__url__", ""), "image": image}
+    raw = members.get(WDS_TARGET_SUFFIX[dataset])
+    if dataset == "imagenet":
+        try:
+            out["label"] = int(raw.decode("ascii").strip()) if raw is not None else -1
+        except (UnicodeDecodeError, ValueError):
+            out["label"] = -1  # an unreadable class file counts as "no label"
+    else:
+        out[TARGET_COLUMN[dataset]] = raw
+    return out
+
+
+def _wds_batch(batch: pa.Table, *, dataset: str) -> pa.Table:
+    urls, keys = batch.column("__url__").to_pylist(), batch.column("__key__").to_pylist()
+    ids = [f"{posixpath.basename(u)}/{k}" for u, k in zip(urls, keys)]
+    target = batch.column(TARGET_COLUMN[dataset])
+    return _table(dataset, ids, batch.column("image"), target)
+
+
+def _read_webdataset(source: SourceConfig, dataset: str, endpoint_url: str | None):
+    import ray.data
+
+    fs, path = arrow_filesystem(source.path, endpoint_url)
+    ds = ray.data.read_webdataset(
+        path, filesystem=fs, file_extensions=["tar"],
+        decoder=functools.partial(_wds_sample, dataset=dataset),
+    )
+    return ds.map_batches(_wds_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          fn_kwargs=dict(dataset=dataset))

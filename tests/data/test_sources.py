@@ -1,0 +1,193 @@
+"""read_source on every dataset x format, locally and on S3 (moto), including bad files."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from scope_ray.config import SourceConfig
+from scope_ray.data.images import RejectedImage, decode_depth, decode_image, decode_mask
+from scope_ray.data.sources import output_schema, read_source
+from scope_ray.data.synthetic import write_image_folder, write_synthetic
+
+N_TRAIN, N_VAL, SIZE, SHARD = 10, 4, 24, 4
+KW = dict(n_train=N_TRAIN, n_val=N_VAL, size=SIZE, num_classes=5, seed=3, images_per_shard=SHARD)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic(str(root), **KW)
+
+
+def _rows(fields: dict, dataset: str, endpoint_url: str | None = None, **extra) -> list[dict]:
+    ds = read_source(SourceConfig(**{**fields, **extra}), dataset, endpoint_url=endpoint_url)
+    return ds.take_all()
+
+
+def _key(image_id: str) -> str:
+    """The synthetic key inside any format's id (folder path, shard/key, or the key itself)."""
+    return posixpath.splitext(posixpath.basename(image_id))[0]
+
+
+def _decoded_target(dataset: str, row: dict):
+    if dataset == "imagenet":
+        return row["label"]
+    if dataset == "ade20k":
+        return decode_mask(row["mask"]).tobytes()
+    return np.nan_to_num(decode_depth(row["depth"]), nan=-1).tobytes()
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "ade20k", "nyud"])
+def test_formats_agree(_ray, local, dataset):
+    by_format = {}
+    for fmt, splits in local[dataset].items():
+        rows = _rows(splits["train"], dataset)
+        assert len(rows) == N_TRAIN
+        assert set(rows[0]) == set(output_schema(dataset).names)
+        assert len({r["image_id"] for r in rows}) == N_TRAIN
+        by_format[fmt] = {_key(r["image_id"]): (r["image"], _decoded_target(dataset, r)) for r in rows}
+    assert by_format["folder"] == by_format["parquet"] == by_format["webdataset"]
+    if dataset == "imagenet":
+        assert {v[1] for v in by_format["folder"].values()} <= set(range(5))
+
+
+def test_folder_ids_and_labels(_ray, local):
+    rows = _rows(local["imagenet"]["folder"]["val"], "imagenet")
+    for r in rows:
+        wnid, name = r["image_id"].split("/")
+        assert name.endswith(".JPEG") and r["label"] == int(wnid[1:])  # class c lives in n0000000c
+    assert [r["image_id"] for r in rows] == sorted(r["image_id"] for r in rows)
+    ade = _rows(local["ade20k"]["folder"]["train"], "ade20k")
+    assert ade[0]["image_id"] == "train_000000.jpg"
+    nyud = _rows(local["nyud"]["folder"]["train"], "nyud")
+    assert nyud[0]["image_id"] == "train_000000.png"
+    wds = _rows(local["ade20k"]["webdataset"]["train"], "ade20k")
+    assert wds[0]["image_id"] == "shard-000000.tar/train_000000"
+
+
+def test_order_is_stable_and_max_images_takes_the_first(_ray, local):
+    for dataset, fmt in [("imagenet", "folder"), ("imagenet", "parquet"), ("nyud", "webdataset")]:
+        fields = local[dataset][fmt]["train"]
+        full = [r["image_id"] for r in _rows(fields, dataset)]
+        assert [r["image_id"] for r in _rows(fields, dataset)] == full
+        head = [r["image_id"] for r in _rows(fields, dataset, max_images=3)]
+        assert head == full[:3]
+
+
+def test_read_is_lazy(_ray, local):
+    import ray.data
+    from ray.data.dataset import MaterializedDataset
+
+    before = ray.data.DataContext.get_current().execution_options.preserve_order
+    ds = read_source(SourceConfig(**local["imagenet"]["folder"]["train"]), "imagenet")
+    assert isinstance(ds, ray.data.Dataset) and not isinstance(ds, MaterializedDataset)
+    # Ordering is switched on for this dataset only, never in the process-wide context.
+    assert ds.context.execution_options.preserve_order
+    assert ray.data.DataContext.get_current().execution_options.preserve_order == before
+
+
+def test_classes_txt_sets_the_label_order(_ray, tmp_path, local):
+    src = posixpath.dirname(local["imagenet"]["folder"]["val"]["path"])
+    rows = {r["image_id"]: r["label"] for r in _rows(local["imagenet"]["folder"]["val"], "imagenet")}
+    # Same files, classes.txt in reverse order: every label flips.
+    dst = tmp_path / "rev"
+    files = {rid: b"x" for rid in rows}
+    write_image_folder(str(dst / "val"), files)
+    (dst / "classes.txt").write_text("\n".join(f"n{c:08d}" for c in reversed(range(5))) + "\n")
+    rev = {r["image_id"]: r["label"] for r in _rows({"format": "folder", "path": str(dst / "val")}, "imagenet")}
+    assert rev == {k: 4 - v for k, v in rows.items()}
+    # No classes.txt anywhere: sorted sub-directory names.
+    (dst / "classes.txt").unlink()
+    dirs = sorted({k.split("/")[0] for k in rows})
+    plain = {r["image_id"]: r["label"] for r in _rows({"format": "folder", "path": str(dst / "val")}, "imagenet")}
+    assert plain == {k: dirs.index(k.split("/")[0]) for k in rows}
+    assert src  # the synthetic layout keeps classes.txt beside the split dirs
+
+
+def test_stray_files_reach_decoding_and_missing_annotations_are_null(_ray, tmp_path):
+    out = write_synthetic(str(tmp_path), n_train=3, n_val=0, size=16, formats=("folder",))
+    ade = out["ade20k"]["folder"]["train"]
+    root = tmp_path / "ade20k/folder"
+    (root / "annotations/training/train_000001.png").unlink()
+    write_image_folder(str(root / "images/training"), {"notes.txt": b"not a picture", ".DS_Store": b"junk",
+                                                       "sub/.hidden.jpg": b"junk"})
+    rows = {r["image_id"]: r for r in _rows(ade, "ade20k")}
+    assert set(rows) == {"notes.txt", "train_000000.jpg", "train_000001.jpg", "train_000002.jpg"}
+    assert rows["train_000001.jpg"]["mask"] is None and rows["notes.txt"]["mask"] is None
+    assert rows["train_000000.jpg"]["mask"] is not None
+    with pytest.raises(RejectedImage, match="not an image"):
+        decode_image(rows["notes.txt"]["image"], max_pixels=10**6, min_side=8)
+    with pytest.raises(RejectedImage, match="missing label"):
+        decode_mask(rows["train_000001.jpg"]["mask"])
+
+    nyud_root = tmp_path / "nyud/folder/train"
+    (nyud_root / "depth/train_000002.png").unlink()
+    write_image_folder(str(nyud_root / "images"), {"empty.png": b""})
+    rows = {r["image_id"]: r for r in _rows(out["nyud"]["folder"]["train"], "nyud")}
+    assert rows["train_000002.png"]["depth"] is None and rows["empty.png"]["image"] == b""
+
+    inet = tmp_path / "imagenet/folder/train"
+    write_image_folder(str(inet), {"loose.JPEG": b"?", "n00000001/readme.txt": b"hi", "n00000077/x.jpg": b"?"})
+    rows = {r["image_id"]: r["label"] for r in _rows(out["imagenet"]["folder"]["train"], "imagenet")}
+    assert rows["loose.JPEG"] == -1 and rows["n00000001/readme.txt"] == 1 and rows["n00000077/x.jpg"] == -1
+    assert "classes.txt" not in rows and len(rows) == 6
+
+
+def test_parquet_without_key_is_a_clear_error(_ray, tmp_path):
+    pq.write_table(pa.table({"image": [b"x"], "label": [1]}), tmp_path / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) key; it has: image, label"):
+        read_source(SourceConfig(format="parquet", path=str(tmp_path)), "imagenet")
+
+
+def test_parquet_optional_target_and_hf_struct(_ray, tmp_path):
+    img = pa.array([{"bytes": b"abc", "path": "a.jpg"}, {"bytes": None, "path": None}])
+    pq.write_table(pa.table({"key": [1, 2], "image": img}), tmp_path / "part-00000.parquet")
+    rows = _rows({"format": "parquet", "path": str(tmp_path)}, "imagenet")
+    assert rows == [{"image_id": "1", "image": b"abc", "label": -1}, {"image_id": "2", "image": None, "label": -1}]
+    rows = _rows({"format": "parquet", "path": str(tmp_path)}, "ade20k")
+    assert [r["mask"] for r in rows] == [None, None]
+
+
+def test_webdataset_sample_without_image(_ray, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("a.cls", b"3"), ("b.jpg", b"img"), ("b.cls", b"oops"), ("c.PNG", b"png")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "shard-000000.tar").write_bytes(buf.getvalue())
+    rows = _rows({"format": "webdataset", "path": str(tmp_path)}, "imagenet")
+    assert rows == [
+        {"image_id": "shard-000000.tar/a", "image": None, "label": 3},
+        {"image_id": "shard-000000.tar/b", "image": b"img", "label": -1},
+        {"image_id": "shard-000000.tar/c", "image": b"png", "label": -1},
+    ]
+
+
+def test_bad_configs(local):
+    with pytest.raises(ValueError, match="needs `split`"):
+        read_source(SourceConfig(format="folder", path=local["ade20k"]["folder"]["train"]["path"]), "ade20k")
+    with pytest.raises(ValueError, match="only used by ade20k folder"):
+        read_source(SourceConfig(format="parquet", path="x", split="training"), "ade20k")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        read_source(SourceConfig(format="parquet", path="x"), "coco")  # type: ignore[arg-type]
+
+
+def test_s3_matches_local(_ray, _moto, local):
+    bucket, endpoint = _moto
+    remote = write_synthetic(f"{bucket}/synthetic", endpoint_url=endpoint, **KW)
+    for dataset, formats in remote.items():
+        for fmt, splits in formats.items():
+            assert splits["val"]["path"].startswith("s3://")
+            got = _rows(splits["val"], dataset, endpoint_url=endpoint)
+            want = _rows(local[dataset][fmt]["val"], dataset)
+            assert got == want, (dataset, fmt)
+    limited = _rows(remote["ade20k"]["folder"]["val"], "ade20k", endpoint_url=endpoint, max_images=2)
+    assert [r["image_id"] for r in limited] == ["val_000000.jpg", "val_000001.jpg"]
