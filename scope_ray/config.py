@@ -175,6 +175,7 @@ class RayConfig(_Section):
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per actor; default = cpus_per_actor")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per image-decoding task")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs per file-reading task (I/O-bound; Ray's default of 1 starves small nodes)")
 
     @field_validator("gpus_per_actor")
     @classmethod

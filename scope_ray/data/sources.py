@@ -44,12 +44,15 @@ def read_source(
     *,
     endpoint_url: str | None = None,
     ordered: bool = True,
+    num_cpus: float | None = None,
 ) -> "ray.data.Dataset":  # noqa: F821
     """A lazy Dataset of ``source``'s rows (columns: ``output_schema(dataset)``).
 
     ``ordered`` turns on Ray's ``preserve_order`` for this dataset and everything derived from it:
     rows then arrive in file order (files sorted by path) and ``max_images`` picks the same
     images on every run. Without it Ray emits blocks as tasks finish.
+    ``num_cpus`` is what each read task reserves (Ray's default is 1): reading is I/O-bound, and
+    on a small node a whole CPU per read task starves the decoding and model stages behind it.
     """
     if dataset not in TARGET_COLUMN:
         raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(TARGET_COLUMN)}")
@@ -57,11 +60,11 @@ def read_source(
         raise ValueError(f"source {source.path!r}: `split` is only used by ade20k folder sources "
                          f"(images/<split>/, annotations/<split>/); leave it unset for {dataset} {source.format}")
     if source.format == "folder":
-        ds = _read_folder(source, dataset, endpoint_url)
+        ds = _read_folder(source, dataset, endpoint_url, num_cpus)
     elif source.format == "parquet":
-        ds = _read_parquet(source, dataset, endpoint_url)
+        ds = _read_parquet(source, dataset, endpoint_url, num_cpus)
     elif source.format == "webdataset":
-        ds = _read_webdataset(source, dataset, endpoint_url)
+        ds = _read_webdataset(source, dataset, endpoint_url, num_cpus)
     else:  # pragma: no cover - SourceConfig's Literal makes this unreachable
         raise ValueError(f"unknown source format {source.format!r}")
     if ordered:
@@ -70,6 +73,10 @@ def read_source(
     if source.max_images is not None:
         ds = ds.limit(source.max_images)
     return ds
+
+
+def _remote(num_cpus: float | None) -> dict[str, float]:
+    return {} if num_cpus is None else {"num_cpus": num_cpus}
 
 
 def _table(dataset: str, ids: Any, images: Any, target: Any) -> pa.Table:
@@ -149,7 +156,7 @@ def _folder_batch(batch: pa.Table, *, dataset: str, root: str, class_index: dict
     return _table(dataset, rels, images, target)
 
 
-def _read_folder(source: SourceConfig, dataset: str, endpoint_url: str | None):
+def _read_folder(source: SourceConfig, dataset: str, endpoint_url: str | None, num_cpus: float | None):
     import ray.data
 
     image_root, target_root = _folder_roots(source, dataset)
@@ -157,9 +164,9 @@ def _read_folder(source: SourceConfig, dataset: str, endpoint_url: str | None):
     fs, path = arrow_filesystem(image_root, endpoint_url)
     # No file_extensions filter on purpose (module docstring). Ray sorts the listed paths and
     # skips names starting with "." or "_" directly under `path`.
-    ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True)
+    ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True, **_remote(num_cpus))
     return ds.map_batches(
-        _folder_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        _folder_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **_remote(num_cpus),
         fn_kwargs=dict(dataset=dataset, root=path, class_index=class_index, target_root=target_root,
                        endpoint_url=endpoint_url),
     )
@@ -184,7 +191,7 @@ def _parquet_batch(batch: pa.Table, *, dataset: str) -> pa.Table:
     return _table(dataset, batch.column("key").cast(pa.string()), _binary_column(batch.column("image")), target)
 
 
-def _read_parquet(source: SourceConfig, dataset: str, endpoint_url: str | None):
+def _read_parquet(source: SourceConfig, dataset: str, endpoint_url: str | None, num_cpus: float | None):
     import pyarrow.dataset as pads
     import ray.data
 
@@ -200,8 +207,8 @@ def _read_parquet(source: SourceConfig, dataset: str, endpoint_url: str | None):
         )
     columns = ["key", "image"] + ([target] if target in names else [])
     # select_columns right after the read is pushed down into it: other columns are never read.
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(columns)
-    return ds.map_batches(_parquet_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+    ds = ray.data.read_parquet(path, filesystem=fs, **_remote(num_cpus)).select_columns(columns)
+    return ds.map_batches(_parquet_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **_remote(num_cpus),
                           fn_kwargs=dict(dataset=dataset))
 
 
@@ -230,13 +237,13 @@ def _wds_batch(batch: pa.Table, *, dataset: str) -> pa.Table:
     return _table(dataset, ids, batch.column("image"), target)
 
 
-def _read_webdataset(source: SourceConfig, dataset: str, endpoint_url: str | None):
+def _read_webdataset(source: SourceConfig, dataset: str, endpoint_url: str | None, num_cpus: float | None):
     import ray.data
 
     fs, path = arrow_filesystem(source.path, endpoint_url)
     ds = ray.data.read_webdataset(
-        path, filesystem=fs, file_extensions=["tar"],
+        path, filesystem=fs, file_extensions=["tar"], **_remote(num_cpus),
         decoder=functools.partial(_wds_sample, dataset=dataset),
     )
-    return ds.map_batches(_wds_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+    return ds.map_batches(_wds_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **_remote(num_cpus),
                           fn_kwargs=dict(dataset=dataset))

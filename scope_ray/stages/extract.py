@@ -115,7 +115,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split
 
     res = actor_resources(job.ray)
     spec = job.model.spec
-    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url)
+    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side),

@@ -1,0 +1,48 @@
+"""The command line: help with examples, config errors before Ray, a stage run in-process."""
+
+import pytest
+
+from scope_ray.cli import _parser, main
+
+COMMANDS = ("demo", "run", "stage", "check", "models")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+def test_parser_lists_all_commands():
+    help_text = _parser().format_help()
+    assert all(c in help_text for c in COMMANDS)
+
+
+def test_bad_config_exits_2_with_key_and_allowed(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {name: deit3-b}\n")
+    assert main(["check", str(job), "--set", "sae.k=99999"]) == 2
+    err = capsys.readouterr().err
+    assert "sae.k" in err and "allowed: 1..24576" in err
+
+
+def test_stage_needing_data_fails_before_work(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"storage: {{root: {tmp_path / 'r'}}}\nray: {{gpus_per_actor: 0}}\n")
+    with pytest.raises(ValueError, match="data.imagenet.train is not set"):
+        main(["stage", "extract", str(job)])
+
+
+def test_models_lists_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "clip-vit-l14-336" in out and "siglip2-g" in out and "24x24" in out
+
+
+def test_check_prints_resolved_config(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {name: dinov2-b}\n")
+    assert main(["check", str(job)]) == 0
+    assert "dinov2-b" in capsys.readouterr().out
