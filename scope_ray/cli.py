@@ -7,7 +7,7 @@ import os
 import sys
 import textwrap
 
-STAGES = ("extract",)
+STAGES = ("extract", "train-sae", "eval-sae")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -71,14 +71,16 @@ def _parser() -> argparse.ArgumentParser:
 def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) -> int:
     from scope_ray.config import load_config
     from scope_ray.stages.cluster import connect
+    from scope_ray.stages.eval_sae import run_eval_sae
     from scope_ray.stages.extract import run_extract
+    from scope_ray.stages.train_sae import run_train_sae
     from scope_ray.storage import ResultsRoot
 
     job = load_config(job_path, overrides)  # every config error surfaces here, before Ray starts
     root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
     root.check_writable()
     connect(job.ray)
-    runners = {"extract": run_extract}
+    runners = {"extract": run_extract, "train-sae": run_train_sae, "eval-sae": run_eval_sae}
     for name in stages:
         runners[name](job, root)
     return 0

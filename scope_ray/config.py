@@ -106,6 +106,13 @@ class SAEConfig(_Section):
     batch_size: int = Field(4096, ge=1)
     epochs: int = Field(1, ge=1)
     threshold_ema: float = Field(0.99, gt=0, lt=1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); one per GPU on a GPU cluster")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints to the results root")
+    max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (restarting from the last checkpoint)")
+    log_every: int = Field(50, ge=1, description="steps between logged loss / FVU / L0 / dead-fraction lines")
+    shuffle_buffer: int = Field(65_536, ge=0, description="rows in each worker's local shuffle buffer (0 = no shuffle)")
+    scale_sample: int = Field(65_536, ge=1, description="tokens sampled to fix the input scale and initial b_dec")
+    dense_fraction: float = Field(0.1, gt=0, le=1, description="eval: a latent firing on more than this fraction of tokens is dense")
 
 
 # ---------------------------------------------------------------------------------- scope
@@ -226,12 +233,19 @@ class JobConfig(_Section):
             return self.scope.shifts
         return tuple(range(1, min(6, self.model.spec.grid - 2) + 1))
 
-    def stage_hash(self, *sections: str) -> str:
-        """A short hash of the named sections (dotted keys) plus the seed: what a stage's output depends on."""
+    def stage_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
+        """A short hash of the named sections (dotted keys) plus the seed: what a stage's output
+        depends on. ``exclude`` drops keys that only steer how it runs (retries, logging)."""
         dumped = self.model_dump(mode="json")
+        for key in exclude:
+            *parents, leaf = key.split(".")
+            node: Any = dumped
+            for part in parents:
+                node = node[part]
+            node.pop(leaf)
         picked = {"seed": self.seed}
         for s in sections:
-            node: Any = dumped
+            node = dumped
             for part in s.split("."):
                 node = node[part]
             picked[s] = node

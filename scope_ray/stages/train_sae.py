@@ -1,0 +1,376 @@
+"""SAE training on Ray Train: DDP workers stream the extracted tokens through Ray Data.
+
+Reads ``ROOT/<model>/extract/train_tokens``; writes ``ROOT/<model>/train-sae/``:
+``sae.safetensors`` (input scale folded in), ``training_log`` (one row per logged step).
+
+Fault tolerance is Ray Train's: every ``checkpoint_every`` steps rank 0 reports a checkpoint
+(raw SAE state, optimizer state, step) to the results root; ``FailureConfig`` restarts failed
+workers from it, and re-running an interrupted stage resumes the same run (same
+``RunConfig(storage_path, name)``) instead of starting over. The total number of steps is fixed
+up front, so a resumed run ends at the same step count as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from scope_ray.config import JobConfig
+from scope_ray.storage import ResultsRoot, StageDir
+
+STAGE = "train-sae"
+SAE_FILE = "sae.safetensors"
+TRAIN_DIR = "_ray_train"
+
+
+class InjectedFault(RuntimeError):
+    """Raised once inside the training loop by tests (``fault_at_step``) to exercise recovery."""
+
+
+def config_hash(job: JobConfig) -> str:
+    from scope_ray.stages.extract import config_hash as extract_hash
+
+    # Retries, logging and checkpoint cadence do not change the dictionary: a re-run that only
+    # changes them resumes the same run.
+    operational = ("sae.max_failures", "sae.log_every", "sae.checkpoint_every", "sae.dense_fraction")
+    return job.stage_hash("sae", exclude=operational) + extract_hash(job)[:8]
+
+
+def _dictionary_size(job: JobConfig) -> int:
+    return job.sae.expansion * job.model.spec.width
+
+
+# ------------------------------------------------------------------------- worker side
+def _to_matrix(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Fixed-size-list activations → a dense [rows, d] float32 matrix Ray Train can batch."""
+    col = batch.column("activation").combine_chunks()
+    d = col.type.list_size
+    return {"x": col.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)}
+
+
+def _save_checkpoint(directory: str, sae, optimizer, step: int, nonfinite: int, log: list[dict],
+                     resumed_from: list[int]) -> None:
+    import safetensors.torch
+
+    state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    safetensors.torch.save_file(state, os.path.join(directory, "sae_state.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    with open(os.path.join(directory, "progress.json"), "w") as f:
+        json.dump({"step": step, "nonfinite_rows": nonfinite, "log": log, "resumed_from": resumed_from}, f)
+
+
+def _load_checkpoint(directory: str, sae, optimizer) -> tuple[int, int, list[dict], list[int]]:
+    import safetensors.torch
+
+    sae.load_state_dict(safetensors.torch.load_file(os.path.join(directory, "sae_state.safetensors")))
+    # Our own checkpoint, still never unpickled beyond tensors and plain containers.
+    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(directory, "progress.json")) as f:
+        progress = json.load(f)
+    return progress["step"], progress["nonfinite_rows"], progress["log"], progress["resumed_from"]
+
+
+class _LossModule(torch.nn.Module):
+    """The training loss as a module's forward: DDP only synchronises gradients of computations
+    that go through its wrapper's forward, and the loss (with AuxK) is more than ``sae.forward``."""
+
+    def __init__(self, sae, aux_coef: float):
+        super().__init__()
+        self.sae, self.aux_coef = sae, aux_coef
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        record = self.sae.loss(x_BD, self.aux_coef)
+        self.sae.last_record = record
+        return record.total
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.torch import get_device, prepare_model
+
+    from scope_ray.sae import BatchTopKSAE
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"])  # identical initial dictionaries on every worker
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
+    device = get_device()
+    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], k_aux=cfg["k_aux"],
+                       dead_after_tokens=cfg["dead_after_tokens"], threshold_ema=cfg["threshold_ema"])
+    with torch.no_grad():
+        sae.input_scale.fill_(cfg["input_scale"])
+        sae.b_dec.copy_(torch.tensor(cfg["b_dec_init"]) * cfg["input_scale"])
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"])
+    step, nonfinite, log, resumed_from = 0, 0, [], []
+    checkpoint = ray.train.get_checkpoint() or cfg.get("resume_from")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            step, nonfinite, log, resumed_from = _load_checkpoint(d, sae, optimizer)
+        resumed_from = resumed_from + [step]
+        if rank == 0:
+            print(f"[train-sae] resuming from checkpoint at step {step}/{cfg['total_steps']}", flush=True)
+    sae.to(device).train()
+    # Optimizer state tensors follow the parameters' device.
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = value.to(device)
+    module = _LossModule(sae, cfg["aux_coef"])
+    if world > 1:
+        # Buffers (θ, dead counters) stay per worker: DDP's default would overwrite them from rank 0
+        # on every forward, hiding what each worker's shard sees.
+        module = prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+    shard = ray.train.get_dataset_shard("train")
+    steps_per_epoch, total = cfg["steps_per_epoch"], cfg["total_steps"]
+    fault = cfg.get("fault_at_step")
+    while step < total:
+        epoch = step // steps_per_epoch
+        remaining = steps_per_epoch - step % steps_per_epoch
+        batches = shard.iter_torch_batches(
+            batch_size=cfg["batch_size"], drop_last=True, dtypes=torch.float32, device=device,
+            local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+            local_shuffle_seed=(cfg["seed"] * 1_000_003 + epoch * 7919 + rank) if cfg["shuffle_buffer"] else None,
+        )
+        for i, batch in enumerate(batches):
+            if i >= remaining or step >= total:
+                break
+            x = batch["x"]
+            finite = torch.isfinite(x).all(dim=1)
+            n_bad = int((~finite).sum())
+            if n_bad:
+                nonfinite += n_bad
+                x = x[finite]
+            if fault and step == fault["step"] and not os.path.exists(fault["marker"]):
+                open(fault["marker"], "w").close()
+                raise InjectedFault(f"injected fault at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss = module(x)
+            loss.backward()
+            sae.remove_parallel_grad()
+            optimizer.step()
+            sae.normalize_decoder()
+            step += 1
+            record = sae.last_record
+            if step % cfg["log_every"] == 0 or step == total:
+                row = {"step": step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
+                       "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
+                       "nonfinite_rows": _all_sum(nonfinite, dist, world)}
+                log.append(row)
+                if rank == 0:
+                    print(f"[train-sae] step {step}/{total} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "
+                          f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f}", flush=True)
+            if step % cfg["checkpoint_every"] == 0 or step == total:
+                metrics = {"step": step, "fvu": record.fvu, "l0": record.l0}
+                total_bad = _all_sum(nonfinite, dist, world)
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        _save_checkpoint(tmp, sae, optimizer, step, total_bad, log, resumed_from)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(metrics)
+
+
+def _all_sum(value: int, dist, world: int) -> int:
+    if world == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+# ------------------------------------------------------------------------- driver side
+@dataclass
+class TrainResult:
+    skipped: bool
+    steps: int = 0
+    nonfinite_rows: int = 0
+    final: dict | None = None
+    manifest: dict | None = None
+    resumed_from: list[int] | None = None  # steps at which a restarted worker group picked up a checkpoint
+
+
+def _token_files(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, list[str]]:
+    extract = root.stage(job.model.name, "extract")
+    if not extract.is_complete():
+        raise RuntimeError(f"{job.model.name}: the extract stage is not complete at {root.uri}; run `scope-ray stage extract` first")
+    files = extract.part_files("train_tokens")
+    if not files:
+        raise RuntimeError(f"{job.model.name}: extraction produced no training tokens")
+    return extract, files
+
+
+def check_token_width(files: list[str], root: ResultsRoot, expected: int, what: str) -> None:
+    """Fail clearly when the stored activations do not have the width the SAE config implies."""
+    schema = pq.read_schema(files[0], filesystem=root.arrow_fs)
+    field = schema.field("activation") if "activation" in schema.names else None
+    width = getattr(field.type, "list_size", None) if field is not None else None
+    if width != expected:
+        raise ValueError(f"{what}: token parquet {files[0]} has activation width {width}, but the SAE for "
+                         f"this job expects {expected} (model width); was it extracted with another model?")
+
+
+def _scale_sample(files: list[str], root: ResultsRoot, n: int) -> np.ndarray:
+    """Up to ``n`` finite token rows from the first part files (the scale needs a sample, not all)."""
+    parts, have = [], 0
+    for f in files:
+        x = _to_matrix(pq.read_table(f, columns=["activation"], filesystem=root.arrow_fs))["x"]
+        x = x[np.isfinite(x).all(axis=1)]
+        parts.append(x)
+        have += len(x)
+        if have >= n:
+            break
+    sample = np.concatenate(parts)[:n] if parts else np.zeros((0, 0), np.float32)
+    if len(sample) == 0:
+        raise ValueError("no finite token rows to fix the SAE input scale from")
+    return sample
+
+
+def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step: int | None = None,
+                  fault_marker: str | None = None) -> TrainResult:
+    """Train (or skip, or resume) the SAE for ``job``."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from scope_ray.stages.cluster import actor_resources
+
+    stage = root.stage(job.model.name, STAGE)
+    chash = config_hash(job)
+    if stage.is_complete(chash):
+        log(f"[train-sae] {job.model.name}: already complete at {stage.uri} (config {chash}); skipping")
+        return TrainResult(skipped=True, manifest=stage.manifest())
+    extract, files = _token_files(job, root)
+    spec = job.model.spec
+    check_token_width(files, root, spec.width, "train-sae")
+    n_rows = extract.manifest()["rows"]["train_tokens"]
+    res = actor_resources(job.ray)
+    workers = job.sae.num_workers
+    steps_per_epoch = n_rows // (workers * job.sae.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"sae.batch_size={job.sae.batch_size} x {workers} workers exceeds the {n_rows} training "
+                         f"tokens; allowed: batch_size <= {n_rows // workers}")
+    total_steps = steps_per_epoch * job.sae.epochs
+    run_name = f"sae-{chash}"
+    # Keep this config's checkpoints (they are how an interrupted run resumes); drop anything else.
+    if root.fs.exists(stage.path):
+        for p in root.fs.ls(stage.path, detail=False):
+            if posixpath.basename(p.rstrip("/")) != TRAIN_DIR:
+                root.fs.rm(p, recursive=True)
+    sample = _scale_sample(files, root, job.sae.scale_sample)
+    mean_sq = float((sample.astype(np.float64) ** 2).sum(axis=1).mean())
+    input_scale = math.sqrt(spec.width / mean_sq)
+    cfg = {
+        "seed": job.seed, "d_in": spec.width, "d_sae": _dictionary_size(job), "k": job.sae.k, "k_aux": job.sae.k_aux,
+        "dead_after_tokens": job.sae.dead_after_tokens, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
+        "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size,
+        # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
+        "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "log_every": job.sae.log_every,
+        "checkpoint_every": job.sae.checkpoint_every, "input_scale": input_scale,
+        "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
+    }
+    if fault_at_step is not None:
+        cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker}
+    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus).select_columns(["activation"])
+    ds = ds.randomize_block_order(seed=job.seed).map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
+    storage_path = posixpath.join(stage.path, TRAIN_DIR)
+    if root.scheme == "file":
+        os.makedirs(storage_path, exist_ok=True)
+    resume = _latest_checkpoint(root, posixpath.join(storage_path, run_name))
+    if resume is not None:
+        log(f"[train-sae] resuming the interrupted run from {resume.path}")
+        # Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=); the loop loads it itself
+        # whenever Ray Train has no newer checkpoint of this fit to hand.
+        cfg["resume_from"] = resume
+    log(f"[train-sae] {job.model.name}: {n_rows} tokens, d={spec.width} -> q={cfg['d_sae']}, K={job.sae.k}, "
+        f"{workers} worker(s), {total_steps} steps of {job.sae.batch_size}")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=res.num_gpus > 0,
+            resources_per_worker={"CPU": job.ray.cpus_per_actor, **({"GPU": res.num_gpus} if res.num_gpus else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            storage_filesystem=None if root.scheme == "file" else root.arrow_fs,
+            failure_config=ray.train.FailureConfig(max_failures=job.sae.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"train-sae: Ray Train finished without a checkpoint ({result.error})")
+    return _finish(job, root, stage, chash, result.checkpoint, total_steps, log)
+
+
+def _latest_checkpoint(root: ResultsRoot, run_dir: str):
+    """The furthest checkpoint an earlier, interrupted attempt of this exact run left behind.
+
+    Ray Train restores failed workers within one ``fit``; a driver that died (or a stage re-run
+    after a failure) starts a new ``fit``, which is pointed at the furthest checkpoint explicitly.
+    """
+    import ray.train
+
+    best, best_step = None, -1
+    for progress in root.fs.glob(posixpath.join(run_dir, "checkpoint_*", "progress.json")):
+        try:
+            step = json.loads(root.fs.cat_file(progress))["step"]
+        except (OSError, ValueError, KeyError):
+            continue  # a checkpoint cut off mid-write is not one to resume from
+        if step > best_step:
+            best, best_step = posixpath.dirname(progress), step
+    if best is None:
+        return None
+    return ray.train.Checkpoint(best, filesystem=root.arrow_fs)
+
+
+def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, checkpoint, total_steps: int, log) -> TrainResult:
+    from scope_ray.sae import BatchTopKSAE
+
+    spec = job.model.spec
+    sae = BatchTopKSAE(spec.width, _dictionary_size(job), job.sae.k, k_aux=job.sae.k_aux,
+                       dead_after_tokens=job.sae.dead_after_tokens, threshold_ema=job.sae.threshold_ema)
+    opt = torch.optim.Adam(sae.parameters(), lr=job.sae.lr)
+    with checkpoint.as_directory() as d:
+        step, nonfinite, history, resumed_from = _load_checkpoint(d, sae, opt)
+    if step != total_steps:
+        raise RuntimeError(f"train-sae: final checkpoint is at step {step}, expected {total_steps}")
+    sae.eval()
+    sae.save(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url)
+    stage.write_part("training_log", "part-0", pa.Table.from_pylist(history))
+    final = history[-1] if history else {}
+    manifest = stage.commit(
+        chash, {"train_tokens": root.stage(job.model.name, "extract").uri}, {"training_log": len(history)},
+        extra={"sae_file": SAE_FILE, "steps": step, "nonfinite_rows": nonfinite, "d_in": spec.width,
+               "d_sae": sae.d_sae, "k": sae.k, "final": final, "resumed_from_steps": resumed_from},
+    )
+    log(f"[train-sae] done: {step} steps, final fvu {final.get('fvu', float('nan')):.3f}, l0 {final.get('l0', float('nan')):.1f}, "
+        f"dead {final.get('dead_fraction', float('nan')):.3f}; {nonfinite} non-finite token rows excluded")
+    return TrainResult(skipped=False, steps=step, nonfinite_rows=nonfinite, final=final, manifest=manifest,
+                       resumed_from=resumed_from)
+
+
+def load_sae(job: JobConfig, root: ResultsRoot, device: str = "cpu"):
+    """The committed SAE of ``job``'s model."""
+    from scope_ray.sae import BatchTopKSAE
+
+    stage = root.stage(job.model.name, STAGE)
+    if not stage.is_complete():
+        raise RuntimeError(f"{job.model.name}: no trained SAE at {stage.uri}; run `scope-ray stage train-sae` first")
+    return BatchTopKSAE.load(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url, device=device)

@@ -1,0 +1,138 @@
+"""SAE training (Ray Train) and evaluation stages on synthetic token tables.
+
+Token tables are written straight into an extract stage (no ViT needed): sparse combinations
+of known directions, the kind of data an SAE can fit, at the demo model's width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scope_ray.config import load_config
+from scope_ray.metrics import sae_metrics
+from scope_ray.stages.eval_sae import run_eval_sae
+from scope_ray.stages.train_sae import load_sae, run_train_sae
+from scope_ray.storage import ResultsRoot
+from scope_ray.tokens import activations_of, token_table
+
+pytestmark = pytest.mark.slow
+
+D = 96  # demo-vit-tiny's width
+
+
+def _sparse_tokens(rng, n: int, n_dirs: int = 48, active: int = 3) -> np.ndarray:
+    dirs = np.random.default_rng(1234).normal(size=(n_dirs, D)).astype(np.float32)
+    x = np.zeros((n, D), np.float32)
+    for i in range(n):
+        idx = rng.choice(n_dirs, active, replace=False)
+        x[i] = (rng.uniform(0.5, 3.0, active)[:, None] * dirs[idx]).sum(0)
+    return x + 0.5
+
+
+def write_token_stage(root: ResultsRoot, n_train: int = 2048, n_val: int = 512, *, nan_rows: int = 0,
+                      width: int = D, seed: int = 0) -> None:
+    """A committed extract stage holding synthetic tokens (``nan_rows`` of them NaN in train)."""
+    rng = np.random.default_rng(seed)
+    stage = root.stage("demo-vit-tiny", "extract")
+    for table, n in (("train_tokens", n_train), ("val_tokens", n_val)):
+        x = _sparse_tokens(rng, n)[:, :width] if width <= D else np.tile(_sparse_tokens(rng, n), 2)[:, :width]
+        if table == "train_tokens" and nan_rows:
+            x[rng.choice(n, nan_rows, replace=False)] = np.nan
+        ids = [f"img{i // 4:05d}" for i in range(n)]
+        for part in range(2):  # two part files, like two actors' batches
+            sl = slice(part * n // 2, (part + 1) * n // 2)
+            acts = x[sl][:, None, :]
+            pos = (np.arange(sl.start, sl.stop) % 4)[:, None]
+            stage.write_part(table, f"p{part}", token_table(ids[sl], pos, acts, np.linalg.norm(acts, axis=-1)))
+    stage.commit("synthetic", {}, {"train_tokens": n_train, "val_tokens": n_val, "rejects": 0})
+
+
+def _job(root, *overrides):
+    return load_config({"storage": {"root": str(root)}},
+                       ["sae.expansion=4", "sae.k=4", "sae.batch_size=128", "sae.epochs=2", "sae.lr=0.003",
+                        "sae.log_every=4", "sae.checkpoint_every=8", "sae.shuffle_buffer=256", *overrides])
+
+
+def _quiet(*_):
+    pass
+
+
+def test_train_then_eval_equals_direct_metrics(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root)
+    job = _job(tmp_path / "r")
+    res = run_train_sae(job, root, log=_quiet)
+    assert res.steps == 2 * (2048 // 128)
+    log = root.stage("demo-vit-tiny", "train-sae").read_table("training_log").to_pylist()
+    assert [r["step"] for r in log] == list(range(4, res.steps + 1, 4))
+    assert log[-1]["fvu"] < log[0]["fvu"]
+    ev = run_eval_sae(job, root, log=_quiet).row
+    # The stage's streamed, merged metrics equal one direct pass of the saved SAE over all val tokens.
+    sae = load_sae(job, root)
+    val = root.stage("demo-vit-tiny", "extract").read_table("val_tokens")
+    x = torch.from_numpy(activations_of(val).copy())
+    with torch.inference_mode():
+        x_hat, z = sae(x)
+    direct = sae_metrics(x, x_hat, z)
+    assert ev["fvu_all"] == pytest.approx(direct["fvu"], rel=1e-6)
+    assert ev["l0_all"] == pytest.approx(direct["l0"], rel=1e-9)
+    assert ev["cs_all"] == pytest.approx(direct["cs"], rel=1e-6)
+    assert ev["tokens"] == 512 and ev["dead_latents"] == int(((z != 0).sum(0) == 0).sum())
+    out = val.column("norm").to_numpy() > ev["tau"]
+    assert ev["outlier_tokens"] == int(out.sum())
+    direct_out = sae_metrics(x[out], x_hat[out], z[out])
+    assert ev["fvu_outlier"] == pytest.approx(direct_out["fvu"], rel=1e-6)
+    assert ev["fvu_all"] < 0.8, ev  # 32 steps: better than the mean, not converged
+    # Both stages are skipped on a re-run.
+    assert run_train_sae(job, root, log=_quiet).skipped and run_eval_sae(job, root, log=_quiet).skipped
+
+
+def test_worker_failure_restarts_from_checkpoint_with_same_total_steps(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root)
+    job = _job(tmp_path / "r")
+    res = run_train_sae(job, root, log=_quiet, fault_at_step=13, fault_marker=str(tmp_path / "fault"))
+    assert (tmp_path / "fault").exists()  # the fault really fired
+    assert res.resumed_from == [8]  # last checkpoint before step 13
+    assert res.steps == 2 * (2048 // 128)
+    steps = [r["step"] for r in root.stage("demo-vit-tiny", "train-sae").read_table("training_log").to_pylist()]
+    assert steps == sorted(set(steps)) and steps[-1] == res.steps  # no step logged twice
+
+
+def test_interrupted_stage_resumes_instead_of_starting_over(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root)
+    with pytest.raises(Exception):
+        run_train_sae(_job(tmp_path / "r", "sae.max_failures=0"), root, log=_quiet,
+                      fault_at_step=13, fault_marker=str(tmp_path / "fault"))
+    stage = root.stage("demo-vit-tiny", "train-sae")
+    assert not stage.is_complete()
+    # max_failures is not part of what the SAE depends on: same run, resumed from its checkpoint.
+    res = run_train_sae(_job(tmp_path / "r"), root, log=_quiet)
+    assert res.resumed_from == [8]
+    assert res.steps == 2 * (2048 // 128)
+
+
+def test_nonfinite_rows_counted_and_excluded(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root, nan_rows=10)
+    res = run_train_sae(_job(tmp_path / "r", "sae.epochs=1", "sae.shuffle_buffer=0"), root, log=_quiet)
+    assert res.nonfinite_rows == 10
+    assert res.manifest["nonfinite_rows"] == 10
+    assert np.isfinite(res.final["loss"])
+    sae = load_sae(_job(tmp_path / "r"), root)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_token_width_mismatch_fails_clearly(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root, width=64, n_train=256, n_val=64)
+    with pytest.raises(ValueError, match="activation width 64.*expects 96"):
+        run_train_sae(_job(tmp_path / "r"), root, log=_quiet)
+
+
+def test_training_needs_a_committed_extract_stage(ray_local, tmp_path):
+    with pytest.raises(RuntimeError, match="extract stage is not complete"):
+        run_train_sae(_job(tmp_path / "r"), ResultsRoot(str(tmp_path / "r")), log=_quiet)
