@@ -5,7 +5,7 @@ batch size and write the same token Parquet (4 sampled tokens per image); the ra
 Ray stage throughput / plain loop throughput. Ray start-up is measured separately (paid once
 per cluster, not per stage).
 
-    .venv/bin/python bench/bench_extract.py                       # defaults: deit3-s, 256 images
+    .venv/bin/python bench/bench_extract.py                       # defaults: deit3-s, 1024 images
     .venv/bin/python bench/bench_extract.py --model demo-vit-tiny --images 512
 """
 
@@ -57,9 +57,9 @@ def plain_loop(job, files: list[Path], out_dir: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit3-s")
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs of each; the best is reported")
     args = ap.parse_args()
 
     import ray

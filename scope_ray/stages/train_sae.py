@@ -16,7 +16,9 @@ import json
 import math
 import os
 import posixpath
+import resource
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,7 +168,9 @@ def train_loop(cfg: dict) -> None:
             if step % cfg["log_every"] == 0 or step == total:
                 row = {"step": step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
                        "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
-                       "nonfinite_rows": _all_sum(nonfinite, dist, world)}
+                       "nonfinite_rows": _all_sum(nonfinite, dist, world), "time": time.time(),
+                       # Peak resident memory of this worker process (Linux reports KiB).
+                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
                 log.append(row)
                 if rank == 0:
                     print(f"[train-sae] step {step}/{total} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "

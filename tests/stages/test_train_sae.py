@@ -136,3 +136,15 @@ def test_token_width_mismatch_fails_clearly(ray_local, tmp_path):
 def test_training_needs_a_committed_extract_stage(ray_local, tmp_path):
     with pytest.raises(RuntimeError, match="extract stage is not complete"):
         run_train_sae(_job(tmp_path / "r"), ResultsRoot(str(tmp_path / "r")), log=_quiet)
+
+
+def test_two_ddp_workers_train_one_dictionary(ray_local, tmp_path):
+    """Two gloo DDP workers on this 2-CPU machine (half a CPU each, leaving room for Ray Data)."""
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root)
+    job = _job(tmp_path / "r", "sae.num_workers=2", "ray.cpus_per_actor=0.5", "sae.epochs=1")
+    res = run_train_sae(job, root, log=_quiet)
+    assert res.steps == 2048 // (2 * 128)  # each step consumes one batch per worker
+    assert res.final["fvu"] < 1.0
+    sae = load_sae(job, root)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
