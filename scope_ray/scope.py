@@ -1,11 +1,15 @@
-"""Information-scope statistics (METHOD §1, §6): thresholds chosen from data.
+"""Information-scope statistics (METHOD §1, §5–7): thresholds chosen from data, CDS, awCDS.
 
-Pure NumPy. ``otsu_threshold`` picks tau (on log token norms) and gamma (on CDS values).
+Pure NumPy (no Ray). ``otsu_threshold`` picks tau (on log token norms) and gamma (on CDS values);
+``cds_score`` turns a feature's SCC overlap maps into its Contextual Dependency Score;
+``aw_cds`` and ``norm_percentile_bins`` give Figure 7. docs/scope.md explains the choices.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from scope_ray.emd import grid_emd
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -35,3 +39,105 @@ def auto_tau(norms: np.ndarray) -> float:
     norms = np.asarray(norms, dtype=np.float64)
     norms = norms[np.isfinite(norms) & (norms > 0)]
     return float(np.exp(otsu_threshold(np.log(norms))))
+
+
+# ---------------------------------------------------------------------------------- CDS (§5)
+def _grid_diameter(h: int, w: int) -> float:
+    """Largest cell-centre distance of an h × w grid: √2·(p − s − 1) for the square overlap.
+    Same arithmetic as the EMD cost matrix, so a corner-to-corner spike scores exactly 1."""
+    return float(np.sqrt(float(h - 1) ** 2 + float(w - 1) ** 2))
+
+
+def cds_score(maps1: np.ndarray, maps2: np.ndarray) -> float:
+    """Contextual Dependency Score of one feature (METHOD §5) from its overlap maps
+    maps1_KHW (view 1) and maps2_KHW (view 2) over K images, cell (i, j) the same pixels in both.
+
+    Per image: ``EMD(M1, M2) / D_grid`` with ``D_grid = √2·(H − 1)``, the overlap's diagonal
+    (H = W = p − s). Empty maps: one all zero and the other not → that image scores 1 (the
+    feature left the overlap); both all zero → the image is skipped. The result is the mean over
+    the *usable* images given, so the stage passes spare images beyond k_CDS and keeps the first
+    k_CDS usable ones; NaN when none is usable. In [0, 1]. ValueError on NaN/Inf or negative
+    entries anywhere, or on shapes that are not matching [K, H, W] with at least 2 cells a side."""
+    m1_KHW, m2_KHW = np.asarray(maps1, dtype=np.float64), np.asarray(maps2, dtype=np.float64)
+    if m1_KHW.ndim != 3 or m1_KHW.shape != m2_KHW.shape:
+        raise ValueError(f"maps1 and maps2 must both be [K, H, W], got {list(m1_KHW.shape)} and {list(m2_KHW.shape)}")
+    _, h, w = m1_KHW.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"the overlap grid must be at least 2 x 2 (D_grid would be 0), got {h} x {w}")
+    for name, m in (("maps1", m1_KHW), ("maps2", m2_KHW)):
+        if not np.all(np.isfinite(m)):
+            raise ValueError(f"{name} contains NaN or Inf")
+        if np.any(m < 0):
+            raise ValueError(f"{name} has negative entries; activation maps are non-negative")
+    d_grid = _grid_diameter(h, w)
+    scores = []
+    for m1_HW, m2_HW in zip(m1_KHW, m2_KHW):
+        empty1, empty2 = not m1_HW.any(), not m2_HW.any()
+        if empty1 and empty2:
+            continue
+        if empty1 or empty2:
+            scores.append(1.0)
+            continue
+        # Clip: EMD <= D_grid holds exactly; only rounding can cross it.
+        scores.append(min(grid_emd(m1_HW, m2_HW) / d_grid, 1.0))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# -------------------------------------------------------------------------------- awCDS (§7)
+def aw_cds(acts: np.ndarray, cds: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Activation-weighted CDS per token (METHOD §7): ``Σ_j a_tj CDS_j / Σ_j a_tj`` over the
+    features active on token t (a_tj > 0), from SAE codes acts_TQ and cds_Q.
+
+    Features whose CDS is NaN (no usable image) are left out of both sums; a token where no
+    feature with a finite CDS fires gets NaN. ValueError on NaN/Inf or negative activations.
+    Rows are processed ``chunk`` at a time so the float64 accumulation stays bounded in memory."""
+    acts_TQ = np.asarray(acts)
+    cds_Q = np.asarray(cds, dtype=np.float64)
+    if acts_TQ.ndim != 2 or cds_Q.ndim != 1 or acts_TQ.shape[1] != cds_Q.size:
+        raise ValueError(f"expected acts [T, q] and cds [q], got {list(acts_TQ.shape)} and {list(cds_Q.shape)}")
+    known_Q = np.isfinite(cds_Q)
+    cds_known_Q = np.where(known_Q, cds_Q, 0.0)
+    out_T = np.empty(acts_TQ.shape[0], dtype=np.float64)
+    for start in range(0, acts_TQ.shape[0], chunk):
+        a_tQ = acts_TQ[start:start + chunk].astype(np.float64)  # a copy: zeroed in place below
+        if not np.all(np.isfinite(a_tQ)):
+            raise ValueError("acts contains NaN or Inf")
+        if np.any(a_tQ < 0):
+            raise ValueError("acts has negative entries; SAE codes are non-negative")
+        a_tQ[:, ~known_Q] = 0.0  # NaN-CDS features leave numerator and denominator alike
+        den_t = a_tQ.sum(axis=1)
+        num_t = a_tQ @ cds_known_Q
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out_T[start:start + chunk] = np.where(den_t > 0, num_t / den_t, np.nan)
+    return out_T
+
+
+def norm_percentile_bins(norms: np.ndarray, values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Figure 7: mean of ``values`` (e.g. awCDS) per token-norm percentile bin.
+
+    Tokens are ranked by norm (ties share their mid-rank, so equal norms land in one bin), the
+    percentile of rank r among T is ``100·(r − ½)/T``, and ``n_bins`` equal-width percentile bins
+    cover 0–100. Returns (bin centres in percent [n_bins], NaN-aware mean per bin [n_bins]);
+    tokens with a non-finite norm are dropped, NaN values are ignored, an empty bin gives NaN."""
+    from scipy.stats import rankdata
+
+    norms_T = np.asarray(norms, dtype=np.float64).ravel()
+    values_T = np.asarray(values, dtype=np.float64).ravel()
+    if norms_T.shape != values_T.shape:
+        raise ValueError(f"norms and values must have the same length, got {norms_T.size} and {values_T.size}")
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    n_bins = int(n_bins)
+    keep_T = np.isfinite(norms_T)
+    norms_T, values_T = norms_T[keep_T], values_T[keep_T]
+    centres_B = 100.0 * (np.arange(n_bins) + 0.5) / n_bins
+    if norms_T.size == 0:
+        return centres_B, np.full(n_bins, np.nan)
+    pct_T = 100.0 * (rankdata(norms_T, method="average") - 0.5) / norms_T.size
+    bin_T = np.minimum((pct_T * n_bins / 100.0).astype(np.int64), n_bins - 1)
+    ok_T = np.isfinite(values_T)
+    count_B = np.bincount(bin_T[ok_T], minlength=n_bins)
+    total_B = np.bincount(bin_T[ok_T], weights=values_T[ok_T], minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_B = np.where(count_B > 0, total_B / np.maximum(count_B, 1), np.nan)
+    return centres_B, mean_B
