@@ -57,6 +57,7 @@ def main() -> None:
 
     from scope_ray.config import load_config
     from scope_ray.models import get_spec
+    from scope_ray.stages.extract import config_hash as extract_hash
     from scope_ray.stages.train_sae import run_train_sae
     from scope_ray.storage import ResultsRoot
     from scope_ray.tokens import activations_of, token_table
@@ -81,7 +82,11 @@ def main() -> None:
             ids = [f"img{i}" for i in range(sl.start, sl.stop)]
             stage.write_part("train_tokens", f"p{p}", token_table(ids, np.zeros((len(ids), 1), int), acts,
                                                                  np.linalg.norm(acts, axis=-1)))
-        stage.commit("bench", {}, {"train_tokens": args.tokens, "val_tokens": 0, "rejects": 0})
+        job = load_config({"model": {"name": args.model}, "storage": {"root": str(work / "results")}},
+                          [f"sae.expansion={args.expansion}", f"sae.k={args.k}", f"sae.batch_size={args.batch_size}",
+                           "sae.epochs=1", "sae.log_every=4", f"sae.checkpoint_every={args.tokens // args.batch_size}",
+                           f"ray.torch_threads={cores}", "sae.shuffle_buffer=16384"])
+        stage.commit(extract_hash(job), {}, {"train_tokens": args.tokens, "val_tokens": 0, "rejects": 0})
 
         # The plain loop reads the same Parquet into memory first (its read time is not counted).
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -91,10 +96,6 @@ def main() -> None:
         plain_tput = steps * args.batch_size / plain_s
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        job = load_config({"model": {"name": args.model}, "storage": {"root": str(work / "results")}},
-                          [f"sae.expansion={args.expansion}", f"sae.k={args.k}", f"sae.batch_size={args.batch_size}",
-                           "sae.epochs=1", "sae.log_every=4", f"sae.checkpoint_every={steps}",
-                           f"ray.torch_threads={cores}", "sae.shuffle_buffer=16384"])
         t0 = time.perf_counter()
         res = run_train_sae(job, root, log=lambda *_: None)
         stage_s = time.perf_counter() - t0

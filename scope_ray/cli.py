@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         local instance). Completed stages (manifest with the same config hash) are skipped.
 
         example:
-          scope-ray run jobs/demo.yaml --set storage.root=s3://my-bucket/scope-ray
+          scope-ray run jobs/clip-vit-b16.yaml --set storage.root=s3://my-bucket/scope-ray
         """))
     p.add_argument("job", help="job spec (YAML)")
     _add_set(p)
@@ -77,6 +77,8 @@ def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) ->
     from scope_ray.storage import ResultsRoot
 
     job = load_config(job_path, overrides)  # every config error surfaces here, before Ray starts
+    if "extract" in stages and job.data.imagenet.train is None:
+        raise ValueError("data.imagenet.train is not set: extraction needs it (see docs/data.md)")
     root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
     root.check_writable()
     connect(job.ray)
@@ -119,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scope-ray: {exc}", file=sys.stderr)
         return 2
-    except (PermissionError, FileNotFoundError, ClusterResourceError) as exc:
-        print(f"scope-ray: {exc}", file=sys.stderr)
+    except (PermissionError, FileNotFoundError, ClusterResourceError, ValueError, RuntimeError) as exc:
+        # Expected failures (missing data, an earlier stage not run, a bad width...) get one clear
+        # line; anything else keeps its traceback.
+        print(f"scope-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 1
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -195,7 +195,7 @@ class RayConfig(_Section):
 # ------------------------------------------------------------------------------------ job
 class JobConfig(_Section):
     name: str = Field("scope-ray", description="job name, used in logs and sweep tables")
-    seed: int = Field(0, description="one seed for every random choice (weights, token sampling, SAE, probes)")
+    seed: int = Field(0, ge=0, description="one seed for every random choice (weights, token sampling, SAE, probes)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     extract: ExtractConfig = ExtractConfig()
@@ -222,6 +222,9 @@ class JobConfig(_Section):
             bad = [s for s in shifts if s > max_shift]
             if bad:
                 raise _KeyError(key, f"{bad[0]} leaves no 2x2 overlap on {spec.name}'s {spec.grid}x{spec.grid} grid; allowed: 1..{max_shift}")
+        if self.extract.val_split == self.extract.train_split:
+            raise _KeyError("extract.val_split", f"{self.extract.val_split!r} is also the training split; allowed: "
+                            "the other split, or null")
         n = self.extract.tokens_per_image
         if n > spec.num_patches:
             raise _KeyError("extract.tokens_per_image", f"{n} exceeds the {spec.num_patches} patches per image; allowed: 1..{spec.num_patches}")
@@ -237,6 +240,9 @@ class JobConfig(_Section):
         """A short hash of the named sections (dotted keys) plus the seed: what a stage's output
         depends on. ``exclude`` drops keys that only steer how it runs (retries, logging)."""
         dumped = self.model_dump(mode="json")
+        # Hash resolved values: an explicit setting equal to the registry default is the same job.
+        dumped["model"]["layer"] = self.model.resolved_layer
+        dumped["model"]["tau"] = self.model.resolved_tau
         for key in exclude:
             *parents, leaf = key.split(".")
             node: Any = dumped
@@ -347,5 +353,4 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         raise ConfigError(_format_errors(exc)) from None
 
 
-Config = JobConfig
-__all__ = ["ConfigError", "JobConfig", "SourceConfig", "load_config", "apply_overrides", "Union"]
+__all__ = ["ConfigError", "JobConfig", "SourceConfig", "load_config", "apply_overrides"]

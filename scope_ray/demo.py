@@ -13,6 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from scope_ray.config import JobConfig, load_config
@@ -78,13 +79,18 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     root.check_writable()
     log(f"[demo] model {job.model.name} ({job.model.spec.description})")
     connect(job.ray, num_cpus=os.cpu_count())
+    import ray.data
+
+    # The stages print their own progress; Ray Data's per-operator bars would bury the summary.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     extract = run_extract(job, root, log=log)
     train = run_train_sae(job, root, log=log)
     evaluation = run_eval_sae(job, root, log=log)
     row = evaluation.row
     stage = root.stage(job.model.name, "extract")
     norms = stage.read_table("val_tokens", columns=["norm"]).column("norm").to_numpy()
-    fig = norm_histogram(norms, workdir / "results" / job.model.name / "figures" / "token_norms.png",
+    figures = Path(root.path if root.scheme == "file" else workdir / "figures") / job.model.name / "figures"
+    fig = norm_histogram(norms, figures / "token_norms.png",
                          title=f"{job.model.name} layer {job.model.resolved_layer}: patch-token norms (val)",
                          tau=row["tau"])
     log("")
@@ -92,7 +98,8 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log(f"  results root     {root.uri}")
     for table, rows in stage.manifest()["rows"].items():
         log(f"  {table:<16} {rows} rows")
-    log(f"  token norms      median {float(_q(norms, 50)):.2f}, p99 {float(_q(norms, 99)):.2f}, max {float(norms.max()):.2f}")
+    p50, p99 = np.percentile(norms, [50, 99])
+    log(f"  token norms      median {p50:.2f}, p99 {p99:.2f}, max {float(norms.max()):.2f}")
     log(f"  figure           {fig}")
     log(f"  stages           extract {'reused' if extract.skipped else 'ran'}, train-sae "
         f"{'reused' if train.skipped else 'ran'}, eval-sae {'reused' if evaluation.skipped else 'ran'}")
@@ -107,8 +114,3 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log(f"  wall time        {time.time() - t0:.1f} s")
     return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "figure": str(fig)}
 
-
-def _q(x, q):
-    import numpy as np
-
-    return np.percentile(x, q)

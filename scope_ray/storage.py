@@ -114,6 +114,8 @@ class StageDir:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError):
+            return None  # a damaged manifest marks nothing complete: the stage is redone
 
     def is_complete(self, config_hash: str | None = None) -> bool:
         """Committed, and (when given) with this config hash."""
@@ -122,6 +124,10 @@ class StageDir:
 
     def reset(self) -> None:
         """Remove whatever an earlier, uncommitted or outdated attempt left behind."""
+        mpath = posixpath.join(self.path, MANIFEST)
+        if self.root.fs.exists(mpath):
+            # Manifest first: a reader must never see a manifest whose part files are going away.
+            self.root.fs.rm(mpath)
         if self.root.fs.exists(self.path):
             self.root.fs.rm(self.path, recursive=True)
 
@@ -204,9 +210,11 @@ class ResultsRoot:
     """A results root URI with the filesystem handles every stage writes through."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
-        self.uri = uri.rstrip("/") if uri.startswith("s3://") else uri
         self.endpoint_url = endpoint_url
         self.scheme, self.path = split_uri(uri)
+        # Local roots become absolute here: actors on other processes (or nodes) have other
+        # working directories, and a relative root would scatter the outputs.
+        self.uri = f"s3://{self.path}" if self.scheme == "s3" else self.path
         self.fs, _ = fsspec_filesystem(uri, endpoint_url)
         self.arrow_fs, _ = arrow_filesystem(uri, endpoint_url)
 

@@ -18,5 +18,10 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     assert sorted(rejects.column("image_id").to_pylist()) == sorted(PLANTED_BAD_FILES)
     assert stage.manifest()["rows"]["train_tokens"] > 0
     assert any("summary" in line for line in lines)
+    assert not out["train"].skipped and not out["eval"].skipped
+    row = out["eval"].row
+    # Issue 3's bar for the demo SAE (the figures are printed in the demo's summary).
+    assert row["fvu_all"] < 0.3, row
+    assert any("FVU_A" in line for line in lines)
     again = run_demo(tmp_path / "demo", log=lines.append)
-    assert again["extract"].skipped
+    assert again["extract"].skipped and again["train"].skipped and again["eval"].skipped

@@ -22,7 +22,7 @@ STAGE = "eval-sae"
 def config_hash(job: JobConfig) -> str:
     from scope_ray.stages.train_sae import config_hash as train_hash
 
-    return job.stage_hash("model.tau", "sae.dense_fraction") + train_hash(job)[:8]
+    return job.stage_hash("model.tau", "sae.dense_fraction")[:8] + train_hash(job)
 
 
 class SAEEvaluator:
@@ -42,9 +42,9 @@ class SAEEvaluator:
         import torch
 
         from scope_ray.metrics import MetricAccumulator
-        from scope_ray.stages.train_sae import _to_matrix
+        from scope_ray.tokens import activations_of
 
-        x = _to_matrix(batch)["x"]
+        x = activations_of(batch)
         finite = np.isfinite(x).all(axis=1)
         x = torch.from_numpy(np.ascontiguousarray(x[finite])).to(self.device)
         outlier = torch.from_numpy(batch.column("norm").to_numpy()[finite] > self.tau).to(self.device)
@@ -113,10 +113,17 @@ def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> EvalResult:
     if stage.is_complete(chash):
         log(f"[eval-sae] {job.model.name}: already complete (config {chash}); skipping")
         return EvalResult(skipped=True, row=stage.read_table("sae_eval").to_pylist()[0])
+    from scope_ray.stages.extract import config_hash as extract_hash
+    from scope_ray.stages.train_sae import config_hash as train_hash
+
     extract = root.stage(job.model.name, "extract")
+    if not extract.is_complete(extract_hash(job)):
+        raise RuntimeError(f"{job.model.name}: the extract stage at {extract.uri} is missing or from another config; "
+                           "run `scope-ray stage extract` first")
+    if not root.stage(job.model.name, "train-sae").is_complete(train_hash(job)):
+        load_sae(job, root)  # raises with the reason (missing, or trained with another config)
     files = extract.part_files("val_tokens")
     check_token_width(files, root, job.model.spec.width, "eval-sae")
-    load_sae(job, root)  # fail here, on the driver, if there is no trained SAE
     stage.reset()
     tau, tau_source = resolve_tau(job, root)
     res = actor_resources(job.ray)

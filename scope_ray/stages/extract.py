@@ -101,7 +101,10 @@ class ExtractResult:
 
 def config_hash(job: JobConfig) -> str:
     """What the extracted tokens depend on (a change here means the stage is redone)."""
-    return job.stage_hash("model", "data.imagenet", "data.max_pixels", "data.min_side", "extract")
+    # Only what changes the tokens: not tau (used by eval) nor the batch size (sampling is keyed
+    # by image id, not by batch).
+    return job.stage_hash("model.name", "model.weights", "model.layer", "data.imagenet", "data.max_pixels",
+                          "data.min_side", "extract", exclude=("extract.batch_size",))
 
 
 def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split: str, table: str, mode: Mode,

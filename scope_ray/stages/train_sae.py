@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 from scope_ray.config import JobConfig
+from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.storage import ResultsRoot, StageDir
+from scope_ray.tokens import activations_of
 
 STAGE = "train-sae"
 SAE_FILE = "sae.safetensors"
@@ -54,9 +56,7 @@ def _dictionary_size(job: JobConfig) -> int:
 # ------------------------------------------------------------------------- worker side
 def _to_matrix(batch: pa.Table) -> dict[str, np.ndarray]:
     """Fixed-size-list activations → a dense [rows, d] float32 matrix Ray Train can batch."""
-    col = batch.column("activation").combine_chunks()
-    d = col.type.list_size
-    return {"x": col.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)}
+    return {"x": activations_of(batch)}
 
 
 def _save_checkpoint(directory: str, sae, optimizer, step: int, nonfinite: int, log: list[dict],
@@ -101,7 +101,7 @@ def train_loop(cfg: dict) -> None:
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
 
-    from scope_ray.sae import BatchTopKSAE
+    from scope_ray.sae import BatchTopKSAE, SAELoss
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -112,14 +112,20 @@ def train_loop(cfg: dict) -> None:
     sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], k_aux=cfg["k_aux"],
                        dead_after_tokens=cfg["dead_after_tokens"], threshold_ema=cfg["threshold_ema"])
     with torch.no_grad():
+        # The driver computed these from a sample (what set_input_scale_from / init_b_dec do) so
+        # that workers receive two numbers' worth of config rather than the sample itself.
         sae.input_scale.fill_(cfg["input_scale"])
         sae.b_dec.copy_(torch.tensor(cfg["b_dec_init"]) * cfg["input_scale"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"])
-    step, nonfinite, log, resumed_from = 0, 0, [], []
+    # Non-finite rows: `counted_before` is the all-worker total stored in the last checkpoint;
+    # `nonfinite` counts this worker's since then. Only the first epoch counts (later epochs see
+    # the same rows again).
+    step, counted_before, log, resumed_from = 0, 0, [], []
+    nonfinite = 0
     checkpoint = ray.train.get_checkpoint() or cfg.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            step, nonfinite, log, resumed_from = _load_checkpoint(d, sae, optimizer)
+            step, counted_before, log, resumed_from = _load_checkpoint(d, sae, optimizer)
         resumed_from = resumed_from + [step]
         if rank == 0:
             print(f"[train-sae] resuming from checkpoint at step {step}/{cfg['total_steps']}", flush=True)
@@ -139,26 +145,35 @@ def train_loop(cfg: dict) -> None:
     fault = cfg.get("fault_at_step")
     while step < total:
         epoch = step // steps_per_epoch
-        remaining = steps_per_epoch - step % steps_per_epoch
+        done_in_epoch = step % steps_per_epoch  # non-zero only right after a resume
         batches = shard.iter_torch_batches(
             batch_size=cfg["batch_size"], drop_last=True, dtypes=torch.float32, device=device,
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
             local_shuffle_seed=(cfg["seed"] * 1_000_003 + epoch * 7919 + rank) if cfg["shuffle_buffer"] else None,
         )
         for i, batch in enumerate(batches):
-            if i >= remaining or step >= total:
+            if i < done_in_epoch:
+                continue  # trained before the checkpoint: replay the epoch's order, skip the work
+            if i >= steps_per_epoch or step >= total:
                 break
             x = batch["x"]
             finite = torch.isfinite(x).all(dim=1)
             n_bad = int((~finite).sum())
             if n_bad:
-                nonfinite += n_bad
+                nonfinite += n_bad if epoch == 0 else 0
                 x = x[finite]
             if fault and step == fault["step"] and not os.path.exists(fault["marker"]):
                 open(fault["marker"], "w").close()
                 raise InjectedFault(f"injected fault at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss = module(x)
+            if len(x):
+                loss = module(x)
+            else:
+                # A batch with no finite row: a zero loss that still joins DDP's gradient all-reduce
+                # (skipping the step on one worker would leave the others waiting forever).
+                loss = sum(p.sum() for p in sae.parameters()) * 0.0
+                sae.last_record = SAELoss(total=loss, mse=loss, aux=loss, fvu=float("nan"), l0=0.0,
+                                          dead_fraction=float(sae.dead_mask().double().mean()))
             loss.backward()
             sae.remove_parallel_grad()
             optimizer.step()
@@ -168,7 +183,7 @@ def train_loop(cfg: dict) -> None:
             if step % cfg["log_every"] == 0 or step == total:
                 row = {"step": step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
                        "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
-                       "nonfinite_rows": _all_sum(nonfinite, dist, world), "time": time.time(),
+                       "nonfinite_rows": counted_before + _all_sum(nonfinite, dist, world), "time": time.time(),
                        # Peak resident memory of this worker process (Linux reports KiB).
                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
                 log.append(row)
@@ -177,7 +192,7 @@ def train_loop(cfg: dict) -> None:
                           f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f}", flush=True)
             if step % cfg["checkpoint_every"] == 0 or step == total:
                 metrics = {"step": step, "fvu": record.fvu, "l0": record.l0}
-                total_bad = _all_sum(nonfinite, dist, world)
+                total_bad = counted_before + _all_sum(nonfinite, dist, world)
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         _save_checkpoint(tmp, sae, optimizer, step, total_bad, log, resumed_from)
@@ -208,9 +223,12 @@ class TrainResult:
 
 
 def _token_files(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, list[str]]:
+    from scope_ray.stages.extract import config_hash as extract_hash
+
     extract = root.stage(job.model.name, "extract")
-    if not extract.is_complete():
-        raise RuntimeError(f"{job.model.name}: the extract stage is not complete at {root.uri}; run `scope-ray stage extract` first")
+    if not extract.is_complete(extract_hash(job)):
+        why = "is missing" if not extract.is_complete() else "was run with another config (model, layer, data or extract settings)"
+        raise RuntimeError(f"{job.model.name}: the extract stage at {extract.uri} {why}; run `scope-ray stage extract` first")
     files = extract.part_files("train_tokens")
     if not files:
         raise RuntimeError(f"{job.model.name}: extraction produced no training tokens")
@@ -248,6 +266,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     """Train (or skip, or resume) the SAE for ``job``."""
     import ray.data
     import ray.train
+    from ray.data import FileShuffleConfig
     from ray.train.torch import TorchTrainer
 
     from scope_ray.stages.cluster import actor_resources
@@ -263,6 +282,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     n_rows = extract.manifest()["rows"]["train_tokens"]
     res = actor_resources(job.ray)
     workers = job.sae.num_workers
+    _check_train_resources(job, workers, res.num_gpus)
     steps_per_epoch = n_rows // (workers * job.sae.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"sae.batch_size={job.sae.batch_size} x {workers} workers exceeds the {n_rows} training "
@@ -289,8 +309,14 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     }
     if fault_at_step is not None:
         cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker}
-    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus).select_columns(["activation"])
-    ds = ds.randomize_block_order(seed=job.seed).map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
+    # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
+    # (randomize_block_order would be all-to-all: every token block in the object store first.)
+    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
+                               shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
+    ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
+    # Same seed, same batches: a re-run (or a resume that replays an epoch's order) sees the data
+    # in the same order.
+    ds.context.execution_options.preserve_order = True
     storage_path = posixpath.join(stage.path, TRAIN_DIR)
     if root.scheme == "file":
         os.makedirs(storage_path, exist_ok=True)
@@ -321,6 +347,21 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     if result.checkpoint is None:
         raise RuntimeError(f"train-sae: Ray Train finished without a checkpoint ({result.error})")
     return _finish(job, root, stage, chash, result.checkpoint, total_steps, log)
+
+
+def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float) -> None:
+    """Ray Train would wait forever for a worker group the cluster cannot place: fail now instead."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = workers * job.ray.cpus_per_actor
+    if need_cpu + job.ray.read_cpus > total.get("CPU", 0):
+        raise ClusterResourceError(
+            f"sae.num_workers={workers} x ray.cpus_per_actor={job.ray.cpus_per_actor} (+ {job.ray.read_cpus} for "
+            f"reading tokens) exceeds the cluster's {total.get('CPU', 0):g} CPUs; lower one of them")
+    if gpus_per_worker and workers * gpus_per_worker > total.get("GPU", 0):
+        raise ClusterResourceError(f"sae.num_workers={workers} needs {workers * gpus_per_worker:g} GPUs; "
+                                   f"the cluster has {total.get('GPU', 0):g}")
 
 
 def _latest_checkpoint(root: ResultsRoot, run_dir: str):
@@ -375,6 +416,7 @@ def load_sae(job: JobConfig, root: ResultsRoot, device: str = "cpu"):
     from scope_ray.sae import BatchTopKSAE
 
     stage = root.stage(job.model.name, STAGE)
-    if not stage.is_complete():
-        raise RuntimeError(f"{job.model.name}: no trained SAE at {stage.uri}; run `scope-ray stage train-sae` first")
+    if not stage.is_complete(config_hash(job)):
+        why = "no trained SAE" if not stage.is_complete() else "the SAE there was trained with another config"
+        raise RuntimeError(f"{job.model.name}: {why} at {stage.uri}; run `scope-ray stage train-sae` first")
     return BatchTopKSAE.load(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url, device=device)

@@ -13,6 +13,7 @@ import torch
 from scope_ray.config import load_config
 from scope_ray.metrics import sae_metrics
 from scope_ray.stages.eval_sae import run_eval_sae
+from scope_ray.stages.extract import config_hash as extract_hash
 from scope_ray.stages.train_sae import load_sae, run_train_sae
 from scope_ray.storage import ResultsRoot
 from scope_ray.tokens import activations_of, token_table
@@ -46,7 +47,8 @@ def write_token_stage(root: ResultsRoot, n_train: int = 2048, n_val: int = 512, 
             acts = x[sl][:, None, :]
             pos = (np.arange(sl.start, sl.stop) % 4)[:, None]
             stage.write_part(table, f"p{part}", token_table(ids[sl], pos, acts, np.linalg.norm(acts, axis=-1)))
-    stage.commit("synthetic", {}, {"train_tokens": n_train, "val_tokens": n_val, "rejects": 0})
+    # Committed under the hash a default job expects, as a real extraction would be.
+    stage.commit(extract_hash(load_config(None)), {}, {"train_tokens": n_train, "val_tokens": n_val, "rejects": 0})
 
 
 def _job(root, *overrides):
@@ -101,18 +103,40 @@ def test_worker_failure_restarts_from_checkpoint_with_same_total_steps(ray_local
     assert steps == sorted(set(steps)) and steps[-1] == res.steps  # no step logged twice
 
 
-def test_interrupted_stage_resumes_instead_of_starting_over(ray_local, tmp_path):
+def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path):
+    settings = ("sae.shuffle_buffer=0",)
+    reference = ResultsRoot(str(tmp_path / "ref"))
+    write_token_stage(reference)
+    run_train_sae(_job(tmp_path / "ref", *settings), reference, log=_quiet)
+
     root = ResultsRoot(str(tmp_path / "r"))
     write_token_stage(root)
-    with pytest.raises(Exception):
-        run_train_sae(_job(tmp_path / "r", "sae.max_failures=0"), root, log=_quiet,
+    with pytest.raises(Exception, match="injected fault at step 13"):
+        run_train_sae(_job(tmp_path / "r", "sae.max_failures=0", *settings), root, log=_quiet,
                       fault_at_step=13, fault_marker=str(tmp_path / "fault"))
     stage = root.stage("demo-vit-tiny", "train-sae")
     assert not stage.is_complete()
     # max_failures is not part of what the SAE depends on: same run, resumed from its checkpoint.
-    res = run_train_sae(_job(tmp_path / "r"), root, log=_quiet)
+    res = run_train_sae(_job(tmp_path / "r", *settings), root, log=_quiet)
     assert res.resumed_from == [8]
     assert res.steps == 2 * (2048 // 128)
+    # The resume replays the epoch's order and skips the 8 trained batches: same data, same dictionary.
+    a, b = load_sae(_job(tmp_path / "ref"), reference), load_sae(_job(tmp_path / "r"), root)
+    assert torch.allclose(a.W_dec, b.W_dec, atol=1e-6) and torch.allclose(a.threshold, b.threshold)
+
+
+def test_stale_upstream_is_refused_and_changed_config_retrains(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_token_stage(root)
+    job = _job(tmp_path / "r", "sae.epochs=1")
+    run_train_sae(job, root, log=_quiet)
+    assert not run_train_sae(_job(tmp_path / "r", "sae.epochs=1", "sae.k=3"), root, log=_quiet).skipped
+    # Tokens from another layer: training and evaluation refuse them rather than mixing configs.
+    other_layer = _job(tmp_path / "r", "sae.epochs=1", "model.layer=2")
+    with pytest.raises(RuntimeError, match="another config"):
+        run_train_sae(other_layer, root, log=_quiet)
+    with pytest.raises(RuntimeError, match="another config|missing"):
+        run_eval_sae(other_layer, root, log=_quiet)
 
 
 def test_nonfinite_rows_counted_and_excluded(ray_local, tmp_path):
@@ -138,6 +162,26 @@ def test_training_needs_a_committed_extract_stage(ray_local, tmp_path):
         run_train_sae(_job(tmp_path / "r"), ResultsRoot(str(tmp_path / "r")), log=_quiet)
 
 
+def test_s3_root_train_and_eval_never_store_credentials(ray_local, s3_bucket, capfd):
+    from tests.conftest import TEST_AWS_SECRET
+
+    bucket, endpoint = s3_bucket
+    root = ResultsRoot(f"{bucket}/results", endpoint_url=endpoint)
+    write_token_stage(root, n_train=1024, n_val=256)
+    job = load_config({"storage": {"root": f"{bucket}/results", "endpoint_url": endpoint}},
+                      ["sae.expansion=4", "sae.k=4", "sae.batch_size=128", "sae.epochs=1", "sae.checkpoint_every=4"])
+    assert run_train_sae(job, root).steps == 8
+    row = run_eval_sae(job, root).row
+    assert row["tokens"] == 256
+    assert run_train_sae(job, ResultsRoot(f"{bucket}/results", endpoint_url=endpoint)).skipped
+    objects = root.fs.find(root.path)
+    assert any(o.endswith("sae.safetensors") for o in objects) and any("checkpoint_" in o for o in objects)
+    for obj in objects:
+        assert TEST_AWS_SECRET.encode() not in root.fs.cat_file(obj), obj
+    out, err = capfd.readouterr()
+    assert TEST_AWS_SECRET not in out + err
+
+
 def test_two_ddp_workers_train_one_dictionary(ray_local, tmp_path):
     """Two gloo DDP workers on this 2-CPU machine (half a CPU each, leaving room for Ray Data)."""
     root = ResultsRoot(str(tmp_path / "r"))
@@ -146,5 +190,7 @@ def test_two_ddp_workers_train_one_dictionary(ray_local, tmp_path):
     res = run_train_sae(job, root, log=_quiet)
     assert res.steps == 2048 // (2 * 128)  # each step consumes one batch per worker
     assert res.final["fvu"] < 1.0
+    log = root.stage("demo-vit-tiny", "train-sae").read_table("training_log").to_pylist()
+    assert log[-1]["fvu"] < log[0]["fvu"]  # the two workers' averaged gradients do train it
     sae = load_sae(job, root)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
