@@ -314,9 +314,11 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
                                shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
     ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
-    # Same seed, same batches: a re-run (or a resume that replays an epoch's order) sees the data
-    # in the same order.
-    ds.context.execution_options.preserve_order = True
+    # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the
+    # data in the same order. Ray Train runs the split with its own execution options (not the
+    # dataset's context), so the ordering has to be asked for there.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     storage_path = posixpath.join(stage.path, TRAIN_DIR)
     if root.scheme == "file":
         os.makedirs(storage_path, exist_ok=True)
@@ -342,6 +344,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -45,7 +45,7 @@ def _decoded_target(dataset: str, row: dict):
 
 
 @pytest.mark.parametrize("dataset", ["imagenet", "ade20k", "nyud"])
-def test_formats_agree(_ray, local, dataset):
+def test_formats_agree(ray_local, local, dataset):
     by_format = {}
     for fmt, splits in local[dataset].items():
         rows = _rows(splits["train"], dataset)
@@ -58,7 +58,7 @@ def test_formats_agree(_ray, local, dataset):
         assert {v[1] for v in by_format["folder"].values()} <= set(range(5))
 
 
-def test_folder_ids_and_labels(_ray, local):
+def test_folder_ids_and_labels(ray_local, local):
     rows = _rows(local["imagenet"]["folder"]["val"], "imagenet")
     for r in rows:
         wnid, name = r["image_id"].split("/")
@@ -72,7 +72,7 @@ def test_folder_ids_and_labels(_ray, local):
     assert wds[0]["image_id"] == "shard-000000.tar/train_000000"
 
 
-def test_order_is_stable_and_max_images_takes_the_first(_ray, local):
+def test_order_is_stable_and_max_images_takes_the_first(ray_local, local):
     for dataset, fmt in [("imagenet", "folder"), ("imagenet", "parquet"), ("nyud", "webdataset")]:
         fields = local[dataset][fmt]["train"]
         full = [r["image_id"] for r in _rows(fields, dataset)]
@@ -81,7 +81,7 @@ def test_order_is_stable_and_max_images_takes_the_first(_ray, local):
         assert head == full[:3]
 
 
-def test_read_is_lazy(_ray, local):
+def test_read_is_lazy(ray_local, local):
     import ray.data
     from ray.data.dataset import MaterializedDataset
 
@@ -93,7 +93,7 @@ def test_read_is_lazy(_ray, local):
     assert ray.data.DataContext.get_current().execution_options.preserve_order == before
 
 
-def test_classes_txt_sets_the_label_order(_ray, tmp_path, local):
+def test_classes_txt_sets_the_label_order(ray_local, tmp_path, local):
     src = posixpath.dirname(local["imagenet"]["folder"]["val"]["path"])
     rows = {r["image_id"]: r["label"] for r in _rows(local["imagenet"]["folder"]["val"], "imagenet")}
     # Same files, classes.txt in reverse order: every label flips.
@@ -111,7 +111,7 @@ def test_classes_txt_sets_the_label_order(_ray, tmp_path, local):
     assert src  # the synthetic layout keeps classes.txt beside the split dirs
 
 
-def test_stray_files_reach_decoding_and_missing_annotations_are_null(_ray, tmp_path):
+def test_stray_files_reach_decoding_and_missing_annotations_are_null(ray_local, tmp_path):
     out = write_synthetic(str(tmp_path), n_train=3, n_val=0, size=16, formats=("folder",))
     ade = out["ade20k"]["folder"]["train"]
     root = tmp_path / "ade20k/folder"
@@ -140,13 +140,13 @@ def test_stray_files_reach_decoding_and_missing_annotations_are_null(_ray, tmp_p
     assert "classes.txt" not in rows and len(rows) == 6
 
 
-def test_parquet_without_key_is_a_clear_error(_ray, tmp_path):
+def test_parquet_without_key_is_a_clear_error(ray_local, tmp_path):
     pq.write_table(pa.table({"image": [b"x"], "label": [1]}), tmp_path / "part-00000.parquet")
     with pytest.raises(ValueError, match=r"lacks column\(s\) key; it has: image, label"):
         read_source(SourceConfig(format="parquet", path=str(tmp_path)), "imagenet")
 
 
-def test_parquet_optional_target_and_hf_struct(_ray, tmp_path):
+def test_parquet_optional_target_and_hf_struct(ray_local, tmp_path):
     img = pa.array([{"bytes": b"abc", "path": "a.jpg"}, {"bytes": None, "path": None}])
     pq.write_table(pa.table({"key": [1, 2], "image": img}), tmp_path / "part-00000.parquet")
     rows = _rows({"format": "parquet", "path": str(tmp_path)}, "imagenet")
@@ -155,7 +155,7 @@ def test_parquet_optional_target_and_hf_struct(_ray, tmp_path):
     assert [r["mask"] for r in rows] == [None, None]
 
 
-def test_webdataset_sample_without_image(_ray, tmp_path):
+def test_webdataset_sample_without_image(ray_local, tmp_path):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in [("a.cls", b"3"), ("b.jpg", b"img"), ("b.cls", b"oops"), ("c.PNG", b"png")]:
@@ -180,7 +180,7 @@ def test_bad_configs(local):
         read_source(SourceConfig(format="parquet", path="x"), "coco")  # type: ignore[arg-type]
 
 
-def test_s3_matches_local(_ray, _moto, local):
+def test_s3_matches_local(ray_local, _moto, local):
     bucket, endpoint = _moto
     remote = write_synthetic(f"{bucket}/synthetic", endpoint_url=endpoint, **KW)
     for dataset, formats in remote.items():

@@ -121,7 +121,7 @@ def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(ray_local, t
     assert res.resumed_from == [8]
     assert res.steps == 2 * (2048 // 128)
     # The resume replays the epoch's order and skips the 8 trained batches: same data, same dictionary.
-    a, b = load_sae(_job(tmp_path / "ref"), reference), load_sae(_job(tmp_path / "r"), root)
+    a, b = load_sae(_job(tmp_path / "ref", *settings), reference), load_sae(_job(tmp_path / "r", *settings), root)
     assert torch.allclose(a.W_dec, b.W_dec, atol=1e-6) and torch.allclose(a.threshold, b.threshold)
 
 
@@ -142,11 +142,12 @@ def test_stale_upstream_is_refused_and_changed_config_retrains(ray_local, tmp_pa
 def test_nonfinite_rows_counted_and_excluded(ray_local, tmp_path):
     root = ResultsRoot(str(tmp_path / "r"))
     write_token_stage(root, nan_rows=10)
-    res = run_train_sae(_job(tmp_path / "r", "sae.epochs=1", "sae.shuffle_buffer=0"), root, log=_quiet)
+    job = _job(tmp_path / "r", "sae.epochs=1", "sae.shuffle_buffer=0")
+    res = run_train_sae(job, root, log=_quiet)
     assert res.nonfinite_rows == 10
     assert res.manifest["nonfinite_rows"] == 10
     assert np.isfinite(res.final["loss"])
-    sae = load_sae(_job(tmp_path / "r"), root)
+    sae = load_sae(job, root)
     assert all(torch.isfinite(p).all() for p in sae.parameters())
 
 
@@ -158,7 +159,7 @@ def test_token_width_mismatch_fails_clearly(ray_local, tmp_path):
 
 
 def test_training_needs_a_committed_extract_stage(ray_local, tmp_path):
-    with pytest.raises(RuntimeError, match="extract stage is not complete"):
+    with pytest.raises(RuntimeError, match="extract stage at .* is missing"):
         run_train_sae(_job(tmp_path / "r"), ResultsRoot(str(tmp_path / "r")), log=_quiet)
 
 
