@@ -216,7 +216,8 @@ class ResultsRoot:
         # working directories, and a relative root would scatter the outputs.
         self.uri = f"s3://{self.path}" if self.scheme == "s3" else self.path
         self.fs, _ = fsspec_filesystem(uri, endpoint_url)
-        self.arrow_fs, _ = arrow_filesystem(uri, endpoint_url)
+        # One client for both views of the root: pyarrow's wraps the fsspec one.
+        self.arrow_fs = pafs.LocalFileSystem() if self.scheme == "file" else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def __reduce__(self):
         # Ship the URI, not live clients, to Ray workers: each process opens its own connections.
