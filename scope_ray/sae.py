@@ -51,9 +51,34 @@ def batch_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     A flat ``topk`` plus scatter keeps exactly ``k·B`` entries even when values tie.
     """
     n_keep = min(k * pre_BF.shape[0], pre_BF.numel())
-    kept, idx = pre_BF.flatten().topk(n_keep, sorted=False)
+    kept, idx = _largest(pre_BF.flatten(), n_keep)
     z_BF = torch.zeros_like(pre_BF).flatten().scatter(0, idx, kept).view_as(pre_BF)
     return z_BF, kept
+
+
+# Below this many entries a plain topk is already cheap.
+_PREFILTER_MIN_ENTRIES = 1 << 16
+_PREFILTER_STRIDE = 64
+
+
+def _largest(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` largest entries of ``flat`` and their indices: exactly ``flat.topk(n)``'s set.
+
+    topk over all B·F entries was ~15 % of a CPU training step (B = 1024, F = 3072). Entries
+    below a threshold estimated from a strided sample cannot be among the n largest as long as at
+    least n entries pass it, which is checked; then topk runs on the few survivors only. When the
+    check fails (an unlucky sample) the full topk runs, so the result is always exact.
+    """
+    if flat.numel() < _PREFILTER_MIN_ENTRIES or 4 * n > flat.numel():
+        return flat.topk(n, sorted=False)
+    sample = flat.detach()[::_PREFILTER_STRIDE].float()
+    keep_fraction = min(1.0, 1.5 * n / flat.numel())  # 1.5x margin: survivors rarely fall short
+    cut = torch.quantile(sample, 1.0 - keep_fraction).to(flat.dtype)
+    survivors = (flat.detach() >= cut).nonzero().squeeze(1)
+    if survivors.numel() < n:
+        return flat.topk(n, sorted=False)
+    kept, j = flat[survivors].topk(n, sorted=False)
+    return kept, survivors[j]
 
 
 class BatchTopKSAE(nn.Module):

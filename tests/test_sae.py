@@ -330,3 +330,25 @@ def test_training_recovers_sparse_synthetic_data():
           f"{time.perf_counter() - t0:.1f} s")
     assert m["fvu"] < 0.3
     assert 0.6 * sae.k <= m["l0"] <= 1.4 * sae.k
+
+
+def test_prefiltered_topk_selects_exactly_what_full_topk_selects():
+    """The sampled-threshold path of batch_topk (large batches) is exact, and gradients flow."""
+    from scope_ray.sae import _PREFILTER_MIN_ENTRIES
+
+    for seed, (b, f, k) in enumerate([(256, 512, 8), (1024, 3072, 30), (300, 1000, 50)]):
+        g = torch.Generator().manual_seed(seed)
+        pre = torch.relu(torch.randn(b, f, generator=g)).requires_grad_(True)
+        assert pre.numel() >= _PREFILTER_MIN_ENTRIES
+        z, kept = batch_topk(pre, k)
+        ref_vals, ref_idx = pre.detach().flatten().topk(k * b)
+        nz = z.detach().flatten().nonzero().squeeze(1)
+        assert set(nz.tolist()) == set(ref_idx[ref_vals > 0].tolist())
+        assert torch.equal(torch.sort(kept.detach()).values, torch.sort(ref_vals).values)
+        z.sum().backward()
+        assert torch.equal(pre.grad.flatten() != 0, z.detach().flatten() != 0)
+    # Mostly zeros (fewer positive entries than K·B): the cut is 0 and the result still matches.
+    pre = torch.zeros(512, 512)
+    pre[0, :10] = torch.arange(1.0, 11.0)
+    z, kept = batch_topk(pre, 4)
+    assert int((z != 0).sum()) == 10 and kept.numel() == 4 * 512
