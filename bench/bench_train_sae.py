@@ -60,6 +60,25 @@ def plain_loop(x: np.ndarray, args, seed: int) -> tuple[float, int]:
     return time.perf_counter() - t0, steps
 
 
+def plain_loop_scope_ray(x: np.ndarray, args, seed: int) -> tuple[float, int]:
+    """The same in-memory loop around scope_ray's BatchTopKSAE: separates what the SAE code gains
+    from what Ray's streaming and Train machinery cost."""
+    from scope_ray.sae import BatchTopKSAE
+
+    torch.manual_seed(seed)
+    sae = BatchTopKSAE(x.shape[1], x.shape[1] * args.expansion, args.k)
+    sae.set_input_scale_from(torch.from_numpy(x[:65536]))
+    sae.init_b_dec(torch.from_numpy(x[:65536]))
+    sae.train()
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-4)
+    order = np.random.default_rng(seed).permutation(len(x))
+    steps = len(x) // args.batch_size
+    t0 = time.perf_counter()
+    for i in range(steps):
+        sae.training_step(torch.from_numpy(x[order[i * args.batch_size:(i + 1) * args.batch_size]]), opt)
+    return time.perf_counter() - t0, steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit3-s", help="registry model whose width the tokens have")
@@ -110,6 +129,8 @@ def main() -> None:
         plain_s, steps = plain_loop(x_loaded, args, seed=0)
         plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         plain_tput = steps * args.batch_size / plain_s
+        ours_s, _ = plain_loop_scope_ray(x_loaded, args, seed=0)
+        ours_tput = steps * args.batch_size / ours_s
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         t0 = time.perf_counter()
@@ -122,8 +143,10 @@ def main() -> None:
         print(f"tokens {args.tokens} x d={d}, q={d * args.expansion}, K={args.k}, batch {args.batch_size}, "
               f"{steps} steps, {cores} cores, torch {torch.__version__}, ray {ray.__version__}, device cpu")
         print(f"plain single-process loop : {plain_tput:10.0f} tokens/s  ({plain_s:.2f} s; peak RSS {plain_rss:.0f} MB incl. all tokens)")
+        print(f"same loop, scope_ray SAE  : {ours_tput:10.0f} tokens/s  ({ours_s:.2f} s)")
         print(f"Ray Train stage, steady   : {ray_tput:10.0f} tokens/s  (steps {first['step']}..{last['step']}; worker peak RSS {ray_rss:.0f} MB)")
         print(f"ratio Ray / plain (steady): {ray_tput / plain_tput:10.2f}x   (target >= 1.0x)")
+        print(f"ratio Ray / same loop     : {ray_tput / ours_tput:10.2f}x   (what streaming + Ray Train cost)")
         print(f"Ray stage end to end      : {stage_s:10.2f} s for {res.steps} steps "
               f"(= {res.steps * args.batch_size / stage_s:.0f} tokens/s incl. Train start-up, streaming, checkpoint, commit)")
     finally:
