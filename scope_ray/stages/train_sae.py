@@ -19,6 +19,7 @@ import posixpath
 import resource
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -317,7 +318,10 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the
     # data in the same order. Ray Train runs the split with its own execution options (not the
     # dataset's context), so the ordering has to be asked for there.
-    ingest = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():
+        # Ray 2.60's own default options touch a deprecated field; nothing for a user to act on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     storage_path = posixpath.join(stage.path, TRAIN_DIR)
     if root.scheme == "file":
