@@ -210,7 +210,7 @@ class JobConfig(_Section):
         spec = self.model.spec
         if not 1 <= self.model.resolved_layer <= spec.depth:
             raise _KeyError("model.layer", f"{self.model.layer} is out of range for {spec.name}; allowed: 1..{spec.depth}")
-        q = self.sae.expansion * spec.width
+        q = self.dictionary_size
         if self.sae.k > q:
             raise _KeyError(
                 "sae.k", f"{self.sae.k} is larger than the dictionary (expansion {self.sae.expansion} x width "
@@ -229,6 +229,11 @@ class JobConfig(_Section):
         if n > spec.num_patches:
             raise _KeyError("extract.tokens_per_image", f"{n} exceeds the {spec.num_patches} patches per image; allowed: 1..{spec.num_patches}")
         return self
+
+    @property
+    def dictionary_size(self) -> int:
+        """q = expansion x the model's width (METHOD §2)."""
+        return self.sae.expansion * self.model.spec.width
 
     @property
     def instability_shifts(self) -> tuple[int, ...]:

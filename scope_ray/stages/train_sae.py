@@ -50,10 +50,6 @@ def config_hash(job: JobConfig) -> str:
     return job.stage_hash("sae", exclude=operational) + extract_hash(job)[:8]
 
 
-def _dictionary_size(job: JobConfig) -> int:
-    return job.sae.expansion * job.model.spec.width
-
-
 # ------------------------------------------------------------------------- worker side
 def _to_matrix(batch: pa.Table) -> dict[str, np.ndarray]:
     """Fixed-size-list activations → a dense [rows, d] float32 matrix Ray Train can batch."""
@@ -299,7 +295,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     mean_sq = float((sample.astype(np.float64) ** 2).sum(axis=1).mean())
     input_scale = math.sqrt(spec.width / mean_sq)
     cfg = {
-        "seed": job.seed, "d_in": spec.width, "d_sae": _dictionary_size(job), "k": job.sae.k, "k_aux": job.sae.k_aux,
+        "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
         "dead_after_tokens": job.sae.dead_after_tokens, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
         "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size,
         # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
@@ -396,7 +392,7 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
     from scope_ray.sae import BatchTopKSAE
 
     spec = job.model.spec
-    sae = BatchTopKSAE(spec.width, _dictionary_size(job), job.sae.k, k_aux=job.sae.k_aux,
+    sae = BatchTopKSAE(spec.width, job.dictionary_size, job.sae.k, k_aux=job.sae.k_aux,
                        dead_after_tokens=job.sae.dead_after_tokens, threshold_ema=job.sae.threshold_ema)
     opt = torch.optim.Adam(sae.parameters(), lr=job.sae.lr)
     with checkpoint.as_directory() as d:
