@@ -124,6 +124,20 @@ class ScopeConfig(_Section):
     k_cds: int = Field(16, ge=1, description="top images per feature for CDS")
     gamma: float | Literal["auto"] = Field("auto", description="CDS split threshold; 'auto' = Otsu")
     instability_images: int = Field(1000, ge=1, description="images for the outlier-instability analysis (one per class)")
+    instability_split: Literal["train", "val"] = Field("val", description="ImageNet split the instability images come from")
+    instability_tokens: int | None = Field(
+        None, ge=1, description="overlap tokens per image and shift whose attention EMD is computed; null = all "
+        "(a seeded sample otherwise, keyed by image id)"
+    )
+    pool_split: Literal["train", "val"] = Field("val", description="ImageNet split forming the CDS analysis pool")
+    pool_images: int | None = Field(None, ge=1, description="cap on analysis-pool images (source order); null = the whole split")
+    spare_images: int = Field(
+        4, ge=0, description="images kept per feature beyond k_cds, used when a top image's two overlap maps are both empty"
+    )
+    awcds_bins: int = Field(20, ge=1, description="norm-percentile bins of the awCDS curve (Figure 7)")
+    gallery_features: int = Field(6, ge=0, description="lowest- and highest-CDS features drawn in the gallery (each)")
+    gallery_images: int = Field(4, ge=1, description="top images per gallery feature")
+    batch_size: int = Field(16, ge=1, description="images (or SCC pairs) per forward pass in the scope stages")
 
     @field_validator("shifts")
     @classmethod
