@@ -1,0 +1,444 @@
+"""Outlier instability (METHOD §4; Table 7 at s = 1, Table 9 over s = 1…6): how far the attention
+of a token moves when only its context shifts, for outlier versus normal tokens.
+
+Pipeline (docs/instability.md has the picture, the selection rule and the costs):
+
+1. **Selection** on the driver, from ``image_id`` and ``label`` only (no pixel is decoded):
+   the first image of each class in source order, ``scope.instability_images`` of them.
+2. **Pairs**: Ray Data reads the split again, keeps the selected ids and cuts SCC pairs for every
+   shift in ``job.instability_shifts`` (``scc_pairs.with_scc_pairs``, CPU tasks).
+3. **Attention** (actor pool, the GPU when there is one): both views through the ViT; for each
+   overlap token (all, or a seeded sample of ``scope.instability_tokens``) the attention rows of
+   every head in both views and the token's norm in both views. One output row per token.
+4. **EMD** (CPU tasks): per head, the exact EMD between the two rows placed on the common
+   ``(p+s)²`` canvas, averaged over heads; outlier = norm > tau in either view. These tasks write
+   the ``tokens`` part files. The EMD is the expensive step and CPU-bound, so it runs in tasks
+   that spread over every CPU of the cluster rather than inside the (GPU) model actors.
+5. The driver verifies what is on storage, writes the per-shift ``summary`` and commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from scope_ray.config import JobConfig
+from scope_ray.storage import ResultsRoot, StageDir, content_hash
+from scope_ray.tokens import REJECTS_SCHEMA
+
+STAGE = "instability"
+# Tokens per EMD task. One token costs heads x one dense EMD (CLIP-B/16: 12 x ~1.7 ms on one core),
+# so a task runs for seconds: long enough to amortise scheduling, short enough to spread the work.
+EMD_BATCH_TOKENS = 256
+SELECTION_RULE = ("first image of each label in source order, up to scope.instability_images; unlabelled "
+                  "images (label < 0) fill the remainder, in source order, only when the split has fewer labelled classes")
+
+IMAGES_SCHEMA = pa.schema([pa.field("image_id", pa.string(), nullable=False),
+                           pa.field("label", pa.int64(), nullable=False)])
+TOKENS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("shift", pa.int32(), nullable=False),
+    pa.field("token1", pa.int32(), nullable=False),
+    pa.field("token2", pa.int32(), nullable=False),
+    pa.field("norm1", pa.float32(), nullable=False),
+    pa.field("norm2", pa.float32(), nullable=False),
+    pa.field("outlier", pa.bool_(), nullable=False),
+    pa.field("emd", pa.float64(), nullable=False),
+])
+
+
+# ===================================================================================== pure core
+def overlap_sample(image_id: str, shift: int, n_overlap: int, cap: int | None, seed: int) -> np.ndarray:
+    """Positions (sorted, in 0 … n_overlap−1) of the overlap tokens whose EMD is computed: all of
+    them, or ``cap`` drawn by a generator seeded with (seed, crc32(image id), shift), so a re-run,
+    another batching or a retry picks the same tokens."""
+    if cap is None or cap >= n_overlap:
+        return np.arange(n_overlap)
+    rng = np.random.default_rng([seed, zlib.crc32(image_id.encode()), shift])
+    return np.sort(rng.choice(n_overlap, size=cap, replace=False))
+
+
+def tokens_per_image(grid: int, shift: int, cap: int | None) -> int:
+    """Token rows one used image contributes at ``shift``."""
+    n = (grid - shift) ** 2
+    return n if cap is None else min(cap, n)
+
+
+def _usable(w_N: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(w_N)) and w_N.sum() > 0)
+
+
+def head_attention_emds(attn1_HN: np.ndarray, attn2_HN: np.ndarray, coords1_N2: np.ndarray,
+                        coords2_N2: np.ndarray) -> np.ndarray:
+    """emd_H: per head, the exact EMD (``emd.points_emd``; Euclidean, patch units) between one
+    token's attention row in view 1 (weights on ``coords1``) and in view 2 (on ``coords2``).
+    NaN for a head whose row in either view is not a distribution (NaN, or no mass on the patches,
+    which happens only if all attention underflowed onto prefix tokens)."""
+    from scope_ray.emd import points_emd
+
+    attn1_HN, attn2_HN = np.asarray(attn1_HN), np.asarray(attn2_HN)
+    if attn1_HN.shape != attn2_HN.shape or attn1_HN.ndim != 2:
+        raise ValueError(f"attention rows must both be [H, N], got {list(attn1_HN.shape)} and {list(attn2_HN.shape)}")
+    out_H = np.full(attn1_HN.shape[0], np.nan)
+    for h in range(attn1_HN.shape[0]):
+        if _usable(attn1_HN[h]) and _usable(attn2_HN[h]):
+            out_H[h] = points_emd(attn1_HN[h], coords1_N2, attn2_HN[h], coords2_N2)
+    return out_H
+
+
+def token_attention_emd(attn1_HN: np.ndarray, attn2_HN: np.ndarray, coords1_N2: np.ndarray,
+                        coords2_N2: np.ndarray) -> float:
+    """METHOD §4 for one overlap token: the head-mean of ``head_attention_emds``; NaN when any head
+    is undefined (such a token is counted, never averaged: summary column ``n_undefined``)."""
+    return float(np.mean(head_attention_emds(attn1_HN, attn2_HN, coords1_N2, coords2_N2)))
+
+
+class ClassPicker:
+    """Streaming one-per-class selection (docs/instability.md): feed (id, label) in source order."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.labelled: list[tuple[str, int, int]] = []  # (id, label, source position)
+        self.unlabelled: list[tuple[str, int, int]] = []
+        self._seen: set[int] = set()
+        self.scanned = 0
+
+    @property
+    def done(self) -> bool:
+        """n labelled classes found: nothing later in the source can change the selection."""
+        return len(self.labelled) >= self.n
+
+    def add(self, ids: list[str], labels: list[int]) -> bool:
+        for image_id, label in zip(ids, labels):
+            if self.done:
+                break
+            pos, self.scanned = self.scanned, self.scanned + 1
+            if label is None or label < 0:
+                if len(self.unlabelled) < self.n:
+                    self.unlabelled.append((image_id, -1, pos))
+            elif label not in self._seen:
+                self._seen.add(label)
+                self.labelled.append((image_id, int(label), pos))
+        return self.done
+
+    def selection(self) -> list[tuple[str, int, int]]:
+        """Chosen (id, label, position): every first-of-class image, then unlabelled ones if short."""
+        return self.labelled + self.unlabelled[: self.n - len(self.labelled)]
+
+
+def summarize(tokens: pa.Table, shifts: tuple[int, ...], images: int, tau: float) -> list[dict[str, Any]]:
+    """Table 9 rows (Table 7 is the s = 1 row) from the token table: per shift the mean EMD over
+    non-outlier and outlier tokens (NaN tokens excluded from the means, counted in n_undefined)."""
+    shift_T = tokens.column("shift").to_numpy()
+    out_T = tokens.column("outlier").to_numpy().astype(bool)
+    emd_T = tokens.column("emd").to_numpy()
+    rows = []
+    for s in shifts:
+        at = shift_T == s
+        non, out = at & ~out_T, at & out_T
+        defined = np.isfinite(emd_T)
+        rows.append({
+            "shift": int(s),
+            "d_non": float(emd_T[non & defined].mean()) if (non & defined).any() else float("nan"),
+            "d_out": float(emd_T[out & defined].mean()) if (out & defined).any() else float("nan"),
+            "n_non": int(non.sum()), "n_out": int(out.sum()), "n_undefined": int((at & ~defined).sum()),
+            "images": int(images), "tau": float(tau),
+        })
+    return rows
+
+
+# ===================================================================================== Ray shell
+class AttentionRows:
+    """Ray Data actor: SCC pair rows in, one row per sampled overlap token out (its attention rows
+    over each view's patches, every head, and its norm in each view). Records rejected images."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, first_shift: int, torch_threads: int):
+        import torch
+
+        from scope_ray.models import build_model
+
+        torch.set_num_threads(torch_threads)
+        self.job, self.split, self.first_shift = job, split, first_shift
+        self.stage = root.stage(job.model.name, STAGE)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = build_model(
+            job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
+            endpoint_url=job.storage.endpoint_url,
+        ).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from scope_ray.scc import overlap_indices
+
+        ids = [str(i) for i in batch["image_id"]]
+        shift_R = np.asarray(batch["shift"], dtype=np.int64)
+        ok_R = np.asarray(batch["ok"], dtype=bool)
+        # An image has one row per shift, possibly in different batches: only the first shift's
+        # row records a rejection, so each rejected image is written exactly once.
+        rej = np.flatnonzero(~ok_R & (shift_R == self.first_shift))
+        if rej.size:
+            table = pa.table({"split": [self.split] * rej.size, "image_id": [ids[r] for r in rej],
+                              "reason": [str(batch["reason"][r]) for r in rej]}, schema=REJECTS_SCHEMA)
+            self.stage.write_part("rejects", f"{self.split}-{content_hash(ids[r] for r in rej)}", table)
+        spec, cap, heads = self.model.spec, self.job.scope.instability_tokens, self.model.num_heads
+        n, good = self.model.num_patches, np.flatnonzero(ok_R)
+        if good.size == 0:
+            return _token_rows([], [], [], [], np.zeros((0,)), np.zeros((0,)),
+                               np.zeros((0, heads, n), np.float32), np.zeros((0, heads, n), np.float32))
+        views = np.concatenate([batch["view1"][good], batch["view2"][good]])
+        b = good.size
+        out_ids, out_s, t1, t2, n1, n2, a1, a2 = [], [], [], [], [], [], [], []
+        with torch.inference_mode():
+            pixels = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(views)).to(self.device))
+            attn_2BHNN = self.model.patch_attention(pixels)
+            norms_2BN = self.model.forward_layer(pixels).norms.float().cpu().numpy()
+            for j, r in enumerate(good):
+                s = int(shift_R[r])
+                idx1, idx2 = overlap_indices(spec.grid, s)
+                pos = overlap_sample(ids[r], s, idx1.size, cap, self.job.seed)
+                k1, k2 = idx1[pos], idx2[pos]
+                out_ids += [ids[r]] * pos.size
+                out_s.append(np.full(pos.size, s))
+                t1.append(k1)
+                t2.append(k2)
+                n1.append(norms_2BN[j, k1])
+                n2.append(norms_2BN[b + j, k2])
+                # Gather the query rows on the device: only K of the N rows per head leave it.
+                a1.append(attn_2BHNN[j][:, torch.from_numpy(k1).to(self.device)].transpose(0, 1))  # [K, H, N]
+                a2.append(attn_2BHNN[b + j][:, torch.from_numpy(k2).to(self.device)].transpose(0, 1))
+            attn1_THN = torch.cat(a1).float().cpu().numpy()
+            attn2_THN = torch.cat(a2).float().cpu().numpy()
+        return _token_rows(out_ids, np.concatenate(out_s), np.concatenate(t1), np.concatenate(t2),
+                           np.concatenate(n1), np.concatenate(n2), attn1_THN, attn2_THN)
+
+
+def _token_rows(ids, shift, token1, token2, norm1, norm2, attn1_THN, attn2_THN) -> dict[str, np.ndarray]:
+    return {"image_id": np.asarray(ids, dtype=object), "shift": np.asarray(shift, dtype=np.int64),
+            "token1": np.asarray(token1, dtype=np.int64), "token2": np.asarray(token2, dtype=np.int64),
+            "norm1": np.asarray(norm1, dtype=np.float32), "norm2": np.asarray(norm2, dtype=np.float32),
+            "attn1": np.ascontiguousarray(attn1_THN, dtype=np.float32),
+            "attn2": np.ascontiguousarray(attn2_THN, dtype=np.float32)}
+
+
+def emd_batch(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, grid: int, tau: float) -> dict[str, np.ndarray]:
+    """Ray Data task: token rows with attention → EMD and outlier flag → a ``tokens`` part file
+    (named by the batch's (image, shift, token) keys, so a retry overwrites); returns counts."""
+    from scope_ray.scc import canvas_coordinates
+
+    ids = [str(i) for i in batch["image_id"]]
+    if not ids:
+        return {"rows": np.array([0]), "undefined": np.array([0])}
+    shift_T = np.asarray(batch["shift"], dtype=np.int64)
+    coords = {int(s): canvas_coordinates(grid, int(s)) for s in np.unique(shift_T)}
+    attn1_THN, attn2_THN = batch["attn1"], batch["attn2"]
+    emd_T = np.array([token_attention_emd(attn1_THN[t], attn2_THN[t], *coords[int(shift_T[t])])
+                      for t in range(len(ids))])
+    norm1_T, norm2_T = np.asarray(batch["norm1"], np.float32), np.asarray(batch["norm2"], np.float32)
+    table = pa.Table.from_arrays([
+        pa.array(ids, pa.string()), pa.array(shift_T.astype(np.int32)),
+        pa.array(np.asarray(batch["token1"]).astype(np.int32)), pa.array(np.asarray(batch["token2"]).astype(np.int32)),
+        pa.array(norm1_T), pa.array(norm2_T), pa.array((norm1_T > tau) | (norm2_T > tau)), pa.array(emd_T),
+    ], schema=TOKENS_SCHEMA)
+    keys = (f"{i}\0{s}\0{t}" for i, s, t in zip(ids, shift_T, batch["token1"]))
+    root.stage(model, STAGE).write_part("tokens", content_hash(keys), table)
+    return {"rows": np.array([len(ids)]), "undefined": np.array([int(np.isnan(emd_T).sum())])}
+
+
+def _keep_ids(batch: pa.Table, *, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("image_id"), value_set=pa.array(ids, pa.string())))
+
+
+# ====================================================================================== the stage
+@dataclass
+class InstabilityResult:
+    skipped: bool
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    images_selected: int = 0
+    rejected: int = 0
+    tau: float | None = None
+    manifest: dict | None = None
+
+
+def config_hash(job: JobConfig, tau: float) -> str:
+    """What the instability tables depend on: the model, the split, the selection and token cap,
+    the resolved shifts and the tau value itself (so a new extract giving another auto tau redoes it)."""
+    split = job.scope.instability_split
+    base = job.stage_hash("model.name", "model.weights", "model.layer", f"data.imagenet.{split}", "data.max_pixels",
+                          "data.min_side", "scope.instability_images", "scope.instability_split",
+                          "scope.instability_tokens")
+    blob = json.dumps({"base": base, "tau": float(tau), "shifts": list(job.instability_shifts)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _resolve_tau(job: JobConfig, root: ResultsRoot) -> tuple[float, str]:
+    from scope_ray.stages.eval_sae import resolve_tau
+    from scope_ray.stages.extract import config_hash as extract_hash
+
+    if job.model.resolved_tau == "auto":
+        extract = root.stage(job.model.name, "extract")
+        if not extract.is_complete(extract_hash(job)):
+            raise RuntimeError(
+                f"{job.model.name}: tau is 'auto', which is computed from the extract stage's val tokens, and the "
+                f"extract stage at {extract.uri} is missing or from another config; run `scope-ray stage extract` "
+                "first (or set model.tau to a number)")
+    return resolve_tau(job, root)
+
+
+def _select(job: JobConfig, source, progress: bool) -> tuple[ClassPicker, list[tuple[str, int, int]]]:
+    from tqdm import tqdm
+
+    from scope_ray.data.sources import read_source
+
+    picker = ClassPicker(job.scope.instability_images)
+    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    bar = tqdm(desc="instability: select", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for b in ds.select_columns(["image_id", "label"]).iter_batches(batch_size=4096, batch_format="pyarrow"):
+        bar.update(b.num_rows)
+        if picker.add(b.column("image_id").to_pylist(), b.column("label").to_pylist()):
+            break  # n classes found: the rest of the split cannot change the choice
+    bar.close()
+    return picker, picker.selection()
+
+
+def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: list[str], scan_rows: int, tau: float,
+            progress: bool) -> int:
+    import ray.data
+    from tqdm import tqdm
+
+    from scope_ray.data.sources import read_source
+    from scope_ray.stages.scc_pairs import with_scc_pairs
+
+    spec, shifts = job.model.spec, job.instability_shifts
+    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    # Rows arrive in source order (read_source preserves it), so nothing selected lies past the
+    # last row the selection pass needed: on a large split this avoids reading the rest.
+    ds = ds.limit(scan_rows).map_batches(_keep_ids, fn_kwargs=dict(ids=ids), batch_format="pyarrow", batch_size=None,
+                                         zero_copy_batch=True, num_cpus=job.ray.read_cpus)
+    ds = with_scc_pairs(ds, spec, shifts, job)
+    ds = ds.map_batches(
+        AttentionRows,
+        fn_constructor_kwargs=dict(job=job, root=root, split=split, first_shift=shifts[0], torch_threads=res.torch_threads),
+        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        batch_size=job.scope.batch_size, batch_format="numpy",
+    )
+    ds = ds.map_batches(emd_batch, fn_kwargs=dict(root=root, model=job.model.name, grid=spec.grid, tau=tau),
+                        batch_size=EMD_BATCH_TOKENS, num_cpus=1, batch_format="numpy")
+    total = len(ids) * sum(tokens_per_image(spec.grid, s, job.scope.instability_tokens) for s in shifts)
+    rows = 0
+    bar = tqdm(desc="instability: attention EMD", unit="tok", total=total, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows += int(part["rows"].sum())
+        bar.update(int(part["rows"].sum()))
+    bar.close()
+    return rows
+
+
+def _read_parts(stage: StageDir, root: ResultsRoot, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    files = root.fs.glob(f"{stage.table_path(table)}/*.parquet")
+    if not files:
+        return schema.empty_table().select(columns)
+    return pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table(columns=columns)
+
+
+def _verify(job: JobConfig, tokens: pa.Table, rejects: pa.Table, selected: set[str]) -> tuple[set[str], set[str]]:
+    """Every selected image is either rejected (once) or has exactly its token rows at every shift,
+    once. Returns (used, rejected) image ids."""
+    spec, cap = job.model.spec, job.scope.instability_tokens
+    used = set(tokens.column("image_id").to_pylist())
+    rejected = set(rejects.column("image_id").to_pylist())
+    problems = []
+    if len(rejected) != rejects.num_rows:
+        problems.append(f"{rejects.num_rows - len(rejected)} images rejected more than once")
+    if used & rejected:
+        problems.append(f"{len(used & rejected)} images both rejected and with tokens")
+    if (used | rejected) != selected:
+        problems.append(f"{len(selected - used - rejected)} selected images missing, "
+                        f"{len((used | rejected) - selected)} unexpected")
+    shift_T = tokens.column("shift").to_numpy()
+    extra = set(np.unique(shift_T).tolist()) - set(job.instability_shifts)
+    if extra:
+        problems.append(f"rows at shifts {sorted(extra)} that were not asked for")
+    for s in job.instability_shifts:
+        at = tokens.filter(pc.equal(tokens.column("shift"), s))
+        expected = len(used) * tokens_per_image(spec.grid, s, cap)
+        keys = at.group_by(["image_id", "token1"]).aggregate([]).num_rows
+        n_img = len(pc.unique(at.column("image_id")))
+        if at.num_rows != expected or keys != at.num_rows or n_img != len(used):
+            problems.append(f"shift {s}: {at.num_rows} rows ({keys} distinct) for {n_img} images, expected "
+                            f"{expected} for {len(used)}")
+    if problems:
+        raise RuntimeError("instability: storage does not match the selection (" + "; ".join(problems) +
+                           "); not committing")
+    return used, rejected
+
+
+def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> InstabilityResult:
+    """Run (or skip, when already committed with this config and tau) the instability stage."""
+    split = job.scope.instability_split
+    source = getattr(job.data.imagenet, split)
+    if source is None:
+        raise ValueError(f"data.imagenet.{split} is not set: the instability stage (scope.instability_split={split!r}) "
+                         "needs it (see docs/data.md)")
+    tau, tau_source = _resolve_tau(job, root)
+    stage = root.stage(job.model.name, STAGE)
+    chash = config_hash(job, tau)
+    if stage.is_complete(chash):
+        log(f"[instability] {job.model.name}: already complete at {stage.uri} (config {chash}); skipping")
+        manifest = stage.manifest()
+        counts = manifest["inputs"]["images"]
+        return InstabilityResult(skipped=True, summary=stage.read_table("summary").to_pylist(), tau=tau,
+                                 images_selected=counts["selected"], rejected=counts["rejected"], manifest=manifest)
+    from scope_ray.stages.cluster import actor_resources
+
+    res = actor_resources(job.ray)  # a GPU request on a GPU-less cluster fails here, before any work
+    stage.reset()
+    spec, shifts = job.model.spec, job.instability_shifts
+    log(f"[instability] {job.model.name} layer {job.model.resolved_layer}: selecting "
+        f"{job.scope.instability_images} images (one per class) from {split} at {source.path}")
+    picker, chosen = _select(job, source, progress)
+    if len(chosen) < job.scope.instability_images:
+        log(f"[instability] only {len(chosen)} images available ({len(picker.labelled)} classes, "
+            f"{len(picker.unlabelled)} unlabelled) of {job.scope.instability_images} requested")
+    if not chosen:
+        raise ValueError(f"data.imagenet.{split} at {source.path} has no images to analyse")
+    ids = [c[0] for c in chosen]
+    stage.write_part("images", "part-0", pa.table({"image_id": ids, "label": [c[1] for c in chosen]}, schema=IMAGES_SCHEMA))
+    scan_rows = max(c[2] for c in chosen) + 1
+    log(f"[instability] {len(ids)} images x shifts {list(shifts)}, tau {tau:.4g} ({tau_source}), tokens per image "
+        f"and shift: {job.scope.instability_tokens or 'all'}")
+    _stream(job, root, res, source, split, ids, scan_rows, tau, progress)
+    tokens = _read_parts(stage, root, "tokens", ["image_id", "shift", "token1", "outlier", "emd"], TOKENS_SCHEMA)
+    rejects = _read_parts(stage, root, "rejects", ["image_id", "reason"], REJECTS_SCHEMA)
+    used, rejected = _verify(job, tokens, rejects, set(ids))
+    summary = summarize(tokens, shifts, len(used), tau)
+    for row in summary:
+        row.update(model=job.model.name, layer=job.model.resolved_layer)
+    stage.write_part("summary", "part-0", pa.Table.from_pylist(summary))
+    unlabelled = sum(1 for c in chosen if c[1] < 0)
+    result = InstabilityResult(skipped=False, summary=summary, images_selected=len(ids), rejected=len(rejected), tau=tau)
+    result.manifest = stage.commit(
+        chash, {"images": {"split": split, "source": source.model_dump(mode="json"), "selected": len(ids),
+                           "rejected": len(rejected), "unlabelled": unlabelled, "rows_scanned": picker.scanned}},
+        {"images": len(ids), "tokens": tokens.num_rows, "summary": len(summary), "rejects": len(rejected)},
+        extra={"tau": tau, "tau_source": tau_source, "shifts": list(shifts), "layer": job.model.resolved_layer,
+               "grid": spec.grid, "heads": spec.num_heads, "instability_tokens": job.scope.instability_tokens,
+               "images_requested": job.scope.instability_images, "selection_rule": SELECTION_RULE, "seed": job.seed},
+    )
+    for row in summary:
+        log(f"[instability] s={row['shift']}: D_non {row['d_non']:.4f} ({row['n_non']} tokens)  "
+            f"D_out {row['d_out']:.4f} ({row['n_out']} tokens)  over {row['images']} images")
+    if rejected:
+        log(f"[instability] {len(rejected)} selected images rejected (see the rejects table)")
+    return result
