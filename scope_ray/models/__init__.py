@@ -8,7 +8,20 @@ from scope_ray.models.loading import build_backbone
 from scope_ray.models.registry import REGISTRY, ModelSpec, get_spec
 from scope_ray.models.wrapper import LayerOutput, ViTWrapper
 
-__all__ = ["REGISTRY", "LayerOutput", "ModelSpec", "ViTWrapper", "build_backbone", "build_model", "get_spec"]
+__all__ = ["REGISTRY", "LayerOutput", "ModelSpec", "PlantedCodes", "ViTWrapper", "build_backbone", "build_model",
+           "get_spec", "planted_codes", "planted_directions"]
+
+_PLANTED = ("PlantedCodes", "planted_codes", "planted_directions")
+
+
+def __getattr__(name: str):
+    # The planted model subclasses timm's ViT; importing it lazily keeps `import scope_ray.models`
+    # (which the config loader does) from importing timm.
+    if name in _PLANTED:
+        from scope_ray.models import planted
+
+        return getattr(planted, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_model(

@@ -71,6 +71,12 @@ def _timm_architecture(spec: ModelSpec, shrink: Mapping[str, int] | None) -> nn.
         kwargs["embed_dim"] = shrink.get("width", spec.width)
         kwargs["num_heads"] = shrink.get("num_heads", spec.num_heads)
     try:
+        if spec.builder == "planted":
+            from scope_ray.models.planted import build_planted
+
+            return build_planted(spec, **kwargs)
+        if spec.builder is not None:
+            raise ValueError(f"{spec.name}: unknown builder {spec.builder!r}")
         return timm.create_model(spec.arch, pretrained=False, **kwargs)
     except AssertionError as err:
         # timm asserts on geometry it cannot build (e.g. DINOv2-g's SwiGLU needs an even hidden size).

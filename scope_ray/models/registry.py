@@ -13,6 +13,7 @@ from typing import Literal
 
 Loader = Literal["open_clip", "timm"]
 Family = Literal["clip", "dinov2", "deit3", "siglip2", "demo"]
+Builder = Literal["planted"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,6 +33,8 @@ class ModelSpec:
     ``builder_kwargs`` go to the library's constructor: ``timm.create_model`` kwargs for timm
     (e.g. a non-default image size), top-level model-config overrides for open_clip
     (e.g. ``quick_gelu``).
+    ``builder`` names a model class of this project built instead of the library's own
+    (``"planted"``: ``scope_ray.models.planted``, a timm ViT subclass; ``builder_kwargs`` go to it).
     """
 
     name: str
@@ -51,6 +54,7 @@ class ModelSpec:
     has_text_tower: bool = False
     builder_kwargs: tuple[tuple[str, object], ...] = ()
     description: str = ""
+    builder: Builder | None = None
 
     @property
     def grid(self) -> int:
@@ -124,6 +128,17 @@ DEMO_MODELS: tuple[ModelSpec, ...] = (
         layer=2, tau=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         builder_kwargs=(("depth", 3), ("embed_dim", 64), ("img_size", 96), ("num_heads", 2), ("reg_tokens", 4)),
         description="3-block timm ViT with 4 register tokens at 96 px (6x6 grid), random init: exercises prefix dropping",
+    ),
+    # Ground truth for the scope analysis: demo-vit-tiny's geometry, but its block 3 writes known
+    # local-scope and global-scope directions (scope_ray/models/planted.py; docs/models.md).
+    ModelSpec(
+        name="demo-planted", family="demo", loader="timm", arch="vit_tiny_patch16_224",
+        pretrained_tag=None, depth=4, width=96, num_heads=3, patch=16, image_size=112,
+        layer=3, tau=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        builder_kwargs=(("depth", 4), ("embed_dim", 96), ("img_size", 112), ("num_heads", 3), ("patch_size", 16)),
+        builder="planted",
+        description="demo-vit-tiny + 8 local- and 4 global-scope directions planted at block 3: "
+                    "scope ground truth, not a real model",
     ),
 )
 
