@@ -57,5 +57,15 @@ def actor_resources(cfg: RayConfig) -> ActorResources:
     if num_gpus > 0:
         # One actor per GPU is the useful maximum; more would queue forever for a GPU.
         pool = max(1, min(pool, int(gpus // num_gpus)))
+    # The actors must leave room for at least one read task and one decode task beside them:
+    # a pool holding every CPU starves the tasks that feed it and the stage waits forever.
+    feeders = cfg.read_cpus + cfg.decode_cpus
+    fit = int((cpus - feeders + 1e-9) // cfg.cpus_per_actor)
+    if fit < 1:
+        raise ClusterResourceError(
+            f"ray.cpus_per_actor={cfg.cpus_per_actor} plus one read task ({cfg.read_cpus}) and one decode task "
+            f"({cfg.decode_cpus}) need more than the cluster's {cpus:g} CPUs; lower ray.cpus_per_actor"
+        )
+    pool = min(pool, fit)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
     return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
