@@ -7,7 +7,9 @@ import os
 import sys
 import textwrap
 
-STAGES = ("extract", "train-sae", "eval-sae")
+# Pipeline order; `run` runs them all. `cds` runs both CDS passes and then the partition
+# (gamma, Table 4, awCDS, figures).
+STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -70,9 +72,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) -> int:
     from scope_ray.config import load_config
+    from scope_ray.stages.cds import run_cds
     from scope_ray.stages.cluster import connect
     from scope_ray.stages.eval_sae import run_eval_sae
     from scope_ray.stages.extract import run_extract
+    from scope_ray.stages.instability import run_instability
+    from scope_ray.stages.partition import run_partition
     from scope_ray.stages.train_sae import run_train_sae
     from scope_ray.storage import ResultsRoot
 
@@ -82,7 +87,12 @@ def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) ->
     root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
     root.check_writable()
     connect(job.ray)
-    runners = {"extract": run_extract, "train-sae": run_train_sae, "eval-sae": run_eval_sae}
+    def cds_and_partition(job, root):
+        run_cds(job, root)
+        run_partition(job, root)
+
+    runners = {"extract": run_extract, "train-sae": run_train_sae, "eval-sae": run_eval_sae,
+               "instability": run_instability, "cds": cds_and_partition}
     for name in stages:
         runners[name](job, root)
     return 0

@@ -1,0 +1,413 @@
+"""The Contextual Dependency Score of every SAE feature (METHOD §5), in two streaming passes.
+
+Pass 1, ``cds-topk``: the analysis pool (``scope.pool_split`` of ImageNet, capped by
+``scope.pool_images``) streams through decoding tasks and a pool of ViT + SAE actors. Each actor
+keeps a running top-(k_CDS + spares) image list per feature (``topk.FeatureTopK``: O(q·k)
+memory, never O(images)) and reports only the entries that enter it; the driver merges the
+reports into the global lists. Table ``topk``: feature, rank, image_id, max_act.
+
+Pass 2, ``cds``: only the selected images are read again, turned into SCC pairs at
+``scope.shift`` (stages.scc_pairs) and run through ViT + SAE once each, for all the features that
+selected them. Each (feature, image) gives a score (scope.scc_pair_scores: EMD / D_grid, 1 when
+the feature left the overlap, NaN when both maps are empty); each feature's CDS is the mean of
+its first k_CDS usable scores in rank order (scope.cds_from_scores). Tables ``pairs`` and ``cds``;
+a feature with no usable image keeps a row with CDS NaN and a status saying why.
+
+Each pass is its own stage directory with its own manifest, so an interrupted pass 2 does not
+redo pass 1. The partition, awCDS and figures that read ``cds`` live in stages/partition.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from scope_ray.config import JobConfig, SourceConfig
+from scope_ray.storage import ResultsRoot, StageDir, content_hash
+from scope_ray.tokens import REJECTS_SCHEMA
+
+TOPK_STAGE = "cds-topk"
+STAGE = "cds"
+
+PAIRS_SCHEMA = pa.schema([
+    pa.field("feature", pa.int64()), pa.field("rank", pa.int32()), pa.field("image_id", pa.string()),
+    pa.field("score", pa.float64()), pa.field("empty_view1", pa.bool_()), pa.field("empty_view2", pa.bool_()),
+])
+
+
+# ------------------------------------------------------------------------------ config hashes
+def topk_hash(job: JobConfig) -> str:
+    from scope_ray.stages.train_sae import config_hash as train_hash
+
+    return job.stage_hash("data.imagenet", "data.max_pixels", "data.min_side", "scope.pool_split",
+                          "scope.pool_images", "scope.k_cds", "scope.spare_images")[:8] + train_hash(job)
+
+
+def config_hash(job: JobConfig) -> str:
+    return job.stage_hash("scope.shift")[:8] + topk_hash(job)
+
+
+def pool_source(job: JobConfig) -> SourceConfig:
+    """The analysis pool: the configured ImageNet split, capped at ``scope.pool_images``."""
+    split = job.scope.pool_split
+    source = getattr(job.data.imagenet, split)
+    if source is None:
+        raise ValueError(f"data.imagenet.{split} is not set: the CDS analysis pool (scope.pool_split) needs it")
+    cap = job.scope.pool_images
+    if cap is not None and (source.max_images is None or cap < source.max_images):
+        source = source.model_copy(update={"max_images": cap})
+    return source
+
+
+def _rejects_table(split: str, ids: list[str], reasons: list[str]) -> pa.Table:
+    return pa.table({"split": [split] * len(ids), "image_id": ids, "reason": reasons}, schema=REJECTS_SCHEMA)
+
+
+class _ModelAndSAE:
+    """What both passes' actors hold: the backbone at its designated layer and the trained SAE."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int):
+        import torch
+
+        from scope_ray.models import build_model
+        from scope_ray.stages.train_sae import load_sae
+
+        torch.set_num_threads(torch_threads)
+        self.job = job
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = build_model(
+            job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
+            endpoint_url=job.storage.endpoint_url,
+        ).to(self.device)
+        self.sae = load_sae(job, root, device=self.device)
+
+    def codes(self, pixels_BSS3: np.ndarray) -> np.ndarray:
+        """SAE codes (JumpReLU at the trained threshold) of every patch token: z_BNQ float32."""
+        import torch
+
+        with torch.inference_mode():
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels_BSS3)).to(self.device)
+            tokens_BND = self.model.forward_layer(self.model.preprocess(pixels)).patch_tokens.float()
+            b, n, d = tokens_BND.shape
+            z = self.sae.encode(tokens_BND.reshape(b * n, d), use_threshold=True)
+            return z.reshape(b, n, -1).float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------ pass 1
+class TopKCollector(_ModelAndSAE):
+    """Ray Data actor: decoded images in; the (feature, image) entries that entered this actor's
+    running top-k lists out, plus per-batch image counts (on the first row of each batch)."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, keep: int):
+        from scope_ray.topk import FeatureTopK
+
+        super().__init__(job, root, torch_threads)
+        self.stage = root.stage(job.model.name, TOPK_STAGE)
+        self.topk = FeatureTopK(job.dictionary_size, keep)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from scope_ray.topk import image_keys
+
+        ids = [str(i) for i in batch["image_id"]]
+        ok = np.asarray(batch["ok"], dtype=bool).copy()
+        reasons = [str(r) for r in batch["reason"]]
+        entries = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        if ok.any():
+            z_BNQ = self.codes(batch["pixels"][ok])
+            max_BQ = z_BNQ.max(axis=1)
+            finite_B = np.isfinite(max_BQ).all(axis=1)
+            good = np.flatnonzero(ok)
+            for i in good[~finite_B]:  # a broken backbone output: never let NaN pick an image
+                ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the SAE codes"
+            if finite_B.any():
+                entries = self.topk.update(max_BQ[finite_B], image_keys([ids[i] for i in good[finite_B]]))
+        if (~ok).any():
+            bad = np.flatnonzero(~ok)
+            self.stage.write_part("rejects", f"pool-{content_hash(ids)}",
+                                  _rejects_table(self.job.scope.pool_split, [ids[i] for i in bad], [reasons[i] for i in bad]))
+        feature, key, value = entries
+        key_to_id = {k: i for k, i in zip(image_keys(ids), ids)}
+        n = max(1, feature.size)  # always one row, so the counts travel even when nothing entered
+        out = {
+            "feature": np.full(n, -1, np.int64), "key": np.full(n, -1, np.int64), "value": np.zeros(n),
+            "image_id": np.full(n, "", dtype=object), "images": np.zeros(n, np.int64), "rejected": np.zeros(n, np.int64),
+        }
+        out["feature"][: feature.size], out["key"][: feature.size], out["value"][: feature.size] = feature, key, value
+        out["image_id"][: feature.size] = [key_to_id[int(k)] for k in key]
+        out["images"][0], out["rejected"][0] = len(ids), int((~ok).sum())
+        return out
+
+
+@dataclass
+class TopKResult:
+    skipped: bool
+    images: int = 0
+    rejected: int = 0
+    features_with_images: int = 0
+
+
+def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> TopKResult:
+    """Pass 1 (or skip when committed with this config): per-feature top images of the pool."""
+    import ray.data
+    from tqdm import tqdm
+
+    from scope_ray.data.sources import read_source
+    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.decode import decode_batch
+    from scope_ray.stages.train_sae import load_sae
+    from scope_ray.topk import NO_KEY, FeatureTopK
+
+    stage = root.stage(job.model.name, TOPK_STAGE)
+    chash = topk_hash(job)
+    if stage.is_complete(chash):
+        log(f"[cds] pass 1 (top images per feature): already complete at {stage.uri}; skipping")
+        m = stage.manifest()
+        return TopKResult(skipped=True, images=m["images"], rejected=m["rows"]["rejects"],
+                          features_with_images=m["features_with_images"])
+    load_sae(job, root)  # fail before any Ray work when the SAE is missing or stale
+    source = pool_source(job)
+    stage.reset()
+    q, keep = job.dictionary_size, job.scope.k_cds + job.scope.spare_images
+    res = actor_resources(job.ray)
+    spec = job.model.spec
+    log(f"[cds] pass 1: top {keep} images (k_cds {job.scope.k_cds} + {job.scope.spare_images} spares) for each of "
+        f"{q} features over {source.path} ({job.scope.pool_split})")
+    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels,
+                                                     min_side=job.data.min_side),
+                        batch_size=job.scope.batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy")
+    ds = ds.map_batches(
+        TopKCollector, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads, keep=keep),
+        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        batch_size=job.scope.batch_size, batch_format="numpy",
+    )
+    merged = FeatureTopK(q, keep)
+    key_to_id: dict[int, str] = {}
+    images = rejected = reported = 0
+    bar = tqdm(desc="cds pass 1", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        real = part["feature"] >= 0
+        merged.offer(part["feature"][real], part["key"][real], part["value"][real])
+        key_to_id.update(zip(part["key"][real].tolist(), part["image_id"][real].tolist()))
+        reported += int(real.sum())
+        images += int(part["images"].sum())
+        rejected += int(part["rejected"].sum())
+        bar.update(int(part["images"].sum()))
+        bar.set_postfix(rejected=rejected)
+        if len(key_to_id) > 4 * q * keep:  # keep the id map O(q·k) too
+            held = set(merged.keys[merged.keys != NO_KEY].tolist())
+            key_to_id = {k: v for k, v in key_to_id.items() if k in held}
+    bar.close()
+    if images - rejected == 0:
+        raise RuntimeError(f"[cds] pass 1: none of the {images} pool images could be used; not committing")
+    feat_QK = np.broadcast_to(np.arange(q)[:, None], merged.keys.shape)
+    rank_QK = np.broadcast_to(np.arange(keep)[None, :], merged.keys.shape)
+    held = merged.keys != NO_KEY
+    table = pa.table({
+        "feature": pa.array(feat_QK[held], pa.int64()), "rank": pa.array(rank_QK[held], pa.int32()),
+        "image_id": pa.array([key_to_id[int(k)] for k in merged.keys[held]], pa.string()),
+        "max_act": pa.array(merged.values[held], pa.float64()),
+    })
+    stage.write_part("topk", "part-0", table)
+    fired = int(held.any(axis=1).sum())
+    stage.commit(chash, {"pool": source.model_dump(mode="json"), "sae": root.stage(job.model.name, "train-sae").uri},
+                 {"topk": table.num_rows, "rejects": rejected},
+                 extra={"images": images, "features": q, "keep": keep, "features_with_images": fired,
+                        "entries_reported": reported})
+    log(f"[cds] pass 1: {images} images ({rejected} rejected); {fired}/{q} features fired on at least one image; "
+        f"{reported} entries reported by the actors for {table.num_rows} kept")
+    return TopKResult(skipped=False, images=images, rejected=rejected, features_with_images=fired)
+
+
+# ------------------------------------------------------------------------------------ pass 2
+def _selected_only(batch: dict[str, np.ndarray], *, keys_sorted: np.ndarray) -> dict[str, np.ndarray]:
+    """Ray Data batch filter: keep the rows whose image some feature selected."""
+    from scope_ray.topk import image_keys
+
+    keys = image_keys([str(i) for i in batch["image_id"]])
+    pos = np.minimum(np.searchsorted(keys_sorted, keys), keys_sorted.size - 1)
+    keep = keys_sorted[pos] == keys
+    return {k: v[keep] for k, v in batch.items()}
+
+
+class PairScorer(_ModelAndSAE):
+    """Ray Data actor: SCC pairs of selected images in; one scored row per (feature, image) written
+    as a part file; counts out."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, selection_ref):
+        import ray
+
+        from scope_ray.scc import overlap_indices
+
+        super().__init__(job, root, torch_threads)
+        self.stage = root.stage(job.model.name, STAGE)
+        # (image key, feature, rank) sorted by key: each image finds its features by binary search.
+        self.sel_key, self.sel_feature, self.sel_rank = ray.get(selection_ref)
+        self.idx1, self.idx2 = overlap_indices(job.model.spec.grid, job.scope.shift)
+        self.side = job.model.spec.grid - job.scope.shift
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from scope_ray.scope import scc_pair_scores
+        from scope_ray.topk import image_keys
+
+        ids = [str(i) for i in batch["image_id"]]
+        ok = np.asarray(batch["ok"], dtype=bool).copy()
+        reasons = [str(r) for r in batch["reason"]]
+        rows: list[pa.Table] = []
+        if ok.any():
+            good = np.flatnonzero(ok)
+            v1, v2 = batch["view1"][ok], batch["view2"][ok]
+            z_2BNQ = self.codes(np.concatenate([v1, v2]))
+            b = len(good)
+            for j, i in enumerate(good):
+                key = image_keys([ids[i]])[0]
+                lo, hi = np.searchsorted(self.sel_key, key, "left"), np.searchsorted(self.sel_key, key, "right")
+                feats, ranks = self.sel_feature[lo:hi], self.sel_rank[lo:hi]
+                m1_FHW = z_2BNQ[j][self.idx1][:, feats].T.reshape(-1, self.side, self.side)
+                m2_FHW = z_2BNQ[b + j][self.idx2][:, feats].T.reshape(-1, self.side, self.side)
+                if not (np.isfinite(m1_FHW).all() and np.isfinite(m2_FHW).all()):
+                    ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the SAE codes"
+                    continue
+                scores = scc_pair_scores(m1_FHW, m2_FHW)
+                rows.append(pa.table({
+                    "feature": pa.array(feats, pa.int64()), "rank": pa.array(ranks, pa.int32()),
+                    "image_id": pa.array([ids[i]] * feats.size, pa.string()), "score": pa.array(scores, pa.float64()),
+                    "empty_view1": pa.array(~m1_FHW.reshape(feats.size, -1).any(axis=1)),
+                    "empty_view2": pa.array(~m2_FHW.reshape(feats.size, -1).any(axis=1)),
+                }, schema=PAIRS_SCHEMA))
+        part = f"pairs-{content_hash(ids)}"
+        if rows:
+            self.stage.write_part("pairs", part, pa.concat_tables(rows))
+        if (~ok).any():
+            bad = np.flatnonzero(~ok)
+            self.stage.write_part("rejects", part, _rejects_table(self.job.scope.pool_split, [ids[i] for i in bad],
+                                                                  [reasons[i] for i in bad]))
+        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]),
+                "pairs": np.array([sum(t.num_rows for t in rows)])}
+
+
+def feature_scores(pairs: pa.Table, q: int, k: int, held_Q: np.ndarray) -> pa.Table:
+    """Per-feature CDS from the scored pairs (scope.cds_from_scores in rank order, vectorised).
+
+    ``held_Q`` is how many top images pass 1 kept for each feature. status: ``ok``; ``fewer usable
+    images than k_cds`` (a CDS from what there was); ``no usable image`` (every held image had
+    both maps empty, CDS NaN); ``never fired`` (no pool image activates the feature, CDS NaN)."""
+    f = pairs.column("feature").to_numpy()
+    r = pairs.column("rank").to_numpy()
+    s = pairs.column("score").to_numpy()
+    e1, e2 = pairs.column("empty_view1").to_numpy(zero_copy_only=False), pairs.column("empty_view2").to_numpy(zero_copy_only=False)
+    order = np.lexsort((r, f))
+    f, s, one_empty = f[order], s[order], (e1 ^ e2)[order]
+    usable = ~np.isnan(s)
+    # Position of each usable score among its feature's usable scores (0-based, rank order).
+    csum = np.cumsum(usable)
+    first = np.searchsorted(f, f, "left")
+    before = np.where(first > 0, csum[np.maximum(first - 1, 0)], 0)
+    used = usable & (csum - before <= k)
+    n_used = np.bincount(f[used], minlength=q)
+    total = np.bincount(f[used], weights=s[used], minlength=q)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cds = np.where(n_used > 0, total / np.maximum(n_used, 1), np.nan)
+    status = np.where(held_Q == 0, "never fired",
+                      np.where(n_used == 0, "no usable image", np.where(n_used < k, "fewer usable images than k_cds", "ok")))
+    return pa.table({
+        "feature": pa.array(np.arange(q), pa.int64()), "cds": pa.array(cds, pa.float64()),
+        "images_used": pa.array(n_used, pa.int32()),
+        "images_left_overlap": pa.array(np.bincount(f[used & one_empty], minlength=q), pa.int32()),
+        "images_both_empty": pa.array(np.bincount(f[~usable], minlength=q), pa.int32()),
+        "images_held": pa.array(held_Q, pa.int32()), "status": pa.array(status.tolist(), pa.string()),
+    })
+
+
+@dataclass
+class CDSResult:
+    skipped: bool
+    topk: TopKResult | None = None
+    table: pa.Table | None = None
+    nan_features: int = 0
+
+
+def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> CDSResult:
+    """Both passes (each skipped when committed with this config); returns the ``cds`` table."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    from scope_ray.data.sources import read_source
+    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.scc_pairs import with_scc_pairs
+    from scope_ray.topk import image_keys
+
+    topk_result = run_cds_topk(job, root, progress=progress, log=log)
+    stage = root.stage(job.model.name, STAGE)
+    chash = config_hash(job)
+    if stage.is_complete(chash):
+        log(f"[cds] pass 2 (SCC pairs, CDS): already complete at {stage.uri}; skipping")
+        table = stage.read_table("cds")
+        return CDSResult(skipped=True, topk=topk_result, table=table,
+                         nan_features=int(np.isnan(table.column("cds").to_numpy()).sum()))
+    topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
+    q, k = job.dictionary_size, job.scope.k_cds
+    stage.reset()
+    keys = image_keys(topk.column("image_id").to_pylist())
+    order = np.argsort(keys, kind="stable")
+    selection = (keys[order], topk.column("feature").to_numpy()[order], topk.column("rank").to_numpy()[order])
+    keys_sorted = np.unique(keys)
+    spec = job.model.spec
+    log(f"[cds] pass 2: {keys_sorted.size} selected images -> SCC pairs at shift {job.scope.shift} -> "
+        f"{topk.num_rows} (feature, image) scores")
+    res = actor_resources(job.ray)
+    ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    ds = ds.map_batches(_selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
+                        num_cpus=job.ray.read_cpus, batch_format="numpy")
+    ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
+    ds = ds.map_batches(
+        PairScorer, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
+                                               selection_ref=ray.put(selection)),
+        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        batch_size=job.scope.batch_size, batch_format="numpy",
+    )
+    images = rejected = scored = 0
+    bar = tqdm(desc="cds pass 2", unit="img", total=int(keys_sorted.size), disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        images += int(part["images"].sum())
+        rejected += int(part["rejected"].sum())
+        scored += int(part["pairs"].sum())
+        bar.update(int(part["images"].sum()))
+    bar.close()
+    pairs = _committed_parts(stage, root, "pairs", PAIRS_SCHEMA)
+    # Nothing lost, nothing doubled: every (feature, image) of a usable selected image exactly once.
+    rejected_ids = set()
+    if root.fs.glob(f"{stage.table_path('rejects')}/*.parquet"):
+        rejected_ids = set(_committed_parts(stage, root, "rejects", REJECTS_SCHEMA).column("image_id").to_pylist())
+    expected = sum(1 for i in topk.column("image_id").to_pylist() if i not in rejected_ids)
+    unique = len(set(zip(pairs.column("feature").to_pylist(), pairs.column("image_id").to_pylist())))
+    if pairs.num_rows != expected or unique != expected or images != keys_sorted.size:
+        raise RuntimeError(f"[cds] pass 2: {pairs.num_rows} scored pairs ({unique} distinct) for {images} images on "
+                           f"storage, expected {expected} pairs for {keys_sorted.size} images; not committing")
+    held = np.bincount(topk.column("feature").to_numpy(), minlength=q)
+    table = feature_scores(pairs, q, k, held)
+    stage.write_part("cds", "part-0", table)
+    nan_features = int(np.isnan(table.column("cds").to_numpy()).sum())
+    stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri},
+                 {"pairs": pairs.num_rows, "cds": q, "rejects": rejected},
+                 extra={"shift": job.scope.shift, "k_cds": k, "grid": spec.grid, "nan_features": nan_features})
+    cds = table.column("cds").to_numpy()
+    log(f"[cds] pass 2: {images} images ({rejected} rejected), {pairs.num_rows} scored pairs; CDS median "
+        f"{np.nanmedian(cds) if nan_features < q else float('nan'):.3f}; {nan_features} features with CDS NaN "
+        "(listed in the cds table with their status)")
+    return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=nan_features)
+
+
+def _committed_parts(stage: StageDir, root: ResultsRoot, table: str, schema: pa.Schema) -> pa.Table:
+    """Every part file written so far (before the manifest exists), for verification."""
+    import pyarrow.dataset as pads
+
+    files = root.fs.glob(f"{stage.table_path(table)}/*.parquet")
+    if not files:
+        return schema.empty_table()
+    return pads.dataset(files, filesystem=root.arrow_fs, format="parquet", schema=schema).to_table()

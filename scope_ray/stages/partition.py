@@ -1,0 +1,292 @@
+"""γ partition, group validation, awCDS and the scope figures (METHOD §6–7; Table 4, Figures 6, 7, 9, 10).
+
+Reads the ``cds`` stage and writes ``ROOT/<model>/partition/``:
+
+- ``partition``: one row in the layout of Table 4 (dictionary size, γ and how it was chosen,
+  low / high group sizes, features with CDS NaN);
+- ``groups``: per group (low-CDS, high-CDS), the mean summed activation per outlier token and per
+  normal token, and the share of the group's activation mass that lands on outlier tokens — the
+  check that high-CDS features live on outliers (METHOD §6);
+- ``awcds``: mean awCDS per token-norm percentile bin (Figure 7);
+- ``gallery``: the features and images drawn in the galleries;
+- ``figures/``: cds_histogram.png (Fig. 6), awcds.png (Fig. 7), gallery_low.png / gallery_high.png
+  (Figs. 9 / 10), listed in the manifest.
+
+The token statistics use the validation tokens that extraction stored (every patch token of the
+first ``scope.instability_images`` validation images in image-id order, the paper's "same set of
+1,000 images"), encoded by the trained SAE inside a Ray task (on a GPU when the cluster has one).
+Kept apart from the ``cds`` stage so that a new γ never recomputes CDS.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from scope_ray.config import JobConfig
+from scope_ray.storage import ResultsRoot
+
+STAGE = "partition"
+GROUPS = ("low", "high")
+
+
+def config_hash(job: JobConfig) -> str:
+    from scope_ray.stages.cds import config_hash as cds_hash
+
+    return job.stage_hash("scope.gamma", "scope.awcds_bins", "scope.gallery_features", "scope.gallery_images",
+                          "scope.instability_images", "model.tau")[:8] + cds_hash(job)
+
+
+def resolve_gamma(job: JobConfig, cds_Q: np.ndarray) -> tuple[float, str]:
+    """γ from the config, or 'auto' = the Otsu threshold of the finite CDS values (METHOD §6)."""
+    from scope_ray.scope import otsu_threshold
+
+    if job.scope.gamma != "auto":
+        return float(job.scope.gamma), "config"
+    finite = cds_Q[np.isfinite(cds_Q)]
+    if finite.size == 0:
+        raise RuntimeError("every feature has CDS NaN (no usable image): gamma cannot be chosen; see the cds table")
+    return otsu_threshold(finite), "auto (Otsu on CDS)"
+
+
+def split_groups(cds_Q: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
+    """Feature indices per group: low = CDS <= γ, high = CDS > γ; NaN-CDS features in neither."""
+    finite = np.isfinite(cds_Q)
+    return {"low": np.flatnonzero(finite & (cds_Q <= gamma)), "high": np.flatnonzero(finite & (cds_Q > gamma))}
+
+
+def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, groups: dict[str, np.ndarray],
+                     tau: float) -> dict:
+    """Group activations on outlier vs normal tokens and the awCDS curve, over the stored val tokens."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+
+    from scope_ray.scope import aw_cds, norm_percentile_bins
+    from scope_ray.stages.train_sae import load_sae
+    from scope_ray.tokens import activations_of
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sae = load_sae(job, root, device=device)
+    files = root.stage(job.model.name, "extract").part_files("val_tokens")
+    ids = pa.concat_arrays([pq.read_table(f, columns=["image_id"], filesystem=root.arrow_fs).column("image_id").combine_chunks()
+                            for f in files])
+    chosen = pa.array(sorted(set(ids.to_pylist()))[: job.scope.instability_images], pa.string())
+    sums = {g: {"outlier": 0.0, "normal": 0.0} for g in GROUPS}
+    n_tok = {"outlier": 0, "normal": 0}
+    norms_all, aw_all = [], []
+    nonfinite = 0
+    for f in files:
+        t = pq.read_table(f, filesystem=root.arrow_fs)
+        t = t.filter(pc.is_in(t.column("image_id"), value_set=chosen))
+        if t.num_rows == 0:
+            continue
+        x = activations_of(t)
+        norms = t.column("norm").to_numpy().astype(np.float64)
+        ok = np.isfinite(x).all(axis=1) & np.isfinite(norms)
+        nonfinite += int((~ok).sum())
+        x, norms = x[ok], norms[ok]
+        for start in range(0, len(x), 4096):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start:start + 4096])).to(device)
+            with torch.inference_mode():
+                z = sae.encode(xb, use_threshold=True).float().cpu().numpy()
+            nb = norms[start:start + 4096]
+            outl = nb > tau
+            for kind, mask in (("outlier", outl), ("normal", ~outl)):
+                n_tok[kind] += int(mask.sum())
+                for g in GROUPS:
+                    sums[g][kind] += float(z[mask][:, groups[g]].sum())
+            norms_all.append(nb)
+            aw_all.append(aw_cds(z, cds_Q))
+    norms_T = np.concatenate(norms_all) if norms_all else np.zeros(0)
+    aw_T = np.concatenate(aw_all) if aw_all else np.zeros(0)
+    centres, means = norm_percentile_bins(norms_T, aw_T, job.scope.awcds_bins)
+    # Tokens per bin, binned exactly as norm_percentile_bins does (a weight of 1 per token).
+    counts = np.zeros(job.scope.awcds_bins, np.int64)
+    if norms_T.size:
+        from scipy.stats import rankdata
+
+        pct = 100.0 * (rankdata(norms_T, method="average") - 0.5) / norms_T.size
+        counts = np.bincount(np.minimum((pct * job.scope.awcds_bins / 100.0).astype(np.int64), job.scope.awcds_bins - 1),
+                             minlength=job.scope.awcds_bins)
+    group_rows = []
+    for g in GROUPS:
+        out_sum, norm_sum = sums[g]["outlier"], sums[g]["normal"]
+        group_rows.append({
+            "group": g, "features": int(groups[g].size),
+            "mean_act_outlier": out_sum / n_tok["outlier"] if n_tok["outlier"] else float("nan"),
+            "mean_act_normal": norm_sum / n_tok["normal"] if n_tok["normal"] else float("nan"),
+            "outlier_share": out_sum / (out_sum + norm_sum) if out_sum + norm_sum > 0 else float("nan"),
+        })
+    outlier_pct = 100.0 * float((norms_T <= tau).mean()) if norms_T.size else float("nan")
+    return {"groups": group_rows, "centres": centres, "means": means, "counts": counts,
+            "tokens": int(norms_T.size), "outlier_tokens": n_tok["outlier"], "images": len(chosen),
+            "outlier_percentile": outlier_pct, "nonfinite_rows": nonfinite}
+
+
+def gallery_choice(cds_Q: np.ndarray, topk: pa.Table, n_features: int, n_images: int) -> list[dict]:
+    """The ``n_features`` lowest- and highest-CDS features (finite CDS; ties by index) and their
+    top ``n_images`` images from pass 1, as rows (group, feature, cds, rank, image_id)."""
+    finite = np.flatnonzero(np.isfinite(cds_Q))
+    order = finite[np.lexsort((finite, cds_Q[finite]))]
+    picks = {"low": order[:n_features], "high": order[::-1][:n_features]}
+    f = topk.column("feature").to_numpy()
+    r = topk.column("rank").to_numpy()
+    img = topk.column("image_id").to_pylist()
+    rows = []
+    for g, feats in picks.items():
+        for feat in feats:
+            sel = np.flatnonzero((f == feat) & (r < n_images))
+            for i in sel[np.argsort(r[sel])]:
+                rows.append({"group": g, "feature": int(feat), "cds": float(cds_Q[feat]), "rank": int(r[i]),
+                             "image_id": img[i]})
+    return rows
+
+
+def gallery_maps(job: JobConfig, root: ResultsRoot, rows: list[dict]) -> tuple[dict[str, np.ndarray], dict[tuple[int, str], np.ndarray]]:
+    """Pixels (native-size centre crop, as in pass 1) of the gallery images and each (feature,
+    image) activation map over the full patch grid."""
+    import ray.data
+
+    from scope_ray.data.sources import read_source
+    from scope_ray.stages.cds import _ModelAndSAE, _selected_only, pool_source
+    from scope_ray.stages.decode import decode_batch
+    from scope_ray.topk import image_keys
+
+    spec = job.model.spec
+    wanted = sorted({r["image_id"] for r in rows})
+    if not wanted:
+        return {}, {}
+    ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    ds = ds.map_batches(_selected_only, fn_kwargs=dict(keys_sorted=np.unique(image_keys(wanted))), batch_size=256,
+                        num_cpus=job.ray.read_cpus, batch_format="numpy")
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels,
+                                                     min_side=job.data.min_side), batch_size=16,
+                        num_cpus=job.ray.decode_cpus, batch_format="numpy")
+    pixels: dict[str, np.ndarray] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, ok, px in zip(batch["image_id"], batch["ok"], batch["pixels"]):
+            if ok:
+                pixels[str(i)] = px
+    ids = sorted(pixels)
+    maps: dict[tuple[int, str], np.ndarray] = {}
+    if ids:
+        import ray
+
+        from scope_ray.stages.cluster import actor_resources
+
+        res = actor_resources(job.ray)
+
+        @ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+        def _codes(job, root, images):
+            return _ModelAndSAE(job, root, res.torch_threads).codes(images)
+
+        z_BNQ = ray.get(_codes.remote(job, root, np.stack([pixels[i] for i in ids])))
+        for r in rows:
+            if r["image_id"] in pixels:
+                maps[(r["feature"], r["image_id"])] = z_BNQ[ids.index(r["image_id"]), :, r["feature"]].reshape(spec.grid, spec.grid)
+    return pixels, maps
+
+
+@dataclass
+class PartitionResult:
+    skipped: bool
+    row: dict = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)
+    figures: dict[str, str] = field(default_factory=dict)
+
+
+def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> PartitionResult:
+    import ray
+
+    from scope_ray.report import awcds_curve, cds_histogram, feature_gallery
+    from scope_ray.stages.cds import STAGE as CDS_STAGE
+    from scope_ray.stages.cds import TOPK_STAGE
+    from scope_ray.stages.cds import config_hash as cds_hash
+    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.eval_sae import resolve_tau
+
+    stage = root.stage(job.model.name, STAGE)
+    chash = config_hash(job)
+    if stage.is_complete(chash):
+        log(f"[partition] {job.model.name}: already complete at {stage.uri}; skipping")
+        m = stage.manifest()
+        return PartitionResult(skipped=True, row=stage.read_table("partition").to_pylist()[0],
+                               groups=stage.read_table("groups").to_pylist(), figures=m["figures"])
+    cds_stage = root.stage(job.model.name, CDS_STAGE)
+    if not cds_stage.is_complete(cds_hash(job)):
+        raise RuntimeError(f"{job.model.name}: the cds stage at {cds_stage.uri} is missing or from another config; "
+                           "run `scope-ray stage cds` first")
+    stage.reset()
+    cds_Q = cds_stage.read_table("cds").column("cds").to_numpy()
+    q = cds_Q.size
+    gamma, gamma_source = resolve_gamma(job, cds_Q)
+    groups = split_groups(cds_Q, gamma)
+    tau, tau_source = resolve_tau(job, root)
+    res = actor_resources(job.ray)
+    stats = ray.get(ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(token_statistics).remote(
+        job, root, cds_Q, groups, tau))
+    row = {"model": job.model.name, "dictionary_size": q, "gamma": gamma, "gamma_source": gamma_source,
+           "low_cds": int(groups["low"].size), "high_cds": int(groups["high"].size),
+           "nan_cds": int((~np.isfinite(cds_Q)).sum()), "shift": job.scope.shift, "k_cds": job.scope.k_cds}
+    stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
+    stage.write_part("groups", "part-0", pa.Table.from_pylist(stats["groups"]))
+    stage.write_part("awcds", "part-0", pa.table({"norm_percentile": stats["centres"], "awcds": stats["means"],
+                                                  "tokens": stats["counts"].astype(np.int64)}))
+    topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
+    gallery_rows = gallery_choice(cds_Q, topk, job.scope.gallery_features, job.scope.gallery_images)
+    pixels, maps = gallery_maps(job, root, gallery_rows)
+    stage.write_part("gallery", "part-0", pa.Table.from_pylist(
+        gallery_rows, schema=pa.schema([("group", pa.string()), ("feature", pa.int64()), ("cds", pa.float64()),
+                                        ("rank", pa.int64()), ("image_id", pa.string())])))
+    figures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        name = f"{job.model.name} layer {job.model.resolved_layer}"
+        local = {
+            "cds_histogram": cds_histogram(cds_Q, Path(tmp) / "cds_histogram.png", gamma=gamma,
+                                           title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
+            "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
+                                 outlier_percentile=stats["outlier_percentile"],
+                                 title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
+        }
+        for g, label in (("low", "lowest"), ("high", "highest")):
+            local[f"gallery_{g}"] = _draw_gallery(
+                [r for r in gallery_rows if r["group"] == g], pixels, maps, job, Path(tmp) / f"gallery_{g}.png",
+                title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
+        fig_dir = posixpath.join(stage.path, "figures")
+        root.ensure_dir(fig_dir)
+        for key, path in local.items():
+            target = posixpath.join(fig_dir, Path(path).name)
+            root.fs.put_file(str(path), target)
+            figures[key] = posixpath.join(stage.uri, "figures", Path(path).name)
+    stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
+                 {"partition": 1, "groups": len(stats["groups"]), "awcds": len(stats["centres"]), "gallery": len(gallery_rows)},
+                 extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
+                        "tokens": stats["tokens"], "outlier_tokens": stats["outlier_tokens"],
+                        "images": stats["images"], "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})
+    log(f"[partition] gamma {gamma:.3g} ({gamma_source}): {row['low_cds']} low-CDS, {row['high_cds']} high-CDS, "
+        f"{row['nan_cds']} CDS NaN of {q}; figures under {posixpath.join(stage.uri, 'figures')}")
+    return PartitionResult(skipped=False, row=row, groups=stats["groups"], figures=figures)
+
+
+def _draw_gallery(rows: list[dict], pixels: dict, maps: dict, job: JobConfig, path: Path, *, title: str, draw) -> Path:
+    spec = job.model.spec
+    feats = list(dict.fromkeys(r["feature"] for r in rows))
+    m = job.scope.gallery_images
+    size, grid = spec.image_size, spec.grid
+    images = np.zeros((len(feats), m, size, size, 3), np.uint8)
+    fmaps = np.full((len(feats), m, grid, grid), np.nan)
+    labels = []
+    for fi, feat in enumerate(feats):
+        mine = [r for r in rows if r["feature"] == feat]
+        labels.append(f"feature {feat} · CDS {mine[0]['cds']:.3f}")
+        for col, r in enumerate(mine[:m]):
+            if r["image_id"] in pixels:
+                images[fi, col] = pixels[r["image_id"]]
+                fmaps[fi, col] = maps[(feat, r["image_id"])]
+    return draw(images, fmaps, path, title=title, row_labels=labels)

@@ -1,0 +1,193 @@
+"""The CDS stages (two passes) and the partition through real Ray Data, checked against a direct
+in-process computation on the same images with the same ViT and SAE."""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scope_ray.config import load_config
+from scope_ray.data.images import bad_image_samples, decode_image, resize_center_crop
+from scope_ray.data.synthetic import write_image_folder, write_synthetic
+from scope_ray.models import build_model
+from scope_ray.sae import BatchTopKSAE
+from scope_ray.scc import overlap_maps, scc_views
+from scope_ray.scope import cds_from_scores, scc_pair_scores
+from scope_ray.stages.cds import run_cds, run_cds_topk
+from scope_ray.stages.extract import config_hash as extract_hash
+from scope_ray.stages.partition import run_partition
+from scope_ray.stages.train_sae import SAE_FILE
+from scope_ray.stages.train_sae import config_hash as train_hash
+from scope_ray.storage import ResultsRoot
+from scope_ray.tokens import token_table
+from scope_ray.topk import image_key
+
+pytestmark = pytest.mark.slow
+
+N_POOL = 18
+NEVER_FIRES = 5  # a feature whose encoder bias is so negative it cannot fire
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    sources = write_synthetic(str(root), n_train=2, n_val=N_POOL, size=112, num_classes=6, seed=3)["imagenet"]
+    val = sources["folder"]["val"]
+    write_image_folder(val["path"], {"n00000000/zz_truncated.JPEG": bad_image_samples()["truncated"][0]})
+    return val
+
+
+def _job(pool, root, *overrides):
+    return load_config({"storage": {"root": str(root)}, "data": {"imagenet": {"val": pool}}},
+                       ["sae.expansion=1", "sae.k=4", "scope.k_cds=3", "scope.spare_images=2", "scope.batch_size=4",
+                        "scope.gallery_features=2", "scope.gallery_images=2", "scope.instability_images=8",
+                        "ray.num_actors=2", *overrides])
+
+
+def _pool_images(pool) -> dict[str, np.ndarray]:
+    """image id -> decoded RGB array, for every readable pool image (ids as the folder source names them)."""
+    from pathlib import Path
+
+    out = {}
+    base = Path(pool["path"])
+    for p in sorted(base.rglob("*")):
+        if p.is_file() and p.suffix.lower() in (".jpeg", ".jpg", ".png"):
+            try:
+                out[str(p.relative_to(base))] = decode_image(p.read_bytes(), max_pixels=10**8, min_side=8)
+            except Exception:
+                pass
+    return out
+
+
+def _commit_sae_and_tokens(job, root: ResultsRoot, images: dict[str, np.ndarray]) -> BatchTopKSAE:
+    """A seeded random SAE with a threshold that keeps codes sparse, committed as train-sae; and the
+    pool's val tokens committed as extract (the partition reads them), as real stages would."""
+    model = build_model(job.model.name, weights="none", seed=job.seed)
+    spec = job.model.spec
+    pixels = np.stack([resize_center_crop(img, spec.image_size) for img in images.values()])
+    with torch.inference_mode():
+        out = model.forward_layer(model.preprocess(pixels))
+    tokens = out.patch_tokens.reshape(-1, spec.width)
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(spec.width, job.dictionary_size, job.sae.k).eval()
+    with torch.no_grad():
+        sae.b_enc[NEVER_FIRES] = -1e6
+        pre = sae.pre_acts(tokens)
+        sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
+    stage = root.stage(job.model.name, "train-sae")
+    sae.save(posixpath.join(stage.uri, SAE_FILE))
+    stage.commit(train_hash(job), {}, {})
+    ext = root.stage(job.model.name, "extract")
+    n = spec.num_patches
+    ids = list(images)
+    acts = out.patch_tokens.numpy()
+    ext.write_part("val_tokens", "p0", token_table(ids, np.broadcast_to(np.arange(n), (len(ids), n)), acts,
+                                                   out.norms.numpy()))
+    ext.commit(extract_hash(job), {}, {"val_tokens": len(ids) * n})
+    return sae
+
+
+def _direct_cds(job, sae, images: dict[str, np.ndarray], keep: int):
+    """Top images per feature and CDS computed in-process, image by image (no Ray, no batching tricks)."""
+    model = build_model(job.model.name, weights="none", seed=job.seed)
+    spec = job.model.spec
+    grid, s = spec.grid, job.scope.shift
+
+    def codes(pix):
+        with torch.inference_mode():
+            t = model.forward_layer(model.preprocess(pix[None])).patch_tokens[0]
+            return sae.encode(t).numpy()
+
+    max_IQ = np.stack([codes(resize_center_crop(img, spec.image_size)).max(axis=0) for img in images.values()])
+    ids = list(images)
+    top = {}
+    for f in range(job.dictionary_size):
+        cand = [(-max_IQ[i, f], image_key(ids[i]), ids[i]) for i in range(len(ids)) if max_IQ[i, f] > 0]
+        top[f] = [c[2] for c in sorted(cand)[:keep]]
+    cds = np.full(job.dictionary_size, np.nan)
+    for f, chosen in top.items():
+        m1, m2 = [], []
+        for i in chosen:
+            v1, v2 = scc_views(images[i], spec.patch, grid, s)
+            a, b = overlap_maps(codes(v1)[:, f], codes(v2)[:, f], grid, s)
+            m1.append(a)
+            m2.append(b)
+        if chosen:
+            cds[f] = cds_from_scores(scc_pair_scores(np.stack(m1), np.stack(m2)), job.scope.k_cds)[0]
+    return top, cds
+
+
+def test_cds_stage_equals_direct_computation_and_partition(ray_local, pool, tmp_path):
+    root = ResultsRoot(str(tmp_path / "results"))
+    job = _job(pool, tmp_path / "results")
+    images = _pool_images(pool)
+    sae = _commit_sae_and_tokens(job, root, images)
+    result = run_cds(job, root, progress=False, log=lambda *_: None)
+    assert not result.skipped
+    topk = root.stage(job.model.name, "cds-topk").read_table("topk")
+    keep = job.scope.k_cds + job.scope.spare_images
+    top, cds_direct = _direct_cds(job, sae, images, keep)
+    got = {}
+    for f, r, i in zip(topk.column("feature").to_pylist(), topk.column("rank").to_pylist(), topk.column("image_id").to_pylist()):
+        got.setdefault(f, {})[r] = i
+    for f in range(job.dictionary_size):
+        assert [got.get(f, {})[r] for r in range(len(got.get(f, {})))] == top[f], f"feature {f}"
+    table = result.table
+    cds = table.column("cds").to_numpy()
+    assert table.num_rows == job.dictionary_size  # every feature listed, NaN ones included
+    np.testing.assert_allclose(cds, cds_direct, atol=1e-5, equal_nan=True)
+    finite = cds[np.isfinite(cds)]
+    assert finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
+    status = dict(zip(table.column("feature").to_pylist(), table.column("status").to_pylist()))
+    assert status[NEVER_FIRES] == "never fired" and np.isnan(cds[NEVER_FIRES])
+    # The truncated JPEG in the pool is recorded as rejected in pass 1; every other image was used.
+    rejects = root.stage(job.model.name, "cds-topk").read_table("rejects").to_pylist()
+    assert [r["image_id"] for r in rejects] == ["n00000000/zz_truncated.JPEG"]
+    assert root.stage(job.model.name, "cds-topk").manifest()["images"] == len(images) + 1
+
+    part = run_partition(job, root, progress=False, log=lambda *_: None)
+    row = part.row
+    assert row["low_cds"] + row["high_cds"] + row["nan_cds"] == job.dictionary_size
+    assert row["nan_cds"] == int(np.isnan(cds).sum())
+    assert row["gamma_source"].startswith("auto")
+    for key, uri in part.figures.items():
+        with Image.open(uri) as im:
+            assert im.size[0] > 100, key
+    awcds = root.stage(job.model.name, "partition").read_table("awcds")
+    assert awcds.num_rows == job.scope.awcds_bins
+    assert int(np.sum(awcds.column("tokens").to_numpy())) == 8 * job.model.spec.num_patches
+
+    # Re-runs skip; a new gamma redoes only the partition, not the CDS passes.
+    again = run_cds(job, root, progress=False, log=lambda *_: None)
+    assert again.skipped and again.topk.skipped
+    fixed = _job(pool, tmp_path / "results", "scope.gamma=0.5")
+    assert run_cds(fixed, root, progress=False, log=lambda *_: None).skipped
+    part2 = run_partition(fixed, root, progress=False, log=lambda *_: None)
+    assert not part2.skipped and part2.row["gamma"] == 0.5 and part2.row["gamma_source"] == "config"
+    assert part2.row["high_cds"] == int((cds > 0.5).sum())
+
+
+def test_topk_does_not_depend_on_actors_or_batches(ray_local, pool, tmp_path):
+    images = _pool_images(pool)
+    tables = []
+    for i, extra in enumerate((["ray.num_actors=1", "scope.batch_size=16"], ["ray.num_actors=2", "scope.batch_size=3"])):
+        root = ResultsRoot(str(tmp_path / f"r{i}"))
+        job = _job(pool, tmp_path / f"r{i}", *extra)
+        _commit_sae_and_tokens(job, root, images)
+        run_cds_topk(job, root, progress=False, log=lambda *_: None)
+        t = root.stage(job.model.name, "cds-topk").read_table("topk").sort_by([("feature", "ascending"), ("rank", "ascending")])
+        tables.append(t)
+    a, b = tables
+    assert a.column("image_id").to_pylist() == b.column("image_id").to_pylist()
+    assert a.column("feature").to_pylist() == b.column("feature").to_pylist()
+    np.testing.assert_allclose(a.column("max_act").to_numpy(), b.column("max_act").to_numpy(), rtol=1e-5)
+
+
+def test_cds_needs_a_trained_sae(ray_local, pool, tmp_path):
+    job = _job(pool, tmp_path / "results")
+    with pytest.raises(RuntimeError, match="train-sae"):
+        run_cds(job, ResultsRoot(str(tmp_path / "results")), progress=False, log=lambda *_: None)
