@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scope_ray.emd import grid_emd
+from scope_ray.emd import grid_emd_many
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -48,17 +48,7 @@ def _grid_diameter(h: int, w: int) -> float:
     return float(np.sqrt(float(h - 1) ** 2 + float(w - 1) ** 2))
 
 
-def cds_score(maps1: np.ndarray, maps2: np.ndarray) -> float:
-    """Contextual Dependency Score of one feature (METHOD §5) from its overlap maps
-    maps1_KHW (view 1) and maps2_KHW (view 2) over K images, cell (i, j) the same pixels in both.
-
-    Per image: ``EMD(M1, M2) / D_grid`` with ``D_grid = √2·(H − 1)``, the overlap's diagonal
-    (H = W = p − s). Empty maps: one all zero and the other not → that image scores 1 (the
-    feature left the overlap); both all zero → the image is skipped. The result is the mean over
-    the *usable* images given, so the stage passes spare images beyond k_CDS and keeps the first
-    k_CDS usable ones; NaN when none is usable. In [0, 1]. ValueError on NaN/Inf or negative
-    entries anywhere, or on shapes that are not matching [K, H, W] with at least 2 cells a side."""
-    m1_KHW, m2_KHW = np.asarray(maps1, dtype=np.float64), np.asarray(maps2, dtype=np.float64)
+def _check_maps(m1_KHW: np.ndarray, m2_KHW: np.ndarray) -> None:
     if m1_KHW.ndim != 3 or m1_KHW.shape != m2_KHW.shape:
         raise ValueError(f"maps1 and maps2 must both be [K, H, W], got {list(m1_KHW.shape)} and {list(m2_KHW.shape)}")
     _, h, w = m1_KHW.shape
@@ -69,18 +59,49 @@ def cds_score(maps1: np.ndarray, maps2: np.ndarray) -> float:
             raise ValueError(f"{name} contains NaN or Inf")
         if np.any(m < 0):
             raise ValueError(f"{name} has negative entries; activation maps are non-negative")
-    d_grid = _grid_diameter(h, w)
-    scores = []
-    for m1_HW, m2_HW in zip(m1_KHW, m2_KHW):
-        empty1, empty2 = not m1_HW.any(), not m2_HW.any()
-        if empty1 and empty2:
-            continue
-        if empty1 or empty2:
-            scores.append(1.0)
-            continue
+
+
+def scc_pair_scores(maps1: np.ndarray, maps2: np.ndarray) -> np.ndarray:
+    """Per-image CDS terms (METHOD §5 steps 2–4) for K image pairs of one or several features.
+
+    maps1_KHW / maps2_KHW: a feature's activation maps over the (p − s)² overlap in view 1 and
+    view 2. Returns score_K in [0, 1] or NaN: ``EMD(M1, M2) / D_grid`` with ``D_grid = √2·(H − 1)``
+    (the overlap's diagonal); 1 when exactly one map is all zero (the feature left the overlap);
+    NaN when both are (the image is unusable). ValueError on NaN/Inf or negative entries, or
+    shapes that are not matching [K, H, W] with at least 2 cells a side."""
+    m1_KHW, m2_KHW = np.asarray(maps1, dtype=np.float64), np.asarray(maps2, dtype=np.float64)
+    _check_maps(m1_KHW, m2_KHW)
+    _, h, w = m1_KHW.shape
+    empty1_K = ~m1_KHW.reshape(len(m1_KHW), -1).any(axis=1)
+    empty2_K = ~m2_KHW.reshape(len(m2_KHW), -1).any(axis=1)
+    score_K = np.where(empty1_K & empty2_K, np.nan, 1.0)
+    both_K = ~empty1_K & ~empty2_K
+    if both_K.any():
+        emd_K = grid_emd_many(m1_KHW[both_K], m2_KHW[both_K])
         # Clip: EMD <= D_grid holds exactly; only rounding can cross it.
-        scores.append(min(grid_emd(m1_HW, m2_HW) / d_grid, 1.0))
-    return float(np.mean(scores)) if scores else float("nan")
+        score_K[both_K] = np.minimum(emd_K / _grid_diameter(h, w), 1.0)
+    return score_K
+
+
+def cds_from_scores(scores: np.ndarray, k: int | None = None) -> tuple[float, int]:
+    """A feature's CDS from its per-image scores in rank order (strongest image first): the mean
+    of the first ``k`` usable (non-NaN) scores — later images are spares that stand in for
+    unusable ones — or of all usable ones when k is None. Returns (CDS, images used); CDS is NaN
+    when no image is usable."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    usable = s[~np.isnan(s)]
+    if k is not None:
+        usable = usable[:k]
+    return (float(usable.mean()) if usable.size else float("nan")), int(usable.size)
+
+
+def cds_score(maps1: np.ndarray, maps2: np.ndarray) -> float:
+    """Contextual Dependency Score of one feature (METHOD §5) from its overlap maps
+    maps1_KHW (view 1) and maps2_KHW (view 2) over K images, cell (i, j) the same pixels in both:
+    the mean of ``scc_pair_scores`` over the usable images (one map empty → 1; both empty →
+    skipped). The CDS stage passes spare images beyond k_CDS and keeps the first k_CDS usable
+    ones (``cds_from_scores``). NaN when no image is usable; otherwise in [0, 1]."""
+    return cds_from_scores(scc_pair_scores(maps1, maps2))[0]
 
 
 # -------------------------------------------------------------------------------- awCDS (§7)

@@ -89,7 +89,7 @@ class _ModelAndSAE:
         import torch
 
         with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(pixels_BSS3)).to(self.device)
+            pixels = torch.from_numpy(np.require(pixels_BSS3, requirements=["C", "W"])).to(self.device)
             tokens_BND = self.model.forward_layer(self.model.preprocess(pixels)).patch_tokens.float()
             b, n, d = tokens_BND.shape
             z = self.sae.encode(tokens_BND.reshape(b * n, d), use_threshold=True)
