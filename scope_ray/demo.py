@@ -18,8 +18,8 @@ import yaml
 
 from scope_ray.config import JobConfig, load_config
 
-DEMO_TRAIN_IMAGES = 192
-DEMO_VAL_IMAGES = 32
+DEMO_TRAIN_IMAGES = 384
+DEMO_VAL_IMAGES = 96
 PLANTED_BAD_FILES = {
     # A JPEG cut in half and a stray text file: the demo shows them rejected, not crashing the run.
     "n00000000/zz_truncated.JPEG": "truncated",
@@ -62,10 +62,13 @@ def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
 
 
 def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None = None, log=print) -> dict:
-    from scope_ray.report import norm_histogram
+    from scope_ray.report import instability_plot, norm_histogram, table_markdown
+    from scope_ray.stages.cds import run_cds
     from scope_ray.stages.cluster import connect
     from scope_ray.stages.eval_sae import run_eval_sae
     from scope_ray.stages.extract import run_extract
+    from scope_ray.stages.instability import run_instability
+    from scope_ray.stages.partition import run_partition
     from scope_ray.stages.train_sae import run_train_sae
     from scope_ray.storage import ResultsRoot
 
@@ -77,7 +80,11 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     job = demo_config(workdir, layout, list(overrides or []))
     root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
     root.check_writable()
+    planted = job.model.spec.builder == "planted"
     log(f"[demo] model {job.model.name} ({job.model.spec.description})")
+    if planted:
+        log("[demo] NOTE: demo-planted is a PLANTED model, not a trained ViT: its tokens carry known local- and "
+            "global-scope directions, so the CDS split below has a known right answer (docs/models.md)")
     connect(job.ray, num_cpus=os.cpu_count())
     import ray.data
 
@@ -86,6 +93,9 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     extract = run_extract(job, root, log=log)
     train = run_train_sae(job, root, log=log)
     evaluation = run_eval_sae(job, root, log=log)
+    instability = run_instability(job, root, log=log)
+    cds = run_cds(job, root, log=log)
+    partition = run_partition(job, root, log=log)
     row = evaluation.row
     stage = root.stage(job.model.name, "extract")
     norms = stage.read_table("val_tokens", columns=["norm"]).column("norm").to_numpy()
@@ -93,6 +103,10 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     fig = norm_histogram(norms, figures / "token_norms.png",
                          title=f"{job.model.name} layer {job.model.resolved_layer}: patch-token norms (val)",
                          tau=row["tau"])
+    summary = instability.summary
+    inst_fig = instability_plot(np.array([r["shift"] for r in summary]), np.array([r["d_non"] for r in summary]),
+                                np.array([r["d_out"] for r in summary]), figures / "instability.png",
+                                title=f"{job.model.name}: attention EMD under SCC by shift (Table 9 layout)")
     log("")
     log("scope-ray demo — summary")
     log(f"  results root     {root.uri}")
@@ -100,17 +114,42 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
         log(f"  {table:<16} {rows} rows")
     p50, p99 = np.percentile(norms, [50, 99])
     log(f"  token norms      median {p50:.2f}, p99 {p99:.2f}, max {float(norms.max()):.2f}")
-    log(f"  figure           {fig}")
-    log(f"  stages           extract {'reused' if extract.skipped else 'ran'}, train-sae "
-        f"{'reused' if train.skipped else 'ran'}, eval-sae {'reused' if evaluation.skipped else 'ran'}")
+    ran = {"extract": extract, "train-sae": train, "eval-sae": evaluation, "instability": instability,
+           "cds": cds, "partition": partition}
+    log("  stages           " + ", ".join(f"{k} {'reused' if r.skipped else 'ran'}" for k, r in ran.items()))
     log("")
     log(f"  SAE evaluation (Table 6 layout; q = {row['d_sae']}, K = {job.sae.k}, tau = {row['tau']:.3g} [{row['tau_source']}])")
-    log(f"  {'model':<16} {'FVU_A':>7} {'FVU_O':>7} {'L0_A':>7} {'L0_O':>7} {'CS_A':>7} {'CS_O':>7}")
-    log(f"  {row['model']:<16} {row['fvu_all']:7.3f} {row['fvu_outlier']:7.3f} {row['l0_all']:7.2f} "
-        f"{row['l0_outlier']:7.2f} {row['cs_all']:7.3f} {row['cs_outlier']:7.3f}")
+    log(_indent(table_markdown([row], [("model", "model", ""), ("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"),
+                                        ("l0_all", "L0_A", ".2f"), ("l0_outlier", "L0_O", ".2f"), ("cs_all", "CS_A", ".3f"),
+                                        ("cs_outlier", "CS_O", ".3f")])))
     log(f"  dead latents {row['dead_latents']}, dense latents (> {row['dense_fraction']:.0%} of tokens) {row['dense_latents']}")
-    log("  note: demo-vit-tiny has random weights; its token norms have no real outliers, so tau: auto splits "
-        "an ordinary spread")
+    log("")
+    log(f"  Outlier instability (Tables 7 / 9 layout; mean attention EMD in patches, {instability.images_selected} images)")
+    log(_indent(table_markdown(summary, [("shift", "s", "d"), ("d_non", "D_non", ".3f"), ("d_out", "D_out", ".3f"),
+                                         ("n_non", "non-outlier tokens", "d"), ("n_out", "outlier tokens", "d")])))
+    log("")
+    p = partition.row
+    log(f"  CDS partition (Table 4 layout; k_cds = {job.scope.k_cds}, s = {job.scope.shift})")
+    log(_indent(table_markdown([p], [("model", "model", ""), ("dictionary_size", "dictionary size", "d"),
+                                     ("gamma", "γ", ".3f"), ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"),
+                                     ("nan_cds", "CDS NaN", "d")])))
+    log(_indent(table_markdown(partition.groups, [("group", "group", ""), ("features", "features", "d"),
+                                                  ("mean_act_outlier", "mean act. on outliers", ".3f"),
+                                                  ("mean_act_normal", "mean act. on normal tokens", ".3f"),
+                                                  ("outlier_share", "share on outliers", ".3f")])))
+    log("")
+    log("  figures")
+    for name, path in {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures}.items():
+        log(f"    {name:<22} {path}")
+    if planted:
+        log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
+        log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
+        log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
     log(f"  wall time        {time.time() - t0:.1f} s")
-    return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "figure": str(fig)}
+    return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
+            "cds": cds, "partition": partition, "figure": str(fig), "figures": {**partition.figures,
+                                                                                  "instability": str(inst_fig)}}
 
+
+def _indent(text: str, pad: str = "  ") -> str:
+    return "\n".join(pad + line for line in text.rstrip("\n").splitlines())

@@ -1,5 +1,8 @@
-"""The demo runs end to end and a second run reuses everything."""
+"""The demo runs end to end on the planted model, recovers its known split, and a second run reuses everything."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from scope_ray.demo import PLANTED_BAD_FILES, run_demo
@@ -13,15 +16,29 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     out = run_demo(tmp_path / "demo", log=lines.append)
     assert not out["extract"].skipped
     root = ResultsRoot(out["root"])
-    stage = root.stage("demo-vit-tiny", "extract")
+    stage = root.stage("demo-planted", "extract")
     rejects = stage.read_table("rejects")
     assert sorted(rejects.column("image_id").to_pylist()) == sorted(PLANTED_BAD_FILES)
     assert stage.manifest()["rows"]["train_tokens"] > 0
     assert any("summary" in line for line in lines)
+    assert any("PLANTED model" in line for line in lines)  # says plainly that it is not a real ViT
     assert not out["train"].skipped and not out["eval"].skipped
     row = out["eval"].row
-    # Issue 3's bar for the demo SAE (the figures are printed in the demo's summary).
     assert row["fvu_all"] < 0.3, row
     assert any("FVU_A" in line for line in lines)
+    # The scope stages ran and drew their figures.
+    summary = out["instability"].summary
+    assert [r["shift"] for r in summary] == [1, 2, 3, 4, 5]
+    part = out["partition"].row
+    assert part["low_cds"] > 0 and part["high_cds"] > 0  # the planted model's two scopes show up
+    cds = out["cds"].table.column("cds").to_numpy()
+    assert part["low_cds"] + part["high_cds"] + part["nan_cds"] == cds.size
+    for name, path in out["figures"].items():
+        assert Path(path).stat().st_size > 1000, name
+    assert {"cds_histogram", "awcds", "gallery_low", "gallery_high", "instability"} <= set(out["figures"])
+    # High-CDS features live on outlier tokens (METHOD §6 validation).
+    groups = {g["group"]: g for g in out["partition"].groups}
+    assert groups["high"]["outlier_share"] > groups["low"]["outlier_share"]
+    assert np.isfinite(cds).sum() > 0
     again = run_demo(tmp_path / "demo", log=lines.append)
-    assert again["extract"].skipped and again["train"].skipped and again["eval"].skipped
+    assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition"))
