@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from scope_ray.emd import grid_emd
-from scope_ray.scope import aw_cds, cds_score, norm_percentile_bins, otsu_threshold
+from scope_ray.scope import aw_cds, cds_from_scores, cds_score, norm_percentile_bins, otsu_threshold, scc_pair_scores
 
 nonneg = st.floats(0, 100, allow_nan=False, allow_infinity=False)
 map_pairs = st.tuples(st.integers(1, 4), st.integers(2, 6)).flatmap(
@@ -114,3 +114,41 @@ def test_otsu_between_modes():
     # Overlapping modes: the cut lies between the two means.
     a, b = rng.normal(0.1, 0.05, 2000), rng.normal(0.4, 0.1, 2000)
     assert 0.1 < otsu_threshold(np.concatenate([a, b])) < 0.4
+
+
+# ------------------------------------------------------------------ per-image terms, spares
+def test_scc_pair_scores_rules_and_agreement_with_cds_score():
+    rng = np.random.default_rng(5)
+    m1 = rng.random((6, 5, 5)) * (rng.random((6, 5, 5)) < 0.3)
+    m2 = rng.random((6, 5, 5)) * (rng.random((6, 5, 5)) < 0.3)
+    m1[0] = m2[0] = 0  # both empty -> unusable
+    m1[1], m2[1] = 0, 1  # the feature left the overlap in view 1 -> 1
+    m2[2] = m1[2]  # identical -> 0
+    m1[3] += 0.01  # make sure the rest are non-empty
+    m2[3] += 0.01
+    scores = scc_pair_scores(m1, m2)
+    assert np.isnan(scores[0]) and scores[1] == 1.0 and scores[2] == 0.0
+    d = np.sqrt(2) * 4
+    for i in range(3, 6):
+        if m1[i].any() and m2[i].any():
+            assert scores[i] == pytest.approx(grid_emd(m1[i], m2[i]) / d, abs=1e-12)
+    assert cds_score(m1, m2) == pytest.approx(np.nanmean(scores))
+
+
+def test_cds_from_scores_uses_first_k_usable_in_rank_order():
+    s = np.array([np.nan, 0.2, 0.4, np.nan, 0.9, 0.1])
+    assert cds_from_scores(s, 2) == (pytest.approx(0.3), 2)  # spares stand in for the NaN ones
+    assert cds_from_scores(s, 10) == (pytest.approx(np.nanmean(s)), 4)
+    cds, used = cds_from_scores(np.array([np.nan, np.nan]), 3)
+    assert np.isnan(cds) and used == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, -0.5, np.inf])
+def test_scc_pair_scores_reject_bad_maps(bad):
+    m = np.ones((2, 3, 3))
+    broken = m.copy()
+    broken[1, 0, 0] = bad
+    with pytest.raises(ValueError, match="NaN|negative"):
+        scc_pair_scores(m, broken)
+    with pytest.raises(ValueError, match="K, H, W"):
+        scc_pair_scores(m, m[:, :2])
