@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -18,8 +19,8 @@ import yaml
 
 from scope_ray.config import JobConfig, load_config
 
-DEMO_TRAIN_IMAGES = 384
-DEMO_VAL_IMAGES = 96
+DEMO_TRAIN_IMAGES = 192
+DEMO_VAL_IMAGES = 32
 PLANTED_BAD_FILES = {
     # A JPEG cut in half and a stray text file: the demo shows them rejected, not crashing the run.
     "n00000000/zz_truncated.JPEG": "truncated",
@@ -39,8 +40,13 @@ def prepare_data(workdir: Path, seed: int, log=print) -> dict:
 
     data = workdir / "data"
     marker = data / "demo-data.json"
+    wanted = {"train": DEMO_TRAIN_IMAGES, "val": DEMO_VAL_IMAGES, "seed": seed}
     if marker.exists():
-        return json.loads(marker.read_text())
+        layout = json.loads(marker.read_text())
+        if layout.get("made_with") == wanted:
+            return layout
+        log(f"[demo] the data under {data} was made with other settings; writing it again")
+        shutil.rmtree(data)  # only ever holds what an earlier demo wrote (the marker says so)
     log(f"[demo] writing synthetic datasets under {data}")
     sources = write_synthetic(str(data), n_train=DEMO_TRAIN_IMAGES, n_val=DEMO_VAL_IMAGES, size=112,
                               num_classes=10, seed=seed, formats=("folder", "parquet"))
@@ -48,7 +54,7 @@ def prepare_data(workdir: Path, seed: int, log=print) -> dict:
     train_dir = sources["imagenet"]["folder"]["train"]["path"]
     write_image_folder(train_dir, {name: bad[kind][0] for name, kind in PLANTED_BAD_FILES.items()})
     photos = write_photo_pool(str(data / "photos"))
-    layout = {"sources": sources, "photos": photos}
+    layout = {"sources": sources, "photos": photos, "made_with": wanted}
     marker.write_text(json.dumps(layout, indent=2))
     return layout
 
