@@ -68,7 +68,7 @@ def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
 
 
 def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None = None, log=print) -> dict:
-    from scope_ray.report import instability_plot, norm_histogram, table_markdown
+    from scope_ray.report import norm_histogram, table_markdown
     from scope_ray.stages.cds import run_cds
     from scope_ray.stages.cluster import connect
     from scope_ray.stages.eval_sae import run_eval_sae
@@ -110,9 +110,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                          title=f"{job.model.name} layer {job.model.resolved_layer}: patch-token norms (val)",
                          tau=row["tau"])
     summary = instability.summary
-    inst_fig = instability_plot(np.array([r["shift"] for r in summary]), np.array([r["d_non"] for r in summary]),
-                                np.array([r["d_out"] for r in summary]), figures / "instability.png",
-                                title=f"{job.model.name}: attention EMD under SCC by shift (Table 9 layout)")
+    inst_fig = (instability.manifest or {}).get("figures", {}).get("instability", "(not drawn by this version)")
     log("")
     log("scope-ray demo — summary")
     log(f"  results root     {root.uri}")

@@ -174,6 +174,15 @@ class StageDir:
         write_parquet(data, fpath, self.root)
         return fpath
 
+    def write_figure(self, local_path: str | Path) -> str:
+        """Copy a figure drawn locally to ``<stage>/figures/<name>``; returns its URI. Call before
+        ``commit`` (the manifest then names what is there)."""
+        name = Path(local_path).name
+        fdir = posixpath.join(self.path, "figures")
+        self.root.ensure_dir(fdir)
+        self.root.fs.put_file(str(local_path), posixpath.join(fdir, name))
+        return join_uri(self.uri, "figures", name)
+
     def part_files(self, table: str) -> list[str]:
         """Full paths of a committed table's part files (only those the manifest lists)."""
         m = self.manifest()

@@ -427,6 +427,7 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
         row.update(model=job.model.name, layer=job.model.resolved_layer)
     stage.write_part("summary", "part-0", pa.Table.from_pylist(summary))
     unlabelled = sum(1 for c in chosen if c[1] < 0)
+    figure = _draw_summary(job, stage, summary)
     result = InstabilityResult(skipped=False, summary=summary, images_selected=len(ids), rejected=len(rejected), tau=tau)
     result.manifest = stage.commit(
         chash, {"images": {"split": split, "source": source.model_dump(mode="json"), "selected": len(ids),
@@ -434,7 +435,8 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
         {"images": len(ids), "tokens": tokens.num_rows, "summary": len(summary), "rejects": len(rejected)},
         extra={"tau": tau, "tau_source": tau_source, "shifts": list(shifts), "layer": job.model.resolved_layer,
                "grid": spec.grid, "heads": spec.num_heads, "instability_tokens": job.scope.instability_tokens,
-               "images_requested": job.scope.instability_images, "selection_rule": SELECTION_RULE, "seed": job.seed},
+               "images_requested": job.scope.instability_images, "selection_rule": SELECTION_RULE, "seed": job.seed,
+               "figures": {"instability": figure}},
     )
     for row in summary:
         log(f"[instability] s={row['shift']}: D_non {row['d_non']:.4f} ({row['n_non']} tokens)  "
@@ -442,3 +444,19 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
     if rejected:
         log(f"[instability] {len(rejected)} selected images rejected (see the rejects table)")
     return result
+
+
+def _draw_summary(job: JobConfig, stage: StageDir, summary: list[dict[str, Any]]) -> str:
+    """Table 9 as a figure (mean attention EMD by shift, outlier vs not) under the stage's figures/."""
+    import tempfile
+    from pathlib import Path
+
+    from scope_ray.report import instability_plot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = instability_plot(np.array([r["shift"] for r in summary]), np.array([r["d_non"] for r in summary]),
+                                np.array([r["d_out"] for r in summary]), Path(tmp) / "instability.png",
+                                title=f"{job.model.name} layer {job.model.resolved_layer}: attention EMD under SCC "
+                                      f"by shift (Tables 7 / 9)")
+        return stage.write_figure(path)
+

@@ -244,7 +244,6 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
     stage.write_part("gallery", "part-0", pa.Table.from_pylist(
         gallery_rows, schema=pa.schema([("group", pa.string()), ("feature", pa.int64()), ("cds", pa.float64()),
                                         ("rank", pa.int64()), ("image_id", pa.string())])))
-    figures: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         name = f"{job.model.name} layer {job.model.resolved_layer}"
         local = {
@@ -258,12 +257,7 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
             local[f"gallery_{g}"] = _draw_gallery(
                 [r for r in gallery_rows if r["group"] == g], pixels, maps, job, Path(tmp) / f"gallery_{g}.png",
                 title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
-        fig_dir = posixpath.join(stage.path, "figures")
-        root.ensure_dir(fig_dir)
-        for key, path in local.items():
-            target = posixpath.join(fig_dir, Path(path).name)
-            root.fs.put_file(str(path), target)
-            figures[key] = posixpath.join(stage.uri, "figures", Path(path).name)
+        figures = {key: stage.write_figure(path) for key, path in local.items()}
     stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
                  {"partition": 1, "groups": len(stats["groups"]), "awcds": len(stats["centres"]), "gallery": len(gallery_rows)},
                  extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
