@@ -70,18 +70,11 @@ class _ModelAndSAE:
     """What both passes' actors hold: the backbone at its designated layer and the trained SAE."""
 
     def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int):
-        import torch
-
-        from scope_ray.models import build_model
+        from scope_ray.stages.cluster import actor_backbone
         from scope_ray.stages.train_sae import load_sae
 
-        torch.set_num_threads(torch_threads)
         self.job = job
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = build_model(
-            job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
-            endpoint_url=job.storage.endpoint_url,
-        ).to(self.device)
+        self.model, self.device = actor_backbone(job, torch_threads)
         self.sae = load_sae(job, root, device=self.device)
 
     def codes(self, pixels_BSS3: np.ndarray) -> np.ndarray:

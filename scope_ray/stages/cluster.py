@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from scope_ray.config import RayConfig
+from scope_ray.config import JobConfig, RayConfig
 
 
 class ClusterResourceError(RuntimeError):
@@ -69,3 +69,18 @@ def actor_resources(cfg: RayConfig) -> ActorResources:
     pool = min(pool, fit)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
     return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
+
+
+def actor_backbone(job: JobConfig, torch_threads: int):
+    """What every model actor starts with: torch's thread count set, the job's backbone built at
+    its designated layer on the GPU when the actor has one. Returns (model, device)."""
+    import torch
+
+    from scope_ray.models import build_model
+
+    torch.set_num_threads(torch_threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
+                        endpoint_url=job.storage.endpoint_url).to(device)
+    return model, device
+

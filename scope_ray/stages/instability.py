@@ -161,18 +161,11 @@ class AttentionRows:
     over each view's patches, every head, and its norm in each view). Records rejected images."""
 
     def __init__(self, job: JobConfig, root: ResultsRoot, split: str, first_shift: int, torch_threads: int):
-        import torch
+        from scope_ray.stages.cluster import actor_backbone
 
-        from scope_ray.models import build_model
-
-        torch.set_num_threads(torch_threads)
         self.job, self.split, self.first_shift = job, split, first_shift
         self.stage = root.stage(job.model.name, STAGE)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = build_model(
-            job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
-            endpoint_url=job.storage.endpoint_url,
-        ).to(self.device)
+        self.model, self.device = actor_backbone(job, torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
