@@ -79,7 +79,7 @@ def _commit_sae_and_tokens(job, root: ResultsRoot, images: dict[str, np.ndarray]
         pre = sae.pre_acts(tokens)
         sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
     stage = root.stage(job.model.name, "train-sae")
-    sae.save(posixpath.join(stage.uri, SAE_FILE))
+    sae.save(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url)
     stage.commit(train_hash(job), {}, {})
     ext = root.stage(job.model.name, "extract")
     n = spec.num_patches
@@ -191,3 +191,25 @@ def test_cds_needs_a_trained_sae(ray_local, pool, tmp_path):
     job = _job(pool, tmp_path / "results")
     with pytest.raises(RuntimeError, match="train-sae"):
         run_cds(job, ResultsRoot(str(tmp_path / "results")), progress=False, log=lambda *_: None)
+
+
+def test_cds_and_partition_on_s3(ray_local, s3_bucket, pool, tmp_path):
+    """Pool on local disk, results root on the loopback S3 server: both passes, the partition and
+    its figures go through the same code; no stored object holds the test secret."""
+    from tests.conftest import TEST_AWS_SECRET
+
+    bucket, endpoint = s3_bucket
+    job = load_config({"storage": {"root": f"{bucket}/results", "endpoint_url": endpoint},
+                       "data": {"imagenet": {"val": pool}}},
+                      ["sae.expansion=1", "sae.k=4", "scope.k_cds=2", "scope.spare_images=1", "scope.batch_size=8",
+                       "scope.gallery_features=1", "scope.gallery_images=1", "scope.instability_images=4"])
+    root = ResultsRoot(job.storage.root, endpoint)
+    _commit_sae_and_tokens(job, root, _pool_images(pool))
+    result = run_cds(job, root, progress=False, log=lambda *_: None)
+    assert result.table.num_rows == job.dictionary_size
+    part = run_partition(job, root, progress=False, log=lambda *_: None)
+    for uri in part.figures.values():
+        assert uri.startswith("s3://") and root.fs.exists(uri)
+    assert run_cds(job, ResultsRoot(job.storage.root, endpoint), progress=False, log=lambda *_: None).skipped
+    for obj in root.fs.find(root.path):
+        assert TEST_AWS_SECRET.encode() not in root.fs.cat_file(obj), obj
