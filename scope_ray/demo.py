@@ -146,12 +146,19 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     for name, path in {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures}.items():
         log(f"    {name:<22} {path}")
     if planted:
+        from scope_ray.planted_check import planted_recovery
+
+        rec = planted_recovery(job, root, cds.table.column("cds").to_numpy())
+        log("")
+        log(f"  planted ground truth: SAE features aligned with a planted global-scope direction: {rec['global']['features']} "
+            f"(CDS median {rec['global']['median_cds']:.3f}); with a local-scope one: {rec['local']['features']} "
+            f"(median {rec['local']['median_cds']:.3f}); AUROC {rec['auroc']:.3f} (1 = CDS separates them perfectly)")
         log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
         log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
         log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
     log(f"  wall time        {time.time() - t0:.1f} s")
     return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
-            "cds": cds, "partition": partition, "figure": str(fig), "figures": {**partition.figures,
+            "cds": cds, "partition": partition, "planted": rec if planted else None, "figure": str(fig), "figures": {**partition.figures,
                                                                                   "instability": str(inst_fig)}}
 
 

@@ -40,5 +40,13 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     groups = {g["group"]: g for g in out["partition"].groups}
     assert groups["high"]["outlier_share"] > groups["low"]["outlier_share"]
     assert np.isfinite(cds).sum() > 0
+    # Ground truth through the real stages: SAE features aligned with the planted global-scope
+    # directions outscore those aligned with the planted local-scope ones.
+    rec = out["planted"]
+    print(f"\n[planted] {rec['global']['features']} global-aligned (CDS median {rec['global']['median_cds']:.3f}), "
+          f"{rec['local']['features']} local-aligned (median {rec['local']['median_cds']:.3f}): AUROC {rec['auroc']:.3f}")
+    assert rec["global"]["features"] >= 2 and rec["local"]["features"] >= 4, "the SAE did not learn the planted directions"
+    assert rec["auroc"] >= 0.9
+    assert any("AUROC" in line for line in lines)
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition"))
