@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96, help="analysis-pool images")
     ap.add_argument("--expansions", type=int, nargs=2, default=(4, 16), help="two SAE expansion factors")
     ap.add_argument("--k-cds", type=int, default=16)
-    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--actors", type=int, default=2, help="ray.num_actors (capped so read/decode tasks fit beside them)")
     args = ap.parse_args()
 
     import numpy as np
@@ -39,6 +39,7 @@ def main() -> None:
     from scope_ray.models import build_model
     from scope_ray.sae import BatchTopKSAE
     from scope_ray.stages.cds import run_cds, run_cds_topk
+    from scope_ray.stages.cluster import actor_resources
     from scope_ray.stages.train_sae import SAE_FILE
     from scope_ray.stages.train_sae import config_hash as train_hash
     from scope_ray.storage import ResultsRoot
@@ -81,10 +82,11 @@ def main() -> None:
             t2 = time.perf_counter()
             pairs = root.stage(job.model.name, "cds").manifest()["rows"]["pairs"]
             q = job.dictionary_size
+            pool_size = actor_resources(job.ray).pool_size
             rows.append(dict(q=q, pass1=t1 - t0, pass2=t2 - t1, pairs=pairs, nan=result.nan_features,
                              fps=q / (t2 - t0)))
     print(f"CDS stage, demo-vit-tiny (7x7 grid, s=1 -> 6x6 overlap), {args.images} pool images, k_cds {args.k_cds} "
-          f"+ 4 spares, {args.actors} actors, {os.cpu_count()} CPUs")
+          f"+ 4 spares, {pool_size} model actor(s), {os.cpu_count()} CPUs")
     print(f"{'q':>6} {'pass 1 s':>9} {'pass 2 s':>9} {'pairs':>7} {'pairs/s':>8} {'NaN CDS':>8} {'features/s':>11}")
     for r in rows:
         print(f"{r['q']:>6} {r['pass1']:9.1f} {r['pass2']:9.1f} {r['pairs']:>7} {r['pairs'] / r['pass2']:8.0f} "
