@@ -4,6 +4,8 @@ Reads the ``cds`` stage and writes ``ROOT/<model>/partition/``:
 
 - ``partition``: one row in the layout of Table 4 (dictionary size, γ and how it was chosen,
   low / high group sizes, features with CDS NaN);
+- ``features``: every feature's CDS and group (``low``, ``high``, or ``nan`` for CDS NaN): what
+  feature-group removal reads;
 - ``groups``: per group (low-CDS, high-CDS), the mean summed activation per outlier token and per
   normal token, and the share of the group's activation mass that lands on outlier tokens — the
   check that high-CDS features live on outliers (METHOD §6);
@@ -236,6 +238,12 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
            "nan_cds": int((~np.isfinite(cds_Q)).sum()), "shift": job.scope.shift, "k_cds": job.scope.k_cds}
     stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
     stage.write_part("groups", "part-0", pa.Table.from_pylist(stats["groups"]))
+    membership = np.full(q, "nan", dtype=object)
+    for g in GROUPS:
+        membership[groups[g]] = g
+    stage.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(q), pa.int64()),
+                                                     "cds": pa.array(cds_Q, pa.float64()),
+                                                     "group": pa.array(membership.tolist(), pa.string())}))
     stage.write_part("awcds", "part-0", pa.table({"norm_percentile": stats["centres"], "awcds": stats["means"],
                                                   "tokens": stats["counts"].astype(np.int64)}))
     topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
@@ -259,7 +267,8 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
                 title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
         figures = {key: stage.write_figure(path) for key, path in local.items()}
     stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
-                 {"partition": 1, "groups": len(stats["groups"]), "awcds": len(stats["centres"]), "gallery": len(gallery_rows)},
+                 {"partition": 1, "groups": len(stats["groups"]), "features": q, "awcds": len(stats["centres"]),
+                  "gallery": len(gallery_rows)},
                  extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
                         "tokens": stats["tokens"], "outlier_tokens": stats["outlier_tokens"],
                         "images": stats["images"], "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})

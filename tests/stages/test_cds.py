@@ -154,6 +154,9 @@ def test_cds_stage_equals_direct_computation_and_partition(ray_local, pool, tmp_
     assert row["low_cds"] + row["high_cds"] + row["nan_cds"] == job.dictionary_size
     assert row["nan_cds"] == int(np.isnan(cds).sum())
     assert row["gamma_source"].startswith("auto")
+    members = root.stage(job.model.name, "partition").read_table("features").to_pylist()
+    assert [m["group"] for m in members].count("high") == row["high_cds"]
+    assert all((m["group"] == "high") == (m["cds"] > row["gamma"]) for m in members if m["group"] != "nan")
     for key, uri in part.figures.items():
         with Image.open(uri) as im:
             assert im.size[0] > 100, key
