@@ -183,6 +183,17 @@ class StageDir:
         self.root.fs.put_file(str(local_path), posixpath.join(fdir, name))
         return join_uri(self.uri, "figures", name)
 
+    def written_table(self, table: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """Every part file written so far, committed or not: what a stage reads back to verify
+        its own output before it commits. Empty (with ``schema``) when nothing was written."""
+        import pyarrow.dataset as pads
+
+        files = self.root.fs.glob(posixpath.join(self.table_path(table), "*.parquet"))
+        if not files:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        return pads.dataset(files, filesystem=self.root.arrow_fs, format="parquet", schema=schema).to_table(columns=columns)
+
     def part_files(self, table: str) -> list[str]:
         """Full paths of a committed table's part files (only those the manifest lists)."""
         m = self.manifest()

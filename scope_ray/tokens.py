@@ -65,3 +65,10 @@ def activations_of(table: pa.Table) -> np.ndarray:
     col = table.column("activation").combine_chunks()
     d = col.type.list_size
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+def rejects_table(split: str, image_ids: list[str], reasons: list[str]) -> pa.Table:
+    """Rows of a stage's ``rejects`` table: one per image that could not be used, with why."""
+    return pa.table({"split": [split] * len(image_ids), "image_id": list(image_ids), "reason": [str(r) for r in reasons]},
+                    schema=REJECTS_SCHEMA)
+

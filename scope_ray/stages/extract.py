@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from scope_ray.config import JobConfig, SourceConfig
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
-from scope_ray.tokens import REJECTS_SCHEMA, sample_positions, token_table
+from scope_ray.tokens import rejects_table, sample_positions, token_table
 
 STAGE = "extract"
 Mode = Literal["sample", "all"]
@@ -45,13 +45,9 @@ class TokenExtractor:
         ok = np.asarray(batch["ok"], dtype=bool)
         part = f"{self.split}-{content_hash(ids)}"
         if (~ok).any():
-            rejects = pa.table(
-                {"split": [self.split] * int((~ok).sum()),
-                 "image_id": [i for i, good in zip(ids, ok) if not good],
-                 "reason": [str(r) for r, good in zip(batch["reason"], ok) if not good]},
-                schema=REJECTS_SCHEMA,
-            )
-            self.stage.write_part("rejects", part, rejects)
+            bad = np.flatnonzero(~ok)
+            self.stage.write_part("rejects", part, rejects_table(self.split, [ids[i] for i in bad],
+                                                                 [batch["reason"][i] for i in bad]))
         n_rows = 0
         if ok.any():
             good_ids = [i for i, good in zip(ids, ok) if good]
