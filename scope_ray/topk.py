@@ -81,16 +81,19 @@ class FeatureTopK:
         self.keys = np.full((q, k), NO_KEY, dtype=np.int64)
 
     def update(self, max_acts_BQ: np.ndarray, keys_B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Offer B images (their per-feature max activation and keys). Returns the entries that
-        entered the top-k as (feature_E, key_E, value_E): what an actor reports to the driver."""
+        """Offer B images (their per-feature max activation and keys). Returns every top-k entry
+        that belongs to one of these B images, as (feature_E, key_E, value_E): what an actor
+        reports to the driver. Reporting the batch's held entries (not only the newly entered ones)
+        keeps a batch that runs twice on the same actor (Ray rebuilding a lost block) from
+        reporting nothing the second time; the driver drops the duplicates."""
         max_acts_BQ = np.asarray(max_acts_BQ)
         keys_B = np.asarray(keys_B, dtype=np.int64)
         if max_acts_BQ.ndim != 2 or max_acts_BQ.shape[1] != self.q or keys_B.shape != (max_acts_BQ.shape[0],):
             raise ValueError(f"expected max_acts [B, q={self.q}] and keys [B], got {max_acts_BQ.shape} and {keys_B.shape}")
         cand_v = max_acts_BQ.T
         cand_k = np.broadcast_to(keys_B, cand_v.shape)
-        self.values, self.keys, entered = merge_topk(self.values, self.keys, cand_v, cand_k, self.k)
-        feat, slot = np.nonzero(entered)
+        self.values, self.keys, _ = merge_topk(self.values, self.keys, cand_v, cand_k, self.k)
+        feat, slot = np.nonzero(np.isin(self.keys, keys_B) & (self.keys != NO_KEY))
         return feat.astype(np.int64), self.keys[feat, slot], self.values[feat, slot]
 
     def offer(self, feature_E: np.ndarray, key_E: np.ndarray, value_E: np.ndarray) -> None:

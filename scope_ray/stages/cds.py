@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig, SourceConfig
-from scope_ray.storage import ResultsRoot, StageDir, content_hash
-from scope_ray.tokens import REJECTS_SCHEMA
+from scope_ray.storage import ResultsRoot, content_hash
+from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
 
 TOPK_STAGE = "cds-topk"
 STAGE = "cds"
@@ -62,10 +62,6 @@ def pool_source(job: JobConfig) -> SourceConfig:
     return source
 
 
-def _rejects_table(split: str, ids: list[str], reasons: list[str]) -> pa.Table:
-    return pa.table({"split": [split] * len(ids), "image_id": ids, "reason": reasons}, schema=REJECTS_SCHEMA)
-
-
 class _ModelAndSAE:
     """What both passes' actors hold: the backbone at its designated layer and the trained SAE."""
 
@@ -77,16 +73,17 @@ class _ModelAndSAE:
         self.model, self.device = actor_backbone(job, torch_threads)
         self.sae = load_sae(job, root, device=self.device)
 
-    def codes(self, pixels_BSS3: np.ndarray) -> np.ndarray:
-        """SAE codes (JumpReLU at the trained threshold) of every patch token: z_BNQ float32."""
+    def codes(self, pixels_BSS3: np.ndarray):
+        """SAE codes (JumpReLU at the trained threshold) of every patch token, z_BNQ as a float32
+        tensor on the actor's device: callers reduce or gather there, so only what they keep
+        crosses to the host (the full [B, N, q] is hundreds of MB at paper scale)."""
         import torch
 
         with torch.inference_mode():
             pixels = torch.from_numpy(np.require(pixels_BSS3, requirements=["C", "W"])).to(self.device)
             tokens_BND = self.model.forward_layer(self.model.preprocess(pixels)).patch_tokens.float()
             b, n, d = tokens_BND.shape
-            z = self.sae.encode(tokens_BND.reshape(b * n, d), use_threshold=True)
-            return z.reshape(b, n, -1).float().cpu().numpy()
+            return self.sae.encode(tokens_BND.reshape(b * n, d), use_threshold=True).float().reshape(b, n, -1)
 
 
 # ------------------------------------------------------------------------------------ pass 1
@@ -108,19 +105,20 @@ class TopKCollector(_ModelAndSAE):
         ok = np.asarray(batch["ok"], dtype=bool).copy()
         reasons = [str(r) for r in batch["reason"]]
         entries = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-        if ok.any():
-            z_BNQ = self.codes(batch["pixels"][ok])
-            max_BQ = z_BNQ.max(axis=1)
+        max_BQ = np.zeros((0, self.topk.q))
+        good = np.flatnonzero(ok)
+        if good.size:
+            max_BQ = self.codes(batch["pixels"][ok]).amax(dim=1).cpu().numpy()
             finite_B = np.isfinite(max_BQ).all(axis=1)
-            good = np.flatnonzero(ok)
             for i in good[~finite_B]:  # a broken backbone output: never let NaN pick an image
                 ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the SAE codes"
-            if finite_B.any():
-                entries = self.topk.update(max_BQ[finite_B], image_keys([ids[i] for i in good[finite_B]]))
-        if (~ok).any():
+            max_BQ, good = max_BQ[finite_B], good[finite_B]
+        if (~ok).any():  # recorded before the running lists change, so a failure here loses nothing
             bad = np.flatnonzero(~ok)
             self.stage.write_part("rejects", f"pool-{content_hash(ids)}",
-                                  _rejects_table(self.job.scope.pool_split, [ids[i] for i in bad], [reasons[i] for i in bad]))
+                                  rejects_table(self.job.scope.pool_split, [ids[i] for i in bad], [reasons[i] for i in bad]))
+        if good.size:
+            entries = self.topk.update(max_BQ, image_keys([ids[i] for i in good]))
         feature, key, value = entries
         key_to_id = {k: i for k, i in zip(image_keys(ids), ids)}
         n = max(1, feature.size)  # always one row, so the counts travel even when nothing entered
@@ -221,6 +219,8 @@ def _selected_only(batch: dict[str, np.ndarray], *, keys_sorted: np.ndarray) -> 
     from scope_ray.topk import image_keys
 
     keys = image_keys([str(i) for i in batch["image_id"]])
+    if keys_sorted.size == 0:
+        return {k: v[:0] for k, v in batch.items()}
     pos = np.minimum(np.searchsorted(keys_sorted, keys), keys_sorted.size - 1)
     keep = keys_sorted[pos] == keys
     return {k: v[keep] for k, v in batch.items()}
@@ -243,74 +243,96 @@ class PairScorer(_ModelAndSAE):
         self.side = job.model.spec.grid - job.scope.shift
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         from scope_ray.scope import scc_pair_scores
         from scope_ray.topk import image_keys
 
         ids = [str(i) for i in batch["image_id"]]
         ok = np.asarray(batch["ok"], dtype=bool).copy()
         reasons = [str(r) for r in batch["reason"]]
-        rows: list[pa.Table] = []
-        if ok.any():
-            good = np.flatnonzero(ok)
-            v1, v2 = batch["view1"][ok], batch["view2"][ok]
-            z_2BNQ = self.codes(np.concatenate([v1, v2]))
-            b = len(good)
+        good = np.flatnonzero(ok)
+        maps1, maps2, rows = [], [], []  # per usable image: [F_m, H, W] twice and (feature, rank, id)
+        if good.size:
+            z_2BNQ = self.codes(np.concatenate([batch["view1"][ok], batch["view2"][ok]]))
+            b = good.size
+            idx1, idx2 = torch.from_numpy(self.idx1).to(z_2BNQ.device), torch.from_numpy(self.idx2).to(z_2BNQ.device)
             for j, i in enumerate(good):
                 key = image_keys([ids[i]])[0]
                 lo, hi = np.searchsorted(self.sel_key, key, "left"), np.searchsorted(self.sel_key, key, "right")
                 feats, ranks = self.sel_feature[lo:hi], self.sel_rank[lo:hi]
-                m1_FHW = z_2BNQ[j][self.idx1][:, feats].T.reshape(-1, self.side, self.side)
-                m2_FHW = z_2BNQ[b + j][self.idx2][:, feats].T.reshape(-1, self.side, self.side)
-                if not (np.isfinite(m1_FHW).all() and np.isfinite(m2_FHW).all()):
+                f = torch.from_numpy(feats).to(z_2BNQ.device)
+                # Only the overlap tokens x this image's features leave the device.
+                m1 = z_2BNQ[j][idx1][:, f].T.cpu().numpy().reshape(-1, self.side, self.side)
+                m2 = z_2BNQ[b + j][idx2][:, f].T.cpu().numpy().reshape(-1, self.side, self.side)
+                if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
                     ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the SAE codes"
                     continue
-                scores = scc_pair_scores(m1_FHW, m2_FHW)
-                rows.append(pa.table({
-                    "feature": pa.array(feats, pa.int64()), "rank": pa.array(ranks, pa.int32()),
-                    "image_id": pa.array([ids[i]] * feats.size, pa.string()), "score": pa.array(scores, pa.float64()),
-                    "empty_view1": pa.array(~m1_FHW.reshape(feats.size, -1).any(axis=1)),
-                    "empty_view2": pa.array(~m2_FHW.reshape(feats.size, -1).any(axis=1)),
-                }, schema=PAIRS_SCHEMA))
+                maps1.append(m1)
+                maps2.append(m2)
+                rows.append((feats, ranks, ids[i]))
         part = f"pairs-{content_hash(ids)}"
-        if rows:
-            self.stage.write_part("pairs", part, pa.concat_tables(rows))
         if (~ok).any():
             bad = np.flatnonzero(~ok)
-            self.stage.write_part("rejects", part, _rejects_table(self.job.scope.pool_split, [ids[i] for i in bad],
-                                                                  [reasons[i] for i in bad]))
-        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]),
-                "pairs": np.array([sum(t.num_rows for t in rows)])}
+            self.stage.write_part("rejects", part, rejects_table(self.job.scope.pool_split, [ids[i] for i in bad],
+                                                                 [reasons[i] for i in bad]))
+        n_pairs = 0
+        if rows:
+            m1_PHW, m2_PHW = np.concatenate(maps1), np.concatenate(maps2)
+            scores = scc_pair_scores(m1_PHW, m2_PHW)  # one batched exact-EMD call for the whole batch
+            n_pairs = len(scores)
+            self.stage.write_part("pairs", part, pa.table({
+                "feature": pa.array(np.concatenate([r[0] for r in rows]), pa.int64()),
+                "rank": pa.array(np.concatenate([r[1] for r in rows]), pa.int32()),
+                "image_id": pa.array([r[2] for r in rows for _ in range(len(r[0]))], pa.string()),
+                "score": pa.array(scores, pa.float64()),
+                "empty_view1": pa.array(~m1_PHW.reshape(n_pairs, -1).any(axis=1)),
+                "empty_view2": pa.array(~m2_PHW.reshape(n_pairs, -1).any(axis=1)),
+            }, schema=PAIRS_SCHEMA))
+        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]), "pairs": np.array([n_pairs])}
 
 
-def feature_scores(pairs: pa.Table, q: int, k: int, held_Q: np.ndarray) -> pa.Table:
-    """Per-feature CDS from the scored pairs (scope.cds_from_scores in rank order, vectorised).
+def cds_table(pairs: pa.Table, q: int, k: int, held_Q: np.ndarray, rejected_Q: np.ndarray | None = None) -> pa.Table:
+    """The ``cds`` table: every feature's CDS from its scored pairs (scope.cds_from_scores in
+    rank order, vectorised over features).
 
-    ``held_Q`` is how many top images pass 1 kept for each feature. status: ``ok``; ``fewer usable
-    images than k_cds`` (a CDS from what there was); ``no usable image`` (every held image had
-    both maps empty, CDS NaN); ``never fired`` (no pool image activates the feature, CDS NaN)."""
+    ``held_Q``: top images pass 1 kept per feature; ``rejected_Q``: of those, images rejected in
+    pass 2. status: ``ok``; ``fewer usable images than k_cds`` (a CDS from what there was);
+    ``no usable image`` (every scored image had both maps empty: CDS NaN); ``images rejected``
+    (no image could be scored at all: CDS NaN); ``never fired`` (no pool image activates the
+    feature: CDS NaN). ``images_both_empty`` counts the skipped images up to the last one used
+    (spares after it were never consulted)."""
+    rejected_Q = np.zeros(q, np.int64) if rejected_Q is None else rejected_Q
     f = pairs.column("feature").to_numpy()
     r = pairs.column("rank").to_numpy()
     s = pairs.column("score").to_numpy()
-    e1, e2 = pairs.column("empty_view1").to_numpy(zero_copy_only=False), pairs.column("empty_view2").to_numpy(zero_copy_only=False)
+    e1 = pairs.column("empty_view1").to_numpy(zero_copy_only=False)
+    e2 = pairs.column("empty_view2").to_numpy(zero_copy_only=False)
     order = np.lexsort((r, f))
     f, s, one_empty = f[order], s[order], (e1 ^ e2)[order]
     usable = ~np.isnan(s)
-    # Position of each usable score among its feature's usable scores (0-based, rank order).
+    # Running count of usable scores within each feature, in rank order (1-based at usable rows).
     csum = np.cumsum(usable)
     first = np.searchsorted(f, f, "left")
     before = np.where(first > 0, csum[np.maximum(first - 1, 0)], 0)
-    used = usable & (csum - before <= k)
+    seen = csum - before
+    used = usable & (seen <= k)
     n_used = np.bincount(f[used], minlength=q)
     total = np.bincount(f[used], weights=s[used], minlength=q)
+    # A skipped image was consulted when fewer than k usable ones came before it.
+    skipped = ~usable & (seen < k)
     with np.errstate(invalid="ignore", divide="ignore"):
         cds = np.where(n_used > 0, total / np.maximum(n_used, 1), np.nan)
-    status = np.where(held_Q == 0, "never fired",
-                      np.where(n_used == 0, "no usable image", np.where(n_used < k, "fewer usable images than k_cds", "ok")))
+    scored_Q = np.bincount(f, minlength=q)
+    status = np.select(
+        [held_Q == 0, (scored_Q == 0) & (rejected_Q > 0), n_used == 0, n_used < k],
+        ["never fired", "images rejected", "no usable image", "fewer usable images than k_cds"], "ok")
     return pa.table({
         "feature": pa.array(np.arange(q), pa.int64()), "cds": pa.array(cds, pa.float64()),
         "images_used": pa.array(n_used, pa.int32()),
         "images_left_overlap": pa.array(np.bincount(f[used & one_empty], minlength=q), pa.int32()),
-        "images_both_empty": pa.array(np.bincount(f[~usable], minlength=q), pa.int32()),
+        "images_both_empty": pa.array(np.bincount(f[skipped], minlength=q), pa.int32()),
+        "images_rejected": pa.array(rejected_Q, pa.int32()),
         "images_held": pa.array(held_Q, pa.int32()), "status": pa.array(status.tolist(), pa.string()),
     })
 
@@ -345,6 +367,14 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
     topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
     q, k = job.dictionary_size, job.scope.k_cds
     stage.reset()
+    held = np.bincount(topk.column("feature").to_numpy(), minlength=q)
+    if topk.num_rows == 0:  # no feature fires on any pool image: every feature is listed, none scored
+        log("[cds] pass 2: no feature fired on any pool image; every feature gets CDS NaN ('never fired')")
+        table = cds_table(PAIRS_SCHEMA.empty_table(), q, k, held)
+        stage.write_part("cds", "part-0", table)
+        stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri}, {"pairs": 0, "cds": q, "rejects": 0},
+                     extra={"shift": job.scope.shift, "k_cds": k, "grid": job.model.spec.grid, "nan_features": q})
+        return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=q)
     keys = image_keys(topk.column("image_id").to_pylist())
     order = np.argsort(keys, kind="stable")
     selection = (keys[order], topk.column("feature").to_numpy()[order], topk.column("rank").to_numpy()[order])
@@ -372,18 +402,17 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
         scored += int(part["pairs"].sum())
         bar.update(int(part["images"].sum()))
     bar.close()
-    pairs = _committed_parts(stage, root, "pairs", PAIRS_SCHEMA)
+    pairs = stage.written_table("pairs", PAIRS_SCHEMA)
     # Nothing lost, nothing doubled: every (feature, image) of a usable selected image exactly once.
-    rejected_ids = set()
-    if root.fs.glob(f"{stage.table_path('rejects')}/*.parquet"):
-        rejected_ids = set(_committed_parts(stage, root, "rejects", REJECTS_SCHEMA).column("image_id").to_pylist())
-    expected = sum(1 for i in topk.column("image_id").to_pylist() if i not in rejected_ids)
+    rejected_ids = set(stage.written_table("rejects", REJECTS_SCHEMA).column("image_id").to_pylist())
+    held_rejected = np.array([i in rejected_ids for i in topk.column("image_id").to_pylist()], dtype=bool)
+    expected = int((~held_rejected).sum())
     unique = len(set(zip(pairs.column("feature").to_pylist(), pairs.column("image_id").to_pylist())))
     if pairs.num_rows != expected or unique != expected or images != keys_sorted.size:
         raise RuntimeError(f"[cds] pass 2: {pairs.num_rows} scored pairs ({unique} distinct) for {images} images on "
                            f"storage, expected {expected} pairs for {keys_sorted.size} images; not committing")
-    held = np.bincount(topk.column("feature").to_numpy(), minlength=q)
-    table = feature_scores(pairs, q, k, held)
+    rejected_Q = np.bincount(topk.column("feature").to_numpy()[held_rejected], minlength=q)
+    table = cds_table(pairs, q, k, held, rejected_Q)
     stage.write_part("cds", "part-0", table)
     nan_features = int(np.isnan(table.column("cds").to_numpy()).sum())
     stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri},
@@ -394,13 +423,3 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
         f"{np.nanmedian(cds) if nan_features < q else float('nan'):.3f}; {nan_features} features with CDS NaN "
         "(listed in the cds table with their status)")
     return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=nan_features)
-
-
-def _committed_parts(stage: StageDir, root: ResultsRoot, table: str, schema: pa.Schema) -> pa.Table:
-    """Every part file written so far (before the manifest exists), for verification."""
-    import pyarrow.dataset as pads
-
-    files = root.fs.glob(f"{stage.table_path(table)}/*.parquet")
-    if not files:
-        return schema.empty_table()
-    return pads.dataset(files, filesystem=root.arrow_fs, format="parquet", schema=schema).to_table()
