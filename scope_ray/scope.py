@@ -133,13 +133,14 @@ def aw_cds(acts: np.ndarray, cds: np.ndarray, chunk: int = 512) -> np.ndarray:
     return out_T
 
 
-def norm_percentile_bins(norms: np.ndarray, values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+def norm_percentile_bins(norms: np.ndarray, values: np.ndarray, n_bins: int, *, return_counts: bool = False):
     """Figure 7: mean of ``values`` (e.g. awCDS) per token-norm percentile bin.
 
     Tokens are ranked by norm (ties share their mid-rank, so equal norms land in one bin), the
     percentile of rank r among T is ``100·(r − ½)/T``, and ``n_bins`` equal-width percentile bins
     cover 0–100. Returns (bin centres in percent [n_bins], NaN-aware mean per bin [n_bins]);
-    tokens with a non-finite norm are dropped, NaN values are ignored, an empty bin gives NaN."""
+    tokens with a non-finite norm are dropped, NaN values are ignored, an empty bin gives NaN.
+    With ``return_counts`` also the number of values averaged per bin [n_bins]."""
     from scipy.stats import rankdata
 
     norms_T = np.asarray(norms, dtype=np.float64).ravel()
@@ -153,7 +154,8 @@ def norm_percentile_bins(norms: np.ndarray, values: np.ndarray, n_bins: int) -> 
     norms_T, values_T = norms_T[keep_T], values_T[keep_T]
     centres_B = 100.0 * (np.arange(n_bins) + 0.5) / n_bins
     if norms_T.size == 0:
-        return centres_B, np.full(n_bins, np.nan)
+        empty = (centres_B, np.full(n_bins, np.nan))
+        return (*empty, np.zeros(n_bins, np.int64)) if return_counts else empty
     pct_T = 100.0 * (rankdata(norms_T, method="average") - 0.5) / norms_T.size
     bin_T = np.minimum((pct_T * n_bins / 100.0).astype(np.int64), n_bins - 1)
     ok_T = np.isfinite(values_T)
@@ -161,4 +163,4 @@ def norm_percentile_bins(norms: np.ndarray, values: np.ndarray, n_bins: int) -> 
     total_B = np.bincount(bin_T[ok_T], weights=values_T[ok_T], minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_B = np.where(count_B > 0, total_B / np.maximum(count_B, 1), np.nan)
-    return centres_B, mean_B
+    return (centres_B, mean_B, count_B) if return_counts else (centres_B, mean_B)

@@ -33,8 +33,11 @@ class ActorResources:
     pool_size: int
 
 
-def actor_resources(cfg: RayConfig) -> ActorResources:
-    """What each model actor asks for; fails at once where the cluster cannot satisfy it."""
+def actor_resources(cfg: RayConfig, task_cpus: float | None = None) -> ActorResources:
+    """What each model actor asks for; fails at once where the cluster cannot satisfy it.
+
+    ``task_cpus``: CPUs that must stay free beside the actors so the stage's other tasks can run
+    (default: one read task plus one decode task; a stage with bigger tasks passes their size)."""
     import ray
 
     total = ray.cluster_resources()
@@ -59,12 +62,12 @@ def actor_resources(cfg: RayConfig) -> ActorResources:
         pool = max(1, min(pool, int(gpus // num_gpus)))
     # The actors must leave room for at least one read task and one decode task beside them:
     # a pool holding every CPU starves the tasks that feed it and the stage waits forever.
-    feeders = cfg.read_cpus + cfg.decode_cpus
+    feeders = cfg.read_cpus + cfg.decode_cpus if task_cpus is None else task_cpus
     fit = int((cpus - feeders + 1e-9) // cfg.cpus_per_actor)
     if fit < 1:
         raise ClusterResourceError(
-            f"ray.cpus_per_actor={cfg.cpus_per_actor} plus one read task ({cfg.read_cpus}) and one decode task "
-            f"({cfg.decode_cpus}) need more than the cluster's {cpus:g} CPUs; lower ray.cpus_per_actor"
+            f"ray.cpus_per_actor={cfg.cpus_per_actor} plus {feeders:g} CPUs for the tasks that run beside the actors "
+            f"need more than the cluster's {cpus:g} CPUs; lower ray.cpus_per_actor"
         )
     pool = min(pool, fit)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))

@@ -32,12 +32,13 @@ import pyarrow.compute as pc
 
 from scope_ray.config import JobConfig
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
-from scope_ray.tokens import REJECTS_SCHEMA
+from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
 
 STAGE = "instability"
 # Tokens per EMD task. One token costs heads x one dense EMD (CLIP-B/16: 12 x ~1.7 ms on one core),
 # so a task runs for seconds: long enough to amortise scheduling, short enough to spread the work.
 EMD_BATCH_TOKENS = 256
+EMD_TASK_CPUS = 1.0  # an EMD task is single-threaded NumPy/POT
 SELECTION_RULE = ("first image of each label in source order, up to scope.instability_images; unlabelled "
                   "images (label < 0) fill the remainder, in source order, only when the split has fewer labelled classes")
 
@@ -179,8 +180,7 @@ class AttentionRows:
         # row records a rejection, so each rejected image is written exactly once.
         rej = np.flatnonzero(~ok_R & (shift_R == self.first_shift))
         if rej.size:
-            table = pa.table({"split": [self.split] * rej.size, "image_id": [ids[r] for r in rej],
-                              "reason": [str(batch["reason"][r]) for r in rej]}, schema=REJECTS_SCHEMA)
+            table = rejects_table(self.split, [ids[r] for r in rej], [batch["reason"][r] for r in rej])
             self.stage.write_part("rejects", f"{self.split}-{content_hash(ids[r] for r in rej)}", table)
         spec, cap, heads = self.model.spec, self.job.scope.instability_tokens, self.model.num_heads
         n, good = self.model.num_patches, np.flatnonzero(ok_R)
@@ -302,6 +302,20 @@ def _select(job: JobConfig, source, progress: bool) -> tuple[ClassPicker, list[t
     return picker, picker.selection()
 
 
+def analysis_image_ids(job: JobConfig, root: ResultsRoot, tau: float, progress: bool = False) -> list[str]:
+    """The instability image set (one per class, SELECTION_RULE): read from this stage when it is
+    complete for this job, chosen again by the same rule otherwise. The partition stage uses it
+    as the paper's "same set of 1,000 images" for the awCDS curve and the group statistics."""
+    stage = root.stage(job.model.name, STAGE)
+    if stage.is_complete(config_hash(job, tau)):
+        return stage.read_table("images", columns=["image_id"]).column("image_id").to_pylist()
+    source = getattr(job.data.imagenet, job.scope.instability_split)
+    if source is None:
+        raise ValueError(f"data.imagenet.{job.scope.instability_split} is not set: the analysis image set "
+                         "(scope.instability_split) needs it")
+    return [c[0] for c in _select(job, source, progress)[1]]
+
+
 def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: list[str], scan_rows: int, tau: float,
             progress: bool) -> int:
     import ray.data
@@ -324,7 +338,7 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
         batch_size=job.scope.batch_size, batch_format="numpy",
     )
     ds = ds.map_batches(emd_batch, fn_kwargs=dict(root=root, model=job.model.name, grid=spec.grid, tau=tau),
-                        batch_size=EMD_BATCH_TOKENS, num_cpus=1, batch_format="numpy")
+                        batch_size=EMD_BATCH_TOKENS, num_cpus=EMD_TASK_CPUS, batch_format="numpy")
     total = len(ids) * sum(tokens_per_image(spec.grid, s, job.scope.instability_tokens) for s in shifts)
     rows = 0
     bar = tqdm(desc="instability: attention EMD", unit="tok", total=total, disable=not progress, file=sys.stderr,
@@ -334,15 +348,6 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
         bar.update(int(part["rows"].sum()))
     bar.close()
     return rows
-
-
-def _read_parts(stage: StageDir, root: ResultsRoot, table: str, columns: list[str], schema: pa.Schema) -> pa.Table:
-    import pyarrow.dataset as pads
-
-    files = root.fs.glob(f"{stage.table_path(table)}/*.parquet")
-    if not files:
-        return schema.empty_table().select(columns)
-    return pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table(columns=columns)
 
 
 def _verify(job: JobConfig, tokens: pa.Table, rejects: pa.Table, selected: set[str]) -> tuple[set[str], set[str]]:
@@ -395,7 +400,9 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
                                  images_selected=counts["selected"], rejected=counts["rejected"], manifest=manifest)
     from scope_ray.stages.cluster import actor_resources
 
-    res = actor_resources(job.ray)  # a GPU request on a GPU-less cluster fails here, before any work
+    # A GPU request on a GPU-less cluster fails here, before any work; the pool leaves room for a
+    # 1-CPU EMD task (or the read and decode tasks, if larger) so the stage can never starve itself.
+    res = actor_resources(job.ray, task_cpus=max(EMD_TASK_CPUS, job.ray.read_cpus + job.ray.decode_cpus))
     stage.reset()
     spec, shifts = job.model.spec, job.instability_shifts
     log(f"[instability] {job.model.name} layer {job.model.resolved_layer}: selecting "
@@ -412,8 +419,8 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
     log(f"[instability] {len(ids)} images x shifts {list(shifts)}, tau {tau:.4g} ({tau_source}), tokens per image "
         f"and shift: {job.scope.instability_tokens or 'all'}")
     _stream(job, root, res, source, split, ids, scan_rows, tau, progress)
-    tokens = _read_parts(stage, root, "tokens", ["image_id", "shift", "token1", "outlier", "emd"], TOKENS_SCHEMA)
-    rejects = _read_parts(stage, root, "rejects", ["image_id", "reason"], REJECTS_SCHEMA)
+    tokens = stage.written_table("tokens", TOKENS_SCHEMA, ["image_id", "shift", "token1", "outlier", "emd"])
+    rejects = stage.written_table("rejects", REJECTS_SCHEMA, ["image_id", "reason"])
     used, rejected = _verify(job, tokens, rejects, set(ids))
     summary = summarize(tokens, shifts, len(used), tau)
     for row in summary:

@@ -14,9 +14,10 @@ Reads the ``cds`` stage and writes ``ROOT/<model>/partition/``:
 - ``figures/``: cds_histogram.png (Fig. 6), awcds.png (Fig. 7), gallery_low.png / gallery_high.png
   (Figs. 9 / 10), listed in the manifest.
 
-The token statistics use the validation tokens that extraction stored (every patch token of the
-first ``scope.instability_images`` validation images in image-id order, the paper's "same set of
-1,000 images"), encoded by the trained SAE inside a Ray task (on a GPU when the cluster has one).
+The token statistics use the validation tokens that extraction stored for the analysis image set
+(the instability stage's one-per-class selection, the paper's "same set of 1,000 images"; read
+from that stage when it is complete, chosen by the same rule otherwise), encoded by the trained
+SAE inside a Ray task (on a GPU when the cluster has one).
 Kept apart from the ``cds`` stage so that a new γ never recomputes CDS.
 """
 
@@ -41,7 +42,8 @@ def config_hash(job: JobConfig) -> str:
     from scope_ray.stages.cds import config_hash as cds_hash
 
     return job.stage_hash("scope.gamma", "scope.awcds_bins", "scope.gallery_features", "scope.gallery_images",
-                          "scope.instability_images", "model.tau")[:8] + cds_hash(job)
+                          "scope.instability_images", "scope.instability_split", f"data.imagenet.{job.scope.instability_split}",
+                          "model.tau")[:8] + cds_hash(job)
 
 
 def resolve_gamma(job: JobConfig, cds_Q: np.ndarray) -> tuple[float, str]:
@@ -63,9 +65,9 @@ def split_groups(cds_Q: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
 
 
 def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, groups: dict[str, np.ndarray],
-                     tau: float) -> dict:
-    """Group activations on outlier vs normal tokens and the awCDS curve, over the stored val tokens."""
-    import pyarrow.compute as pc
+                     tau: float, image_ids: list[str]) -> dict:
+    """Group activations on outlier vs normal tokens and the awCDS curve, over the stored val
+    tokens of ``image_ids`` (the analysis image set)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -76,18 +78,16 @@ def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, group
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = load_sae(job, root, device=device)
     files = root.stage(job.model.name, "extract").part_files("val_tokens")
-    ids = pa.concat_arrays([pq.read_table(f, columns=["image_id"], filesystem=root.arrow_fs).column("image_id").combine_chunks()
-                            for f in files])
-    chosen = pa.array(sorted(set(ids.to_pylist()))[: job.scope.instability_images], pa.string())
     sums = {g: {"outlier": 0.0, "normal": 0.0} for g in GROUPS}
     n_tok = {"outlier": 0, "normal": 0}
-    norms_all, aw_all = [], []
+    norms_all, aw_all, found = [], [], set()
     nonfinite = 0
     for f in files:
-        t = pq.read_table(f, filesystem=root.arrow_fs)
-        t = t.filter(pc.is_in(t.column("image_id"), value_set=chosen))
+        # The filter is pushed into the Parquet read: row groups of other images are skipped.
+        t = pq.read_table(f, filesystem=root.arrow_fs, filters=[("image_id", "in", image_ids)])
         if t.num_rows == 0:
             continue
+        found.update(t.column("image_id").to_pylist())
         x = activations_of(t)
         norms = t.column("norm").to_numpy().astype(np.float64)
         ok = np.isfinite(x).all(axis=1) & np.isfinite(norms)
@@ -107,15 +107,7 @@ def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, group
             aw_all.append(aw_cds(z, cds_Q))
     norms_T = np.concatenate(norms_all) if norms_all else np.zeros(0)
     aw_T = np.concatenate(aw_all) if aw_all else np.zeros(0)
-    centres, means = norm_percentile_bins(norms_T, aw_T, job.scope.awcds_bins)
-    # Tokens per bin, binned exactly as norm_percentile_bins does (a weight of 1 per token).
-    counts = np.zeros(job.scope.awcds_bins, np.int64)
-    if norms_T.size:
-        from scipy.stats import rankdata
-
-        pct = 100.0 * (rankdata(norms_T, method="average") - 0.5) / norms_T.size
-        counts = np.bincount(np.minimum((pct * job.scope.awcds_bins / 100.0).astype(np.int64), job.scope.awcds_bins - 1),
-                             minlength=job.scope.awcds_bins)
+    centres, means, counts = norm_percentile_bins(norms_T, aw_T, job.scope.awcds_bins, return_counts=True)
     group_rows = []
     for g in GROUPS:
         out_sum, norm_sum = sums[g]["outlier"], sums[g]["normal"]
@@ -125,24 +117,29 @@ def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, group
             "mean_act_normal": norm_sum / n_tok["normal"] if n_tok["normal"] else float("nan"),
             "outlier_share": out_sum / (out_sum + norm_sum) if out_sum + norm_sum > 0 else float("nan"),
         })
-    outlier_pct = 100.0 * float((norms_T <= tau).mean()) if norms_T.size else float("nan")
+    outlier_pct = 100.0 * float((norms_T <= tau).mean()) if norms_T.size else float("nan")  # where tau sits
     return {"groups": group_rows, "centres": centres, "means": means, "counts": counts,
-            "tokens": int(norms_T.size), "outlier_tokens": n_tok["outlier"], "images": len(chosen),
-            "outlier_percentile": outlier_pct, "nonfinite_rows": nonfinite}
+            "tokens": int(norms_T.size), "outlier_tokens": n_tok["outlier"], "images": len(found),
+            "images_requested": len(image_ids), "tau_percentile": outlier_pct, "nonfinite_rows": nonfinite}
 
 
-def gallery_choice(cds_Q: np.ndarray, topk: pa.Table, n_features: int, n_images: int) -> list[dict]:
-    """The ``n_features`` lowest- and highest-CDS features (finite CDS; ties by index) and their
-    top ``n_images`` images from pass 1, as rows (group, feature, cds, rank, image_id)."""
-    finite = np.flatnonzero(np.isfinite(cds_Q))
-    order = finite[np.lexsort((finite, cds_Q[finite]))]
-    picks = {"low": order[:n_features], "high": order[::-1][:n_features]}
+def gallery_choice(cds: pa.Table, topk: pa.Table, n_features: int, n_images: int) -> list[dict]:
+    """The ``n_features`` lowest- and highest-CDS features and their top ``n_images`` images from
+    pass 1, as rows (group, feature, cds, rank, image_id). Features with status ``ok`` (a full
+    k_cds of usable images) come first, so the high end is not filled with features that scored
+    1 on a single image; ties go to the lower index; a feature is drawn in one gallery only."""
+    cds_Q = cds.column("cds").to_numpy()
+    ok_Q = np.array([st == "ok" for st in cds.column("status").to_pylist()])
+    feats = np.flatnonzero(np.isfinite(cds_Q))
+    low = feats[np.lexsort((feats, cds_Q[feats], ~ok_Q[feats]))][:n_features]
+    rest = np.setdiff1d(feats, low)
+    high = rest[np.lexsort((rest, -cds_Q[rest], ~ok_Q[rest]))][:n_features]
     f = topk.column("feature").to_numpy()
     r = topk.column("rank").to_numpy()
     img = topk.column("image_id").to_pylist()
     rows = []
-    for g, feats in picks.items():
-        for feat in feats:
+    for g, picked in (("low", low), ("high", high)):
+        for feat in picked:
             sel = np.flatnonzero((f == feat) & (r < n_images))
             for i in sel[np.argsort(r[sel])]:
                 rows.append({"group": g, "feature": int(feat), "cds": float(cds_Q[feat]), "rank": int(r[i]),
@@ -184,14 +181,19 @@ def gallery_maps(job: JobConfig, root: ResultsRoot, rows: list[dict]) -> tuple[d
 
         res = actor_resources(job.ray)
 
-        @ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-        def _codes(job, root, images):
-            return _ModelAndSAE(job, root, res.torch_threads).codes(images)
+        wanted_rows = [r for r in rows if r["image_id"] in pixels]
+        image_index = np.array([ids.index(r["image_id"]) for r in wanted_rows])
+        feature_index = np.array([r["feature"] for r in wanted_rows])
 
-        z_BNQ = ray.get(_codes.remote(job, root, np.stack([pixels[i] for i in ids])))
-        for r in rows:
-            if r["image_id"] in pixels:
-                maps[(r["feature"], r["image_id"])] = z_BNQ[ids.index(r["image_id"]), :, r["feature"]].reshape(spec.grid, spec.grid)
+        @ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+        def _maps(job, root, images, image_index, feature_index):
+            # Only the [rows, N] maps leave the task, not the codes of every gallery image.
+            z_BNQ = _ModelAndSAE(job, root, res.torch_threads).codes(images)
+            return z_BNQ[image_index, :, feature_index].cpu().numpy()
+
+        maps_RN = ray.get(_maps.remote(job, root, np.stack([pixels[i] for i in ids]), image_index, feature_index))
+        for r, m in zip(wanted_rows, maps_RN):
+            maps[(r["feature"], r["image_id"])] = m.reshape(spec.grid, spec.grid)
     return pixels, maps
 
 
@@ -225,14 +227,21 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
         raise RuntimeError(f"{job.model.name}: the cds stage at {cds_stage.uri} is missing or from another config; "
                            "run `scope-ray stage cds` first")
     stage.reset()
-    cds_Q = cds_stage.read_table("cds").column("cds").to_numpy()
+    cds = cds_stage.read_table("cds")
+    cds_Q = cds.column("cds").to_numpy()
     q = cds_Q.size
     gamma, gamma_source = resolve_gamma(job, cds_Q)
     groups = split_groups(cds_Q, gamma)
     tau, tau_source = resolve_tau(job, root)
     res = actor_resources(job.ray)
+    from scope_ray.stages.instability import analysis_image_ids
+
+    image_ids = analysis_image_ids(job, root, tau, progress=progress)
     stats = ray.get(ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(token_statistics).remote(
-        job, root, cds_Q, groups, tau))
+        job, root, cds_Q, groups, tau, image_ids))
+    if stats["images"] < len(image_ids):
+        log(f"[partition] {len(image_ids) - stats['images']} of the {len(image_ids)} analysis images have no stored "
+            "val tokens (extract.val_split differs from scope.instability_split?); statistics use the rest")
     row = {"model": job.model.name, "dictionary_size": q, "gamma": gamma, "gamma_source": gamma_source,
            "low_cds": int(groups["low"].size), "high_cds": int(groups["high"].size),
            "nan_cds": int((~np.isfinite(cds_Q)).sum()), "shift": job.scope.shift, "k_cds": job.scope.k_cds}
@@ -245,9 +254,9 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
                                                      "cds": pa.array(cds_Q, pa.float64()),
                                                      "group": pa.array(membership.tolist(), pa.string())}))
     stage.write_part("awcds", "part-0", pa.table({"norm_percentile": stats["centres"], "awcds": stats["means"],
-                                                  "tokens": stats["counts"].astype(np.int64)}))
+                                                  "tokens": stats["counts"].astype(np.int64)}))  # tokens averaged
     topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
-    gallery_rows = gallery_choice(cds_Q, topk, job.scope.gallery_features, job.scope.gallery_images)
+    gallery_rows = gallery_choice(cds, topk, job.scope.gallery_features, job.scope.gallery_images)
     pixels, maps = gallery_maps(job, root, gallery_rows)
     stage.write_part("gallery", "part-0", pa.Table.from_pylist(
         gallery_rows, schema=pa.schema([("group", pa.string()), ("feature", pa.int64()), ("cds", pa.float64()),
@@ -258,7 +267,7 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
             "cds_histogram": cds_histogram(cds_Q, Path(tmp) / "cds_histogram.png", gamma=gamma,
                                            title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
             "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
-                                 outlier_percentile=stats["outlier_percentile"],
+                                 outlier_percentile=stats["tau_percentile"],
                                  title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
         }
         for g, label in (("low", "lowest"), ("high", "highest")):
@@ -271,7 +280,8 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
                   "gallery": len(gallery_rows)},
                  extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
                         "tokens": stats["tokens"], "outlier_tokens": stats["outlier_tokens"],
-                        "images": stats["images"], "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})
+                        "images": stats["images"], "images_requested": stats["images_requested"],
+                        "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})
     log(f"[partition] gamma {gamma:.3g} ({gamma_source}): {row['low_cds']} low-CDS, {row['high_cds']} high-CDS, "
         f"{row['nan_cds']} CDS NaN of {q}; figures under {posixpath.join(stage.uri, 'figures')}")
     return PartitionResult(skipped=False, row=row, groups=stats["groups"], figures=figures)

@@ -19,6 +19,7 @@ from scope_ray.scc import overlap_maps, scc_views
 from scope_ray.scope import cds_from_scores, scc_pair_scores
 from scope_ray.stages.cds import run_cds, run_cds_topk
 from scope_ray.stages.extract import config_hash as extract_hash
+from scope_ray.stages.instability import analysis_image_ids
 from scope_ray.stages.partition import run_partition
 from scope_ray.stages.train_sae import SAE_FILE
 from scope_ray.stages.train_sae import config_hash as train_hash
@@ -162,7 +163,20 @@ def test_cds_stage_equals_direct_computation_and_partition(ray_local, pool, tmp_
             assert im.size[0] > 100, key
     awcds = root.stage(job.model.name, "partition").read_table("awcds")
     assert awcds.num_rows == job.scope.awcds_bins
-    assert int(np.sum(awcds.column("tokens").to_numpy())) == 8 * job.model.spec.num_patches
+    # The token statistics cover the analysis set: the first image of each class present in the
+    # pool; a selected image that could not be decoded has no tokens and is not counted.
+    pm = root.stage(job.model.name, "partition").manifest()
+    selected = analysis_image_ids(job, root, pm["tau"])
+    labels = {i.split("/")[0] for i in images}
+    assert len(selected) == pm["images_requested"] == len(labels)
+    readable = [i for i in selected if i in images]
+    assert pm["images"] == len(readable) and pm["tokens"] == len(readable) * job.model.spec.num_patches
+    assert 0 < int(np.sum(awcds.column("tokens").to_numpy())) <= pm["tokens"]  # tokens with a finite awCDS
+    gallery = root.stage(job.model.name, "partition").read_table("gallery").to_pylist()
+    low = {g["feature"] for g in gallery if g["group"] == "low"}
+    high = {g["feature"] for g in gallery if g["group"] == "high"}
+    assert low and high and not low & high
+    assert max(cds[f] for f in low) <= min(cds[f] for f in high)
 
     # Re-runs skip; a new gamma redoes only the partition, not the CDS passes.
     again = run_cds(job, root, progress=False, log=lambda *_: None)
