@@ -1,0 +1,464 @@
+"""Probe features: the final-layer tokens each linear probe reads, for every removal variant.
+
+For each task whose data is configured (classification: ``data.imagenet``, segmentation:
+``data.ade20k``, depth: ``data.nyud``; each of ``train`` / ``val`` that is set) and each variant
+in ``VARIANTS``, images stream through decoding tasks and a pool of ViT + SAE actors that run
+``final_tokens(pixels, edit=removal_edit(sae, group))`` (METHOD §8: the group leaves the patch
+tokens at the designated block, the edit propagates through the later blocks, the tokens are read
+after the final norm). Groups come from the committed partition stage's ``features`` table; the
+random control is ``random_group(q, |high|, seed)``.
+
+Tables under ``ROOT/<model>/probe-features/`` (docs/probes.md is the reference):
+``classification_<split>``, ``segmentation_<split>``, ``depth_<split>`` and ``rejects``.
+Each actor writes one part file per batch holding every variant's rows, named by the batch's
+image ids, so a retried batch overwrites; the driver checks rows = (images − rejects) × variants,
+each (image, variant) once, and commits the manifest last.
+
+Four forwards per batch (one per variant). Sharing the SAE encoding of the designated-layer
+tokens across the three removal variants would save about one SAE encode per removal variant
+but needs the removal arithmetic outside ``removal.py``; the forwards dominate, so each variant
+goes through ``removal_edit`` as it is.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from scope_ray.config import JobConfig, SourceConfig
+from scope_ray.data.images import RejectedImage, decode_depth, decode_image, decode_mask, resize_center_crop
+from scope_ray.storage import ResultsRoot, StageDir, content_hash
+from scope_ray.tokens import REJECTS_SCHEMA
+
+STAGE = "probe-features"
+Task = Literal["classification", "segmentation", "depth"]
+TASKS: dict[str, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
+VARIANTS = ("original", "high_removed", "low_removed", "random_removed")
+VARIANT_GROUP = {"high_removed": "high", "low_removed": "low", "random_removed": "random"}
+SPLITS = ("train", "val")
+IGNORE_INDEX = 255
+
+
+def table_name(task: str, split: str) -> str:
+    return f"{task}_{split}"
+
+
+def table_schema(task: Task, d: int, n: int, s: int) -> pa.Schema:
+    """The Arrow schema of ``<task>_<split>``: D width, N patch tokens, S input side."""
+    f32, head = pa.float32(), [pa.field("image_id", pa.string()), pa.field("variant", pa.string())]
+    if task == "classification":
+        return pa.schema(head + [pa.field("embedding", pa.list_(f32, d)), pa.field("label", pa.int64())])
+    if task == "segmentation":
+        return pa.schema(head + [pa.field("tokens", pa.list_(f32, n * d)), pa.field("mask", pa.list_(pa.uint8(), s * s))])
+    if task == "depth":
+        return pa.schema(head + [pa.field("cls", pa.list_(f32, d)), pa.field("tokens", pa.list_(f32, n * d)),
+                                 pa.field("depth", pa.list_(f32, s * s))])
+    raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+
+
+# ------------------------------------------------------------------------------ decoding
+def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(resized h, resized w, top, left) of ``resize_center_crop`` for an h x w input."""
+    if h <= w:
+        new_h, new_w = size, max(size, int(size * w / h))
+    else:
+        new_h, new_w = max(size, int(size * h / w)), size
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def resize_center_crop_plane(plane_HW: np.ndarray, size: int) -> np.ndarray:
+    """A label or depth plane put through the image's resize + centre crop, nearest-neighbour.
+
+    uint8 (class ids) or float32 (metres, NaN = invalid). Nearest never invents a class id or a
+    depth between a foreground and a background surface, and an invalid (NaN) pixel stays NaN
+    without spreading. PIL samples pixel centres for every filter, so the plane lines up with the
+    bicubic image resize of ``resize_center_crop``.
+    """
+    from PIL import Image
+
+    if plane_HW.ndim != 2 or plane_HW.dtype not in (np.uint8, np.float32):
+        raise ValueError(f"expected a uint8 or float32 plane [H, W], got {plane_HW.dtype} {list(plane_HW.shape)}")
+    h, w = plane_HW.shape
+    new_h, new_w, top, left = crop_geometry(h, w, size)
+    im = Image.fromarray(np.ascontiguousarray(plane_HW))
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.Resampling.NEAREST)
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=plane_HW.dtype).copy()
+
+
+def _bytes(data) -> bytes | None:
+    return None if data is None else bytes(data)
+
+
+def _same_size(img_HW3: np.ndarray, plane_HW: np.ndarray, what: str) -> None:
+    if img_HW3.shape[:2] != plane_HW.shape:
+        (h, w), (ph, pw) = img_HW3.shape[:2], plane_HW.shape
+        raise RejectedImage(f"{what} size mismatch: image {h}x{w}, {what} {ph}x{pw}")
+
+
+def decode_task_batch(batch: dict[str, np.ndarray], *, task: Task, size: int, max_pixels: int,
+                      min_side: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: ``image`` (+ annotation) bytes → ``pixels`` [B, S, S, 3] uint8,
+    ``ok``, ``reason`` and the task's target at the input geometry:
+    classification ``label`` (int64, passed through; < 0 is rejected as "missing label"),
+    segmentation ``mask`` [B, S, S] uint8 (255 = ignore), depth ``depth`` [B, S, S] float32
+    (metres, NaN = invalid). Rejected rows keep zero pixels and an all-ignore / all-NaN target."""
+    images = batch["image"]
+    n = len(images)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    reason = np.full(n, "", dtype=object)
+    target = None
+    if task == "segmentation":
+        target = np.full((n, size, size), IGNORE_INDEX, dtype=np.uint8)
+    elif task == "depth":
+        target = np.full((n, size, size), np.nan, dtype=np.float32)
+    elif task != "classification":
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    for i in range(n):
+        try:
+            img = decode_image(_bytes(images[i]), max_pixels=max_pixels, min_side=min_side)
+            if task == "classification":
+                if int(batch["label"][i]) < 0:
+                    raise RejectedImage("missing label")
+            elif task == "segmentation":
+                mask = decode_mask(_bytes(batch["mask"][i]), max_pixels=max_pixels)
+                _same_size(img, mask, "mask")
+                target[i] = resize_center_crop_plane(mask, size)
+            else:
+                depth = decode_depth(_bytes(batch["depth"][i]), max_pixels=max_pixels)
+                _same_size(img, depth, "depth")
+                target[i] = resize_center_crop_plane(depth, size)
+            pixels[i] = resize_center_crop(img, size)
+            ok[i] = True
+        except RejectedImage as exc:
+            reason[i] = exc.reason
+            if target is not None:  # a half-decoded target must not travel with a reject
+                target[i] = IGNORE_INDEX if task == "segmentation" else np.nan
+    out = {k: v for k, v in batch.items() if k not in ("image", "mask", "depth")}
+    out.update(pixels=pixels, ok=ok, reason=reason)
+    if task == "segmentation":
+        out["mask"] = target
+    elif task == "depth":
+        out["depth"] = target
+    return out
+
+
+# --------------------------------------------------------------------------------- actor
+def _fsl(values_BK: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    b, k = values_BK.shape
+    flat = pa.array(np.ascontiguousarray(values_BK).reshape(-1), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, k)
+
+
+def has_class_token(model) -> bool:
+    """Whether prefix token 0 is a class token (SigLIP towers have none; registers come after CLS)."""
+    if model.spec.loader == "open_clip":
+        return True
+    return getattr(model.backbone, "cls_token", None) is not None
+
+
+class ProbeFeatureWriter:
+    """Ray Data actor: decoded images in; one part file of every variant's rows out; counts returned."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, task: str, split: str, groups: dict[str, np.ndarray],
+                 torch_threads: int):
+        from scope_ray.removal import removal_edit
+        from scope_ray.stages.cluster import actor_backbone
+        from scope_ray.stages.train_sae import load_sae
+
+        self.task, self.split, self.table = task, split, table_name(task, split)
+        self.stage = root.stage(job.model.name, STAGE)
+        self.model, self.device = actor_backbone(job, torch_threads)
+        sae = load_sae(job, root, device=self.device)
+        self.edits = {"original": None}
+        self.edits.update({v: removal_edit(sae, groups[g]) for v, g in VARIANT_GROUP.items()})
+        self.prefix = self.model.num_prefix_tokens
+        self.cls = has_class_token(self.model)
+        spec = job.model.spec
+        self.schema = table_schema(task, spec.width, spec.num_patches, spec.image_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ids = [str(i) for i in batch["image_id"]]
+        ok = np.asarray(batch["ok"], dtype=bool).copy()
+        reasons = [str(r) for r in batch["reason"]]
+        part = f"{self.split}-{content_hash(ids)}"
+        out = {"images": np.array([len(ids)]), "rejected": np.array([0]), "rows": np.array([0]),
+               "invalid_depth_pixels": np.array([0]), "label_min": np.array([np.iinfo(np.int64).max]),
+               "label_max": np.array([np.iinfo(np.int64).min]), "class_token": np.array([int(self.cls)])}
+        tokens: dict[str, np.ndarray] = {}
+        if ok.any():
+            good = np.flatnonzero(ok)
+            pixels = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device))
+            for variant in VARIANTS:
+                with torch.inference_mode():
+                    tokens[variant] = self.model.final_tokens(pixels, edit=self.edits[variant]).float().cpu().numpy()
+            finite_B = np.logical_and.reduce([np.isfinite(t).all(axis=(1, 2)) for t in tokens.values()])
+            for i in good[~finite_B]:  # a broken backbone or SAE: never hand NaN features to a probe
+                ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the final tokens"
+            tokens = {v: t[finite_B] for v, t in tokens.items()}
+        if (~ok).any():
+            bad = np.flatnonzero(~ok)
+            self.stage.write_part("rejects", part, pa.table(
+                {"split": [self.split] * bad.size, "image_id": [ids[i] for i in bad], "reason": [reasons[i] for i in bad]},
+                schema=REJECTS_SCHEMA))
+        out["rejected"][0] = int((~ok).sum())
+        if not ok.any():
+            return out
+        good_ids = [ids[i] for i in np.flatnonzero(ok)]
+        table = pa.concat_tables([self._rows(good_ids, v, tokens[v], batch, ok) for v in VARIANTS])
+        self.stage.write_part(self.table, part, table)
+        out["rows"][0] = table.num_rows
+        if self.task == "depth":
+            out["invalid_depth_pixels"][0] = int(np.isnan(batch["depth"][ok]).sum())
+        if self.task == "classification":
+            labels = np.asarray(batch["label"][ok], dtype=np.int64)
+            out["label_min"][0], out["label_max"][0] = labels.min(), labels.max()
+        return out
+
+    def _rows(self, ids: list[str], variant: str, tokens_BTD: np.ndarray, batch: dict, ok: np.ndarray) -> pa.Table:
+        b = len(ids)
+        patch_BND = tokens_BTD[:, self.prefix:]
+        cols = {"image_id": pa.array(ids, pa.string()), "variant": pa.array([variant] * b, pa.string())}
+        if self.task == "classification":
+            # All visual tokens = every patch token; CLS / registers are not image regions (docs/probes.md).
+            cols["embedding"] = _fsl(patch_BND.mean(axis=1), pa.float32())
+            cols["label"] = pa.array(np.asarray(batch["label"][ok], dtype=np.int64), pa.int64())
+        elif self.task == "segmentation":
+            cols["tokens"] = _fsl(patch_BND.reshape(b, -1), pa.float32())
+            cols["mask"] = _fsl(np.asarray(batch["mask"][ok], dtype=np.uint8).reshape(b, -1), pa.uint8())
+        else:
+            cls_BD = tokens_BTD[:, 0] if self.cls else patch_BND.mean(axis=1)
+            cols["cls"] = _fsl(cls_BD, pa.float32())
+            cols["tokens"] = _fsl(patch_BND.reshape(b, -1), pa.float32())
+            cols["depth"] = _fsl(np.asarray(batch["depth"][ok], dtype=np.float32).reshape(b, -1), pa.float32())
+        return pa.table(cols, schema=self.schema)
+
+
+# --------------------------------------------------------------------------------- driver
+@dataclass
+class SplitCounts:
+    images: int = 0
+    rejected: int = 0
+    rows: int = 0
+    invalid_depth_pixels: int = 0
+    label_min: int | None = None
+    label_max: int | None = None
+    class_token: bool = True
+
+    @property
+    def used(self) -> int:
+        return self.images - self.rejected
+
+
+@dataclass
+class ProbeFeaturesResult:
+    skipped: bool
+    counts: dict[str, SplitCounts] = field(default_factory=dict)  # by table name
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    group_sizes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    manifest: dict | None = None
+
+
+def config_hash(job: JobConfig) -> str:
+    """What the probe features depend on: the task data, the decoding limits and (through the
+    partition's hash) the model, layer, SAE and groups; not batch sizes or Ray settings."""
+    from scope_ray.stages.partition import config_hash as partition_hash
+
+    return job.stage_hash("data.imagenet", "data.ade20k", "data.nyud", "data.max_pixels", "data.min_side")[:8] \
+        + partition_hash(job)
+
+
+def task_plan(job: JobConfig) -> list[tuple[str, str, SourceConfig]]:
+    """(task, split, source) for every configured split of every probe dataset."""
+    plan = []
+    for task, dataset in TASKS.items():
+        cfg = getattr(job.data, dataset)
+        for split in SPLITS:
+            source = getattr(cfg, split)
+            if source is not None:
+                plan.append((task, split, source))
+    return plan
+
+
+def load_groups(job: JobConfig, root: ResultsRoot) -> dict[str, np.ndarray]:
+    """Feature ids of the high, low and random groups from the committed partition (sorted int64)."""
+    from scope_ray.removal import random_group
+    from scope_ray.stages.partition import STAGE as PARTITION
+    from scope_ray.stages.partition import config_hash as partition_hash
+
+    part = root.stage(job.model.name, PARTITION)
+    hint = "run `scope-ray stage cds` first (it computes CDS and the partition)"
+    if not part.is_complete(partition_hash(job)):
+        why = "missing" if not part.is_complete() else "from another config"
+        raise RuntimeError(f"{job.model.name}: the partition stage at {part.uri} is {why}; the probe features need its "
+                           f"feature groups: {hint}")
+    try:
+        t = part.read_table("features", columns=["feature", "group"])
+    except KeyError:
+        raise RuntimeError(f"{job.model.name}: the partition at {part.uri} has no `features` table (written by an "
+                           f"older version); {hint} after removing it") from None
+    q = job.dictionary_size
+    feature = t.column("feature").to_numpy()
+    group = np.asarray(t.column("group").to_pylist(), dtype=object)
+    if np.sort(feature).tolist() != list(range(q)):
+        raise RuntimeError(f"{job.model.name}: the partition's features table lists {feature.size} features, "
+                           f"expected each of 0..{q - 1} once; {hint}")
+    groups = {g: np.sort(feature[group == g]).astype(np.int64) for g in ("low", "high")}
+    groups["random"] = random_group(q, size=int(groups["high"].size), seed=job.seed).numpy()
+    return groups
+
+
+def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, source: SourceConfig,
+                  groups: dict[str, np.ndarray], progress: bool) -> SplitCounts:
+    import ray.data
+    from tqdm import tqdm
+
+    from scope_ray.data.sources import read_source
+    from scope_ray.stages.cluster import actor_resources
+
+    res = actor_resources(job.ray)
+    spec = job.model.spec
+    batch_size = job.extract.batch_size
+    ds = read_source(source, TASKS[task], endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    ds = ds.map_batches(
+        decode_task_batch,
+        fn_kwargs=dict(task=task, size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side),
+        batch_size=batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        ProbeFeatureWriter,
+        fn_constructor_kwargs=dict(job=job, root=root, task=task, split=split, groups=groups,
+                                   torch_threads=res.torch_threads),
+        compute=ray.data.ActorPoolStrategy(size=res.pool_size),
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_size=batch_size, batch_format="numpy",
+    )
+    c = SplitCounts()
+    lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    bar = tqdm(desc=f"probe features {task} {split}", unit="img", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for s in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        c.images += int(s["images"].sum())
+        c.rejected += int(s["rejected"].sum())
+        c.rows += int(s["rows"].sum())
+        c.invalid_depth_pixels += int(s["invalid_depth_pixels"].sum())
+        lo, hi = min(lo, int(s["label_min"].min())), max(hi, int(s["label_max"].max()))
+        c.class_token = bool(s["class_token"].all())
+        bar.update(int(s["images"].sum()))
+        bar.set_postfix(rejected=c.rejected)
+    bar.close()
+    if task == "classification" and c.used:
+        c.label_min, c.label_max = lo, hi
+    return c
+
+
+def verify_table(stage: StageDir, root: ResultsRoot, table: str, counts: SplitCounts) -> None:
+    """Nothing lost, nothing doubled: rows = used images x variants, each (image, variant) once."""
+    import pyarrow.dataset as pads
+
+    files = root.fs.glob(f"{stage.table_path(table)}/*.parquet")
+    if files:
+        t = pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table(columns=["image_id", "variant"])
+    else:
+        t = pa.table({"image_id": pa.array([], pa.string()), "variant": pa.array([], pa.string())})
+    pairs = t.group_by(["image_id", "variant"]).aggregate([]).num_rows
+    images = t.group_by(["image_id"]).aggregate([]).num_rows
+    variants = set(t.column("variant").unique().to_pylist())
+    expected = counts.used * len(VARIANTS)
+    if t.num_rows != expected or pairs != t.num_rows or images != counts.used or not variants <= set(VARIANTS):
+        raise RuntimeError(
+            f"probe-features {table}: {t.num_rows} rows ({pairs} distinct (image, variant) pairs, {images} images, "
+            f"variants {sorted(variants)}) on storage; expected {expected} rows = ({counts.images} images in - "
+            f"{counts.rejected} rejected) x {len(VARIANTS)} variants, each pair once; not committing"
+        )
+
+
+def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> ProbeFeaturesResult:
+    """Run (or skip, when committed with this config) the probe-features stage for ``job``."""
+    from scope_ray.stages.train_sae import load_sae
+
+    stage = root.stage(job.model.name, STAGE)
+    chash = config_hash(job)
+    if stage.is_complete(chash):
+        log(f"[probe-features] {job.model.name}: already complete at {stage.uri}; skipping")
+        m = stage.manifest()
+        return ProbeFeaturesResult(skipped=True, group_sizes=m["group_sizes"], manifest=m)
+    plan = task_plan(job)
+    if not plan:
+        raise ValueError("no probe data configured: set data.imagenet, data.ade20k and/or data.nyud train/val "
+                         "(see docs/data.md)")
+    groups = load_groups(job, root)
+    load_sae(job, root)  # fail before any Ray work when the SAE is missing or stale
+    sizes = {g: int(v.size) for g, v in groups.items()}
+    sizes["random_shared_with_high"] = int(np.intersect1d(groups["random"], groups["high"]).size)
+    if sizes["high"] == 0:
+        log("[probe-features] warning: the high-CDS group is empty; high_removed and random_removed equal original")
+    stage.reset()
+    spec = job.model.spec
+    result = ProbeFeaturesResult(skipped=False, group_sizes=sizes)
+    start = time.perf_counter()
+    for task, split, source in plan:
+        table = table_name(task, split)
+        log(f"[probe-features] {job.model.name} layer {job.model.resolved_layer}: {task} {split} from {source.path} "
+            f"-> {table} ({len(VARIANTS)} variants)")
+        counts = _stream_split(job, root, task, split, source, groups, progress)
+        if counts.used == 0:
+            raise RuntimeError(f"[probe-features] {table}: none of the {counts.images} images could be used "
+                               "(see the rejects table); not committing")
+        verify_table(stage, root, table, counts)
+        result.counts[table] = counts
+    reject_files = root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")
+    n_rejects = 0
+    if reject_files:
+        import pyarrow.dataset as pads
+
+        reasons = pads.dataset(reject_files, filesystem=root.arrow_fs, format="parquet").to_table(columns=["reason"])
+        n_rejects = reasons.num_rows
+        for r in reasons.column("reason").to_pylist():
+            key = r.split(":")[0]
+            result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
+    if n_rejects != sum(c.rejected for c in result.counts.values()):
+        raise RuntimeError(f"[probe-features] {n_rejects} reject rows on storage, "
+                           f"{sum(c.rejected for c in result.counts.values())} rejected images counted; not committing")
+    result.seconds = time.perf_counter() - start
+    rows = {t: c.rows for t, c in result.counts.items()}
+    rows["rejects"] = n_rejects
+    inputs = {t: {"task": task, "split": split, "source": source.model_dump(mode="json"),
+                  "images": result.counts[t].images, "rejected": result.counts[t].rejected}
+              for task, split, source in plan for t in [table_name(task, split)]}
+    inputs["partition"] = root.stage(job.model.name, "partition").uri
+    inputs["sae"] = root.stage(job.model.name, "train-sae").uri
+    splits = {}
+    for task, split, _ in plan:
+        c = result.counts[table_name(task, split)]
+        entry = {"images": c.images, "rejected": c.rejected, "used": c.used, "rows": c.rows}
+        if task == "classification":
+            entry.update(label_min=c.label_min, label_max=c.label_max)
+        if task == "depth":
+            entry.update(invalid_depth_pixels=c.invalid_depth_pixels,
+                         depth_pixels=c.used * spec.image_size * spec.image_size)
+        splits.setdefault(task, {})[split] = entry
+    result.manifest = stage.commit(
+        chash, inputs, rows,
+        extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
+               "num_patches": spec.num_patches, "image_size": spec.image_size, "variants": list(VARIANTS),
+               "group_sizes": sizes, "splits": splits, "seed": job.seed,
+               "cls_source": "class token" if all(c.class_token for c in result.counts.values())
+               else "patch-token mean (the model has no class token)",
+               "seconds": round(result.seconds, 3)},
+    )
+    for t, c in result.counts.items():
+        log(f"[probe-features] {t}: {c.images} images in, {c.rejected} rejected, {c.rows} rows")
+    if result.reject_reasons:
+        log("[probe-features] rejects by reason: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
+    return result
+

@@ -1,0 +1,390 @@
+"""The probe-features stage through real Ray Data, checked row by row against an in-process
+``final_tokens`` with the same ViT, SAE and groups; plus its decoding of bad inputs."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from scope_ray.config import load_config
+from scope_ray.data.images import bad_image_samples, decode_depth, decode_image, decode_mask, resize_center_crop
+from scope_ray.data.synthetic import write_synthetic
+from scope_ray.models import build_model
+from scope_ray.removal import random_group, removal_edit
+from scope_ray.sae import BatchTopKSAE
+from scope_ray.stages.partition import config_hash as partition_hash
+from scope_ray.stages.probe_features import (
+    VARIANTS,
+    ProbeFeatureWriter,
+    SplitCounts,
+    decode_task_batch,
+    resize_center_crop_plane,
+    run_probe_features,
+    table_schema,
+    verify_table,
+)
+from scope_ray.stages.train_sae import SAE_FILE
+from scope_ray.stages.train_sae import config_hash as train_hash
+from scope_ray.storage import ResultsRoot
+
+SIZE = 112  # demo-vit-tiny's input side
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------- pure: geometry
+def test_plane_follows_the_image_geometry():
+    """A label plane lands where the image's pixels land: wherever the resized image shows a block's
+    colour clearly, the resized mask names that block, except next to a block boundary."""
+    rng = np.random.default_rng(0)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], np.uint8)
+    for h, w in ((90, 60), (60, 90)):  # portrait crops rows, landscape crops columns
+        labels = rng.integers(0, len(palette), (h // 10, w // 10)).astype(np.uint8)
+        mask_HW = np.kron(labels, np.ones((10, 10), np.uint8))
+        img_HW3 = palette[mask_HW]
+        img = resize_center_crop(img_HW3, 32).astype(int)
+        mask = resize_center_crop_plane(mask_HW, 32)
+        assert mask.shape == (32, 32) and mask.dtype == np.uint8
+        wrong = np.abs(img - palette[mask].astype(int)).max(axis=2) > 60
+        padded = np.pad(mask, 1, mode="edge")
+        neighbours = np.stack([padded[1 + dy: 33 + dy, 1 + dx: 33 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        at_edge = (neighbours != mask[None]).any(axis=0)
+        assert not (wrong & ~at_edge).any(), (h, w)
+        # A shift by even one block would break most pixels; the check above is not vacuous.
+        assert (~at_edge).mean() > 0.3
+
+
+def test_depth_plane_keeps_nan_and_only_source_values():
+    rng = np.random.default_rng(1)
+    depth = rng.uniform(0.5, 9.0, (48, 64)).astype(np.float32)
+    depth[:, :3] = np.nan
+    depth[20:30, 30:40] = np.nan
+    out = resize_center_crop_plane(depth, 20)
+    assert out.shape == (20, 20) and out.dtype == np.float32
+    finite = out[np.isfinite(out)]
+    assert np.isnan(out).any() and finite.size > 0
+    assert np.isin(finite, depth[np.isfinite(depth)]).all()  # nearest: no value is invented
+
+
+# --------------------------------------------------------------------- pure: bad inputs
+def _photo(h: int = 40, w: int = 40) -> np.ndarray:
+    return np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_decode_rejects_bad_annotations_with_reasons():
+    img = _jpeg(_photo())
+    corrupt_png = _png(np.zeros((40, 40), np.uint8))[:30] + b"\x00" * 40
+    seg = decode_task_batch({
+        "image_id": np.array(["ok", "size", "missing", "corrupt", "rgb", "bad_image"], dtype=object),
+        "image": np.array([img, img, img, img, img, bad_image_samples()["truncated"][0]], dtype=object),
+        "mask": np.array([_png(np.full((40, 40), 3, np.uint8)), _png(np.zeros((30, 40), np.uint8)), None,
+                          corrupt_png, _png(np.zeros((40, 40, 3), np.uint8)), _png(np.zeros((40, 40), np.uint8))],
+                         dtype=object),
+    }, task="segmentation", size=16, max_pixels=10**8, min_side=8)
+    assert seg["ok"].tolist() == [True, False, False, False, False, False]
+    reasons = seg["reason"].tolist()
+    assert reasons[1] == "mask size mismatch: image 40x40, mask 30x40"
+    assert reasons[2] == "missing label"
+    assert reasons[3].startswith("corrupt mask")
+    assert reasons[4].startswith("corrupt mask: expected a single-channel")
+    assert reasons[5].startswith("corrupt or truncated image")
+    assert seg["mask"].shape == (6, 16, 16) and (seg["mask"][0] == 2).all()  # release class 3 -> 2
+    assert (seg["mask"][1:] == 255).all() and not seg["pixels"][1:].any()
+    assert "image" not in seg and seg["pixels"].shape == (6, 16, 16, 3)
+
+
+def test_decode_keeps_invalid_depth_and_large_labels():
+    img = _jpeg(_photo())
+    mm = np.full((40, 40), 2500, np.uint16)
+    mm[:, :5] = 0
+    depth = decode_task_batch({
+        "image_id": np.array(["ok", "zeros", "missing", "eight_bit", "size"], dtype=object),
+        "image": np.array([img] * 5, dtype=object),
+        "depth": np.array([_png(mm), _png(np.zeros((40, 40), np.uint16)), None, _png(np.zeros((40, 40), np.uint8)),
+                           _png(mm[:, :20])], dtype=object),
+    }, task="depth", size=20, max_pixels=10**8, min_side=8)
+    assert depth["ok"].tolist() == [True, True, False, False, False]
+    assert depth["reason"].tolist()[2:] == ["missing depth",
+                                            "corrupt depth: expected a 16-bit PNG in millimetres, got mode L",
+                                            "depth size mismatch: image 40x40, depth 40x20"]
+    np.testing.assert_array_equal(depth["depth"][0], resize_center_crop_plane(decode_depth(_png(mm)), 20))
+    assert np.isnan(depth["depth"][0]).any() and np.nanmax(depth["depth"][0]) == np.float32(2.5)
+    assert np.isnan(depth["depth"][1]).all()  # an all-zero map is kept: every pixel invalid
+
+    cls = decode_task_batch({
+        "image_id": np.array(["a", "b", "c"], dtype=object), "image": np.array([img] * 3, dtype=object),
+        "label": np.array([4, -1, 5000], dtype=np.int64),
+    }, task="classification", size=20, max_pixels=10**8, min_side=8)
+    assert cls["ok"].tolist() == [True, False, True]
+    assert cls["reason"][1] == "missing label" and cls["label"].tolist() == [4, -1, 5000]
+
+
+# ---------------------------------------------------------------------------- Ray stage
+def _add_shard(source: dict, rows: dict[str, list]) -> None:
+    """A second Parquet shard with bad rows beside the synthetic one (same columns)."""
+    first = pq.read_table(posixpath.join(source["path"], "part-00000.parquet"))
+    pq.write_table(pa.table(rows, schema=first.schema), posixpath.join(source["path"], "part-00001.parquet"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe-data")
+    src = write_synthetic(str(root), n_train=0, n_val=3, size=128, num_classes=6, seed=5, formats=("parquet",))
+    src = {d: src[d]["parquet"] for d in src}
+    good = pq.read_table(posixpath.join(src["imagenet"]["val"]["path"], "part-00000.parquet")).column("image")[0].as_py()
+    truncated = bad_image_samples()["truncated"][0]
+    _add_shard(src["imagenet"]["val"], {"key": ["bad_big_label", "bad_no_label", "bad_image"],
+                                        "image": [good, good, truncated], "label": [5000, -1, 0]})
+    mask = _png(np.ones((128, 128), np.uint8))
+    _add_shard(src["ade20k"]["val"], {"key": ["bad_mask_size", "bad_no_mask", "bad_corrupt_mask"],
+                                      "image": [good] * 3,
+                                      "mask": [_png(np.ones((100, 128), np.uint8)), None, mask[:40]]})
+    _add_shard(src["nyud"]["val"], {"key": ["bad_zero_depth", "bad_no_depth"], "image": [good] * 2,
+                                    "depth": [_png(np.zeros((128, 128), np.uint16)), None]})
+    return src
+
+
+def _job(data, results, *overrides):
+    return load_config({"storage": {"root": str(results)},
+                        "data": {"imagenet": {"val": data["imagenet"]["val"]},
+                                 "ade20k": {"val": data["ade20k"]["val"]}, "nyud": {"val": data["nyud"]["val"]}}},
+                       ["sae.expansion=1", "sae.k=4", "extract.batch_size=4", *overrides])
+
+
+def _rows(source: dict) -> list[dict]:
+    """Every row of a Parquet source, bad shard included (key, image, target)."""
+    return pq.ParquetDataset(source["path"]).read().to_pylist()
+
+
+def _pixels(image: bytes) -> np.ndarray:
+    return resize_center_crop(decode_image(image), SIZE)
+
+
+def _commit_upstream(job, root: ResultsRoot, pixels_BSS3: np.ndarray) -> tuple[BatchTopKSAE, dict[str, np.ndarray]]:
+    """A seeded random SAE (threshold > 0) committed as train-sae, and a partition `features`
+    table whose high group is the features firing most on these images, so removal matters."""
+    spec = job.model.spec
+    model = build_model(job.model.name, weights="none", seed=job.seed)
+    with torch.inference_mode():
+        tokens = model.forward_layer(model.preprocess(pixels_BSS3)).patch_tokens.reshape(-1, spec.width)
+    torch.manual_seed(0)
+    q = job.dictionary_size
+    sae = BatchTopKSAE(spec.width, q, job.sae.k).eval()
+    with torch.no_grad():
+        pre = sae.pre_acts(tokens)
+        sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
+        fires = (sae.encode(tokens) > 0).sum(dim=0).numpy()
+    stage = root.stage(job.model.name, "train-sae")
+    sae.save(posixpath.join(stage.uri, SAE_FILE))
+    stage.commit(train_hash(job), {}, {})
+    order = np.argsort(-fires, kind="stable")
+    group = np.full(q, "nan", dtype=object)
+    group[order[:12]] = "high"
+    group[order[12:60]] = "low"
+    part = root.stage(job.model.name, "partition")
+    part.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(q), pa.int64()),
+                                                    "cds": pa.array(np.linspace(0, 1, q), pa.float64()),
+                                                    "group": pa.array(group.tolist(), pa.string())}))
+    part.commit(partition_hash(job), {}, {"features": q})
+    groups = {"high": np.sort(order[:12]), "low": np.sort(order[12:60])}
+    groups["random"] = random_group(q, 12, seed=job.seed).numpy()
+    return sae, groups
+
+
+@pytest.fixture(scope="module")
+def stage_run(ray_local, data, tmp_path_factory):
+    results = tmp_path_factory.mktemp("probe-results")
+    job = _job(data, results)
+    root = ResultsRoot(str(results))
+    good = [r for r in _rows(data["imagenet"]["val"]) if not r["key"].startswith("bad")]
+    sae, groups = _commit_upstream(job, root, np.stack([_pixels(r["image"]) for r in good]))
+    result = run_probe_features(job, root, **QUIET)
+    return job, root, sae, groups, result
+
+
+def _read(root, job, table) -> dict[tuple[str, str], dict]:
+    t = root.stage(job.model.name, "probe-features").read_table(table)
+    return {(r["image_id"], r["variant"]): r for r in t.to_pylist()}
+
+
+def _direct(job, sae, groups, image: bytes) -> dict[str, np.ndarray]:
+    """tokens_TD of every variant for one image, in process, image by image."""
+    model = build_model(job.model.name, weights="none", seed=job.seed)
+    px = model.preprocess(_pixels(image)[None])
+    edits = {"original": None, "high_removed": removal_edit(sae, groups["high"]),
+             "low_removed": removal_edit(sae, groups["low"]), "random_removed": removal_edit(sae, groups["random"])}
+    with torch.inference_mode():
+        return {v: model.final_tokens(px, edit=e)[0].float().numpy() for v, e in edits.items()}
+
+
+@pytest.mark.slow
+def test_rows_equal_direct_final_tokens(stage_run, data):
+    job, root, sae, groups, result = stage_run
+    assert not result.skipped
+    spec, p = job.model.spec, 1  # demo-vit-tiny: one class token, no registers
+    n, d = spec.num_patches, spec.width
+    cls_rows = _read(root, job, "classification_val")
+    seg_rows = _read(root, job, "segmentation_val")
+    depth_rows = _read(root, job, "depth_val")
+    checks = [(cls_rows, data["imagenet"]["val"]), (seg_rows, data["ade20k"]["val"]), (depth_rows, data["nyud"]["val"])]
+    for rows, source in checks:
+        first = next(r for r in _rows(source) if r["key"] == "val_000000")
+        want = _direct(job, sae, groups, first["image"])
+        for variant, tokens_TD in want.items():
+            row = rows[("val_000000", variant)]
+            if "embedding" in row:
+                np.testing.assert_allclose(row["embedding"], tokens_TD[p:].mean(axis=0), atol=1e-5, rtol=1e-5)
+            else:
+                np.testing.assert_allclose(np.reshape(row["tokens"], (n, d)), tokens_TD[p:], atol=1e-5, rtol=1e-5)
+            if "cls" in row:
+                np.testing.assert_allclose(row["cls"], tokens_TD[0], atol=1e-5, rtol=1e-5)
+    # Removal really changed the tokens; the class token changed only through the block after the
+    # designated one (layer 3 of 4), so it moves too, but less than the patch tokens.
+    orig, high = depth_rows[("val_000000", "original")], depth_rows[("val_000000", "high_removed")]
+    patch_shift = np.abs(np.subtract(orig["tokens"], high["tokens"])).max()
+    assert patch_shift > 1e-3
+    assert 0 < np.abs(np.subtract(orig["cls"], high["cls"])).max()
+    assert result.group_sizes["high"] == 12 and result.group_sizes["low"] == 48 and result.group_sizes["random"] == 12
+
+
+@pytest.mark.slow
+def test_layout_counts_and_bad_inputs(stage_run, data):
+    job, root, sae, groups, result = stage_run
+    spec = job.model.spec
+    stage = root.stage(job.model.name, "probe-features")
+    m = stage.manifest()
+    assert m["width"] == spec.width and m["grid"] == spec.grid and m["image_size"] == SIZE
+    assert m["variants"] == list(VARIANTS) and m["cls_source"] == "class token"
+    expected_used = {"classification_val": 4, "segmentation_val": 3, "depth_val": 4}
+    for table, used in expected_used.items():
+        task, split = table.rsplit("_", 1)
+        t = stage.read_table(table)
+        assert t.schema == table_schema(task, spec.width, spec.num_patches, SIZE), table
+        assert t.num_rows == used * len(VARIANTS) == m["rows"][table]
+        assert t.group_by(["image_id", "variant"]).aggregate([]).num_rows == t.num_rows
+        assert m["splits"][task][split]["used"] == used
+    rejects = {r["image_id"]: r["reason"] for r in stage.read_table("rejects").to_pylist()}
+    assert rejects.pop("bad_no_label") == "missing label"
+    assert rejects.pop("bad_image").startswith("corrupt or truncated image")
+    assert rejects.pop("bad_mask_size") == "mask size mismatch: image 128x128, mask 100x128"
+    assert rejects.pop("bad_no_mask") == "missing label"
+    assert rejects.pop("bad_corrupt_mask").startswith("corrupt mask")
+    assert rejects.pop("bad_no_depth") == "missing depth"
+    assert rejects == {}
+    assert sorted(m["tables"]) == sorted([*expected_used, "rejects"])
+    # An out-of-range label is kept (the probe validates the range) and reported in the manifest.
+    labels = {r["image_id"]: r["label"] for r in stage.read_table("classification_val").to_pylist()}
+    assert labels["bad_big_label"] == 5000 and m["splits"]["classification"]["val"]["label_max"] == 5000
+    # Masks: the annotation at the input geometry, release class k -> k-1, 255 = ignore.
+    seg = _read(root, job, "segmentation_val")
+    ade = next(r for r in _rows(data["ade20k"]["val"]) if r["key"] == "val_000001")
+    want_mask = resize_center_crop_plane(decode_mask(ade["mask"]), SIZE)
+    np.testing.assert_array_equal(np.asarray(seg[("val_000001", "low_removed")]["mask"], np.uint8).reshape(SIZE, SIZE),
+                                  want_mask)
+    # Depth: invalid pixels stay NaN (the synthetic maps' zero border, and an all-zero map) and are counted.
+    depth = _read(root, job, "depth_val")
+    zero = np.asarray(depth[("bad_zero_depth", "original")]["depth"], np.float32)
+    assert np.isnan(zero).all()
+    nans = sum(int(np.isnan(np.asarray(r["depth"], np.float32)).sum()) for (i, v), r in depth.items() if v == "original")
+    assert m["splits"]["depth"]["val"]["invalid_depth_pixels"] == nans > SIZE * SIZE
+
+
+@pytest.mark.slow
+def test_rerun_is_skipped(stage_run):
+    job, root, *_ = stage_run
+    again = run_probe_features(job, ResultsRoot(root.uri), **QUIET)
+    assert again.skipped and again.manifest["config_hash"] == root.stage(job.model.name, "probe-features").manifest()["config_hash"]
+
+
+# ------------------------------------------------------------------------ failing early
+def test_missing_or_stale_partition_names_the_cds_stage(data, tmp_path):
+    job = _job(data, tmp_path / "r")
+    root = ResultsRoot(str(tmp_path / "r"))
+    with pytest.raises(RuntimeError, match="scope-ray stage cds"):
+        run_probe_features(job, root, **QUIET)
+    part = root.stage(job.model.name, "partition")
+    part.write_part("features", "part-0", pa.table({"feature": [0], "group": ["high"]}))
+    part.commit("some-other-config", {}, {"features": 1})
+    with pytest.raises(RuntimeError, match="from another config.*scope-ray stage cds"):
+        run_probe_features(job, root, **QUIET)
+
+
+def test_verify_refuses_doubled_or_missing_rows(tmp_path):
+    root = ResultsRoot(str(tmp_path))
+    stage = root.stage("m", "probe-features")
+    rows = {"image_id": ["a"] * 4 + ["b"] * 4, "variant": list(VARIANTS) * 2}
+    stage.write_part("classification_val", "p0", pa.table(rows))
+    verify_table(stage, root, "classification_val", SplitCounts(images=3, rejected=1))
+    stage.write_part("classification_val", "p1", pa.table({"image_id": ["b"], "variant": ["original"]}))
+    with pytest.raises(RuntimeError, match="not committing"):
+        verify_table(stage, root, "classification_val", SplitCounts(images=3, rejected=1))
+    with pytest.raises(RuntimeError, match="not committing"):
+        verify_table(stage, root, "classification_val", SplitCounts(images=4, rejected=1))
+
+
+def test_class_token_is_untouched_when_the_designated_layer_is_last():
+    """The stage's `cls` is the final-layer class token: removal edits patch tokens only, so the
+    class token moves only through blocks after the designated one (none when it is the last)."""
+    px = resize_center_crop(_photo(64, 80), SIZE)[None]
+    torch.manual_seed(0)
+    for layer, moves in ((4, False), (3, True)):
+        model = build_model("demo-vit-tiny", weights="none", seed=0, layer=layer)
+        pixels = model.preprocess(px)
+        sae = BatchTopKSAE(96, 96, 4).eval()
+        with torch.inference_mode():
+            tokens = model.forward_layer(pixels).patch_tokens[0]
+            pre = sae.pre_acts(tokens)
+            sae.threshold.fill_(float(pre[pre > 0].quantile(0.5)))
+            edit = removal_edit(sae, np.arange(48))
+            orig, edited = model.final_tokens(pixels), model.final_tokens(pixels, edit=edit)
+        assert not torch.equal(orig[0, 1:], edited[0, 1:])
+        assert torch.equal(orig[0, 0], edited[0, 0]) is not moves
+
+
+def test_writer_rejects_an_image_with_nonfinite_tokens(data, tmp_path, monkeypatch):
+    """The actor class, called in process: an image whose final tokens hold NaN in any variant is
+    rejected in every variant, so no probe ever trains on it."""
+    import pyarrow.dataset as pads
+
+    job = _job(data, tmp_path / "r")
+    root = ResultsRoot(str(tmp_path / "r"))
+    rows = [r for r in _rows(data["imagenet"]["val"]) if not r["key"].startswith("bad")]
+    px = np.stack([_pixels(r["image"]) for r in rows])
+    _, groups = _commit_upstream(job, root, px)
+    writer = ProbeFeatureWriter(job, root, "classification", "val", groups, torch_threads=torch.get_num_threads())
+    real = writer.model.final_tokens
+
+    def broken(pixels, edit=None):
+        tokens = real(pixels, edit=edit).clone()
+        if edit is not None:  # only a removal variant breaks
+            tokens[1, 3, 0] = float("nan")
+        return tokens
+
+    monkeypatch.setattr(writer.model, "final_tokens", broken)
+    ids = [r["key"] for r in rows]
+    out = writer({"image_id": np.array(ids, dtype=object), "pixels": px, "ok": np.ones(len(ids), bool),
+                  "reason": np.full(len(ids), "", dtype=object), "label": np.arange(len(ids), dtype=np.int64)})
+    assert out["rejected"].tolist() == [1] and out["rows"].tolist() == [(len(ids) - 1) * len(VARIANTS)]
+    stage = root.stage(job.model.name, "probe-features")
+    rejects = pads.dataset(root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")).to_table().to_pylist()
+    assert [(r["image_id"], r["reason"].split(":")[0]) for r in rejects] == [(ids[1], "nonfinite_activations")]
+    table = pads.dataset(root.fs.glob(f"{stage.table_path('classification_val')}/*.parquet")).to_table()
+    assert ids[1] not in table.column("image_id").to_pylist()
