@@ -50,3 +50,16 @@ def test_check_prints_resolved_config(tmp_path, capsys):
     job.write_text("model: {name: dinov2-b}\n")
     assert main(["check", str(job)]) == 0
     assert "dinov2-b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["instability", "cds"])
+def test_scope_stages_without_their_inputs_fail_clearly(ray_local, tmp_path, capsys, stage):
+    """`scope-ray stage instability|cds` on an empty results root: one line naming what to run first."""
+    data = tmp_path / "val"
+    data.mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(f"storage: {{root: {tmp_path / 'r'}}}\n"
+                   f"data: {{imagenet: {{val: {{format: folder, path: {data}}}}}}}\n")
+    assert main(["stage", stage, str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "scope-ray stage" in err and ("extract" in err or "train-sae" in err), err
