@@ -42,6 +42,8 @@ VARIANTS = ("original", "high_removed", "low_removed", "random_removed")
 VARIANT_GROUP = {"high_removed": "high", "low_removed": "low", "random_removed": "random"}
 SPLITS = ("train", "val")
 IGNORE_INDEX = 255
+# The extraction's rejects columns plus the task: the three datasets may share image ids.
+REJECTS = pa.schema([*REJECTS_SCHEMA, pa.field("task", pa.string(), nullable=False)])
 
 
 def table_name(task: str, split: str) -> str:
@@ -189,7 +191,8 @@ class ProbeFeatureWriter:
         ids = [str(i) for i in batch["image_id"]]
         ok = np.asarray(batch["ok"], dtype=bool).copy()
         reasons = [str(r) for r in batch["reason"]]
-        part = f"{self.split}-{content_hash(ids)}"
+        # The task is in the name: another dataset's batch may hold the same ids (e.g. "val_000000").
+        part = f"{self.task}-{self.split}-{content_hash(ids)}"
         out = {"images": np.array([len(ids)]), "rejected": np.array([0]), "rows": np.array([0]),
                "invalid_depth_pixels": np.array([0]), "label_min": np.array([np.iinfo(np.int64).max]),
                "label_max": np.array([np.iinfo(np.int64).min]), "class_token": np.array([int(self.cls)])}
@@ -207,8 +210,8 @@ class ProbeFeatureWriter:
         if (~ok).any():
             bad = np.flatnonzero(~ok)
             self.stage.write_part("rejects", part, pa.table(
-                {"split": [self.split] * bad.size, "image_id": [ids[i] for i in bad], "reason": [reasons[i] for i in bad]},
-                schema=REJECTS_SCHEMA))
+                {"split": [self.split] * bad.size, "image_id": [ids[i] for i in bad], "reason": [reasons[i] for i in bad],
+                 "task": [self.task] * bad.size}, schema=REJECTS))
         out["rejected"][0] = int((~ok).sum())
         if not ok.any():
             return out

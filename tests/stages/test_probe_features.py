@@ -281,7 +281,9 @@ def test_layout_counts_and_bad_inputs(stage_run, data):
         assert t.num_rows == used * len(VARIANTS) == m["rows"][table]
         assert t.group_by(["image_id", "variant"]).aggregate([]).num_rows == t.num_rows
         assert m["splits"][task][split]["used"] == used
-    rejects = {r["image_id"]: r["reason"] for r in stage.read_table("rejects").to_pylist()}
+    reject_rows = stage.read_table("rejects").to_pylist()
+    assert {r["task"] for r in reject_rows} == {"classification", "segmentation", "depth"}
+    rejects = {r["image_id"]: r["reason"] for r in reject_rows}
     assert rejects.pop("bad_no_label") == "missing label"
     assert rejects.pop("bad_image").startswith("corrupt or truncated image")
     assert rejects.pop("bad_mask_size") == "mask size mismatch: image 128x128, mask 100x128"
@@ -388,3 +390,22 @@ def test_writer_rejects_an_image_with_nonfinite_tokens(data, tmp_path, monkeypat
     assert [(r["image_id"], r["reason"].split(":")[0]) for r in rejects] == [(ids[1], "nonfinite_activations")]
     table = pads.dataset(root.fs.glob(f"{stage.table_path('classification_val')}/*.parquet")).to_table()
     assert ids[1] not in table.column("image_id").to_pylist()
+
+
+def test_rejects_of_two_tasks_with_the_same_ids_are_both_kept(data, tmp_path):
+    """Parquet keys repeat across datasets (val_000000 in each): one task's reject part must not
+    overwrite another's."""
+    import pyarrow.dataset as pads
+
+    job = _job(data, tmp_path / "r")
+    root = ResultsRoot(str(tmp_path / "r"))
+    rows = [r for r in _rows(data["imagenet"]["val"]) if not r["key"].startswith("bad")]
+    _, groups = _commit_upstream(job, root, np.stack([_pixels(r["image"]) for r in rows]))
+    batch = {"image_id": np.array(["val_000000"], dtype=object), "pixels": np.zeros((1, SIZE, SIZE, 3), np.uint8),
+             "ok": np.zeros(1, bool), "reason": np.array(["missing label"], dtype=object)}
+    for task in ("segmentation", "depth"):
+        writer = ProbeFeatureWriter(job, root, task, "val", groups, torch_threads=torch.get_num_threads())
+        assert writer(dict(batch))["rejected"].tolist() == [1]
+    stage = root.stage(job.model.name, "probe-features")
+    got = pads.dataset(root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")).to_table()
+    assert sorted(got.column("task").to_pylist()) == ["depth", "segmentation"]
