@@ -363,15 +363,10 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
     return c
 
 
-def verify_table(stage: StageDir, root: ResultsRoot, table: str, counts: SplitCounts) -> None:
+def verify_table(stage: StageDir, table: str, counts: SplitCounts) -> None:
     """Nothing lost, nothing doubled: rows = used images x variants, each (image, variant) once."""
-    import pyarrow.dataset as pads
-
-    files = root.fs.glob(f"{stage.table_path(table)}/*.parquet")
-    if files:
-        t = pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table(columns=["image_id", "variant"])
-    else:
-        t = pa.table({"image_id": pa.array([], pa.string()), "variant": pa.array([], pa.string())})
+    keys = pa.schema([pa.field("image_id", pa.string()), pa.field("variant", pa.string())])
+    t = stage.written_table(table, keys, columns=["image_id", "variant"])
     pairs = t.group_by(["image_id", "variant"]).aggregate([]).num_rows
     images = t.group_by(["image_id"]).aggregate([]).num_rows
     variants = set(t.column("variant").unique().to_pylist())
@@ -416,18 +411,13 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
         if counts.used == 0:
             raise RuntimeError(f"[probe-features] {table}: none of the {counts.images} images could be used "
                                "(see the rejects table); not committing")
-        verify_table(stage, root, table, counts)
+        verify_table(stage, table, counts)
         result.counts[table] = counts
-    reject_files = root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")
-    n_rejects = 0
-    if reject_files:
-        import pyarrow.dataset as pads
-
-        reasons = pads.dataset(reject_files, filesystem=root.arrow_fs, format="parquet").to_table(columns=["reason"])
-        n_rejects = reasons.num_rows
-        for r in reasons.column("reason").to_pylist():
-            key = r.split(":")[0]
-            result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
+    reasons = stage.written_table("rejects", REJECTS, columns=["reason"]).column("reason").to_pylist()
+    n_rejects = len(reasons)
+    for r in reasons:
+        key = r.split(":")[0]
+        result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
     if n_rejects != sum(c.rejected for c in result.counts.values()):
         raise RuntimeError(f"[probe-features] {n_rejects} reject rows on storage, "
                            f"{sum(c.rejected for c in result.counts.values())} rejected images counted; not committing")

@@ -334,12 +334,12 @@ def test_verify_refuses_doubled_or_missing_rows(tmp_path):
     stage = root.stage("m", "probe-features")
     rows = {"image_id": ["a"] * 4 + ["b"] * 4, "variant": list(VARIANTS) * 2}
     stage.write_part("classification_val", "p0", pa.table(rows))
-    verify_table(stage, root, "classification_val", SplitCounts(images=3, rejected=1))
+    verify_table(stage, "classification_val", SplitCounts(images=3, rejected=1))
     stage.write_part("classification_val", "p1", pa.table({"image_id": ["b"], "variant": ["original"]}))
     with pytest.raises(RuntimeError, match="not committing"):
-        verify_table(stage, root, "classification_val", SplitCounts(images=3, rejected=1))
+        verify_table(stage, "classification_val", SplitCounts(images=3, rejected=1))
     with pytest.raises(RuntimeError, match="not committing"):
-        verify_table(stage, root, "classification_val", SplitCounts(images=4, rejected=1))
+        verify_table(stage, "classification_val", SplitCounts(images=4, rejected=1))
 
 
 def test_class_token_is_untouched_when_the_designated_layer_is_last():
