@@ -1,0 +1,201 @@
+"""Probe search stage (Ray Tune over Ray Train) on a tiny synthetic probe-features cache.
+
+The cache is written straight into a ``probe-features`` stage in the layout that stage commits:
+classes separable along planted directions, segmentation masks and depth maps computed from the
+patch tokens, so a linear probe can learn all three in a couple of epochs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from scope_ray.config import load_config
+from scope_ray.stages.cluster import ClusterResourceError
+from scope_ray.stages.probe import (
+    METRICS,
+    FEATURES_STAGE,
+    best_rows,
+    max_concurrent_trials,
+    run_probes,
+    sample_configs,
+)
+from scope_ray.storage import ResultsRoot
+
+D, G, S = 8, 2, 4          # width, grid (N = 4 patch tokens), image size (each token covers 2x2 pixels)
+N = G * G
+SEG_CLASSES = 3
+VARIANTS = ("original", "low_removed")
+
+
+def _fsl(values: np.ndarray, dtype) -> pa.FixedSizeListArray:
+    flat = values.reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), type=dtype), flat.shape[1])
+
+
+def _pixels(per_token_BN: np.ndarray) -> np.ndarray:
+    """[B, N] per-token values → [B, S, S], each token filling its own S/G x S/G block."""
+    b = len(per_token_BN)
+    grid = per_token_BN.reshape(b, G, G)
+    return grid.repeat(S // G, axis=1).repeat(S // G, axis=2)
+
+
+def write_cache(root: ResultsRoot, n_train: int = 32, n_val: int = 16, *, bad_label: bool = False,
+                bad_mask_value: bool = False, mask_size: int = S * S, model: str = "demo-vit-tiny") -> None:
+    rng = np.random.default_rng(0)
+    stage = root.stage(model, FEATURES_STAGE)
+    dirs = np.eye(D, dtype=np.float32)[:3] * 3.0
+    for split, n in (("train", n_train), ("val", n_val)):
+        for variant in VARIANTS:
+            ids = [f"{split}-{i:03d}" for i in range(n)]
+            # low_removed carries a weaker signal, so the variants differ, as in the paper.
+            strength = 1.0 if variant == "original" else 0.3
+            y = rng.integers(0, 3, n)
+            emb = (dirs[y] * strength + rng.normal(size=(n, D))).astype(np.float32)
+            if bad_label and split == "train" and variant == "original":
+                y[5] = -1
+            stage.write_part(f"classification_{split}", variant, pa.table({
+                "image_id": ids, "variant": [variant] * n, "embedding": _fsl(emb, pa.float32()), "label": y}))
+            tokens = rng.normal(size=(n, N, D)).astype(np.float32)
+            cls_token = tokens[:, :, :3] * strength
+            seg = _pixels(cls_token.argmax(-1)).astype(np.uint8)
+            seg[:, 0, 0] = 255  # an ignored pixel in every image
+            if bad_mask_value and split == "train" and variant == "original":
+                seg[3, 1, 1] = 200
+            mask = seg.reshape(n, -1)
+            if mask_size != S * S:
+                mask = np.concatenate([mask, np.zeros((n, mask_size - S * S), np.uint8)], axis=1)
+            stage.write_part(f"segmentation_{split}", variant, pa.table({
+                "image_id": ids, "variant": [variant] * n, "tokens": _fsl(tokens, pa.float32()),
+                "mask": _fsl(mask, pa.uint8())}))
+            depth = _pixels(1.0 + 2.0 / (1.0 + np.exp(-2.0 * tokens[:, :, 0] * strength))).astype(np.float32)
+            depth[:, -1, -1] = np.nan  # an invalid pixel in every image
+            stage.write_part(f"depth_{split}", variant, pa.table({
+                "image_id": ids, "variant": [variant] * n, "cls": _fsl(tokens.mean(1), pa.float32()),
+                "tokens": _fsl(tokens, pa.float32()), "depth": _fsl(depth, pa.float32())}))
+    tables = [f"{t}_{s}" for t in ("classification", "segmentation", "depth") for s in ("train", "val")]
+    stage.commit("features-test", {}, {t: (n_train if t.endswith("train") else n_val) * len(VARIANTS) for t in tables},
+                 extra={"width": D, "grid": G, "image_size": S, "variants": list(VARIANTS)})
+
+
+def _job(root, *overrides):
+    # Two epochs instead of 100, so the test lr range is higher than the paper's.
+    task = {"epochs": 2, "batch_size": 8, "lr_range": [0.1, 1.0]}
+    probes = {"classification": task, "segmentation": task, "depth": task, "depth_bins": 16, "max_depth": 4.0}
+    return load_config({"storage": {"root": str(root)}, "probes": probes}, list(overrides))
+
+
+def _quiet(*_):
+    pass
+
+
+NUM_CLASSES = {"segmentation": SEG_CLASSES}
+
+
+# ------------------------------------------------------------------------------------- pure
+def test_sampled_configs_are_reproducible_log_uniform_and_distinct_per_search():
+    a = sample_configs(0, "depth", "original", 50, (1e-1, 1.0), (1e-5, 1e-4))
+    assert a == sample_configs(0, "depth", "original", 50, (1e-1, 1.0), (1e-5, 1e-4))
+    assert [c["trial"] for c in a] == list(range(50))
+    assert all(1e-1 <= c["lr"] <= 1.0 and 1e-5 <= c["weight_decay"] <= 1e-4 for c in a)
+    # Log-uniform: about half the draws fall below the geometric midpoint.
+    below = sum(c["lr"] < math.sqrt(1e-1 * 1.0) for c in a)
+    assert 15 <= below <= 35
+    assert a != sample_configs(0, "depth", "low_removed", 50, (1e-1, 1.0), (1e-5, 1e-4))
+    assert a != sample_configs(1, "depth", "original", 50, (1e-1, 1.0), (1e-5, 1e-4))
+    # The first draws do not depend on how many trials are asked for.
+    assert sample_configs(0, "depth", "original", 3, (1e-1, 1.0), (1e-5, 1e-4)) == a[:3]
+
+
+def test_concurrency_counts_the_tune_actor_and_the_train_worker():
+    assert max_concurrent_trials({"CPU": 2.0}, worker_cpus=1.0, worker_gpus=0) == 1
+    assert max_concurrent_trials({"CPU": 2.0}, worker_cpus=0.5, worker_gpus=0) == 2
+    assert max_concurrent_trials({"CPU": 64.0, "GPU": 4.0}, worker_cpus=1.0, worker_gpus=1.0) == 4
+    with pytest.raises(ClusterResourceError, match="Tune actor"):
+        max_concurrent_trials({"CPU": 1.0}, worker_cpus=1.0, worker_gpus=0)
+    with pytest.raises(ClusterResourceError, match="GPU"):
+        max_concurrent_trials({"CPU": 8.0}, worker_cpus=1.0, worker_gpus=1.0)
+
+
+def test_best_row_is_the_max_or_min_and_never_a_diverged_trial():
+    rows = [
+        {"task": "depth", "variant": "original", "trial": 0, "value": 0.9, "lr": 0.1, "weight_decay": 1e-5},
+        {"task": "depth", "variant": "original", "trial": 1, "value": float("nan"), "lr": 0.9, "weight_decay": 1e-5},
+        {"task": "depth", "variant": "original", "trial": 2, "value": 0.7, "lr": 0.2, "weight_decay": 1e-5},
+        {"task": "classification", "variant": "original", "trial": 0, "value": 0.5, "lr": 1e-3, "weight_decay": 1e-5},
+        {"task": "classification", "variant": "original", "trial": 1, "value": 0.8, "lr": 2e-3, "weight_decay": 1e-5},
+    ]
+    best = {(b["task"], b["variant"]): b for b in best_rows(rows)}
+    assert best[("depth", "original")]["trial"] == 2 and best[("depth", "original")]["trials"] == 3
+    assert best[("classification", "original")]["value"] == 0.8
+    assert [b["task"] for b in best_rows(rows)] == ["classification", "depth"]  # Table 3 / 8 order
+
+
+# ------------------------------------------------------------------------------- with Ray
+def test_search_over_every_task_and_variant(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_cache(root)
+    # Half a CPU per Train worker: two trials (each 0.25 + 0.5 CPU) fit side by side on 2 CPUs.
+    job = _job(tmp_path / "r", "ray.cpus_per_actor=0.5")
+    res = run_probes(job, root, trials=2, num_classes=NUM_CLASSES, log=_quiet)
+    assert not res.skipped and res.ran_trials == 12 and res.max_concurrent in (1, 2)
+    stage = root.stage("demo-vit-tiny", "probe")
+    trials = stage.read_table("trials").to_pylist()
+    best = stage.read_table("best").to_pylist()
+    pairs = {(t, v) for t in METRICS for v in VARIANTS}
+    assert {(r["task"], r["variant"]) for r in trials} == pairs and len(trials) == 12
+    assert {(b["task"], b["variant"]) for b in best} == pairs and len(best) == 6
+    for b in best:
+        values = [r["value"] for r in trials if (r["task"], r["variant"]) == (b["task"], b["variant"])]
+        want = max(values) if METRICS[b["task"]][1] == "max" else min(values)
+        assert b["value"] == want and b["metric"] == METRICS[b["task"]][0]
+    for r in trials:
+        assert len(r["curve"]) == 2 and r["curve"][-1] == r["value"] and r["epochs"] == 2
+        cfg = sample_configs(job.seed, r["task"], r["variant"], 2, getattr(job.probes, r["task"]).lr_range, (1e-5, 1e-4))
+        assert (r["lr"], r["weight_decay"]) == (cfg[r["trial"]]["lr"], cfg[r["trial"]]["weight_decay"])
+        assert r["seconds_train"] > 0 and r["seconds_startup"] > 0 and r["seconds_actor"] >= 0
+    by = {(b["task"], b["variant"]): b["value"] for b in best}
+    assert by[("classification", "original")] > 0.6  # planted classes: well above chance (1/3)
+    assert 0 < by[("segmentation", "original")] <= 1 and 0 < by[("depth", "original")] < 4
+    again = run_probes(job, root, trials=2, num_classes=NUM_CLASSES, log=_quiet)
+    assert again.skipped and again.best == best
+
+
+def test_interrupted_search_resumes_only_the_unfinished_trials(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_cache(root)
+    job = _job(tmp_path / "r")
+    kw = dict(tasks=["classification"], variants=["original"], trials=2, log=_quiet)
+    with pytest.raises(RuntimeError, match="classification/original: trial 1 failed.*InjectedFault|trial 1 failed"):
+        run_probes(job, root, **kw, _inject_fault={("classification", "original", 1)})
+    stage = root.stage("demo-vit-tiny", "probe")
+    assert not stage.is_complete()
+    kept = [p for p in root.fs.glob(stage.table_path("trials") + "/*.parquet")]
+    assert len(kept) == 1 and kept[0].endswith("t000.parquet")
+    first = stage.root.fs.cat_file(kept[0])
+    res = run_probes(job, root, **kw)
+    assert (res.ran_trials, res.reused_trials) == (1, 1)
+    assert [r["trial"] for r in res.trials] == [0, 1]
+    assert stage.root.fs.cat_file(kept[0]) == first  # the finished trial was not run again
+    assert run_probes(job, root, **kw).skipped
+
+
+def test_bad_label_names_the_table_and_image(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_cache(root, bad_label=True)
+    with pytest.raises(ValueError, match=r"classification_train.*label outside the class range.*'train-005'"):
+        run_probes(_job(tmp_path / "r"), root, tasks=["classification"], trials=1, log=_quiet)
+
+
+def test_bad_mask_value_and_wrong_mask_size_are_clear_errors(ray_local, tmp_path):
+    root = ResultsRoot(str(tmp_path / "a"))
+    write_cache(root, bad_mask_value=True)
+    with pytest.raises(ValueError, match=r"segmentation_train.*'mask' of image 'train-003': \[200\].*0\.\.149 or 255"):
+        run_probes(_job(tmp_path / "a"), root, tasks=["segmentation"], trials=1, log=_quiet)
+    root = ResultsRoot(str(tmp_path / "b"))
+    write_cache(root, mask_size=S * S + 3)
+    with pytest.raises(ValueError, match=r"segmentation_train: column 'mask' holds 19 values per image, expected 16"):
+        run_probes(_job(tmp_path / "b"), root, log=_quiet)
