@@ -163,10 +163,29 @@ class ProbeTaskConfig(_Section):
         return v
 
 
+_PROBE_TASK_DEFAULTS = {  # the paper's (supp. C): batch size and learning-rate range differ per task
+    "classification": {"batch_size": 1024, "lr_range": (1e-3, 1e-2)},
+    "segmentation": {"batch_size": 64, "lr_range": (1e-3, 1e-2)},
+    "depth": {"batch_size": 8, "lr_range": (1e-1, 1.0)},
+}
+
+
 class ProbesConfig(_Section):
-    classification: ProbeTaskConfig = ProbeTaskConfig(batch_size=1024, lr_range=(1e-3, 1e-2))
-    segmentation: ProbeTaskConfig = ProbeTaskConfig(batch_size=64, lr_range=(1e-3, 1e-2))
-    depth: ProbeTaskConfig = ProbeTaskConfig(batch_size=8, lr_range=(1e-1, 1.0))
+    classification: ProbeTaskConfig = ProbeTaskConfig(**_PROBE_TASK_DEFAULTS["classification"])
+    segmentation: ProbeTaskConfig = ProbeTaskConfig(**_PROBE_TASK_DEFAULTS["segmentation"])
+    depth: ProbeTaskConfig = ProbeTaskConfig(**_PROBE_TASK_DEFAULTS["depth"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """A partial task section (e.g. ``--set probes.depth.epochs=2``) keeps that task's other
+        defaults instead of failing for the fields it did not name."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for task, defaults in _PROBE_TASK_DEFAULTS.items():
+                if isinstance(data.get(task), dict):
+                    data[task] = {**defaults, **data[task]}
+        return data
     depth_bins: int = Field(256, ge=2)
     max_depth: float = Field(10.0, gt=0, description="metres; upper edge of the depth bins")
 

@@ -89,3 +89,12 @@ def test_config_is_frozen():
     job = load_config(None)
     with pytest.raises(Exception):
         job.seed = 3
+
+
+def test_partial_probe_task_section_keeps_the_task_defaults():
+    job = load_config(None, ["probes.depth.epochs=2", "probes.classification.trials=2"])
+    assert job.probes.depth.epochs == 2 and job.probes.depth.batch_size == 8
+    assert job.probes.depth.lr_range == (0.1, 1.0)
+    assert job.probes.classification.trials == 2 and job.probes.classification.batch_size == 1024
+    with pytest.raises(ConfigError, match="probes.depth.lr_range"):
+        load_config(None, ["probes.depth.lr_range=[1.0, 0.1]"])
