@@ -31,15 +31,14 @@ def image_keys(image_ids) -> np.ndarray:
 
 
 def merge_topk(values_QK: np.ndarray, keys_QK: np.ndarray, new_values_QM: np.ndarray, new_keys_QM: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge candidates into per-row top-k lists.
 
     Rows are features. Each image key appears at most once per row in the result (its largest
     value); rows are ordered by value descending, then key ascending; slots without a candidate
     hold (-inf, NO_KEY). Candidates with a non-finite or non-positive value are ignored (a feature
     that does not fire on an image does not select it).
-    Returns (values_Qk, keys_Qk, from_new_Qk): ``from_new`` marks entries that came from the
-    new candidates and were not already held with the same or a larger value.
+    Returns (values_Qk, keys_Qk).
     """
     q = values_QK.shape[0]
     if new_values_QM.shape != new_keys_QM.shape or new_values_QM.shape[0] != q:
@@ -47,27 +46,22 @@ def merge_topk(values_QK: np.ndarray, keys_QK: np.ndarray, new_values_QM: np.nda
     new_values = np.where(np.isfinite(new_values_QM) & (new_values_QM > 0), new_values_QM, -np.inf).astype(np.float64)
     vals = np.concatenate([values_QK.astype(np.float64), new_values], axis=1)
     keys = np.concatenate([keys_QK, new_keys_QM.astype(np.int64)], axis=1)
-    origin_new = np.concatenate([np.zeros(keys_QK.shape, bool), np.ones(new_keys_QM.shape, bool)], axis=1)
     keys = np.where(np.isfinite(vals), keys, NO_KEY)
-    # 1) One entry per (row, key): group by key, best value first, held entries before new ones on
-    #    a tie (so a re-reported image is not "new"), and drop the rest of each group.
-    order = np.lexsort((origin_new, -vals, keys), axis=-1)
-    vals, keys, origin_new = (np.take_along_axis(a, order, axis=1) for a in (vals, keys, origin_new))
+    # 1) One entry per (row, key): group by key, best value first, and drop the rest of each group.
+    order = np.lexsort((-vals, keys), axis=-1)
+    vals, keys = (np.take_along_axis(a, order, axis=1) for a in (vals, keys))
     dup = np.zeros_like(keys, dtype=bool)
     dup[:, 1:] = keys[:, 1:] == keys[:, :-1]
     vals = np.where(dup | (keys == NO_KEY), -np.inf, vals)
     # 2) The k best by (value desc, key asc).
     order = np.lexsort((keys, -vals), axis=-1)[:, :k]
-    vals, keys, origin_new = (np.take_along_axis(a, order, axis=1) for a in (vals, keys, origin_new))
-    empty = ~np.isfinite(vals)
-    keys = np.where(empty, NO_KEY, keys)
+    vals, keys = (np.take_along_axis(a, order, axis=1) for a in (vals, keys))
+    keys = np.where(np.isfinite(vals), keys, NO_KEY)
     if vals.shape[1] < k:  # fewer candidates than k in total: pad with empty slots
         pad = k - vals.shape[1]
         vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=-np.inf)
         keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=NO_KEY)
-        origin_new = np.pad(origin_new, ((0, 0), (0, pad)), constant_values=False)
-        empty = ~np.isfinite(vals)
-    return vals, keys, origin_new & ~empty
+    return vals, keys
 
 
 class FeatureTopK:
@@ -92,7 +86,7 @@ class FeatureTopK:
             raise ValueError(f"expected max_acts [B, q={self.q}] and keys [B], got {max_acts_BQ.shape} and {keys_B.shape}")
         cand_v = max_acts_BQ.T
         cand_k = np.broadcast_to(keys_B, cand_v.shape)
-        self.values, self.keys, _ = merge_topk(self.values, self.keys, cand_v, cand_k, self.k)
+        self.values, self.keys = merge_topk(self.values, self.keys, cand_v, cand_k, self.k)
         feat, slot = np.nonzero(np.isin(self.keys, keys_B) & (self.keys != NO_KEY))
         return feat.astype(np.int64), self.keys[feat, slot], self.values[feat, slot]
 
@@ -114,7 +108,7 @@ class FeatureTopK:
         cand_k = np.full((self.q, width), NO_KEY, dtype=np.int64)
         cand_v[f_sorted, col] = np.asarray(value_E, dtype=np.float64)[order]
         cand_k[f_sorted, col] = np.asarray(key_E, dtype=np.int64)[order]
-        self.values, self.keys, _ = merge_topk(self.values, self.keys, cand_v, cand_k, self.k)
+        self.values, self.keys = merge_topk(self.values, self.keys, cand_v, cand_k, self.k)
 
     def counts(self) -> np.ndarray:
         """Images held per feature [q]."""

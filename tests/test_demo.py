@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from scope_ray.demo import PLANTED_BAD_FILES, run_demo
@@ -39,7 +38,6 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     # High-CDS features live on outlier tokens (METHOD §6 validation).
     groups = {g["group"]: g for g in out["partition"].groups}
     assert groups["high"]["outlier_share"] > groups["low"]["outlier_share"]
-    assert np.isfinite(cds).sum() > 0
     # Ground truth through the real stages: SAE features aligned with the planted global-scope
     # directions outscore those aligned with the planted local-scope ones.
     rec = out["planted"]
