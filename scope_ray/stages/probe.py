@@ -464,7 +464,8 @@ class ProbeResult:
 
 def config_hash(job: JobConfig, features_manifest: dict, tasks: list[str], variants: list[str],
                 trials: int | None, num_classes: Mapping[str, int] | None) -> str:
-    blob = json.dumps({"probes": job.stage_hash("probes"), "features": features_manifest.get("config_hash"),
+    # worker_cpus only decides how many trials run at once, not what they compute.
+    blob = json.dumps({"probes": job.stage_hash("probes", exclude=("probes.worker_cpus",)), "features": features_manifest.get("config_hash"),
                        "features_at": features_manifest.get("committed_at"), "tasks": tasks, "variants": variants,
                        "trials": trials, "num_classes": dict(num_classes or {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -551,7 +552,7 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
     from scope_ray.stages.cluster import actor_resources
 
     worker_gpus = actor_resources(job.ray).num_gpus
-    worker_cpus = job.ray.cpus_per_actor
+    worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
     concurrent = max_concurrent_trials(_free_resources(TRIAL_CPUS + worker_cpus), worker_cpus, worker_gpus)
     fs_arrow = None if root.scheme == "file" else root.arrow_fs
     tune_storage = posixpath.join(stage.path, TUNE_DIR)
