@@ -89,7 +89,11 @@ def _open_clip_architecture(spec: ModelSpec, shrink: Mapping[str, int] | None) -
     cfg = open_clip.get_model_config(spec.arch)
     if cfg is None:
         raise ValueError(f"{spec.name}: open_clip has no model config {spec.arch!r}")
-    cfg.update(dict(spec.builder_kwargs))
+    for key, value in spec.builder_kwargs:
+        if isinstance(value, tuple) and isinstance(cfg.get(key), dict):
+            cfg[key].update(dict(value))  # a sub-config (vision_cfg, text_cfg): merged, not replaced
+        else:
+            cfg[key] = value
     if shrink:
         width = shrink.get("width", spec.width)
         heads = shrink.get("num_heads", spec.num_heads)

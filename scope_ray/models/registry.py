@@ -32,7 +32,8 @@ class ModelSpec:
     ``tau`` is None where the paper gives none (the CLIP models): ``tau: auto`` then applies.
     ``builder_kwargs`` go to the library's constructor: ``timm.create_model`` kwargs for timm
     (e.g. a non-default image size), top-level model-config overrides for open_clip
-    (e.g. ``quick_gelu``).
+    (e.g. ``quick_gelu``); for open_clip a value that is itself a tuple of pairs is merged into
+    that sub-config (``("vision_cfg", (("layers", 3), ...))``), so the spec stays hashable.
     ``builder`` names a model class of this project built instead of the library's own
     (``"planted"``: ``scope_ray.models.planted``, a timm ViT subclass; ``builder_kwargs`` go to it).
     """
@@ -139,6 +140,20 @@ DEMO_MODELS: tuple[ModelSpec, ...] = (
         builder="planted",
         description="demo-vit-tiny + 8 local- and 4 global-scope directions planted at block 3: "
                     "scope ground truth, not a real model",
+    ),
+    # A CLIP in miniature: open_clip's own CLIP class (image and text tower, ViT-B-16's config
+    # shrunk), so the zero-shot path and the open_clip wrapper run in tests at CPU speed.
+    ModelSpec(
+        name="demo-clip", family="demo", loader="open_clip", arch="ViT-B-16",
+        pretrained_tag=None, depth=3, width=64, num_heads=2, patch=16, image_size=96,
+        layer=2, tau=None, mean=CLIP_MEAN, std=CLIP_STD, has_text_tower=True,
+        builder_kwargs=(
+            ("embed_dim", 32),
+            ("text_cfg", (("heads", 2), ("layers", 2), ("width", 64))),
+            ("vision_cfg", (("head_width", 32), ("image_size", 96), ("layers", 3), ("patch_size", 16), ("width", 64))),
+        ),
+        description="3-block, 64-wide open_clip CLIP at 96 px (6x6 grid) with a 2-block text tower, random init: "
+                    "for zero-shot tests",
     ),
 )
 
