@@ -193,6 +193,52 @@ class ProbesConfig(_Section):
         "mostly start-up latency, so a fraction lets several trials share a small node")
 
 
+# ------------------------------------------------------------------------------- zeroshot
+# The seven-template ensemble the CLIP authors selected for ImageNet (openai/CLIP,
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb): close to the full 80-template accuracy.
+DEFAULT_ZEROSHOT_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+class ZeroShotConfig(_Section):
+    """Zero-shot classification of ImageNet val for models with a text tower (METHOD §10)."""
+
+    templates: tuple[str, ...] = Field(
+        DEFAULT_ZEROSHOT_TEMPLATES, description="prompt templates, each with one '{}' for the class name; a class's "
+        "text embedding is the renormalised mean over templates")
+    class_names: str | tuple[str, ...] | None = Field(
+        None, description="null = the val source's class ids (folder wnids, else label numbers: smoke tests only); "
+        "a list of names in label order; or a path / s3:// URI of a .txt (one name per line, label order) or .json "
+        "(a list, or an object keyed by label index or by wnid) file")
+    text_batch_size: int = Field(256, ge=1, description="prompts per text-tower forward")
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholder(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("needs at least one template")
+        for t in v:
+            if t.count("{}") != 1 or t.replace("{}", "").count("{") or t.replace("{}", "").count("}"):
+                raise ValueError(f"template {t!r} must contain exactly one '{{}}' (the class name) and no other braces")
+        return v
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, v):
+        if isinstance(v, tuple) and (not v or any(not str(n).strip() for n in v)):
+            raise ValueError("a class-name list must be non-empty and hold no blank names")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must be null, a list of names or a file path")
+        return v
+
+
 # -------------------------------------------------------------------------------- storage
 class StorageConfig(_Section):
     root: str = Field("results", description="results root: local path, file:// or s3://bucket/prefix")
@@ -238,6 +284,7 @@ class JobConfig(_Section):
     sae: SAEConfig = SAEConfig()
     scope: ScopeConfig = ScopeConfig()
     probes: ProbesConfig = ProbesConfig()
+    zeroshot: ZeroShotConfig = ZeroShotConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
