@@ -14,6 +14,10 @@ Each actor writes one part file per batch holding every variant's rows, named by
 image ids, so a retried batch overwrites; the driver checks rows = (images − rejects) × variants,
 each (image, variant) once, and commits the manifest last.
 
+Models with a text tower (the CLIPs) also get ``clip_embedding`` in the classification tables:
+the image tower's own pooled and projected output (``encode_image``) of the same edited forward,
+read off a hook on the visual module, so zero-shot (``stages/zeroshot.py``) needs no second pass.
+
 Four forwards per batch (one per variant). Sharing the SAE encoding of the designated-layer
 tokens across the three removal variants would save about one SAE encode per removal variant
 but needs the removal arithmetic outside ``removal.py``; the forwards dominate, so each variant
@@ -50,11 +54,13 @@ def table_name(task: str, split: str) -> str:
     return f"{task}_{split}"
 
 
-def table_schema(task: Task, d: int, n: int, s: int) -> pa.Schema:
-    """The Arrow schema of ``<task>_<split>``: D width, N patch tokens, S input side."""
+def table_schema(task: Task, d: int, n: int, s: int, clip_dim: int | None = None) -> pa.Schema:
+    """The Arrow schema of ``<task>_<split>``: D width, N patch tokens, S input side; ``clip_dim``
+    (E, the image-text embedding width) adds ``clip_embedding`` to classification tables."""
     f32, head = pa.float32(), [pa.field("image_id", pa.string()), pa.field("variant", pa.string())]
     if task == "classification":
-        return pa.schema(head + [pa.field("embedding", pa.list_(f32, d)), pa.field("label", pa.int64())])
+        clip = [pa.field("clip_embedding", pa.list_(f32, clip_dim))] if clip_dim else []
+        return pa.schema(head + [pa.field("embedding", pa.list_(f32, d)), pa.field("label", pa.int64()), *clip])
     if task == "segmentation":
         return pa.schema(head + [pa.field("tokens", pa.list_(f32, n * d)), pa.field("mask", pa.list_(pa.uint8(), s * s))])
     if task == "depth":
@@ -158,6 +164,25 @@ def _fsl(values_BK: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(flat, k)
 
 
+def clip_embedding_dim(model) -> int | None:
+    """E of a model with a text tower (the visual projection's output width), else None."""
+    if not model.spec.has_text_tower:
+        return None
+    return int(model.vision.output_dim)
+
+
+def spec_clip_dim(spec) -> int | None:
+    """``clip_embedding_dim`` from the architecture alone (built on the meta device: no memory, no weights)."""
+    if not spec.has_text_tower:
+        return None
+    import torch
+
+    from scope_ray.models import build_backbone
+
+    with torch.device("meta"):
+        return int(build_backbone(spec).visual.output_dim)
+
+
 def has_class_token(model) -> bool:
     """Whether prefix token 0 is a class token (SigLIP towers have none; registers come after CLS)."""
     if model.spec.loader == "open_clip":
@@ -183,7 +208,8 @@ class ProbeFeatureWriter:
         self.prefix = self.model.num_prefix_tokens
         self.cls = has_class_token(self.model)
         spec = job.model.spec
-        self.schema = table_schema(task, spec.width, spec.num_patches, spec.image_size)
+        self.clip_dim = clip_embedding_dim(self.model) if task == "classification" else None
+        self.schema = table_schema(task, spec.width, spec.num_patches, spec.image_size, self.clip_dim)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -197,16 +223,18 @@ class ProbeFeatureWriter:
                "invalid_depth_pixels": np.array([0]), "label_min": np.array([np.iinfo(np.int64).max]),
                "label_max": np.array([np.iinfo(np.int64).min]), "class_token": np.array([int(self.cls)])}
         tokens: dict[str, np.ndarray] = {}
+        clip: dict[str, np.ndarray] = {}
         if ok.any():
             good = np.flatnonzero(ok)
             pixels = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device))
             for variant in VARIANTS:
-                with torch.inference_mode():
-                    tokens[variant] = self.model.final_tokens(pixels, edit=self.edits[variant]).float().cpu().numpy()
-            finite_B = np.logical_and.reduce([np.isfinite(t).all(axis=(1, 2)) for t in tokens.values()])
+                tokens[variant], clip[variant] = self._forward(pixels, self.edits[variant])
+            finite_B = np.logical_and.reduce([np.isfinite(t).all(axis=(1, 2)) for t in tokens.values()]
+                                             + [np.isfinite(e).all(axis=1) for e in clip.values() if e is not None])
             for i in good[~finite_B]:  # a broken backbone or SAE: never hand NaN features to a probe
                 ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the final tokens"
             tokens = {v: t[finite_B] for v, t in tokens.items()}
+            clip = {v: None if e is None else e[finite_B] for v, e in clip.items()}
         if (~ok).any():
             bad = np.flatnonzero(~ok)
             self.stage.write_part("rejects", part, pa.table(
@@ -216,7 +244,7 @@ class ProbeFeatureWriter:
         if not ok.any():
             return out
         good_ids = [ids[i] for i in np.flatnonzero(ok)]
-        table = pa.concat_tables([self._rows(good_ids, v, tokens[v], batch, ok) for v in VARIANTS])
+        table = pa.concat_tables([self._rows(good_ids, v, tokens[v], batch, ok, clip[v]) for v in VARIANTS])
         self.stage.write_part(self.table, part, table)
         out["rows"][0] = table.num_rows
         if self.task == "depth":
@@ -226,7 +254,27 @@ class ProbeFeatureWriter:
             out["label_min"][0], out["label_max"][0] = labels.min(), labels.max()
         return out
 
-    def _rows(self, ids: list[str], variant: str, tokens_BTD: np.ndarray, batch: dict, ok: np.ndarray) -> pa.Table:
+    def _forward(self, pixels_B3SS, edit) -> tuple[np.ndarray, np.ndarray | None]:
+        """(final tokens_BTD, CLIP image embedding_BE or None) of one forward with ``edit``."""
+        import torch
+
+        if self.clip_dim is None:
+            with torch.inference_mode():
+                return self.model.final_tokens(pixels_B3SS, edit=edit).float().cpu().numpy(), None
+        # open_clip's visual forward returns encode_image's output (pooling per its config, ln_post,
+        # proj); catching it on the way out of the same forward costs nothing extra.
+        out: list = []
+        handle = self.model.vision.register_forward_hook(
+            lambda _m, _a, o: out.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            with torch.inference_mode():
+                tokens = self.model.final_tokens(pixels_B3SS, edit=edit).float().cpu().numpy()
+        finally:
+            handle.remove()
+        return tokens, out[-1].float().cpu().numpy()
+
+    def _rows(self, ids: list[str], variant: str, tokens_BTD: np.ndarray, batch: dict, ok: np.ndarray,
+              clip_BE: np.ndarray | None = None) -> pa.Table:
         b = len(ids)
         patch_BND = tokens_BTD[:, self.prefix:]
         cols = {"image_id": pa.array(ids, pa.string()), "variant": pa.array([variant] * b, pa.string())}
@@ -234,6 +282,8 @@ class ProbeFeatureWriter:
             # All visual tokens = every patch token; CLS / registers are not image regions (docs/probes.md).
             cols["embedding"] = _fsl(patch_BND.mean(axis=1), pa.float32())
             cols["label"] = pa.array(np.asarray(batch["label"][ok], dtype=np.int64), pa.int64())
+            if self.clip_dim:
+                cols["clip_embedding"] = _fsl(clip_BE, pa.float32())
         elif self.task == "segmentation":
             cols["tokens"] = _fsl(patch_BND.reshape(b, -1), pa.float32())
             cols["mask"] = _fsl(np.asarray(batch["mask"][ok], dtype=np.uint8).reshape(b, -1), pa.uint8())
@@ -442,6 +492,7 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
     result.manifest = stage.commit(
         chash, inputs, rows,
         extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
+               "clip_embedding_dim": spec_clip_dim(spec),
                "num_patches": spec.num_patches, "image_size": spec.image_size, "variants": list(VARIANTS),
                "group_sizes": sizes, "splits": splits, "seed": job.seed,
                "cls_source": "class token" if all(c.class_token for c in result.counts.values())

@@ -409,3 +409,45 @@ def test_rejects_of_two_tasks_with_the_same_ids_are_both_kept(data, tmp_path):
     stage = root.stage(job.model.name, "probe-features")
     got = pads.dataset(root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")).to_table()
     assert sorted(got.column("task").to_pylist()) == ["depth", "segmentation"]
+
+
+def test_clip_models_cache_the_image_towers_own_embedding(data, tmp_path):
+    """A model with a text tower gets ``clip_embedding`` in its classification rows, from the same
+    edited forward: for ``original`` exactly open_clip's ``encode_image``, for a removal variant
+    the class token of the edited final tokens through the visual projection (``tok`` pooling)."""
+    import pyarrow.dataset as pads
+
+    from scope_ray.stages.probe_features import spec_clip_dim
+
+    job = _job(data, tmp_path / "r", "model.name=demo-clip")
+    root = ResultsRoot(str(tmp_path / "r"))
+    spec = job.model.spec
+    size = spec.image_size
+    rows = [r for r in _rows(data["imagenet"]["val"]) if not r["key"].startswith("bad")]
+    px = np.stack([resize_center_crop(decode_image(r["image"]), size) for r in rows])
+    sae, groups = _commit_upstream(job, root, px)
+    writer = ProbeFeatureWriter(job, root, "classification", "val", groups, torch_threads=torch.get_num_threads())
+    ids = [r["key"] for r in rows]
+    out = writer({"image_id": np.array(ids, dtype=object), "pixels": px, "ok": np.ones(len(ids), bool),
+                  "reason": np.full(len(ids), "", dtype=object), "label": np.arange(len(ids), dtype=np.int64)})
+    assert out["rows"].tolist() == [len(ids) * len(VARIANTS)]
+    stage = root.stage(job.model.name, "probe-features")
+    table = pads.dataset(root.fs.glob(f"{stage.table_path('classification_val')}/*.parquet")).to_table()
+    e = spec_clip_dim(spec)
+    assert e == 32 and table.schema == table_schema("classification", spec.width, spec.num_patches, size, e)
+    got = {(r["image_id"], r["variant"]): np.asarray(r["clip_embedding"], np.float32) for r in table.to_pylist()}
+
+    model = build_model(job.model.name, weights="none", seed=job.seed)
+    pixels = model.preprocess(px)
+    with torch.inference_mode():
+        want = {"original": model.backbone.encode_image(pixels).numpy()}
+        for variant, group in (("high_removed", "high"), ("low_removed", "low")):
+            tokens = model.final_tokens(pixels, edit=removal_edit(sae, groups[group]))
+            want[variant] = (tokens[:, 0] @ model.vision.proj).numpy()
+    for variant, emb_BE in want.items():
+        for i, image_id in enumerate(ids):
+            np.testing.assert_allclose(got[(image_id, variant)], emb_BE[i], atol=1e-5, rtol=1e-5)
+    # Removal reaches the CLIP embedding (the designated block is 2 of 3, the edit runs through block 3).
+    assert np.abs(got[(ids[0], "high_removed")] - got[(ids[0], "original")]).max() > 1e-4
+    # Models without a text tower keep the old schema.
+    assert "clip_embedding" not in table_schema("classification", 96, 49, 112).names
