@@ -1,0 +1,87 @@
+"""The zero-shot core: prompts, class text embeddings against open_clip itself, and the tally
+against top-1 and confidence worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scope_ray.models import build_backbone, get_spec
+from scope_ray.zeroshot import ZeroShotTally, class_embeddings, clip_tokenizer, logit_scale, prompts, zeroshot_logits
+
+
+@pytest.fixture(scope="module")
+def clip():
+    spec = get_spec("demo-clip")
+    model = build_backbone(spec, seed=3)
+    return model, clip_tokenizer(model, spec.arch)
+
+
+def test_prompts_are_class_major_and_templates_need_one_placeholder():
+    assert prompts(["a {}.", "art of {}"], ["cat", "dog"]) == ["a cat.", "art of cat", "a dog.", "art of dog"]
+    with pytest.raises(ValueError, match="exactly one"):
+        prompts(["a photo"], ["cat"])
+    with pytest.raises(ValueError, match="need templates and class names"):
+        prompts(["a {}."], [])
+
+
+def test_tally_matches_hand_computed_top1_and_confidence():
+    class_CE = np.array([[1.0, 0.0], [0.0, 1.0]])
+    image_BE = np.array([[3.0, 0.0],    # unit [1, 0]: logits [2, 0], predicts 0
+                         [1.0, 2.0],    # unit [1, 2]/sqrt5: logits [2/sqrt5, 4/sqrt5], predicts 1
+                         [0.0, -5.0]])  # unit [0, -1]: logits [0, -2], predicts 0
+    labels = np.array([0, 0, 1])
+    logits = zeroshot_logits(image_BE, class_CE, scale=2.0)
+    np.testing.assert_allclose(logits.numpy(), [[2, 0], [2 / math.sqrt(5), 4 / math.sqrt(5)], [0, -2]], atol=1e-6)
+    t = ZeroShotTally().update(logits, labels)
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # a two-class softmax's larger probability
+    assert (t.n, t.correct) == (3, 1) and t.top1 == pytest.approx(1 / 3)
+    assert t.mean_confidence == pytest.approx((sigmoid(2) + sigmoid(2 / math.sqrt(5)) + sigmoid(2)) / 3, rel=1e-6)
+
+
+def test_tally_merges_like_one_pass_and_rejects_labels_outside_the_classes():
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(10, 5)) * 3)
+    labels = rng.integers(0, 5, 10)
+    whole = ZeroShotTally().update(logits, labels)
+    merged = ZeroShotTally().update(logits[:4], labels[:4]).merge(ZeroShotTally().update(logits[4:], labels[4:]))
+    assert (merged.n, merged.correct) == (whole.n, whole.correct)
+    assert merged.mean_confidence == pytest.approx(whole.mean_confidence)
+    assert 1 / 5 <= whole.mean_confidence <= 1
+    assert math.isnan(ZeroShotTally().top1)
+    with pytest.raises(ValueError, match="label 5 is outside the 5 class names"):
+        ZeroShotTally().update(logits[:2], np.array([1, 5]))
+
+
+def test_class_embeddings_equal_a_direct_open_clip_recomputation(clip):
+    import open_clip
+
+    model, tokenizer = clip
+    names, templates = ["tench", "goldfish", "great white shark"], ["a photo of a {}.", "art of the {}.", "itap of a {}."]
+    got = class_embeddings(model, tokenizer, names, templates, batch_size=2)  # batches split a class's prompts
+    direct = open_clip.get_tokenizer("ViT-B-16")
+    with torch.inference_mode():
+        want = torch.stack([
+            F.normalize(model.encode_text(direct([t.format(n) for t in templates]), normalize=True).mean(dim=0), dim=0)
+            for n in names])
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3))
+    assert (got @ got.T - torch.eye(3)).abs().max() > 1e-3  # the classes differ
+
+
+def test_logits_equal_open_clips_own(clip):
+    model, tokenizer = clip
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    names = ["cat", "dog", "car", "tree"]
+    with torch.inference_mode():
+        text = model.encode_text(tokenizer([f"a photo of a {n}." for n in names]), normalize=True)
+        image_features, text_features, scale = model(pixels, tokenizer([f"a photo of a {n}." for n in names]))
+        want = scale * image_features @ text_features.T
+        got = zeroshot_logits(model.encode_image(pixels), text, logit_scale(model))
+    assert logit_scale(model) == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's initial temperature
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
