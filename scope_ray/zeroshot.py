@@ -65,11 +65,12 @@ def logit_scale(model: nn.Module) -> float:
 
 def zeroshot_logits(image_BE: np.ndarray | Tensor, class_CE: np.ndarray | Tensor, scale: float) -> Tensor:
     """logits_BC = scale * normalise(image) @ class^T (the class rows are normalised here too)."""
-    image = torch.as_tensor(np.asarray(image_BE, dtype=np.float32) if isinstance(image_BE, np.ndarray) else image_BE)
-    cls = torch.as_tensor(class_CE).float()
+    # Copies: arrays from Arrow or the Ray object store are read-only, which torch warns about.
+    image = torch.from_numpy(np.array(image_BE, dtype=np.float32)) if isinstance(image_BE, np.ndarray) else image_BE
+    cls = torch.from_numpy(np.array(class_CE, dtype=np.float32)) if isinstance(class_CE, np.ndarray) else class_CE
     if image.ndim != 2 or cls.ndim != 2 or image.shape[1] != cls.shape[1]:
         raise ValueError(f"expected image [B, E] and class [C, E] embeddings, got {list(image.shape)} and {list(cls.shape)}")
-    return scale * F.normalize(image.float(), dim=-1) @ F.normalize(cls, dim=-1).T
+    return scale * F.normalize(image.float(), dim=-1) @ F.normalize(cls.float(), dim=-1).T
 
 
 @dataclass

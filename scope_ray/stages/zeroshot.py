@@ -2,10 +2,10 @@
 
 For a model with a text tower, the class text embeddings come from the text tower
 (``zeroshot.templates`` x ``zeroshot.class_names``, the usual CLIP prompt ensemble, computed once
-on the driver: a few thousand prompts through a small tower), and the image embeddings are the
+in one Ray task, on a GPU when the cluster has one), and the image embeddings are the
 ``clip_embedding`` column the probe-features stage cached in ``classification_val``: the image
 tower's own pooled and projected output of each variant's edited forward. No image goes through
-the backbone here, so the stage is a matrix product per part file, streamed on the driver.
+the backbone here; scoring is a matrix product per part file, streamed on the driver.
 
 Tables under ``ROOT/<model>/zeroshot/`` (docs/zeroshot.md is the reference): ``zeroshot``, one
 row per variant, and ``classes``, the class text embeddings used. A model without a text tower
@@ -163,12 +163,49 @@ def _check_labels(labels: np.ndarray, ids: list[str], n_classes: int, names_from
                          "to the dataset's full class list")
 
 
-def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotResult:
-    """Run (or skip, when committed with this config) the zero-shot stage for ``job``."""
+def text_embeddings(job: JobConfig, names: list[str], templates: list[str],
+                    torch_threads: int | None = None) -> tuple[np.ndarray, float, bool]:
+    """(class_CE, logit scale, blind) from the job's own text tower, in this process.
+
+    ``blind``: the image embedding cannot see removal (class-token pooling and the designated
+    layer is the last block: removal edits patch tokens only)."""
     import torch
 
     from scope_ray.models import build_backbone
-    from scope_ray.zeroshot import ZeroShotTally, class_embeddings, clip_tokenizer, logit_scale, zeroshot_logits
+    from scope_ray.zeroshot import class_embeddings, clip_tokenizer, logit_scale
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    spec = job.model.spec
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_backbone(spec, weights=job.model.weights, seed=job.seed, endpoint_url=job.storage.endpoint_url)
+    model = model.to(device)
+    class_CE = class_embeddings(model, clip_tokenizer(model, spec.arch), names, templates,
+                                batch_size=job.zeroshot.text_batch_size)
+    visual = model.visual
+    blind = (job.model.resolved_layer == spec.depth and getattr(visual, "pool_type", None) == "tok"
+             and getattr(visual, "attn_pool", None) is None)
+    return class_CE.numpy(), logit_scale(model), bool(blind)
+
+
+def _text_side(job: JobConfig, names: list[str], templates: list[str]) -> tuple[np.ndarray, float, bool]:
+    """``text_embeddings`` in one Ray task sized like a model actor: the text tower is a full
+    transformer per prompt (1000 classes x 7 templates take minutes on a few CPU cores, seconds on
+    a GPU), so it goes where the GPUs are rather than onto the driver."""
+    import ray
+
+    from scope_ray.stages.cluster import actor_resources, connect
+
+    if not ray.is_initialized():
+        connect(job.ray)
+    res = actor_resources(job.ray, task_cpus=0.0)  # nothing else runs beside it
+    task = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(text_embeddings)
+    return ray.get(task.remote(job, names, templates, res.torch_threads))
+
+
+def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotResult:
+    """Run (or skip, when committed with this config) the zero-shot stage for ``job``."""
+    from scope_ray.zeroshot import ZeroShotTally, zeroshot_logits
 
     spec = job.model.spec
     if not spec.has_text_tower:
@@ -194,22 +231,11 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
     templates = list(job.zeroshot.templates)
     log(f"[zeroshot] {job.model.name}: {len(names)} classes x {len(templates)} templates through the text tower "
         f"(class names: {names_from})")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_backbone(spec, weights=job.model.weights, seed=job.seed, endpoint_url=job.storage.endpoint_url)
-    model = model.to(device)
-    class_CE = class_embeddings(model, clip_tokenizer(model, spec.arch), names, templates,
-                                batch_size=job.zeroshot.text_batch_size)
-    scale = logit_scale(model)
-    visual = model.visual
-    # Removal edits patch tokens only: when CLIP's embedding is the class token and no block runs
-    # after the designated one, every variant has the original's embedding.
-    blind = (job.model.resolved_layer == spec.depth and getattr(visual, "pool_type", None) == "tok"
-             and getattr(visual, "attn_pool", None) is None)
+    class_CE, scale, blind = _text_side(job, names, templates)
     if blind:
         log(f"[zeroshot] warning: layer {spec.depth} is {spec.name}'s last block and its image embedding is the class "
             "token, which removal never edits: every variant will score exactly like `original`. Set model.layer "
             "below the last block to measure removal's effect on zero-shot")
-    del model, visual
     dim = int(fm["clip_embedding_dim"])
     if class_CE.shape[1] != dim:
         raise RuntimeError(f"text embeddings have width {class_CE.shape[1]}, the cached clip_embedding {dim}")
@@ -240,7 +266,7 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
              "templates": templates, "logit_scale": scale} for v, t in tallies.items()]
     stage.reset()
     stage.write_part("zeroshot", "part-0", pa.Table.from_pylist(rows, schema=ZEROSHOT_SCHEMA))
-    emb_flat = pa.array(class_CE.numpy().astype(np.float32).reshape(-1), pa.float32())
+    emb_flat = pa.array(class_CE.astype(np.float32).reshape(-1), pa.float32())
     stage.write_part("classes", "part-0", pa.table({
         "label": pa.array(np.arange(len(names)), pa.int64()), "name": pa.array(names, pa.string()),
         "text_embedding": pa.FixedSizeListArray.from_arrays(emb_flat, dim)}))

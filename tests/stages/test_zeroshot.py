@@ -84,7 +84,7 @@ def cache():
     return emb, labels, class_CE, scale
 
 
-def test_rows_equal_a_direct_computation_and_a_rerun_is_skipped(tmp_path, cache):
+def test_rows_equal_a_direct_computation_and_a_rerun_is_skipped(ray_local, tmp_path, cache):
     emb, labels, class_CE, scale = cache
     job = _job(tmp_path)
     root = ResultsRoot(job.storage.root)
@@ -116,7 +116,7 @@ def test_rows_equal_a_direct_computation_and_a_rerun_is_skipped(tmp_path, cache)
     assert not other.skipped and other.rows[0]["templates"] == ["a {} in a video game."]
 
 
-def test_warns_when_the_designated_layer_is_the_last_block(tmp_path, cache):
+def test_warns_when_the_designated_layer_is_the_last_block(ray_local, tmp_path, cache):
     """CLIP's embedding is the class token; removal at the last block never reaches it."""
     emb, labels, *_ = cache
     for layer, blind in ((3, True), (2, False)):
@@ -136,7 +136,7 @@ def test_a_model_without_a_text_tower_is_skipped_with_a_reason(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_labels_outside_the_class_names_are_named(tmp_path, cache):
+def test_labels_outside_the_class_names_are_named(ray_local, tmp_path, cache):
     emb, labels, *_ = cache
     job = _job(tmp_path, "zeroshot.class_names=[tench, goldfish]")
     root = ResultsRoot(job.storage.root)
