@@ -218,6 +218,10 @@ class ZeroShotConfig(_Section):
         "a list of names in label order; or a path / s3:// URI of a .txt (one name per line, label order) or .json "
         "(a list, or an object keyed by label index or by wnid) file")
     text_batch_size: int = Field(256, ge=1, description="prompts per text-tower forward")
+    image_embedding: Literal["class_token", "patch_mean"] = Field(
+        "class_token", description="class_token = CLIP's own image embedding (encode_image: the class token through "
+        "ln_post and proj); patch_mean = the mean of the final patch tokens after ln_post, through proj (our "
+        "addition: unlike the class token it sees removal when the designated layer is the last block)")
 
     @field_validator("templates")
     @classmethod

@@ -7,6 +7,14 @@ each class's prompts (one per template) go through the text tower, each prompt e
 L2-normalised, the class embedding is their mean, renormalised. An image's logits are
 ``logit_scale * normalise(image) @ class^T`` with the model's own learned ``logit_scale``
 (``exp`` of the stored parameter), so the softmax confidence is the one CLIP itself would report.
+
+Image embeddings (``zeroshot.image_embedding``): ``class_token`` is CLIP's own ``encode_image``
+(for the OpenAI CLIPs the final class token through ``ln_post`` and ``proj``); ``patch_mean`` (our
+addition, not the paper's protocol) is ``mean_n(ln_post(patch_n)) @ proj``, open_clip's own ``avg``
+pooling. Removal edits patch tokens only, so with the designated layer = the last block only
+``patch_mean`` can see it. The probe-features cache already holds ``mean_n(ln_post(patch_n))``
+(the classification ``embedding``: the wrapper's final tokens are ``ln_post``'s per-token output),
+and ``proj`` is linear, so ``patch_mean`` is that column through ``proj``: no second backbone pass.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Tokenizer = Callable[[list[str]], Tensor]  # prompts -> token ids [M, context_length]
+IMAGE_EMBEDDINGS = ("class_token", "patch_mean")
 
 
 def prompts(templates: Sequence[str], class_names: Sequence[str]) -> list[str]:
@@ -61,6 +70,51 @@ def class_embeddings(model: nn.Module, tokenizer: Tokenizer, class_names: Sequen
 def logit_scale(model: nn.Module) -> float:
     """The model's learned temperature, as CLIP applies it (``exp`` of the stored parameter)."""
     return float(model.logit_scale.detach().exp().reshape(-1)[0])
+
+
+def _visual(model: nn.Module) -> nn.Module:
+    return getattr(model, "visual", model)
+
+
+def patch_mean_projection(model: nn.Module) -> np.ndarray:
+    """proj_DE (float32, CPU) that takes the mean of ``ln_post``'d patch tokens to the joint space.
+
+    ``model`` is an open_clip ``CLIP`` or its ``visual``. Only towers that apply ``ln_post`` per
+    token before pooling (no attentional pooler, ``final_ln_after_pool`` off, as the wrapper's
+    ``final_tokens`` requires too) qualify: there the mean commutes with nothing but ``proj``.
+    A tower without ``proj`` gets the identity (its embedding is the pooled token itself).
+    """
+    visual = _visual(model)
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise NotImplementedError("patch_mean needs an image tower that applies ln_post per token before pooling "
+                                  "(no attentional pooler, final_ln_after_pool off)")
+    proj = getattr(visual, "proj", None)
+    if proj is None:
+        return np.eye(int(visual.transformer.width), dtype=np.float32)
+    return proj.detach().float().cpu().numpy().copy()
+
+
+def patch_mean_embedding(patch_mean_BD: np.ndarray | Tensor, proj_DE: np.ndarray | Tensor) -> Tensor:
+    """image_BE = ``mean_n(ln_post(patch_n)) @ proj`` from the cached per-image mean (float32, CPU)."""
+    mean = torch.from_numpy(np.array(patch_mean_BD, dtype=np.float32)) if isinstance(patch_mean_BD, np.ndarray) \
+        else patch_mean_BD.float().cpu()
+    proj = torch.from_numpy(np.array(proj_DE, dtype=np.float32)) if isinstance(proj_DE, np.ndarray) \
+        else proj_DE.float().cpu()
+    if mean.ndim != 2 or proj.ndim != 2 or mean.shape[1] != proj.shape[0]:
+        raise ValueError(f"expected a patch mean [B, D] and a projection [D, E], got {list(mean.shape)} "
+                         f"and {list(proj.shape)}")
+    return mean @ proj
+
+
+def removal_invisible(model: nn.Module, layer: int, image_embedding: str) -> bool:
+    """Whether every removal variant's image embedding equals ``original`` by construction: CLIP's
+    own embedding pooled from the class token, with the designated layer the last block (removal
+    edits patch tokens only and no block runs after it). ``patch_mean`` always sees removal."""
+    if image_embedding not in IMAGE_EMBEDDINGS:
+        raise ValueError(f"image_embedding {image_embedding!r}; allowed: {', '.join(IMAGE_EMBEDDINGS)}")
+    visual = _visual(model)
+    return (image_embedding == "class_token" and layer == len(visual.transformer.resblocks)
+            and getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None)
 
 
 def zeroshot_logits(image_BE: np.ndarray | Tensor, class_CE: np.ndarray | Tensor, scale: float) -> Tensor:

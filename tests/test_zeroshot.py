@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scope_ray.models import build_backbone, get_spec
-from scope_ray.zeroshot import ZeroShotTally, class_embeddings, clip_tokenizer, logit_scale, prompts, zeroshot_logits
+from scope_ray.config import load_config
+from scope_ray.models import ViTWrapper, build_backbone, get_spec
+from scope_ray.zeroshot import (ZeroShotTally, class_embeddings, clip_tokenizer, logit_scale, patch_mean_embedding,
+                                patch_mean_projection, prompts, removal_invisible, zeroshot_logits)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,64 @@ def test_logits_equal_open_clips_own(clip):
         got = zeroshot_logits(model.encode_image(pixels), text, logit_scale(model))
     assert logit_scale(model) == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's initial temperature
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ image_embedding: patch_mean
+def test_patch_mean_from_the_cached_token_mean_equals_open_clips_own_computation(clip):
+    """What probe-features caches as `embedding` (the mean over patch tokens of the wrapper's final
+    tokens, float32 in numpy) through ``patch_mean_projection`` equals open_clip's tower run by hand
+    (transformer, ln_post per token, mean over patch tokens, @ proj) and open_clip's own `avg` pooling."""
+    import copy
+
+    model, _ = clip
+    spec = get_spec("demo-clip")
+    pixels = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    wrapper = ViTWrapper(model, spec).eval()
+    with torch.inference_mode():
+        cached_BD = wrapper.final_tokens(pixels).float().numpy()[:, 1:].mean(axis=1)  # as probe_features._rows
+        got = patch_mean_embedding(cached_BD, patch_mean_projection(model))
+        v = model.visual
+        x = v.transformer(v._embeds(pixels))
+        by_hand = v.ln_post(x)[:, 1:].mean(dim=1) @ v.proj
+        avg = copy.deepcopy(v)
+        avg.pool_type = "avg"
+        own_avg = avg(pixels)
+        ln_after_mean = v.ln_post(x[:, 1:].mean(dim=1)) @ v.proj  # the wrong order
+        class_token = model.encode_image(pixels)
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got, by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, own_avg, atol=1e-5, rtol=1e-5)
+    # Not vacuous: the order of ln_post and the mean matters, and it is not the class token.
+    assert (got - ln_after_mean).abs().max() > 1e-3
+    assert (got - class_token).abs().max() > 1e-3
+
+
+def test_patch_mean_projection_refuses_towers_that_pool_before_ln_post(clip):
+    import copy
+
+    model, _ = clip
+    assert patch_mean_projection(model).shape == (64, 32)
+    late = copy.deepcopy(model.visual)
+    late.final_ln_after_pool = True
+    with pytest.raises(NotImplementedError, match="ln_post per token"):
+        patch_mean_projection(late)
+    with pytest.raises(ValueError, match=r"patch mean \[B, D\] and a projection \[D, E\]"):
+        patch_mean_embedding(np.zeros((2, 32)), patch_mean_projection(model))
+
+
+def test_only_the_class_token_at_the_last_block_is_blind_to_removal(clip):
+    model, _ = clip  # demo-clip: 3 blocks, class-token pooling
+    assert removal_invisible(model, 3, "class_token") is True
+    assert removal_invisible(model, 2, "class_token") is False
+    assert removal_invisible(model, 3, "patch_mean") is False
+    with pytest.raises(ValueError, match="allowed: class_token, patch_mean"):
+        removal_invisible(model, 3, "cls")
+
+
+def test_image_embedding_config_key_validates():
+    assert load_config({}).zeroshot.image_embedding == "class_token"
+    assert load_config({}, ["zeroshot.image_embedding=patch_mean"]).zeroshot.image_embedding == "patch_mean"
+    with pytest.raises(ValueError, match="image_embedding"):
+        load_config({}, ["zeroshot.image_embedding=mean"])
+    a, b = (load_config({}, [f"zeroshot.image_embedding={v}"]) for v in ("class_token", "patch_mean"))
+    assert a.stage_hash("zeroshot") != b.stage_hash("zeroshot")

@@ -4,8 +4,11 @@ For a model with a text tower, the class text embeddings come from the text towe
 (``zeroshot.templates`` x ``zeroshot.class_names``, the usual CLIP prompt ensemble, computed once
 in one Ray task, on a GPU when the cluster has one), and the image embeddings are the
 ``clip_embedding`` column the probe-features stage cached in ``classification_val``: the image
-tower's own pooled and projected output of each variant's edited forward. No image goes through
-the backbone here; scoring is a matrix product per part file, streamed on the driver.
+tower's own pooled and projected output of each variant's edited forward. With
+``zeroshot.image_embedding: patch_mean`` (our addition) they are instead the cached ``embedding``
+(the mean of the ``ln_post``'d final patch tokens) through the visual projection, which sees
+removal even when the designated layer is the last block. No image goes through the backbone
+here; scoring is a matrix product per part file, streamed on the driver.
 
 Tables under ``ROOT/<model>/zeroshot/`` (docs/zeroshot.md is the reference): ``zeroshot``, one
 row per variant, and ``classes``, the class text embeddings used. A model without a text tower
@@ -18,6 +21,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +46,10 @@ ZEROSHOT_SCHEMA = pa.schema([
     pa.field("n_classes", pa.int64()),
     pa.field("templates", pa.list_(pa.string())),
     pa.field("logit_scale", pa.float64()),
+    pa.field("image_embedding", pa.string()),
 ])
+# The cached column each image embedding is computed from.
+SOURCE_COLUMN = {"class_token": "clip_embedding", "patch_mean": "embedding"}
 
 
 @dataclass
@@ -128,8 +135,9 @@ def resolve_class_names(job: JobConfig) -> tuple[list[str], str]:
 
 # ------------------------------------------------------------------------------------ driver
 def config_hash(job: JobConfig, class_names: list[str], features_manifest: dict) -> str:
-    """The templates and the resolved class names (file contents, not just the path), and the exact
-    probe-features commit the embeddings come from; not the text batch size."""
+    """The templates, the image embedding (``zeroshot.image_embedding``), the resolved class names
+    (file contents, not just the path), and the exact probe-features commit the embeddings come
+    from; not the text batch size."""
     blob = json.dumps({"zeroshot": job.stage_hash("zeroshot", exclude=("zeroshot.text_batch_size",
                                                                         "zeroshot.class_names")),
                        "class_names": class_names, "features": features_manifest.get("config_hash"),
@@ -148,7 +156,7 @@ def _features(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, dict]:
     if SOURCE_TABLE not in m["tables"]:
         raise RuntimeError(f"{job.model.name}: the probe features at {stage.uri} have no {SOURCE_TABLE} table; set "
                            f"data.imagenet.val and {hint}")
-    if not m.get("clip_embedding_dim"):
+    if job.zeroshot.image_embedding == "class_token" and not m.get("clip_embedding_dim"):
         raise RuntimeError(f"{job.model.name}: the probe features at {stage.uri} carry no clip_embedding (written "
                            f"by an older version); remove that directory and {hint}")
     return stage, m
@@ -163,16 +171,24 @@ def _check_labels(labels: np.ndarray, ids: list[str], n_classes: int, names_from
                          "to the dataset's full class list")
 
 
-def text_embeddings(job: JobConfig, names: list[str], templates: list[str],
-                    torch_threads: int | None = None) -> tuple[np.ndarray, float, bool]:
-    """(class_CE, logit scale, blind) from the job's own text tower, in this process.
+class TextSide(NamedTuple):
+    """What the stage needs from the CLIP model besides the cached image features."""
 
-    ``blind``: the image embedding cannot see removal (class-token pooling and the designated
-    layer is the last block: removal edits patch tokens only)."""
+    class_embeddings: np.ndarray  # class_CE, unit rows
+    logit_scale: float
+    blind: bool  # the image embedding cannot see removal (``removal_invisible``)
+    projection: np.ndarray | None  # proj_DE for ``patch_mean``, else None
+
+
+def text_embeddings(job: JobConfig, names: list[str], templates: list[str],
+                    torch_threads: int | None = None) -> TextSide:
+    """The class embeddings, logit scale, blindness and (``patch_mean``) the visual projection
+    from the job's own CLIP model, in this process."""
     import torch
 
     from scope_ray.models import build_backbone
-    from scope_ray.zeroshot import class_embeddings, clip_tokenizer, logit_scale
+    from scope_ray.zeroshot import (class_embeddings, clip_tokenizer, logit_scale, patch_mean_projection,
+                                    removal_invisible)
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -182,13 +198,12 @@ def text_embeddings(job: JobConfig, names: list[str], templates: list[str],
     model = model.to(device)
     class_CE = class_embeddings(model, clip_tokenizer(model, spec.arch), names, templates,
                                 batch_size=job.zeroshot.text_batch_size)
-    visual = model.visual
-    blind = (job.model.resolved_layer == spec.depth and getattr(visual, "pool_type", None) == "tok"
-             and getattr(visual, "attn_pool", None) is None)
-    return class_CE.numpy(), logit_scale(model), bool(blind)
+    which = job.zeroshot.image_embedding
+    return TextSide(class_CE.numpy(), logit_scale(model), removal_invisible(model, job.model.resolved_layer, which),
+                    patch_mean_projection(model) if which == "patch_mean" else None)
 
 
-def _text_side(job: JobConfig, names: list[str], templates: list[str]) -> tuple[np.ndarray, float, bool]:
+def _text_side(job: JobConfig, names: list[str], templates: list[str]) -> TextSide:
     """``text_embeddings`` in one Ray task sized like a model actor: the text tower is a full
     transformer per prompt (1000 classes x 7 templates take minutes on a few CPU cores, seconds on
     a GPU), so it goes where the GPUs are rather than onto the driver."""
@@ -205,7 +220,7 @@ def _text_side(job: JobConfig, names: list[str], templates: list[str]) -> tuple[
 
 def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotResult:
     """Run (or skip, when committed with this config) the zero-shot stage for ``job``."""
-    from scope_ray.zeroshot import ZeroShotTally, zeroshot_logits
+    from scope_ray.zeroshot import ZeroShotTally, patch_mean_embedding, zeroshot_logits
 
     spec = job.model.spec
     if not spec.has_text_tower:
@@ -231,24 +246,34 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
     templates = list(job.zeroshot.templates)
     log(f"[zeroshot] {job.model.name}: {len(names)} classes x {len(templates)} templates through the text tower "
         f"(class names: {names_from})")
-    class_CE, scale, blind = _text_side(job, names, templates)
+    which = job.zeroshot.image_embedding
+    class_CE, scale, blind, proj_DE = _text_side(job, names, templates)
     if blind:
         log(f"[zeroshot] warning: layer {spec.depth} is {spec.name}'s last block and its image embedding is the class "
             "token, which removal never edits: every variant will score exactly like `original`. Set model.layer "
-            "below the last block to measure removal's effect on zero-shot")
-    dim = int(fm["clip_embedding_dim"])
+            "below the last block, or zeroshot.image_embedding=patch_mean, to measure removal's effect on zero-shot")
+    column = SOURCE_COLUMN[which]
+    if which == "patch_mean":
+        log("[zeroshot] image embedding: patch_mean, the mean of the final patch tokens after ln_post through the "
+            "visual projection (our addition, not CLIP's own class-token embedding)")
+        width, dim = spec.width, int(proj_DE.shape[1])
+        if proj_DE.shape[0] != width:
+            raise RuntimeError(f"the visual projection takes width {proj_DE.shape[0]}, the cached embedding has {width}")
+    else:
+        width = dim = int(fm["clip_embedding_dim"])
     if class_CE.shape[1] != dim:
-        raise RuntimeError(f"text embeddings have width {class_CE.shape[1]}, the cached clip_embedding {dim}")
+        raise RuntimeError(f"text embeddings have width {class_CE.shape[1]}, the image embeddings {dim}")
 
     tallies = {v: ZeroShotTally() for v in VARIANTS}
     where = f"{features.uri}/{SOURCE_TABLE}"
     for path in features.part_files(SOURCE_TABLE):
-        t = pq.read_table(path, columns=["image_id", "variant", "clip_embedding", "label"],
-                          filesystem=features.root.arrow_fs)
+        t = pq.read_table(path, columns=["image_id", "variant", column, "label"], filesystem=features.root.arrow_fs)
         labels = t.column("label").to_numpy()
         variant = np.asarray(t.column("variant").to_pylist(), dtype=object)
         _check_labels(labels, t.column("image_id").to_pylist(), len(names), names_from, where)
-        emb = t.column("clip_embedding").combine_chunks().flatten().to_numpy().reshape(t.num_rows, dim)
+        emb = t.column(column).combine_chunks().flatten().to_numpy().reshape(t.num_rows, width)
+        if proj_DE is not None:
+            emb = patch_mean_embedding(emb, proj_DE).numpy()
         for v in np.unique(variant):
             if v not in tallies:
                 raise RuntimeError(f"{where}: unknown variant {v!r}; expected {list(VARIANTS)}")
@@ -263,7 +288,7 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
     rows = [{"variant": v, "n_images": t.n, "n_correct": t.correct, "top1": t.top1,
              "mean_confidence": t.mean_confidence, "top1_delta": t.top1 - base.top1,
              "mean_confidence_delta": t.mean_confidence - base.mean_confidence, "n_classes": len(names),
-             "templates": templates, "logit_scale": scale} for v, t in tallies.items()]
+             "templates": templates, "logit_scale": scale, "image_embedding": which} for v, t in tallies.items()]
     stage.reset()
     stage.write_part("zeroshot", "part-0", pa.Table.from_pylist(rows, schema=ZEROSHOT_SCHEMA))
     emb_flat = pa.array(class_CE.astype(np.float32).reshape(-1), pa.float32())
@@ -276,7 +301,8 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
                 "probe_features_config_hash": fm.get("config_hash")},
         {"zeroshot": len(rows), "classes": len(names)},
         extra={"templates": templates, "class_names_source": names_from, "n_classes": len(names),
-               "logit_scale": scale, "clip_embedding_dim": dim, "variants": list(VARIANTS),
+               "logit_scale": scale, "clip_embedding_dim": dim, "image_embedding": which,
+               "image_embedding_column": column, "variants": list(VARIANTS),
                "weights": job.model.weights, "variants_equal_original_by_construction": blind,
                "seconds": round(seconds, 3)},
     )

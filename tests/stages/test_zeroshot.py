@@ -109,6 +109,7 @@ def test_rows_equal_a_direct_computation_and_a_rerun_is_skipped(ray_local, tmp_p
     np.testing.assert_allclose(np.array([c["text_embedding"] for c in classes]), class_CE, atol=1e-5)
     m = stage.manifest()
     assert m["templates"] == TEMPLATES and m["n_classes"] == 4 and m["logit_scale"] == pytest.approx(scale)
+    assert m["image_embedding"] == "class_token" and {r["image_embedding"] for r in result.rows} == {"class_token"}
 
     again = run_zeroshot(job, ResultsRoot(root.uri), **QUIET)
     assert again.skipped and again.rows == result.rows
@@ -187,6 +188,113 @@ def test_class_names_from_files_and_folders(tmp_path):
         resolve_class_names(_job(tmp_path, f"zeroshot.class_names={tmp_path / 'wnid.json'}"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_class_names(_job(tmp_path, f"zeroshot.class_names={tmp_path / 'nope.txt'}"))
+
+
+# ------------------------------------------------------------------ image_embedding: patch_mean
+def _commit_real_features(job, root, px: np.ndarray, labels: np.ndarray):
+    """probe-features' own writer (in process, no Ray) over ``px`` at the job's layer, after a seeded
+    random SAE and a partition whose high group is the features firing most on these images."""
+    import posixpath
+
+    from scope_ray.removal import random_group
+    from scope_ray.sae import BatchTopKSAE
+    from scope_ray.stages.partition import config_hash as partition_hash
+    from scope_ray.stages.probe_features import ProbeFeatureWriter
+    from scope_ray.stages.train_sae import SAE_FILE
+    from scope_ray.stages.train_sae import config_hash as train_hash
+
+    spec, q = job.model.spec, job.dictionary_size
+    model = build_model(job.model.name, seed=job.seed, layer=job.model.resolved_layer)
+    with torch.inference_mode():
+        tokens = model.forward_layer(model.preprocess(px)).patch_tokens.reshape(-1, spec.width)
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(spec.width, q, job.sae.k).eval()
+    with torch.no_grad():
+        pre = sae.pre_acts(tokens)
+        sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
+        fires = (sae.encode(tokens) > 0).sum(dim=0).numpy()
+    train = root.stage(job.model.name, "train-sae")
+    sae.save(posixpath.join(train.uri, SAE_FILE))
+    train.commit(train_hash(job), {}, {})
+    order = np.argsort(-fires, kind="stable")
+    group = np.full(q, "nan", dtype=object)
+    group[order[:12]], group[order[12:60]] = "high", "low"
+    part = root.stage(job.model.name, "partition")
+    part.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(q), pa.int64()),
+                                                    "cds": pa.array(np.linspace(0, 1, q), pa.float64()),
+                                                    "group": pa.array(group.tolist(), pa.string())}))
+    part.commit(partition_hash(job), {}, {"features": q})
+    groups = {"high": np.sort(order[:12]), "low": np.sort(order[12:60]),
+              "random": random_group(q, 12, seed=job.seed).numpy()}
+    writer = ProbeFeatureWriter(job, root, "classification", "val", groups, torch_threads=torch.get_num_threads())
+    n = labels.size
+    out = writer({"image_id": np.array([f"val_{i:06d}" for i in range(n)], dtype=object), "pixels": px,
+                  "ok": np.ones(n, bool), "reason": np.full(n, "", dtype=object), "label": labels})
+    assert out["rows"].tolist() == [n * len(VARIANTS)]
+    root.stage(job.model.name, FEATURES).commit(
+        features_hash(job), {}, {"classification_val": n * len(VARIANTS)},
+        extra={"clip_embedding_dim": 32, "splits": {"classification": {"val": {"used": n, "label_max": 3}}}})
+    return sae, groups
+
+
+def test_patch_mean_sees_removal_at_the_last_block_and_equals_open_clip(ray_local, tmp_path):
+    """Designated layer = the last block (3 of 3): CLIP's class-token embedding is the same in every
+    variant, the patch mean is not. Every patch_mean row equals a direct computation: for `original`
+    open_clip's own tower run by hand (transformer, ln_post per token, mean over patch tokens,
+    @ proj), for a removal variant the edited final patch tokens' mean through proj."""
+    from scope_ray.removal import removal_edit
+
+    rng = np.random.default_rng(1)
+    px = rng.integers(0, 256, (8, 96, 96, 3), dtype=np.uint8)
+    labels = rng.integers(0, len(NAMES), 8).astype(np.int64)
+    job = _job(tmp_path, "model.layer=3")
+    root = ResultsRoot(job.storage.root)
+    sae, groups = _commit_real_features(job, root, px, labels)
+
+    lines: list[str] = []
+    tok = run_zeroshot(job, root, log=lines.append)
+    assert tok.manifest["variants_equal_original_by_construction"] is True
+    assert any("zeroshot.image_embedding=patch_mean" in line for line in lines)
+    assert len({(r["n_correct"], r["mean_confidence"]) for r in tok.rows}) == 1  # blind by construction
+
+    lines.clear()
+    job_pm = _job(tmp_path, "model.layer=3", "zeroshot.image_embedding=patch_mean")
+    result = run_zeroshot(job_pm, root, log=lines.append)
+    assert not result.skipped  # another config hash than the class_token run's
+    assert result.manifest["image_embedding"] == "patch_mean"
+    assert result.manifest["variants_equal_original_by_construction"] is False
+    assert not any("every variant will score exactly" in line for line in lines)
+    assert {r["image_embedding"] for r in result.rows} == {"patch_mean"}
+
+    model = build_model(job.model.name, seed=job.seed, layer=3)
+    visual = model.backbone.visual
+    pixels = model.preprocess(px)
+    with torch.inference_mode():
+        x = visual.ln_post(visual.transformer(visual._embeds(pixels)))  # open_clip's forward, ln_post per token
+        want = {"original": (x[:, 1:].mean(dim=1) @ visual.proj).numpy()}
+        for variant, group in (("high_removed", "high"), ("low_removed", "low"), ("random_removed", "random")):
+            tokens = model.final_tokens(pixels, edit=removal_edit(sae, groups[group]))
+            want[variant] = (tokens[:, 1:].mean(dim=1) @ visual.proj).numpy()
+    class_CE, scale = _direct_classes(job)
+    by_variant = {r["variant"]: r for r in result.rows}
+    for v in VARIANTS:
+        top1, conf = _expected(want[v], labels, class_CE, scale)
+        assert by_variant[v]["top1"] == pytest.approx(top1, abs=1e-9)
+        assert by_variant[v]["mean_confidence"] == pytest.approx(conf, rel=1e-5)
+    # Removal is visible: the high group's removal moves the embedding and CLIP's confidence.
+    assert np.abs(want["high_removed"] - want["original"]).max() > 1e-3
+    assert abs(by_variant["high_removed"]["mean_confidence_delta"]) > 1e-6
+    assert by_variant["original"]["mean_confidence"] != tok.rows[0]["mean_confidence"]  # not CLIP's own embedding
+
+
+def test_patch_mean_needs_no_clip_embedding_column(ray_local, tmp_path, cache):
+    """patch_mean reads the cached `embedding`, which every probe-features cache has."""
+    emb, labels, *_ = cache
+    job = _job(tmp_path, "zeroshot.image_embedding=patch_mean")
+    root = ResultsRoot(job.storage.root)
+    _commit_features(job, root, emb, labels, clip_dim=None)
+    result = run_zeroshot(job, root, **QUIET)
+    assert not result.skipped and [r["n_images"] for r in result.rows] == [labels.size] * 4
 
 
 # ----------------------------------------------------------------------------- end to end
