@@ -8,8 +8,10 @@ import sys
 import textwrap
 
 # Pipeline order; `run` runs them all. `cds` runs both CDS passes and then the partition
-# (gamma, Table 4, awCDS, figures).
-STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds")
+# (gamma, Table 4, awCDS, figures); `probe` caches the probe features of every removal variant
+# and then runs the probe search (Tables 3 / 8); `zeroshot` needs a text tower (CLIP) and says
+# so and does nothing for other models.
+STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds", "probe", "zeroshot")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -78,7 +80,10 @@ def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) ->
     from scope_ray.stages.extract import run_extract
     from scope_ray.stages.instability import run_instability
     from scope_ray.stages.partition import run_partition
+    from scope_ray.stages.probe import run_probes
+    from scope_ray.stages.probe_features import run_probe_features
     from scope_ray.stages.train_sae import run_train_sae
+    from scope_ray.stages.zeroshot import run_zeroshot
     from scope_ray.storage import ResultsRoot
 
     job = load_config(job_path, overrides)  # every config error surfaces here, before Ray starts
@@ -87,12 +92,23 @@ def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) ->
     root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
     root.check_writable()
     connect(job.ray)
+
     def cds_and_partition(job, root):
         run_cds(job, root)
         run_partition(job, root)
 
+    def features_and_search(job, root):
+        run_probe_features(job, root)
+        run_probes(job, root)
+
+    def zeroshot(job, root):
+        result = run_zeroshot(job, root)
+        if result.skipped and result.reason:
+            print(f"[zeroshot] skipped: {result.reason}")
+
     runners = {"extract": run_extract, "train-sae": run_train_sae, "eval-sae": run_eval_sae,
-               "instability": run_instability, "cds": cds_and_partition}
+               "instability": run_instability, "cds": cds_and_partition, "probe": features_and_search,
+               "zeroshot": zeroshot}
     for name in stages:
         runners[name](job, root)
     return 0

@@ -62,7 +62,11 @@ def prepare_data(workdir: Path, seed: int, log=print) -> dict:
 def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
     spec = demo_spec()
     img = layout["sources"]["imagenet"]
-    spec["data"] = {"imagenet": {"train": img["folder"]["train"], "val": img["parquet"]["val"]}}
+    ade, nyu = layout["sources"]["ade20k"]["folder"], layout["sources"]["nyud"]["parquet"]
+    # Two storage formats on purpose: the ADE20K-style set as release folders, NYUd as Parquet.
+    spec["data"] = {"imagenet": {"train": img["folder"]["train"], "val": img["parquet"]["val"]},
+                    "ade20k": {"train": ade["train"], "val": ade["val"]},
+                    "nyud": {"train": nyu["train"], "val": nyu["val"]}}
     spec["storage"] = {"root": str(workdir / "results")}
     return load_config(spec, overrides)
 
@@ -75,7 +79,10 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     from scope_ray.stages.extract import run_extract
     from scope_ray.stages.instability import run_instability
     from scope_ray.stages.partition import run_partition
+    from scope_ray.stages.probe import run_probes
+    from scope_ray.stages.probe_features import run_probe_features
     from scope_ray.stages.train_sae import run_train_sae
+    from scope_ray.stages.zeroshot import run_zeroshot
     from scope_ray.storage import ResultsRoot
 
     t0 = time.time()
@@ -91,7 +98,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     if planted:
         log("[demo] NOTE: demo-planted is a PLANTED model, not a trained ViT: its tokens carry known local- and "
             "global-scope directions, so the CDS split below has a known right answer (docs/models.md)")
-    connect(job.ray, num_cpus=os.cpu_count())
+    connect(job.ray, num_cpus=os.cpu_count(), log_to_driver=False)
     import ray.data
 
     # The stages print their own progress; Ray Data's per-operator bars would bury the summary.
@@ -102,6 +109,11 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     instability = run_instability(job, root, log=log)
     cds = run_cds(job, root, log=log)
     partition = run_partition(job, root, log=log)
+    t_probe = time.time()
+    probe_features = run_probe_features(job, root, log=log)
+    probes = run_probes(job, root, log=log)
+    probe_seconds = time.time() - t_probe
+    zeroshot = run_zeroshot(job, root, log=log)
     row = evaluation.row
     stage = root.stage(job.model.name, "extract")
     norms = stage.read_table("val_tokens", columns=["norm"]).column("norm").to_numpy()
@@ -119,7 +131,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     p50, p99 = np.percentile(norms, [50, 99])
     log(f"  token norms      median {p50:.2f}, p99 {p99:.2f}, max {float(norms.max()):.2f}")
     ran = {"extract": extract, "train-sae": train, "eval-sae": evaluation, "instability": instability,
-           "cds": cds, "partition": partition}
+           "cds": cds, "partition": partition, "probe-features": probe_features, "probe": probes}
     log("  stages           " + ", ".join(f"{k} {'reused' if r.skipped else 'ran'}" for k, r in ran.items()))
     log("")
     log(f"  SAE evaluation (Table 6 layout; q = {row['d_sae']}, K = {job.sae.k}, tau = {row['tau']:.3g} [{row['tau_source']}])")
@@ -142,8 +154,26 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                                                   ("mean_act_normal", "mean act. on normal tokens", ".3f"),
                                                   ("outlier_share", "share on outliers", ".3f")])))
     log("")
+    from scope_ray.probe_report import collect_probe_results, figure8, probe_markdown, probe_table
+
+    probe_rows = collect_probe_results(root)
+    fig8 = figure8(probe_rows, figures / "figure8_probe_accuracy.png")
+    cfg = job.probes
+    log(f"  Linear probes (Table 3 / Table 8 layout; best of {cfg.classification.trials}/{cfg.segmentation.trials}/"
+        f"{cfg.depth.trials} trial(s), {cfg.classification.epochs}/{cfg.segmentation.epochs}/{cfg.depth.epochs} epochs "
+        f"for classification/segmentation/depth: demo schedules, far from the paper's 5 x 100)")
+    log(_indent(probe_markdown(probe_table(probe_rows))))
+    if probes.trials:
+        startup = float(np.mean([t["seconds_startup"] for t in probes.trials]))
+        training = float(np.mean([t["seconds_train"] for t in probes.trials]))
+        log(f"  probe stages {probe_seconds:.0f} s: {len(probes.trials)} trials, each ~{startup:.1f} s of Ray Train "
+            f"start-up and ~{training:.2f} s of training, up to {probes.max_concurrent} at once")
+    log(f"  zero-shot        {'skipped: ' + zeroshot.reason if zeroshot.skipped else f'{len(zeroshot.rows)} variants'}")
+    log("")
     log("  figures")
-    for name, path in {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures}.items():
+    figure_paths = {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures,
+                    "probe accuracy (Fig 8)": str(fig8)}
+    for name, path in figure_paths.items():
         log(f"    {name:<22} {path}")
     if planted:
         from scope_ray.planted_check import planted_recovery
@@ -153,13 +183,23 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
         log(f"  planted ground truth: SAE features aligned with a planted global-scope direction: {rec['global']['features']} "
             f"(CDS median {rec['global']['median_cds']:.3f}); with a local-scope one: {rec['local']['features']} "
             f"(median {rec['local']['median_cds']:.3f}); AUROC {rec['auroc']:.3f} (1 = CDS separates them perfectly)")
+        from scope_ray.planted_check import planted_removal_effect
+
+        removal = planted_removal_effect(job, root)
+        seg, dep = removal["segmentation"], removal["depth"]
+        log(f"  planted removal: removing the {removal['groups']['local']} local-aligned features costs segmentation "
+            f"{100 * seg['drop_local']:.1f} mIoU points and depth {dep['drop_local']:+.3f} m RMSE; removing the "
+            f"{removal['groups']['global']} global-aligned ones {100 * seg['drop_global']:.1f} points and "
+            f"{dep['drop_global']:+.3f} m (fresh scenes, in-process probes)")
         log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
         log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
         log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
     log(f"  wall time        {time.time() - t0:.1f} s")
     return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
-            "cds": cds, "partition": partition, "planted": rec if planted else None, "figure": str(fig), "figures": {**partition.figures,
-                                                                                  "instability": str(inst_fig)}}
+            "cds": cds, "partition": partition, "probe_features": probe_features, "probes": probes,
+            "probe_seconds": probe_seconds, "probe_rows": probe_rows, "zeroshot": zeroshot,
+            "planted": rec if planted else None, "removal": removal if planted else None, "figure": str(fig),
+            "figures": {**partition.figures, "instability": str(inst_fig), "figure8": str(fig8)}}
 
 
 def _indent(text: str, pad: str = "  ") -> str:

@@ -52,9 +52,9 @@ def test_check_prints_resolved_config(tmp_path, capsys):
     assert "dinov2-b" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stage", ["instability", "cds"])
-def test_scope_stages_without_their_inputs_fail_clearly(ray_local, tmp_path, capsys, stage):
-    """`scope-ray stage instability|cds` on an empty results root: one line naming what to run first."""
+@pytest.mark.parametrize("stage, first", [("instability", "extract"), ("cds", "train-sae"), ("probe", "cds")])
+def test_scope_stages_without_their_inputs_fail_clearly(ray_local, tmp_path, capsys, stage, first):
+    """`scope-ray stage instability|cds|probe` on an empty results root: one line naming what to run first."""
     data = tmp_path / "val"
     data.mkdir()
     job = tmp_path / "job.yaml"
@@ -62,4 +62,4 @@ def test_scope_stages_without_their_inputs_fail_clearly(ray_local, tmp_path, cap
                    f"data: {{imagenet: {{val: {{format: folder, path: {data}}}}}}}\n")
     assert main(["stage", stage, str(job)]) == 2
     err = capsys.readouterr().err
-    assert "scope-ray stage" in err and ("extract" in err or "train-sae" in err), err
+    assert f"scope-ray stage {first}" in err, err

@@ -46,5 +46,22 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     assert rec["global"]["features"] >= 2 and rec["local"]["features"] >= 4, "the SAE did not learn the planted directions"
     assert rec["auroc"] >= 0.9
     assert any("AUROC" in line for line in lines)
+    # The probe search covered every (task, variant) with the removal variants the partition made.
+    best = {(b["task"], b["variant"]): b["value"] for b in out["probes"].best}
+    variants = ("original", "high_removed", "low_removed", "random_removed")
+    assert set(best) == {(t, v) for t in ("classification", "segmentation", "depth") for v in variants}
+    assert all(0 < value < 10 for value in best.values()), best  # top-1 / mIoU in (0, 1], RMSE in metres
+    assert any("ADE20K linear probe mIoU" in line for line in lines)
+    assert "figure8" in out["figures"]
+    assert out["zeroshot"].skipped and "no text tower" in out["zeroshot"].reason
+    # Ground truth downstream: removing the features aligned with the planted LOCAL directions
+    # costs dense prediction more than removing those aligned with the planted GLOBAL ones.
+    rm = out["removal"]
+    seg, dep = rm["segmentation"], rm["depth"]
+    print(f"[planted removal] groups {rm['groups']}; segmentation mIoU original {seg['original']:.4f}, "
+          f"drop local {seg['drop_local']:+.4f} vs global {seg['drop_global']:+.4f}; depth RMSE original "
+          f"{dep['original']:.4f}, drop local {dep['drop_local']:+.4f} vs global {dep['drop_global']:+.4f}")
+    assert seg["drop_local"] > seg["drop_global"] and dep["drop_local"] > dep["drop_global"]
     again = run_demo(tmp_path / "demo", log=lines.append)
-    assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition"))
+    assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
+                                          "probe_features", "probes"))

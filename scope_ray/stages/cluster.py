@@ -12,17 +12,21 @@ class ClusterResourceError(RuntimeError):
     """The job asks for resources the cluster does not have (Ray itself would wait forever)."""
 
 
-def connect(cfg: RayConfig, *, num_cpus: int | None = None) -> None:
-    """Join the cluster ``cfg.address`` (or RAY_ADDRESS) names, or start a local instance."""
+def connect(cfg: RayConfig, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Join the cluster ``cfg.address`` (or RAY_ADDRESS) names, or start a local instance.
+
+    ``log_to_driver=False`` keeps the actors' own log lines (Ray Train's per-worker chatter) out of
+    the terminal; the stages' progress lines come from the driver either way, and errors still
+    surface as exceptions."""
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 @dataclass(frozen=True)

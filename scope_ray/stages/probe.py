@@ -168,10 +168,10 @@ def probe_loop(cfg: dict) -> None:
 
 
 PROBE_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ProbeSpec))
-# Train V2's controller checks its worker group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-# default); a probe trial's whole training is a fraction of that, so the default poll alone added
-# ~4 s to each trial on the CI machine. A user's own setting wins.
-HEALTH_CHECK_INTERVAL_S = "0.25"
+# A probe trial trains for seconds and keeps no checkpoint worth resuming, so Train V2's per-run
+# extras are pure start-up cost here: the controller's worker-group poll (2 s by default) and the
+# preemption-watcher actor. Measured on the CI machine: bench/README.md. A user's own setting wins.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # ============================================================================ trial (Tune actor)
@@ -183,7 +183,8 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    for key, value in TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     entered = time.time()
     t0 = time.perf_counter()
     hp, spec = config["hp"], config["spec"]
@@ -284,18 +285,19 @@ def _prepare(stage: StageDir, chash: str) -> None:
         fs.pipe_file(marker, json.dumps({"config_hash": chash}).encode())
 
 
-def _free_resources(need_cpus: float, wait_s: float = 15.0) -> dict[str, float]:
+def _free_resources(want_cpus: float, wait_s: float = 15.0) -> dict[str, float]:
     """What the cluster has free now. Actors of a stage that just ended release their resources a
-    moment later, so a cluster that could hold one trial in total is given that moment."""
+    moment later; waiting (up to ``wait_s``) until ``want_cpus`` are free, or all there are, keeps
+    that moment from deciding how many trials run at once for the whole search."""
     import ray
 
     deadline = time.monotonic() + wait_s
     while True:
         free = ray.available_resources()
-        if free.get("CPU", 0.0) + 1e-9 >= need_cpus or ray.cluster_resources().get("CPU", 0.0) < need_cpus \
-                or time.monotonic() > deadline:
+        want = min(want_cpus, ray.cluster_resources().get("CPU", 0.0))
+        if free.get("CPU", 0.0) + 1e-9 >= want or time.monotonic() > deadline:
             return free
-        time.sleep(0.5)
+        time.sleep(0.25)
 
 
 def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None = None,
@@ -337,7 +339,8 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
 
     worker_gpus = actor_resources(job.ray).num_gpus
     worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
-    concurrent = max_concurrent_trials(_free_resources(TRIAL_CPUS + worker_cpus), worker_cpus, worker_gpus)
+    most = max((trials or getattr(job.probes, t).trials) * len(variants) for t in tasks)  # largest search
+    concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
     fs_arrow = None if root.scheme == "file" else root.arrow_fs
     tune_storage = posixpath.join(stage.path, TUNE_DIR)
     train_storage = posixpath.join(stage.path, TRAIN_DIR)
