@@ -55,8 +55,10 @@ from scope_ray.stages.probe_cache import (
     FeatureCache,
     check_schemas,
     class_count,
+    group_variants,
     load_split,
     open_cache,
+    variant_bytes,
 )
 from scope_ray.storage import ResultsRoot, StageDir
 
@@ -65,6 +67,10 @@ STAGE = "probe"
 # CPU share is what lets a trial and its worker fit beside each other on a small node.
 TRIAL_CPUS = 0.25
 TUNE_DIR, TRAIN_DIR, ATTEMPT = "_ray_tune", "_ray_train", "_attempt.json"
+# Share of the cluster's object store one search's features may take: the variants of a task are
+# searched together while they fit in it, one after another beyond that (ImageNet- / ADE20K-size
+# features are several GB per variant; docs/probe_search.md).
+OBJECT_STORE_SHARE = 0.5
 
 TRIALS_SCHEMA = pa.schema([
     ("task", pa.string()), ("variant", pa.string()), ("trial", pa.int32()),
@@ -339,7 +345,7 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
 
     worker_gpus = actor_resources(job.ray).num_gpus
     worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
-    most = max((trials or getattr(job.probes, t).trials) * len(variants) for t in tasks)  # largest search
+    most = max((trials or getattr(job.probes, t).trials) * len(variants) for t in tasks)  # largest possible search
     concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
     fs_arrow = None if root.scheme == "file" else root.arrow_fs
     tune_storage = posixpath.join(stage.path, TUNE_DIR)
@@ -351,20 +357,24 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
     attempt = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     # One Tune search per task over all its variants: the trials of different variants run side by
     # side (a (task, variant) alone has only `trials` of them), and the task's features for every
-    # variant sit in the object store once, shared by all its trials.
-    for task in tasks:
+    # variant sit in the object store once, shared by all its trials. Variants too big to sit there
+    # together are split into consecutive searches (group_variants).
+    store = ray.cluster_resources().get("object_store_memory", 0.0) * OBJECT_STORE_SHARE
+    for task, group in [(t, g) for t in tasks
+                        for g in group_variants(variants, variant_bytes(cache, t), store or float("inf"))]:
         tcfg = getattr(job.probes, task)
         n_trials = trials or tcfg.trials
         classes = class_count(cache, task, num_classes)
+        run = task if len(group) == len(variants) else f"{task}-{'-'.join(group)}"
         pending: list[dict] = []
-        for variant in variants:
+        for variant in group:
             done = _finished(stage, task, variant)
             configs = sample_configs(job.seed, task, variant, n_trials, tcfg.lr_range, tcfg.weight_decay_range)
             todo = [{**c, "variant": variant} for c in configs if c["trial"] not in done]
             reused += n_trials - len(todo)
             pending += todo
         if not pending:
-            log(f"[probe] {task}: all {n_trials} trials of every variant already finished")
+            log(f"[probe] {run}: all {n_trials} trials of every variant already finished")
             continue
         t0 = time.perf_counter()
         refs, sizes = {}, {}
@@ -377,7 +387,7 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         for c in pending:
             c["inject_fault"] = (task, c["variant"], c["trial"]) in (_inject_fault or set())
         spec = {
-            "root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{task}-{attempt}",
+            "root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
             "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
             "loop": {"task": task, "width": cache.width, "image_size": cache.image_size,
                      "num_classes": classes, "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
@@ -396,25 +406,25 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
             stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
                              pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
 
-        if root.fs.exists(posixpath.join(tune_storage, task)):
-            root.fs.rm(posixpath.join(tune_storage, task), recursive=True)  # a fresh attempt, not a restore
-        log(f"[probe] {task}: {len(pending)} of {n_trials * len(variants)} trials ({n_trials} per variant, "
-            f"{len(variants)} variants), up to {concurrent} at once")
+        if root.fs.exists(posixpath.join(tune_storage, run)):
+            root.fs.rm(posixpath.join(tune_storage, run), recursive=True)  # a fresh attempt, not a restore
+        log(f"[probe] {run}: {len(pending)} of {n_trials * len(group)} trials ({n_trials} per variant, "
+            f"{len(group)} variants), up to {concurrent} at once")
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, data=refs), {"CPU": TRIAL_CPUS}),
             param_space={"hp": tune.grid_search(pending), "spec": spec},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=task, storage_path=tune_storage, storage_filesystem=fs_arrow,
+            run_config=tune.RunConfig(name=run, storage_path=tune_storage, storage_filesystem=fs_arrow,
                                       verbose=0, callbacks=[_record_callback(write)]),
         )
         grid = tuner.fit()
         del refs, tuner
         failed = [(r.config["hp"]["variant"], r.config["hp"]["trial"], r.error) for r in grid if r.error is not None]
         ran += len(pending) - len(failed)
-        searches.append({"task": task, "trials_run": len(pending), "failed": len(failed),
+        searches.append({"task": task, "variants": group, "trials_run": len(pending), "failed": len(failed),
                          "wall_seconds": time.perf_counter() - t0, "max_concurrent": concurrent})
-        log(f"[probe] {task}: {len(pending) - len(failed)} trials in {time.perf_counter() - t0:.1f} s")
+        log(f"[probe] {run}: {len(pending) - len(failed)} trials in {time.perf_counter() - t0:.1f} s")
         if failed:
             variant, trial, err = failed[0]
             raise RuntimeError(f"probe search {task}/{variant}: trial {trial} failed ({len(failed)} of "

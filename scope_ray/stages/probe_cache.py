@@ -9,6 +9,7 @@ first offending image. ``load_split`` reads one (task, split, variant) as the de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -177,3 +178,23 @@ def class_count(cache: FeatureCache, task: str, given: Mapping[str, int] | None)
                 hi = max(hi, int(pc.max(labels).as_py()))
         return max(hi + 1, 2)
     return None
+
+
+def variant_bytes(cache: FeatureCache, task: str) -> int:
+    """Bytes one variant of ``task`` (train + val) takes as the dense arrays ``load_split`` makes,
+    from the manifest's row counts (every variant has the same rows)."""
+    m = cache.stage.manifest() or {}
+    rows = sum(int(m.get("rows", {}).get(f"{task}_{split}", 0)) for split in ("train", "val"))
+    per_variant = rows // max(len(cache.variants), 1)
+    d, n, s = cache.width, cache.grid ** 2, cache.image_size
+    row = {"classification": 4 * d + 8, "segmentation": 4 * n * d + s * s, "depth": 4 * (n + 1) * d + 4 * s * s}[task]
+    return per_variant * row
+
+
+def group_variants(variants: Sequence[str], bytes_per_variant: int, budget: float) -> list[list[str]]:
+    """Variants in order, packed into consecutive groups whose features fit ``budget`` bytes
+    together (a variant larger than the budget alone gets a group of its own)."""
+    if math.isinf(budget):
+        return [list(variants)]
+    per_group = max(1, int(budget // max(bytes_per_variant, 1)))
+    return [list(variants[i:i + per_group]) for i in range(0, len(variants), per_group)]

@@ -134,6 +134,23 @@ def test_best_row_is_the_max_or_min_and_never_a_diverged_trial():
     assert [b["task"] for b in best_rows(rows)] == ["classification", "depth"]  # Table 3 / 8 order
 
 
+def test_variant_bytes_match_the_arrays_and_groups_fit_the_budget(tmp_path):
+    from scope_ray.stages.probe_cache import class_count, group_variants, load_split, open_cache, variant_bytes
+
+    root = ResultsRoot(str(tmp_path / "r"))
+    write_cache(root)
+    job = _job(tmp_path / "r")
+    cache = open_cache(job, root)
+    for task in METRICS:
+        classes = class_count(cache, task, NUM_CLASSES)
+        arrays = [load_split(cache, task, split, "original", classes) for split in ("train", "val")]
+        assert variant_bytes(cache, task) == sum(a.nbytes for split in arrays for a in split.values()), task
+    four = ["original", "high_removed", "low_removed", "random_removed"]
+    assert group_variants(four, 100, float("inf")) == [four]
+    assert group_variants(four, 100, 250) == [four[:2], four[2:]]
+    assert group_variants(four, 100, 50) == [[v] for v in four]  # larger than the budget: alone
+
+
 # ------------------------------------------------------------------------------- with Ray
 def test_search_over_every_task_and_variant_resumes_after_a_failed_trial(ray_local, tmp_path):
     """Every (task, variant) through Tune x Train; one trial fails part-way through the search,
