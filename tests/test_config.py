@@ -98,3 +98,15 @@ def test_partial_probe_task_section_keeps_the_task_defaults():
     assert job.probes.classification.trials == 2 and job.probes.classification.batch_size == 1024
     with pytest.raises(ConfigError, match="probes.depth.lr_range"):
         load_config(None, ["probes.depth.lr_range=[1.0, 0.1]"])
+
+
+def test_every_job_spec_in_jobs_validates_and_carries_the_papers_probe_protocol():
+    from pathlib import Path
+
+    specs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    assert specs, "no job specs under jobs/"
+    for path in specs:
+        job = load_config(str(path))
+        for task, (epochs, batch) in {"classification": (100, 1024), "segmentation": (100, 64), "depth": (100, 8)}.items():
+            cfg = getattr(job.probes, task)
+            assert (cfg.epochs, cfg.batch_size, cfg.trials) == (epochs, batch, 5), (path.name, task)
