@@ -188,6 +188,8 @@ class ProbesConfig(_Section):
         return data
     depth_bins: int = Field(256, ge=2)
     max_depth: float = Field(10.0, gt=0, description="metres; upper edge of the depth bins")
+    segmentation_classes: int = Field(150, ge=2, description="classes of the segmentation probe (ADE20K: 150); "
+                                      "mask values must be below it or 255 (ignore)")
     worker_cpus: float | None = Field(
         None, gt=0, description="CPUs of each trial's Train worker; null = ray.cpus_per_actor. A probe trial is "
         "mostly start-up latency, so a fraction lets several trials share a small node")

@@ -11,13 +11,14 @@ extras ``width``, ``grid``, ``image_size``, ``variants``); writes ``ROOT/<model>
 Shape of the search. For every (task, variant) the search tries ``probes.<task>.trials``
 configurations: lr and weight decay log-uniform in the task's ranges, drawn up front from a
 generator seeded by (job seed, task, variant), so the same job always tries the same
-configurations, however often it is interrupted. One ``Tuner`` per task runs the trials of all its
-variants as a grid over those draws, so trials of different variants run side by side. Each trial
-is a function trainable that builds a one-worker ``TorchTrainer`` (Train V2; ``Tuner(trainer)`` is
-deprecated) and forwards its per-epoch reports to Tune with ``TuneReportCallback``; the worker runs
-``scope_ray.probes.train.fit_probe``. The task's features, per variant, are put in the object store
-once by the driver; every trial's worker reads the same copy (``docs/probe_search.md`` has the
-scaling picture and the measured costs).
+configurations, however often it is interrupted. One ``Tuner`` runs the trials of every (task,
+variant) pair whose features fit in the object store together (consecutive Tuners beyond that), as
+a grid over those draws, so trials of different pairs run side by side. Each trial is a function
+trainable that builds a one-worker ``TorchTrainer`` (Train V2; ``Tuner(trainer)`` is deprecated) and
+forwards its per-epoch reports to Tune with ``TuneReportCallback``; the worker runs
+``scope_ray.probes.train.fit_probe``. Each pair's features are put in the object store once by the
+driver; every trial's worker reads the same copy (``docs/probe_search.md`` has the scaling picture
+and the measured costs).
 
 Resuming. A finished trial is recorded by the driver as its own part file of ``trials``, the moment
 Tune reports it complete; a re-run with the same config runs only the trials that have no part file
@@ -55,8 +56,8 @@ from scope_ray.stages.probe_cache import (
     FeatureCache,
     check_schemas,
     class_count,
-    group_variants,
     load_split,
+    pack_units,
     open_cache,
     variant_bytes,
 )
@@ -67,9 +68,9 @@ STAGE = "probe"
 # CPU share is what lets a trial and its worker fit beside each other on a small node.
 TRIAL_CPUS = 0.25
 TUNE_DIR, TRAIN_DIR, ATTEMPT = "_ray_tune", "_ray_train", "_attempt.json"
-# Share of the cluster's object store one search's features may take: the variants of a task are
-# searched together while they fit in it, one after another beyond that (ImageNet- / ADE20K-size
-# features are several GB per variant; docs/probe_search.md).
+# Share of the cluster's object store one search's features may take: (task, variant) pairs are
+# searched together while they fit in it, in consecutive searches beyond that (ImageNet- /
+# ADE20K-size features are several GB per pair; docs/probe_search.md).
 OBJECT_STORE_SHARE = 0.5
 
 TRIALS_SCHEMA = pa.schema([
@@ -184,7 +185,7 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREE
 def run_trial(config: dict, data: dict | None = None) -> dict:
     """One Tune trial: build and run a one-worker TorchTrainer, return the final metrics.
 
-    ``data`` maps each variant of the search to its ``{"train": ref, "val": ref}``."""
+    ``data`` maps each "task/variant" of the search to its ``{"train": ref, "val": ref}``."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -195,8 +196,8 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
     t0 = time.perf_counter()
     hp, spec = config["hp"], config["spec"]
     root = ResultsRoot(spec["root"], spec["endpoint_url"])
-    refs = data[hp["variant"]]
-    loop_cfg = {**spec["loop"], **hp,
+    refs = data[f"{hp['task']}/{hp['variant']}"]
+    loop_cfg = {**spec["loops"][hp["task"]], **hp,
                 "seed": spec["seed"] * 1_000_003 + hp["trial"], "train_ref": refs["train"], "val_ref": refs["val"]}
     gpus = spec["worker_gpus"]
     trainer = TorchTrainer(
@@ -218,7 +219,7 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
 
 def _trial_name(trial) -> str:
     hp = trial.config["hp"]
-    return f"{hp['variant']}_t{hp['trial']:03d}"
+    return f"{hp['task']}_{hp['variant']}_t{hp['trial']:03d}"
 
 
 def _record_callback(write):
@@ -314,11 +315,12 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
 
     ``tasks`` / ``variants`` restrict the search (default: all in the cache); ``trials`` overrides
     every task's ``probes.<task>.trials``; ``num_classes`` overrides the class count per task
-    (default: segmentation 150, classification max label + 1).
+    (default: segmentation ``probes.segmentation_classes``, classification max label + 1).
     """
     import ray
     from ray import tune
 
+    num_classes = {"segmentation": job.probes.segmentation_classes, **(num_classes or {})}
     cache = open_cache(job, root)
     tasks = list(tasks) if tasks is not None else cache.tasks
     for t in tasks:
@@ -355,52 +357,56 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
     ran, reused, searches = 0, 0, []
     # Train run names are per attempt: a trial that starts over must not pick up an old run's state.
     attempt = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    # One Tune search per task over all its variants: the trials of different variants run side by
-    # side (a (task, variant) alone has only `trials` of them), and the task's features for every
-    # variant sit in the object store once, shared by all its trials. Variants too big to sit there
-    # together are split into consecutive searches (group_variants).
+    # As few Tune searches as the object store allows: the (task, variant) pairs whose features fit
+    # in it together share one Tuner, so their trials run side by side (a pair alone has only
+    # `trials` of them) and each Tuner's set-up is paid once; each pair's features sit in the
+    # object store once, shared by all its trials. Pairs too big to sit there together go to
+    # consecutive searches (pack_units).
     store = ray.cluster_resources().get("object_store_memory", 0.0) * OBJECT_STORE_SHARE
-    for task, group in [(t, g) for t in tasks
-                        for g in group_variants(variants, variant_bytes(cache, t), store or float("inf"))]:
-        tcfg = getattr(job.probes, task)
-        n_trials = trials or tcfg.trials
-        classes = class_count(cache, task, num_classes)
-        run = task if len(group) == len(variants) else f"{task}-{'-'.join(group)}"
+    units = [(t, v) for t in tasks for v in variants]
+    unit_bytes = {u: variant_bytes(cache, u[0]) for u in units}
+    classes = {t: class_count(cache, t, num_classes) for t in tasks}
+    loops = {t: {"task": t, "width": cache.width, "image_size": cache.image_size, "num_classes": classes[t],
+                 "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
+                 "epochs": getattr(job.probes, t).epochs, "batch_size": getattr(job.probes, t).batch_size,
+                 "torch_threads": job.ray.torch_threads or max(1, int(worker_cpus))} for t in tasks}
+    for number, group in enumerate(pack_units(units, unit_bytes, store or float("inf")), start=1):
+        run = f"search{number}"
         pending: list[dict] = []
-        for variant in group:
+        for task, variant in group:
+            tcfg = getattr(job.probes, task)
+            n_trials = trials or tcfg.trials
             done = _finished(stage, task, variant)
             configs = sample_configs(job.seed, task, variant, n_trials, tcfg.lr_range, tcfg.weight_decay_range)
-            todo = [{**c, "variant": variant} for c in configs if c["trial"] not in done]
+            todo = [{**c, "task": task, "variant": variant} for c in configs if c["trial"] not in done]
             reused += n_trials - len(todo)
             pending += todo
+        what = ", ".join(sorted({t for t, _ in group}, key=TASKS.index))
         if not pending:
-            log(f"[probe] {run}: all {n_trials} trials of every variant already finished")
+            log(f"[probe] {run} ({what}): every trial already finished")
             continue
         t0 = time.perf_counter()
         refs, sizes = {}, {}
-        for variant in sorted({c["variant"] for c in pending}):
-            train = load_split(cache, task, "train", variant, classes)
-            val = load_split(cache, task, "val", variant, classes)
-            sizes[variant] = {"n_train": len(next(iter(train.values()))), "n_val": len(next(iter(val.values())))}
-            refs[variant] = {"train": ray.put(train), "val": ray.put(val)}
+        for task, variant in sorted({(c["task"], c["variant"]) for c in pending}):
+            train = load_split(cache, task, "train", variant, classes[task])
+            val = load_split(cache, task, "val", variant, classes[task])
+            key = f"{task}/{variant}"
+            sizes[key] = {"n_train": len(next(iter(train.values()))), "n_val": len(next(iter(val.values())))}
+            refs[key] = {"train": ray.put(train), "val": ray.put(val)}
             del train, val
         for c in pending:
-            c["inject_fault"] = (task, c["variant"], c["trial"]) in (_inject_fault or set())
-        spec = {
-            "root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
-            "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
-            "loop": {"task": task, "width": cache.width, "image_size": cache.image_size,
-                     "num_classes": classes, "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
-                     "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
-                     "torch_threads": job.ray.torch_threads or max(1, int(worker_cpus))},
-        }
+            c["inject_fault"] = (c["task"], c["variant"], c["trial"]) in (_inject_fault or set())
+        spec = {"root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
+                "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
+                "loops": loops}
 
-        def write(hp, result, actor_s, task=task, tcfg=tcfg, sizes=sizes):
+        def write(hp, result, actor_s, sizes=sizes):
+            task, tcfg = hp["task"], getattr(job.probes, hp["task"])
             row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
                    "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
                    "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
-                   "curve": list(result["curve"]), "train_loss": result["train_loss"], **sizes[hp["variant"]],
-                   "device": result["device"], "seconds_actor": actor_s,
+                   "curve": list(result["curve"]), "train_loss": result["train_loss"],
+                   **sizes[f"{task}/{hp['variant']}"], "device": result["device"], "seconds_actor": actor_s,
                    "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
                    "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
             stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
@@ -408,8 +414,8 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
 
         if root.fs.exists(posixpath.join(tune_storage, run)):
             root.fs.rm(posixpath.join(tune_storage, run), recursive=True)  # a fresh attempt, not a restore
-        log(f"[probe] {run}: {len(pending)} of {n_trials * len(group)} trials ({n_trials} per variant, "
-            f"{len(group)} variants), up to {concurrent} at once")
+        log(f"[probe] {run} ({what}): {len(pending)} trials over {len(group)} (task, variant) pairs, "
+            f"up to {concurrent} at once")
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, data=refs), {"CPU": TRIAL_CPUS}),
             param_space={"hp": tune.grid_search(pending), "spec": spec},
@@ -420,15 +426,16 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         )
         grid = tuner.fit()
         del refs, tuner
-        failed = [(r.config["hp"]["variant"], r.config["hp"]["trial"], r.error) for r in grid if r.error is not None]
+        failed = [(r.config["hp"], r.error) for r in grid if r.error is not None]
         ran += len(pending) - len(failed)
-        searches.append({"task": task, "variants": group, "trials_run": len(pending), "failed": len(failed),
-                         "wall_seconds": time.perf_counter() - t0, "max_concurrent": concurrent})
+        searches.append({"search": run, "units": [f"{t}/{v}" for t, v in group], "trials_run": len(pending),
+                         "failed": len(failed), "wall_seconds": time.perf_counter() - t0,
+                         "max_concurrent": concurrent})
         log(f"[probe] {run}: {len(pending) - len(failed)} trials in {time.perf_counter() - t0:.1f} s")
         if failed:
-            variant, trial, err = failed[0]
-            raise RuntimeError(f"probe search {task}/{variant}: trial {trial} failed ({len(failed)} of "
-                               f"{len(pending)} failed); finished trials are kept, re-run to resume. "
+            hp, err = failed[0]
+            raise RuntimeError(f"probe search {hp['task']}/{hp['variant']}: trial {hp['trial']} failed ({len(failed)} "
+                               f"of {len(pending)} failed); finished trials are kept, re-run to resume. "
                                f"Cause: {type(err).__name__}: {err}") from err
     return _commit(job, stage, chash, cache, tasks, variants, ran, reused, concurrent, searches, log)
 

@@ -9,7 +9,6 @@ first offending image. ``load_split`` reads one (task, split, variant) as the de
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -191,10 +190,18 @@ def variant_bytes(cache: FeatureCache, task: str) -> int:
     return per_variant * row
 
 
-def group_variants(variants: Sequence[str], bytes_per_variant: int, budget: float) -> list[list[str]]:
-    """Variants in order, packed into consecutive groups whose features fit ``budget`` bytes
-    together (a variant larger than the budget alone gets a group of its own)."""
-    if math.isinf(budget):
-        return [list(variants)]
-    per_group = max(1, int(budget // max(bytes_per_variant, 1)))
-    return [list(variants[i:i + per_group]) for i in range(0, len(variants), per_group)]
+def pack_units(units: Sequence[tuple[str, str]], unit_bytes: Mapping[tuple[str, str], int],
+               budget: float) -> list[list[tuple[str, str]]]:
+    """(task, variant) pairs in order, packed into consecutive groups whose features fit ``budget``
+    bytes together (a pair larger than the budget alone gets a group of its own)."""
+    groups: list[list[tuple[str, str]]] = []
+    used = 0.0
+    for unit in units:
+        size = unit_bytes[unit]
+        if groups and used + size <= budget:
+            groups[-1].append(unit)
+            used += size
+        else:
+            groups.append([unit])
+            used = size
+    return groups

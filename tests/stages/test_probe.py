@@ -135,7 +135,7 @@ def test_best_row_is_the_max_or_min_and_never_a_diverged_trial():
 
 
 def test_variant_bytes_match_the_arrays_and_groups_fit_the_budget(tmp_path):
-    from scope_ray.stages.probe_cache import class_count, group_variants, load_split, open_cache, variant_bytes
+    from scope_ray.stages.probe_cache import class_count, load_split, open_cache, pack_units, variant_bytes
 
     root = ResultsRoot(str(tmp_path / "r"))
     write_cache(root)
@@ -145,10 +145,11 @@ def test_variant_bytes_match_the_arrays_and_groups_fit_the_budget(tmp_path):
         classes = class_count(cache, task, NUM_CLASSES)
         arrays = [load_split(cache, task, split, "original", classes) for split in ("train", "val")]
         assert variant_bytes(cache, task) == sum(a.nbytes for split in arrays for a in split.values()), task
-    four = ["original", "high_removed", "low_removed", "random_removed"]
-    assert group_variants(four, 100, float("inf")) == [four]
-    assert group_variants(four, 100, 250) == [four[:2], four[2:]]
-    assert group_variants(four, 100, 50) == [[v] for v in four]  # larger than the budget: alone
+    units = [(t, v) for t in ("classification", "depth") for v in ("original", "low_removed")]
+    size = {u: 100 if u[0] == "classification" else 300 for u in units}
+    assert pack_units(units, size, float("inf")) == [units]
+    assert pack_units(units, size, 500) == [units[:3], units[3:]]  # 100 + 100 + 300, then 300
+    assert pack_units(units, size, 250) == [units[:2], units[2:3], units[3:]]  # 300 > 250: alone
 
 
 # ------------------------------------------------------------------------------- with Ray
