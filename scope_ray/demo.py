@@ -21,6 +21,9 @@ from scope_ray.config import JobConfig, load_config
 
 DEMO_TRAIN_IMAGES = 192
 DEMO_VAL_IMAGES = 32
+# The dense probe tasks (ADE20K-, NYUd-style) train on fewer images: their heads upsample to every
+# pixel, which makes them the demo's costly probes on a CPU.
+DEMO_DENSE_IMAGES = (96, 32)
 PLANTED_BAD_FILES = {
     # A JPEG cut in half and a stray text file: the demo shows them rejected, not crashing the run.
     "n00000000/zz_truncated.JPEG": "truncated",
@@ -40,7 +43,7 @@ def prepare_data(workdir: Path, seed: int, log=print) -> dict:
 
     data = workdir / "data"
     marker = data / "demo-data.json"
-    wanted = {"train": DEMO_TRAIN_IMAGES, "val": DEMO_VAL_IMAGES, "seed": seed}
+    wanted = {"train": DEMO_TRAIN_IMAGES, "val": DEMO_VAL_IMAGES, "dense": list(DEMO_DENSE_IMAGES), "seed": seed}
     if marker.exists():
         layout = json.loads(marker.read_text())
         if layout.get("made_with") == wanted:
@@ -49,7 +52,8 @@ def prepare_data(workdir: Path, seed: int, log=print) -> dict:
         shutil.rmtree(data)  # only ever holds what an earlier demo wrote (the marker says so)
     log(f"[demo] writing synthetic datasets under {data}")
     sources = write_synthetic(str(data), n_train=DEMO_TRAIN_IMAGES, n_val=DEMO_VAL_IMAGES, size=112,
-                              num_classes=10, seed=seed, formats=("folder", "parquet"))
+                              num_classes=10, seed=seed, formats=("folder", "parquet"),
+                              counts={"ade20k": DEMO_DENSE_IMAGES, "nyud": DEMO_DENSE_IMAGES})
     bad = bad_image_samples()
     train_dir = sources["imagenet"]["folder"]["train"]["path"]
     write_image_folder(train_dir, {name: bad[kind][0] for name, kind in PLANTED_BAD_FILES.items()})
@@ -103,17 +107,24 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
 
     # The stages print their own progress; Ray Data's per-operator bars would bury the summary.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    extract = run_extract(job, root, log=log)
-    train = run_train_sae(job, root, log=log)
-    evaluation = run_eval_sae(job, root, log=log)
-    instability = run_instability(job, root, log=log)
-    cds = run_cds(job, root, log=log)
-    partition = run_partition(job, root, log=log)
-    t_probe = time.time()
-    probe_features = run_probe_features(job, root, log=log)
-    probes = run_probes(job, root, log=log)
-    probe_seconds = time.time() - t_probe
-    zeroshot = run_zeroshot(job, root, log=log)
+    seconds: dict[str, float] = {}
+
+    def timed(name, run):
+        t = time.time()
+        result = run(job, root, log=log)
+        seconds[name] = time.time() - t
+        return result
+
+    extract = timed("extract", run_extract)
+    train = timed("train-sae", run_train_sae)
+    evaluation = timed("eval-sae", run_eval_sae)
+    instability = timed("instability", run_instability)
+    cds = timed("cds", run_cds)
+    partition = timed("partition", run_partition)
+    probe_features = timed("probe-features", run_probe_features)
+    probes = timed("probe", run_probes)
+    probe_seconds = seconds["probe-features"] + seconds["probe"]
+    zeroshot = timed("zeroshot", run_zeroshot)
     row = evaluation.row
     stage = root.stage(job.model.name, "extract")
     norms = stage.read_table("val_tokens", columns=["norm"]).column("norm").to_numpy()
@@ -132,7 +143,8 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log(f"  token norms      median {p50:.2f}, p99 {p99:.2f}, max {float(norms.max()):.2f}")
     ran = {"extract": extract, "train-sae": train, "eval-sae": evaluation, "instability": instability,
            "cds": cds, "partition": partition, "probe-features": probe_features, "probe": probes}
-    log("  stages           " + ", ".join(f"{k} {'reused' if r.skipped else 'ran'}" for k, r in ran.items()))
+    log("  stages           " + ", ".join(f"{k} {'reused' if r.skipped else 'ran'} ({seconds[k]:.0f} s)"
+                                          for k, r in ran.items()))
     log("")
     log(f"  SAE evaluation (Table 6 layout; q = {row['d_sae']}, K = {job.sae.k}, tau = {row['tau']:.3g} [{row['tau_source']}])")
     log(_indent(table_markdown([row], [("model", "model", ""), ("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"),
@@ -197,7 +209,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log(f"  wall time        {time.time() - t0:.1f} s")
     return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
             "cds": cds, "partition": partition, "probe_features": probe_features, "probes": probes,
-            "probe_seconds": probe_seconds, "probe_rows": probe_rows, "zeroshot": zeroshot,
+            "probe_seconds": probe_seconds, "seconds": seconds, "probe_rows": probe_rows, "zeroshot": zeroshot,
             "planted": rec if planted else None, "removal": removal if planted else None, "figure": str(fig),
             "figures": {**partition.figures, "instability": str(inst_fig), "figure8": str(fig8)}}
 

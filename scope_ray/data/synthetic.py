@@ -16,7 +16,7 @@ import colorsys
 import io
 import posixpath
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,20 +244,27 @@ def write_synthetic(
     formats: Iterable[str] = FORMATS,
     endpoint_url: str | None = None,
     images_per_shard: int = 64,
+    counts: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, dict[str, dict[str, dict]]]:
     """Write ImageNet-, ADE20K- and NYUd-style datasets; return
-    ``{dataset: {format: {split: SourceConfig fields}}}`` (splits with 0 images are left out)."""
+    ``{dataset: {format: {split: SourceConfig fields}}}`` (splits with 0 images are left out).
+
+    ``counts`` overrides (n_train, n_val) per dataset name, e.g. fewer dense-task images."""
     formats = tuple(formats)
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown formats {sorted(unknown)}; allowed: {', '.join(FORMATS)}")
     if images_per_shard < 1:
         raise ValueError("images_per_shard must be >= 1")
+    unknown = set(counts or {}) - set(DATASETS)
+    if unknown:
+        raise ValueError(f"counts for unknown datasets {sorted(unknown)}; allowed: {', '.join(DATASETS)}")
     out: dict[str, dict[str, dict[str, dict]]] = {}
     for dataset in DATASETS:
         out[dataset] = {f: {} for f in formats}
         files: dict[str, bytes] = {}
-        for split, n in (("train", n_train), ("val", n_val)):
+        train_n, val_n = (counts or {}).get(dataset, (n_train, n_val))
+        for split, n in (("train", train_n), ("val", val_n)):
             if n <= 0:
                 continue
             samples = _samples(dataset, split, n, size, num_classes, seed)

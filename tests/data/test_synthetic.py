@@ -115,3 +115,15 @@ def test_bundled_photos_decode(tmp_path):
     assert src == {"format": "folder", "path": str(tmp_path / "photos")}
     assert sorted(p.name for p in (tmp_path / "photos" / PHOTO_CLASS).iterdir()) == sorted(photos)
     assert (tmp_path / "photos" / PHOTO_CLASS / "rocket.jpg").read_bytes() == photos["rocket.jpg"]
+
+
+def test_counts_per_dataset(tmp_path):
+    import pyarrow.parquet as pq
+
+    out = write_synthetic(str(tmp_path), n_train=3, n_val=2, size=16, formats=("parquet",),
+                          counts={"ade20k": (1, 1), "nyud": (2, 0)})
+    rows = {(d, s): pq.read_table(src["path"]).num_rows for d, splits in out.items() for s, src in splits["parquet"].items()}
+    assert rows == {("imagenet", "train"): 3, ("imagenet", "val"): 2, ("ade20k", "train"): 1, ("ade20k", "val"): 1,
+                    ("nyud", "train"): 2}
+    with pytest.raises(ValueError, match="unknown datasets"):
+        write_synthetic(str(tmp_path), n_train=1, n_val=1, counts={"coco": (1, 1)})
