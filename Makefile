@@ -22,6 +22,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/bench_train_sae.py
+	$(BIN)/python bench/bench_probe.py
 
 clean:
 	rm -rf $(VENV) results scope-ray-demo .pytest_cache
