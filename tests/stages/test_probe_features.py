@@ -182,7 +182,7 @@ def _commit_upstream(job, root: ResultsRoot, pixels_BSS3: np.ndarray) -> tuple[B
     """A seeded random SAE (threshold > 0) committed as train-sae, and a partition `features`
     table whose high group is the features firing most on these images, so removal matters."""
     spec = job.model.spec
-    model = build_model(job.model.name, weights="none", seed=job.seed)
+    model = build_model(job.model.name, weights="none", seed=job.seed, layer=job.model.resolved_layer)
     with torch.inference_mode():
         tokens = model.forward_layer(model.preprocess(pixels_BSS3)).patch_tokens.reshape(-1, spec.width)
     torch.manual_seed(0)

@@ -194,38 +194,10 @@ def test_class_names_from_files_and_folders(tmp_path):
 def _commit_real_features(job, root, px: np.ndarray, labels: np.ndarray):
     """probe-features' own writer (in process, no Ray) over ``px`` at the job's layer, after a seeded
     random SAE and a partition whose high group is the features firing most on these images."""
-    import posixpath
-
-    from scope_ray.removal import random_group
-    from scope_ray.sae import BatchTopKSAE
-    from scope_ray.stages.partition import config_hash as partition_hash
     from scope_ray.stages.probe_features import ProbeFeatureWriter
-    from scope_ray.stages.train_sae import SAE_FILE
-    from scope_ray.stages.train_sae import config_hash as train_hash
+    from tests.stages.test_probe_features import _commit_upstream
 
-    spec, q = job.model.spec, job.dictionary_size
-    model = build_model(job.model.name, seed=job.seed, layer=job.model.resolved_layer)
-    with torch.inference_mode():
-        tokens = model.forward_layer(model.preprocess(px)).patch_tokens.reshape(-1, spec.width)
-    torch.manual_seed(0)
-    sae = BatchTopKSAE(spec.width, q, job.sae.k).eval()
-    with torch.no_grad():
-        pre = sae.pre_acts(tokens)
-        sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
-        fires = (sae.encode(tokens) > 0).sum(dim=0).numpy()
-    train = root.stage(job.model.name, "train-sae")
-    sae.save(posixpath.join(train.uri, SAE_FILE))
-    train.commit(train_hash(job), {}, {})
-    order = np.argsort(-fires, kind="stable")
-    group = np.full(q, "nan", dtype=object)
-    group[order[:12]], group[order[12:60]] = "high", "low"
-    part = root.stage(job.model.name, "partition")
-    part.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(q), pa.int64()),
-                                                    "cds": pa.array(np.linspace(0, 1, q), pa.float64()),
-                                                    "group": pa.array(group.tolist(), pa.string())}))
-    part.commit(partition_hash(job), {}, {"features": q})
-    groups = {"high": np.sort(order[:12]), "low": np.sort(order[12:60]),
-              "random": random_group(q, 12, seed=job.seed).numpy()}
+    sae, groups = _commit_upstream(job, root, px)
     writer = ProbeFeatureWriter(job, root, "classification", "val", groups, torch_threads=torch.get_num_threads())
     n = labels.size
     out = writer({"image_id": np.array([f"val_{i:06d}" for i in range(n)], dtype=object), "pixels": px,
