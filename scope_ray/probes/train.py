@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -63,7 +63,6 @@ class ProbeFit:
     head: torch.nn.Module
     seconds_train: float
     samples_seen: int = 0  # training samples processed (for throughput)
-    extra: dict = field(default_factory=dict)
 
 
 def build_head(spec: ProbeSpec) -> torch.nn.Module:
