@@ -207,7 +207,7 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
             num_workers=1, use_gpu=gpus > 0,
             resources_per_worker={"CPU": spec["worker_cpus"], **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
-            name=f"{spec['run']}-{hp['variant']}-t{hp['trial']}", storage_path=spec["train_storage"],
+            name=f"{spec['run']}-{hp['task']}-{hp['variant']}-t{hp['trial']}", storage_path=spec["train_storage"],
             storage_filesystem=None if root.scheme == "file" else root.arrow_fs,
             failure_config=ray.train.FailureConfig(max_failures=0), callbacks=[TuneReportCallback()]),
     )
@@ -347,7 +347,7 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
 
     worker_gpus = actor_resources(job.ray).num_gpus
     worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
-    most = max((trials or getattr(job.probes, t).trials) * len(variants) for t in tasks)  # largest possible search
+    most = sum(trials or getattr(job.probes, t).trials for t in tasks) * len(variants)  # largest possible search
     concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
     fs_arrow = None if root.scheme == "file" else root.arrow_fs
     tune_storage = posixpath.join(stage.path, TUNE_DIR)
@@ -427,6 +427,15 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         grid = tuner.fit()
         del refs, tuner
         failed = [(r.config["hp"], r.error) for r in grid if r.error is not None]
+        # Every trial that did not fail must have left its part file: the commit below counts on it.
+        failed_keys = {(hp["task"], hp["variant"], hp["trial"]) for hp, _ in failed}
+        recorded = {(t, v): _finished(stage, t, v) for t, v in group}
+        unrecorded = [c for c in pending if c["trial"] not in recorded[(c["task"], c["variant"])]
+                      and (c["task"], c["variant"], c["trial"]) not in failed_keys]
+        if unrecorded:
+            c = unrecorded[0]
+            raise RuntimeError(f"probe search {c['task']}/{c['variant']}: trial {c['trial']} ended without being "
+                               f"recorded ({len(unrecorded)} such); re-run to run it again")
         ran += len(pending) - len(failed)
         searches.append({"search": run, "units": [f"{t}/{v}" for t, v in group], "trials_run": len(pending),
                          "failed": len(failed), "wall_seconds": time.perf_counter() - t0,
