@@ -23,7 +23,6 @@ from scope_ray.storage import ResultsRoot, StageDir
 
 FEATURES_STAGE = "probe-features"
 TASKS = ("classification", "segmentation", "depth")
-SEGMENTATION_CLASSES = 150  # ADE20K (METHOD §9)
 
 
 @dataclass
@@ -167,7 +166,8 @@ def class_count(cache: FeatureCache, task: str, given: Mapping[str, int] | None)
     if given and task in given:
         return int(given[task])
     if task == "segmentation":
-        return SEGMENTATION_CLASSES
+        # The class count is config (probes.segmentation_classes), which run_probes always passes.
+        raise ValueError("the segmentation class count must be given (probes.segmentation_classes)")
     if task == "classification":
         # Classes are the labels the cache holds (1000 for ImageNet): max label + 1 over both splits.
         hi = -1
