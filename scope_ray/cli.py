@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
           scope-ray run jobs/clip-vit-b16.yaml --set storage.root=s3://my-bucket/scope-ray
         """))
     p.add_argument("job", help="job spec (YAML)")
+    p.add_argument("--stages", type=_stage_list, default=STAGES, metavar="A,B,...",
+                   help=f"run only these stages, in pipeline order (default: all of {','.join(STAGES)})")
     _add_set(p)
 
     p = sub.add_parser("stage", formatter_class=fmt, help="run one stage of a job spec",
@@ -66,10 +68,65 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     _add_set(p)
 
+    p = sub.add_parser("sweep", formatter_class=fmt, help="submit one Ray job per model of a sweep spec and track them",
+                       description=textwrap.dedent("""\
+        Submit one Ray job per job spec listed in SWEEP.yaml through the Ray Jobs API, at most
+        --max-concurrent at a time; print a live table of model x stage status; write each job's
+        log under the results root (ROOT/<model>/logs/). Models whose stages are all complete are
+        skipped, so re-running a sweep after a failure only runs what is missing. A failed model
+        does not stop the others; the exit code is 0 only when every model succeeded.
+        The cluster is RAY_ADDRESS (or --address), e.g. http://head-node:8265; with Ray's token
+        authentication on, set RAY_AUTH_MODE=token (the token comes from ~/.ray/auth_token or
+        RAY_AUTH_TOKEN).
+
+        example:
+          RAY_ADDRESS=http://127.0.0.1:8265 scope-ray sweep jobs/sweeps/clip.yaml --max-concurrent 2
+        """))
+    p.add_argument("sweep", help="sweep spec (YAML)")
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: the spec's, then RAY_ADDRESS)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="jobs running at once (default: the spec's)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted and skipped, submit nothing")
+    _add_set(p)
+
+    p = sub.add_parser("report", formatter_class=fmt, help="write the Markdown and HTML report of a results root",
+                       description=textwrap.dedent("""\
+        Read every model under ROOT (a local path, file:// or s3:// URI) and write report.md and a
+        self-contained report.html (figures embedded) with the paper's tables (Tables 3, 4, 6, 7,
+        8, 9) for whatever models and stages are present, beside the published numbers where the
+        model matches, and the figures (Figures 6, 7, 8, feature galleries).
+
+        example:
+          scope-ray report s3://my-bucket/scope-ray --out ./report
+        """))
+    p.add_argument("root", help="results root (local path, file:// or s3:// URI)")
+    p.add_argument("--out", default=None, help="where to write report.md / report.html (default: ROOT/report)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// roots (default: the AWS environment's)")
+
+    p = sub.add_parser("doctor", formatter_class=fmt, help="check that Ray, GPUs, storage and weights are usable",
+                       description=textwrap.dedent("""\
+        Check, before a long run: that Ray is reachable (RAY_ADDRESS or a local instance) and which
+        resources it has, whether GPUs are visible to torch and to Ray, that the results root is
+        writable, and that the model's weights can be reached. With JOB.yaml the root and weights
+        are the job's; without it only Ray and GPUs are checked. Exit code 0 when every check passes.
+
+        example:
+          scope-ray doctor jobs/clip-vit-b16.yaml
+        """))
+    p.add_argument("job", nargs="?", default=None, help="job spec (YAML), optional")
+    _add_set(p)
+
     sub.add_parser("models", help="list the model registry",
                    description="List every backbone in the registry with its designated layer, tau and grid.\n\n"
                                "example:\n  scope-ray models")
     return parser
+
+
+def _stage_list(text: str) -> tuple[str, ...]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown or text!r}; allowed: {', '.join(STAGES)}")
+    return tuple(s for s in STAGES if s in names)
 
 
 def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) -> int:
@@ -126,7 +183,22 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.workdir, args.overrides)
             return 0
         if args.command == "run":
-            return _run_stages(args.job, args.overrides, STAGES)
+            return _run_stages(args.job, args.overrides, args.stages)
+        if args.command == "sweep":
+            from scope_ray.sweep import run_sweep
+
+            return run_sweep(args.sweep, address=args.address, max_concurrent=args.max_concurrent,
+                             overrides=args.overrides, dry_run=args.dry_run)
+        if args.command == "report":
+            from scope_ray.results_report import write_report
+
+            paths = write_report(args.root, out=args.out, endpoint_url=args.endpoint_url)
+            print(f"report: {paths.markdown}\nreport: {paths.html}")
+            return 0
+        if args.command == "doctor":
+            from scope_ray.doctor import run_doctor
+
+            return run_doctor(args.job, args.overrides)
         if args.command == "stage":
             return _run_stages(args.job, args.overrides, (args.name,))
         if args.command == "check":
