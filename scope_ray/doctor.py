@@ -1,0 +1,184 @@
+"""`scope-ray doctor`: what a long run needs, checked before it starts.
+
+Each check returns a :class:`Check` (passed or not, one line of detail and, when it failed, what
+to do). Nothing here changes the cluster or the results root beyond one probe object that
+``ResultsRoot.check_writable`` writes and deletes.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from scope_ray.config import JobConfig
+
+# Seconds to wait for a model hub before calling it unreachable: long enough for a slow link,
+# short enough that an offline cluster gets its answer at once.
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def check_ray(address: str | None) -> Check:
+    """Connect (or start a local instance, as `scope-ray run` would) and list the resources."""
+    import ray
+
+    if address and address.startswith(("http://", "https://")):
+        # A dashboard address is what the Jobs API (and `scope-ray sweep`) talk to; the cluster's
+        # resources are visible from inside it: `ray job submit -- scope-ray doctor` shows them.
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            JobSubmissionClient(address).list_jobs()
+        except Exception as err:  # connection refused, bad token, wrong port: all one answer
+            return Check("ray", False, f"Jobs API at {address} not reachable: {type(err).__name__}: {err}",
+                         "check the address (dashboard port, usually 8265) and, with token auth, RAY_AUTH_MODE=token "
+                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        return Check("ray", True, f"Jobs API at {address} answers (submit `scope-ray doctor` as a job to see its resources)")
+    started_here = not ray.is_initialized()
+    try:
+        if started_here:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False)
+        total = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    except Exception as err:
+        return Check("ray", False, f"cannot connect to Ray at {address!r}: {type(err).__name__}: {err}",
+                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance")
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    where = f"cluster at {address}" if address else "no RAY_ADDRESS: a local single-node instance (what `scope-ray run` starts)"
+    gib = 1024 ** 3
+    detail = (f"{where}; {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
+              f"{total.get('memory', 0) / gib:.1f} GiB memory, {total.get('object_store_memory', 0) / gib:.1f} GiB object store")
+    return Check("ray", True, detail)
+
+
+def check_auth() -> Check:
+    """Whether token authentication is on and a token is at hand (never prints the token)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "(unset)")
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    have = "RAY_AUTH_TOKEN" in os.environ or token_file.is_file()
+    detail = f"RAY_AUTH_MODE={mode}; token {'present' if have else 'not found'} (RAY_AUTH_TOKEN or {token_file})"
+    if mode == "token" and not have:
+        return Check("auth", False, detail, "copy the cluster's token to ~/.ray/auth_token or set RAY_AUTH_TOKEN")
+    return Check("auth", True, detail)
+
+
+def check_gpus(ray_gpus: float | None = None) -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check("gpus", True, "torch sees no CUDA GPU here: stages run on CPUs (extraction and SAE training are slow "
+                                   "at paper scale; jobs asking ray.gpus_per_actor > 0 fail at once)")
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return Check("gpus", True, f"torch sees {len(names)} GPU(s): {', '.join(names)}")
+
+
+def check_root(job: JobConfig) -> Check:
+    from scope_ray.storage import ResultsRoot
+
+    root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
+    try:
+        root.check_writable()
+    except Exception as err:
+        return Check("results root", False, f"{root.uri}: {type(err).__name__}: {err}",
+                     "fix the permissions / bucket / credentials (standard AWS chain), or set storage.root")
+    return Check("results root", True, f"{root.uri} is writable")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir()
+
+
+def _reachable(url: str) -> str | None:
+    """None when the URL answers (any HTTP status counts: the host is there), else why not."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return None
+    except Exception as err:
+        return f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+    return None
+
+
+def pretrained_sources(job: JobConfig) -> tuple[str | None, str | None]:
+    """(Hugging Face repo id, direct URL) the model library would download the weights from."""
+    spec = job.model.spec
+    if spec.loader == "open_clip":
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained_tag) or {}
+        return (cfg.get("hf_hub") or "").rstrip("/") or None, cfg.get("url") or None
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.pretrained_tag}")
+    return (getattr(cfg, "hf_hub_id", None) or None), (getattr(cfg, "url", None) or None)
+
+
+def check_weights(job: JobConfig) -> Check:
+    weights, spec = job.model.weights, job.model.spec
+    if weights == "none":
+        return Check("weights", True, f"{spec.name}: random init (weights: none) — fine for tests and the demo, "
+                                      "not for comparing with the paper")
+    if weights != "pretrained":
+        from scope_ray.storage import fsspec_filesystem
+
+        try:
+            fs, path = fsspec_filesystem(weights, job.storage.endpoint_url)
+            found = fs.exists(path)
+        except Exception as err:
+            return Check("weights", False, f"{weights}: {type(err).__name__}: {err}", "check the path and credentials")
+        return Check("weights", found, f"{weights} {'exists' if found else 'does not exist'}",
+                     "" if found else "copy the .safetensors file there or fix model.weights")
+    if spec.pretrained_tag is None:
+        return Check("weights", False, f"{spec.name} has no pretrained weights", "use weights: none or a file")
+    repo, url = pretrained_sources(job)
+    if repo and _hub_cached(repo):
+        return Check("weights", True, f"{spec.name}: {repo} is in the local Hugging Face cache")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return Check("weights", False, f"{spec.name}: HF_HUB_OFFLINE=1 and {repo} is not cached",
+                     "pre-download the weights into the cache or point model.weights at a .safetensors file")
+    target = f"https://huggingface.co/api/models/{repo}" if repo else url
+    why = _reachable(target) if target else "no download source known"
+    if why is None:
+        return Check("weights", True, f"{spec.name}: {target} reachable (downloaded on first use, on every node)")
+    return Check("weights", False, f"{spec.name}: {target} not reachable ({why})",
+                 "on an offline cluster put the weights in a .safetensors file (local or s3://) and set model.weights to it")
+
+
+def run_doctor(job_path: str | None, overrides: list[str], log=print) -> int:
+    """Run every check that applies; print one line each; exit code 0 only when all pass."""
+    job = None
+    if job_path is not None:
+        from scope_ray.config import load_config
+
+        job = load_config(job_path, overrides)
+    address = (job.ray.address if job else None) or os.environ.get("RAY_ADDRESS")
+    checks = [check_auth(), check_ray(address), check_gpus()]
+    if job is not None:
+        checks += [check_root(job), check_weights(job)]
+    else:
+        log("(no job spec given: the results root and the weights are not checked)")
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        log(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<{width}}  {c.detail}")
+        if c.fix:
+            log(f"     {'':<{width}}  -> {c.fix}")
+    failed = [c.name for c in checks if not c.ok]
+    log("all checks passed" if not failed else f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 0 if not failed else 1

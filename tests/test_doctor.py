@@ -1,0 +1,66 @@
+"""`scope-ray doctor`: each check passes on what works and fails, with a fix, on what does not."""
+
+from pathlib import Path
+
+import pytest
+
+from scope_ray.cli import main
+from scope_ray.config import load_config
+from scope_ray.doctor import check_root, check_weights, pretrained_sources
+
+
+def _job(tmp_path: Path, **extra: str) -> Path:
+    lines = [f"storage: {{root: {extra.pop('root', tmp_path / 'results')}}}",
+             f"model: {{name: {extra.pop('model', 'demo-vit-tiny')}, weights: {extra.pop('weights', 'none')}}}"]
+    path = tmp_path / "job.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_all_checks_pass_on_a_local_instance_and_writable_root(ray_local, tmp_path, capsys):
+    assert main(["doctor", str(_job(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "ok   ray" in out and "CPUs" in out and "is writable" in out and "all checks passed" in out
+
+
+def test_unwritable_root_fails_with_a_fix(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    check = check_root(load_config(_job(tmp_path, root=str(blocker / "results"))))
+    assert not check.ok and str(blocker) in check.detail and check.fix
+
+
+def test_missing_weights_file_fails(tmp_path):
+    check = check_weights(load_config(_job(tmp_path, weights=str(tmp_path / "absent.safetensors"))))
+    assert not check.ok and "does not exist" in check.detail
+
+
+def test_pretrained_weights_offline_and_uncached_fail_cached_pass(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    job = load_config(_job(tmp_path, model="dinov2-b", weights="pretrained"))
+    repo, url = pretrained_sources(job)
+    assert repo == "timm/vit_base_patch14_dinov2.lvd142m" and url.startswith("https://")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    offline = check_weights(job)
+    assert not offline.ok and "not cached" in offline.detail and ".safetensors" in offline.fix
+    (tmp_path / "hub" / f"models--{repo.replace('/', '--')}").mkdir(parents=True)
+    assert check_weights(job).ok
+
+
+def test_clip_sources_come_from_open_clip(tmp_path):
+    repo, url = pretrained_sources(load_config(_job(tmp_path, model="clip-vit-b16", weights="pretrained")))
+    assert repo == "timm/vit_base_patch16_clip_224.openai" and url.endswith("ViT-B-16.pt")
+
+
+def test_unreachable_jobs_api_fails_clearly(tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL ray" in out and "not reachable" in out and "-> check the address" in out
