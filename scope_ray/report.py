@@ -384,22 +384,30 @@ def _format_cell(value: Any, spec: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def table_markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+def table_markdown(rows: list[dict], columns: list[tuple[str, str, str]], *, aligned: bool = False) -> str:
     """Render ``rows`` as a GitHub Markdown table.
 
     ``columns`` are ``(key, header, format spec)``; the spec goes to :func:`format` (".3f",
     "d", ...; "" means ``str``). NaN, None and a missing key print as "–". Columns with a
     format spec are right-aligned, the others left-aligned. Cells are separated by " | "
     without padding; the result ends with a newline (empty string when there are no columns).
+    ``aligned=True`` pads every cell to its column's width, so the table also reads as a grid
+    in a terminal (same cells, same Markdown).
     """
     if not columns:
         return ""
-    lines = [
-        "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in columns) + " |",
-        "| " + " | ".join("---:" if spec else "---" for _, _, spec in columns) + " |",
-    ]
-    for row in rows:
-        lines.append(
-            "| " + " | ".join(_format_cell(row.get(k), spec) for k, _, spec in columns) + " |"
-        )
-    return "\n".join(lines) + "\n"
+    header = [h.replace("|", "\\|") for _, h, _ in columns]
+    body = [[_format_cell(row.get(k), spec) for k, _, spec in columns] for row in rows]
+    right = [bool(spec) for _, _, spec in columns]
+    if not aligned:
+        widths = [0] * len(columns)
+        rule = ["---:" if r else "---" for r in right]
+    else:
+        widths = [max([3, len(header[i])] + [len(line[i]) for line in body]) for i in range(len(columns))]
+        rule = ["-" * (w - 1) + ":" if r else "-" * w for w, r in zip(widths, right)]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "| " + " | ".join(padded) + " |"
+
+    return "\n".join([line(header), "| " + " | ".join(rule) + " |", *(line(b) for b in body)]) + "\n"

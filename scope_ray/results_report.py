@@ -1,0 +1,401 @@
+"""``scope-ray report ROOT``: every committed result under a results root as one Markdown and one
+self-contained HTML report, beside the paper's published numbers where the model matches.
+
+Reads only what manifests mark complete (a stage directory without ``manifest.json`` is listed as
+incomplete and never opened) through :class:`scope_ray.storage.ResultsRoot`, so local, ``file://``
+and ``s3://`` roots read the same way. What goes in the report is decided here; the layout is
+:mod:`scope_ray.report_document`'s. Reference: docs/report.md. Pure: no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scope_ray import published
+from scope_ray import probe_report as pr
+from scope_ray.models.registry import REGISTRY
+from scope_ray.report_document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
+from scope_ray.storage import ResultsRoot, code_version, join_uri
+
+# Pipeline order; a stage directory with another name is still listed (after these).
+STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds-topk", "cds", "partition",
+          "probe-features", "probe", "zeroshot")
+MODEL_FIGURES = "figures"  # ROOT/<model>/figures/: figures drawn outside a stage (e.g. the demo's token norms)
+REPORT_DIR = "report"  # the default output, ROOT/report/
+REPORT_MARKER = "report.md"  # a top-level folder holding one is a report, not a model
+NOT_RUN = "not run"
+INCOMPLETE = "incomplete (no manifest; not read)"
+
+FIGURE_CAPTION = {
+    "instability": "Mean attention EMD by SCC shift, outlier vs non-outlier tokens (Tables 7 / 9)",
+    "cds_histogram": "CDS of every SAE feature with the γ split (Figure 6)",
+    "awcds": "Mean awCDS by token-norm percentile (Figure 7)",
+    "gallery_low": "Lowest-CDS (local-scope) features: top images with activation overlaid (Figure 9)",
+    "gallery_high": "Highest-CDS (global-scope) features: top images with activation overlaid (Figure 10)",
+    "token_norms": "Patch-token norms of the validation tokens, τ marked",
+    "figure8_probe_accuracy": "ImageNet linear-probe top-1 per variant (Figure 8)",
+}
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    markdown: str
+    html: str
+
+
+@dataclass
+class ModelRun:
+    """One model folder: its stages' manifests (None = incomplete) and model-level figure paths."""
+
+    name: str
+    manifests: dict[str, dict | None] = field(default_factory=dict)
+    model_figures: list[str] = field(default_factory=list)
+
+    def status(self, stage: str) -> str:
+        if stage not in self.manifests:
+            return NOT_RUN
+        return "complete" if self.manifests[stage] is not None else INCOMPLETE
+
+    def complete(self, stage: str) -> bool:
+        return self.manifests.get(stage) is not None
+
+
+# ------------------------------------------------------------------------------------ reading
+def collect(root: ResultsRoot) -> list[ModelRun]:
+    """Every model folder under ``root`` with its stage folders; ValueError when there is none."""
+    runs = []
+    for model in root.models():
+        mpath = posixpath.join(root.path, model)
+        if root.fs.exists(posixpath.join(mpath, REPORT_MARKER)):
+            continue
+        run = ModelRun(model)
+        for sub in sorted(root.fs.ls(mpath, detail=False)):
+            name = posixpath.basename(sub.rstrip("/"))
+            if name.startswith((".", "_")) or not root.fs.isdir(sub):
+                continue
+            if name == MODEL_FIGURES:
+                run.model_figures = sorted(root.fs.glob(posixpath.join(sub, "*.png")))
+            else:
+                run.manifests[name] = root.stage(model, name).manifest()
+        runs.append(run)
+    if not runs:
+        raise ValueError(f"no results under {root.uri}: expected ROOT/<model>/<stage>/ folders (docs/storage.md)")
+    return sorted(runs, key=lambda r: pr._model_key(r.name))
+
+
+def _read(root: ResultsRoot, model: str, stage: str, table: str) -> list[dict]:
+    return root.stage(model, stage).read_table(table).to_pylist()
+
+
+def comparability(manifests: list[dict]) -> tuple[str, str]:
+    """Whether the paper's numbers mean anything next to this run: ``(verdict, why)`` with verdict
+    ``comparable``, ``not meaningful`` or ``unverified``, from what the committed manifests record:
+    ``weights`` ('none' = random init; today the zeroshot stage records it) and ``synthetic_data``."""
+    weights = sorted({str(m["weights"]) for m in manifests if m.get("weights") is not None})
+    if "none" in weights:
+        return "not meaningful", "random-init weights (`weights: none`): the paper used pretrained weights"
+    if any(m.get("synthetic_data") for m in manifests):
+        return "not meaningful", "synthetic data: the paper used ImageNet-1K, ADE20K and NYUd"
+    if not weights:
+        return "unverified", ("the manifests do not record the weights; the paper's numbers hold only for "
+                              "pretrained weights on the paper's data")
+    return "comparable", f"weights {', '.join(weights)}; no synthetic data recorded"
+
+
+NO_PUBLISHED = ("none", "the paper reports no numbers for this model")
+
+
+def has_published(model: str) -> bool:
+    return any(model in table for table in (published.SAE_EVAL, published.INSTABILITY, published.PARTITION,
+                                            published.PROBES))
+
+
+def _weights(run: ModelRun) -> str:
+    found = sorted({str(m["weights"]) for m in run.manifests.values() if m and m.get("weights") is not None})
+    return ", ".join(found) or "not recorded"
+
+
+# ------------------------------------------------------------------------------------ tables
+def _status_row(run: ModelRun, stage: str) -> dict:
+    return {"model": run.name, "row": run.status(stage), "_kind": "missing"}
+
+
+def _paper_row(run: ModelRun, source: str, values: dict, verdicts: dict[str, tuple[str, str]]) -> dict:
+    return {"model": run.name, "row": f"paper ({source})", "_kind": "paper",
+            "vs_paper": verdicts[run.name][0], **values}
+
+
+def _notes(rows: list[dict], verdicts: dict[str, tuple[str, str]]) -> list[str]:
+    seen = dict.fromkeys(r["model"] for r in rows if r.get("_kind") == "paper")
+    return [f"{m} vs paper: {verdicts[m][0]}: {verdicts[m][1]}" for m in seen]
+
+
+def _ours(run: ModelRun, values: dict) -> dict:
+    return {"model": run.name, "row": "this run", "_kind": "ours", **values}
+
+
+def _guarded(run: ModelRun, stage: str, build) -> list[dict]:
+    """Our row(s) from a complete stage, or one row saying why there are none."""
+    if not run.complete(stage):
+        return [_status_row(run, stage)]
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - one unreadable table must not hide the rest of the report
+        return [{"model": run.name, "row": f"unreadable: {type(exc).__name__}: {exc}"[:160], "_kind": "missing"}]
+
+
+_LEAD = [("model", "model", ""), ("row", "row", "")]
+_VS = [("vs_paper", "vs paper", "")]
+
+
+def sae_eval_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
+    rows = []
+    for run in runs:
+        rows += _guarded(run, "eval-sae", lambda: [_ours(run, r) for r in _read(root, run.name, "eval-sae", "sae_eval")])
+        if run.name in published.SAE_EVAL:
+            rows.append(_paper_row(run, published.SAE_EVAL_SOURCE, published.SAE_EVAL[run.name], verdicts))
+    cols = _LEAD + [("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"), ("l0_all", "L0_A", ".3f"),
+                    ("l0_outlier", "L0_O", ".3f"), ("cs_all", "CS_A", ".3f"), ("cs_outlier", "CS_O", ".3f"),
+                    ("tau", "τ", ".4g"), ("outlier_tokens", "outlier tokens", "d"), ("tokens", "tokens", "d")] + _VS
+    return Section("SAE reconstruction (Table 6)", [
+        "FVU, L0 and cosine similarity over all validation patch tokens (A) and outlier tokens (O, norm > τ); "
+        "the SAE in JumpReLU mode at its trained threshold."],
+        [Table(cols, rows, notes=_notes(rows, verdicts))])
+
+
+def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
+    rows, shifts = [], set()
+
+    def ours(run):
+        out = {}
+        for r in _read(root, run.name, "instability", "summary"):
+            s = int(r["shift"])
+            shifts.add(s)
+            out.update({f"d_non_{s}": r["d_non"], f"d_out_{s}": r["d_out"], "images": r.get("images")})
+        return [_ours(run, out)]
+
+    for run in runs:
+        rows += _guarded(run, "instability", lambda: ours(run))
+        paper = published.INSTABILITY.get(run.name)
+        if paper:
+            shifts.update(paper)
+            values = {k: v for s, (dn, do) in paper.items() for k, v in ((f"d_non_{s}", dn), (f"d_out_{s}", do))}
+            rows.append(_paper_row(run, published.INSTABILITY_SOURCE[run.name], values, verdicts))
+    cols = list(_LEAD)
+    for s in sorted(shifts):
+        cols += [(f"d_non_{s}", f"D_non s={s}", ".3f"), (f"d_out_{s}", f"D_out s={s}", ".3f")]
+    cols += [("images", "images", "d")] + _VS
+    return Section("Outlier instability (Tables 7 and 9)", [
+        "Mean attention EMD (in patches) between the two views of a Shifted Context Crop, over non-outlier "
+        "(D_non) and outlier (D_out) tokens, per shift s; s = 1 is Table 7, the s sweep Table 9."],
+        [Table(cols, rows, notes=_notes(rows, verdicts))])
+
+
+def partition_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
+    rows, groups = [], []
+    for run in runs:
+        rows += _guarded(run, "partition", lambda: [_ours(run, r) for r in _read(root, run.name, "partition", "partition")])
+        if run.complete("partition"):
+            groups += _guarded(run, "partition",
+                               lambda: [{"model": run.name, **g} for g in _read(root, run.name, "partition", "groups")])
+        if run.name in published.PARTITION:
+            rows.append(_paper_row(run, published.PARTITION_SOURCE, published.PARTITION[run.name], verdicts))
+    cols = _LEAD + [("dictionary_size", "dictionary size", "d"), ("gamma", "γ", ".3f"), ("gamma_source", "γ from", ""),
+                    ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"), ("nan_cds", "CDS NaN", "d")] + _VS
+    tables = [Table(cols, rows, notes=_notes(rows, verdicts))]
+    if groups:
+        tables.append(Table([("model", "model", ""), ("group", "group", ""), ("features", "features", "d"),
+                             ("mean_act_outlier", "mean act. on outliers", ".3f"),
+                             ("mean_act_normal", "mean act. on normal tokens", ".3f"),
+                             ("outlier_share", "share on outliers", ".3f")], groups,
+                            title="Group check: where each group's activation lands (high-CDS should favour outliers)"))
+    return Section("CDS partition (Table 4)", [
+        "SAE dictionary size, the threshold γ and the features it puts in the low-CDS (local scope, CDS ≤ γ) "
+        "and high-CDS (global scope, CDS > γ) groups; CDS NaN = no usable image."], tables)
+
+
+def probe_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
+    ours = {r["model"]: r for r in pr.probe_table(pr.collect_probe_results(root))}
+    tables = []
+    for task in pr.TASKS:
+        rows = []
+        for run in runs:
+            if run.name in ours:
+                row = ours[run.name]
+                has_task = any(math.isfinite(row[pr.column(task, v)]) for v in pr.VARIANTS)
+                rows.append(_ours(run, {v: row[pr.column(task, v)] for v in pr.VARIANTS}) if has_task
+                            else {"model": run.name, "row": f"{task} not searched", "_kind": "missing"})
+            else:
+                rows.append(_status_row(run, "probe"))
+            paper = {v: pr.PUBLISHED.get(run.name, {}).get((task, v)) for v in pr.VARIANTS}
+            if any(x is not None for x in paper.values()):
+                rows.append(_paper_row(run, published.PROBES_SOURCE.get(run.name, "paper"), paper, verdicts))
+        spec = pr.TASK_FORMAT[task]
+        cols = _LEAD + [(v, pr.VARIANT_LABEL[v], spec) for v in pr.VARIANTS] + _VS
+        tables.append(Table(cols, rows, title=pr.TASK_TITLE[task], notes=_notes(rows, verdicts)))
+    return Section("Linear probes after feature-group removal (Tables 3 and 8)", [
+        "Best-on-validation result of the probe search per variant. The random-removal control is this "
+        "project's addition; the paper reports no number for it."], tables)
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100.0 * fraction
+
+
+def zeroshot_section(root: ResultsRoot, runs: list[ModelRun]) -> Section | None:
+    with_stage = [r for r in runs if "zeroshot" in r.manifests or getattr(REGISTRY.get(r.name), "has_text_tower", False)]
+    if not any("zeroshot" in r.manifests for r in runs):
+        return None
+    rows = []
+    for run in with_stage:
+        rows += _guarded(run, "zeroshot", lambda: [
+            _ours(run, {**r, "variant": pr.VARIANT_LABEL.get(r["variant"], r["variant"]),
+                        "top1": _percent(r["top1"]), "top1_delta": _percent(r["top1_delta"])})
+            for r in _read(root, run.name, "zeroshot", "zeroshot")])
+    cols = _LEAD + [("variant", "variant", ""), ("top1", "top-1 %", ".2f"), ("top1_delta", "Δ top-1", "+.2f"),
+                    ("mean_confidence", "mean confidence", ".3f"), ("mean_confidence_delta", "Δ confidence", "+.3f"),
+                    ("n_images", "images", "d"), ("n_classes", "classes", "d")]
+    return Section("CLIP zero-shot per variant", [
+        "Zero-shot top-1 and mean max-softmax confidence per removal variant, Δ against the original. The "
+        "paper states this effect only qualitatively, so there is no published row."], [Table(cols, rows)])
+
+
+# ------------------------------------------------------------------------------- status, figures
+def _rows_text(rows: dict | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (rows or {}).items())
+
+
+def _wall_seconds(m: dict) -> float | None:
+    """Wall time where the stage records one (the probe search per Tune search, or a top-level field)."""
+    for key in ("wall_seconds", "seconds"):
+        if isinstance(m.get(key), (int, float)):
+            return float(m[key])
+    searches = [s.get("wall_seconds") for s in m.get("searches") or [] if isinstance(s, dict)]
+    return float(sum(searches)) if searches and all(isinstance(s, (int, float)) for s in searches) else None
+
+
+def status_section(run: ModelRun, verdict: tuple[str, str]) -> Section:
+    rows = []
+    for s in list(STAGES) + sorted(s for s in run.manifests if s not in STAGES):
+        m = run.manifests.get(s)
+        rows.append({"stage": s, "status": run.status(s), "rows": _rows_text(m.get("rows")) if m else None,
+                     "wall": _wall_seconds(m) if m else None, "at": (m or {}).get("committed_at"),
+                     "code": (m or {}).get("code_version")})
+    cols = [("stage", "stage", ""), ("status", "status", ""), ("rows", "rows per table", ""),
+            ("wall", "wall s", ".0f"), ("at", "committed (UTC)", ""), ("code", "code", "")]
+    spec = REGISTRY.get(run.name)
+    paras = [f"Model: {spec.description if spec else 'not in the registry'}."]
+    extract = run.manifests.get("extract") or {}
+    for table, inp in (extract.get("inputs") or {}).items():
+        src = inp.get("source") or {}
+        paras.append(f"Data, {table}: {inp.get('split')} split, {src.get('format')} at `{src.get('path')}` "
+                     f"({inp.get('images')} images in, {inp.get('rejected')} rejected).")
+    paras.append(f"Published numbers: {verdict[0]}: {verdict[1]}.")
+    return Section(f"Stages: {run.name}", paras, [Table(cols, rows)], level=3)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def _figures(root: ResultsRoot, run: ModelRun) -> tuple[list[Figure], list[str]]:
+    """The figures each complete stage's manifest lists (read from that stage's figures/ folder, so a
+    moved root still resolves) and the model-level figures/*.png; plus notes on listed-but-missing ones."""
+    figures, missing = [], []
+    for stage in [s for s in STAGES if run.complete(s)] + [s for s in run.manifests if s not in STAGES and run.complete(s)]:
+        for key, uri in sorted((run.manifests[stage].get("figures") or {}).items()):
+            name = posixpath.basename(str(uri))
+            path = posixpath.join(root.path, run.name, stage, "figures", name)
+            try:
+                png = root.fs.cat_file(path)
+            except FileNotFoundError:
+                missing.append(f"{stage}: {name} is listed in the manifest but not on storage")
+                continue
+            figures.append(Figure(f"{FIGURE_CAPTION.get(key, key)} — {run.name}, {stage}",
+                                  _slug(f"{run.name}--{stage}--{name}"), png))
+    for path in run.model_figures:
+        name = posixpath.basename(path)
+        figures.append(Figure(f"{FIGURE_CAPTION.get(Path(name).stem, Path(name).stem)} — {run.name}",
+                              _slug(f"{run.name}--{name}"), root.fs.cat_file(path)))
+    return figures, missing
+
+
+def figure8_section(root: ResultsRoot, tmp: Path) -> Section | None:
+    rows = pr.collect_probe_results(root)
+    if not any(r["task"] == "classification" for r in rows):
+        return None
+    path = pr.figure8(rows, tmp / "figure8.png", title="ImageNet linear probe top-1 across scales (hollow: paper)")
+    return Section("Probe accuracy across model scales (Figure 8)", [],
+                   figures=[Figure("ImageNet linear-probe top-1 per variant and model (Figure 8)", "figure8.png",
+                                   path.read_bytes())])
+
+
+# ------------------------------------------------------------------------------------ writing
+def build_document(root: ResultsRoot, tmp: Path) -> Document:
+    runs = collect(root)
+    verdicts = {r.name: comparability([m for m in r.manifests.values() if m]) if has_published(r.name)
+                else NO_PUBLISHED for r in runs}
+    versions = sorted({m["code_version"] for r in runs for m in r.manifests.values() if m and m.get("code_version")})
+    overview = Section("Overview", [
+        f"Results root: `{root.uri}`.",
+        f"Made {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by scope-ray {code_version()}; "
+        f"results written by {', '.join(versions) or 'no complete stage'}.",
+        "Rows marked `paper` are the published numbers for the same model (docs/report.md). They are "
+        "comparable only with pretrained weights and the paper's data; `vs paper` says whether this run is."],
+        [Table([("model", "model", ""), ("complete", "stages complete", ""), ("incomplete", "incomplete", ""),
+                ("weights", "weights", ""), ("vs_paper", "vs paper", "")],
+               [{"model": r.name, "complete": f"{sum(r.complete(s) for s in r.manifests)}/{len(r.manifests)}",
+                 "incomplete": ", ".join(s for s in r.manifests if not r.complete(s)) or "none",
+                 "weights": _weights(r), "vs_paper": verdicts[r.name][0]} for r in runs])])
+    sections = [overview, sae_eval_section(root, runs, verdicts), instability_section(root, runs, verdicts),
+                partition_section(root, runs, verdicts), probe_section(root, runs, verdicts)]
+    zs = zeroshot_section(root, runs)
+    sections += [zs] if zs else []
+    fig8 = figure8_section(root, tmp)
+    sections += [fig8] if fig8 else []
+    for run in runs:
+        figures, missing = _figures(root, run)
+        sections.append(Section(f"Figures: {run.name}", missing or ([] if figures else ["No figures recorded."]),
+                                figures=figures))
+    sections.append(Section("Stage status", ["Complete = the stage's manifest exists; only the part files it "
+                                             "lists were read. Incomplete stages are never read."]))
+    sections += [status_section(r, verdicts[r.name]) for r in runs]
+    return Document("scope-ray results report", sections)
+
+
+def _write_local(doc: Document, out: Path) -> ReportPaths:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FIGURES_DIR).mkdir(exist_ok=True)
+    for sec in doc.sections:
+        for f in sec.figures:
+            (out / FIGURES_DIR / f.filename).write_bytes(f.png)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(render_markdown(doc), encoding="utf-8")
+    page.write_text(render_html(doc), encoding="utf-8")
+    return ReportPaths(str(md), str(page))
+
+
+def write_report(root: str, out: str | None = None, endpoint_url: str | None = None) -> ReportPaths:
+    """Write ``report.md`` (+ ``figures/``) and a self-contained ``report.html`` for ``root``.
+
+    ``out``: a local folder; default ``ROOT/report/`` — for an ``s3://`` root the report is made in a
+    temporary folder and uploaded there, and the returned paths are its ``s3://`` URIs."""
+    results = ResultsRoot(root, endpoint_url)
+    with tempfile.TemporaryDirectory(prefix="scope-ray-report-") as tmp:
+        doc = build_document(results, Path(tmp))
+        if out is not None or results.scheme == "file":
+            target = Path(out) if out is not None else Path(results.path) / REPORT_DIR
+            return _write_local(doc, target.absolute())
+        local = _write_local(doc, Path(tmp) / REPORT_DIR)
+        dest = posixpath.join(results.path, REPORT_DIR)
+        for path in sorted(Path(local.markdown).parent.rglob("*")):
+            if path.is_file():
+                results.fs.put_file(str(path), posixpath.join(dest, path.relative_to(Path(local.markdown).parent).as_posix()))
+        return ReportPaths(join_uri(results.uri, REPORT_DIR, "report.md"), join_uri(results.uri, REPORT_DIR, "report.html"))

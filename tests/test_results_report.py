@@ -1,0 +1,246 @@
+"""``scope-ray report``: the Markdown / HTML report of a results root (scope_ray.results_report).
+
+Stage outputs are written the way the stages write them (their schemas, their summary and figure
+functions, ``StageDir.commit``), without running the pipeline: the report only reads storage.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from scope_ray import published
+from scope_ray.results_report import comparability, write_report
+from scope_ray.storage import ResultsRoot
+from tests.browser import chromium_or_skip, render
+from tests.test_probe_report import ALL_VARIANTS, write_probe
+
+
+def write_eval(root: ResultsRoot, model: str, fvu_all: float, extra: dict | None = None) -> None:
+    row = {"model": model, "layer": 12, "fvu_all": fvu_all, "fvu_outlier": 0.5, "l0_all": 8.0, "l0_outlier": 6.5,
+           "cs_all": 0.91, "cs_outlier": float("nan"), "tau": 42.0, "tau_source": "config", "tokens": 1568,
+           "outlier_tokens": 0, "nonfinite_rows": 0, "d_sae": 384, "dead_latents": 3, "dense_latents": 1,
+           "dense_fraction": 0.1}
+    stage = root.stage(model, "eval-sae")
+    stage.write_part("sae_eval", "part-0", pa.Table.from_pylist([row]))
+    stage.commit("h", {"val_tokens": "x"}, {"sae_eval": 1}, extra={"tau": 42.0, "tau_source": "config", **(extra or {})})
+
+
+def write_instability(root: ResultsRoot, model: str, tmp: Path, *, commit: bool = True) -> None:
+    from scope_ray.report import instability_plot
+    from scope_ray.stages.instability import summarize
+
+    rng = np.random.default_rng(0)
+    tokens = pa.table({"shift": np.repeat([1, 2], 50), "outlier": np.tile([True] + [False] * 9, 10),
+                       "emd": rng.uniform(0.5, 3.0, 100)})
+    summary = summarize(tokens, (1, 2), 10, 42.0)
+    stage = root.stage(model, "instability")
+    stage.write_part("summary", "part-0", pa.Table.from_pylist([{**r, "model": model, "layer": 12} for r in summary]))
+    fig = instability_plot([r["shift"] for r in summary], [r["d_non"] for r in summary], [r["d_out"] for r in summary],
+                           tmp / f"{model}-instability" / "instability.png", title=model)
+    uri = stage.write_figure(fig)
+    if commit:
+        stage.commit("h", {"images": {}}, {"summary": len(summary)}, extra={"figures": {"instability": uri}})
+
+
+def write_partition(root: ResultsRoot, model: str, tmp: Path) -> None:
+    from scope_ray.report import awcds_curve, cds_histogram
+
+    cds = np.random.default_rng(1).uniform(0, 1, 384)
+    stage = root.stage(model, "partition")
+    row = {"model": model, "dictionary_size": 384, "gamma": 0.31, "gamma_source": "auto (Otsu on CDS)",
+           "low_cds": int((cds <= 0.31).sum()), "high_cds": int((cds > 0.31).sum()), "nan_cds": 0, "shift": 1, "k_cds": 16}
+    stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
+    stage.write_part("groups", "part-0", pa.Table.from_pylist([
+        {"group": g, "features": n, "mean_act_outlier": 0.2, "mean_act_normal": 0.1, "outlier_share": 0.3}
+        for g, n in (("low", row["low_cds"]), ("high", row["high_cds"]))]))
+    local = {"cds_histogram": cds_histogram(cds, tmp / model / "cds_histogram.png", title=model, gamma=0.31),
+             "awcds": awcds_curve(np.linspace(5, 95, 10), np.linspace(0.1, 0.4, 10), tmp / model / "awcds.png", title=model)}
+    figures = {k: stage.write_figure(p) for k, p in local.items()}
+    stage.commit("h", {"cds": "x"}, {"partition": 1, "groups": 2}, extra={"gamma": 0.31, "figures": figures})
+
+
+def write_zeroshot(root: ResultsRoot, model: str, weights: str) -> None:
+    from scope_ray.stages.zeroshot import ZEROSHOT_SCHEMA
+
+    rows = [{"variant": v, "n_images": 32, "n_correct": 8 - i, "top1": (8 - i) / 32, "mean_confidence": 0.2,
+             "top1_delta": -i / 32, "mean_confidence_delta": 0.0, "n_classes": 10, "templates": ["a photo of a {}."],
+             "logit_scale": 100.0, "image_embedding": "class_token"} for i, v in enumerate(ALL_VARIANTS)]
+    stage = root.stage(model, "zeroshot")
+    stage.write_part("zeroshot", "part-0", pa.Table.from_pylist(rows, schema=ZEROSHOT_SCHEMA))
+    stage.commit("h", {"features": "x"}, {"zeroshot": len(rows)}, extra={"weights": weights})
+
+
+def populate(root: ResultsRoot, tmp: Path) -> None:
+    # A paper model run with random-init weights (what the zeroshot manifest records): every table.
+    write_eval(root, "clip-vit-b16", 0.4321)
+    write_instability(root, "clip-vit-b16", tmp)
+    write_partition(root, "clip-vit-b16", tmp)
+    write_probe(root, "clip-vit-b16", {t: ALL_VARIANTS for t in ("classification", "segmentation", "depth")})
+    write_zeroshot(root, "clip-vit-b16", weights="none")
+    # A paper model whose manifests do not say which weights: Table 6 only.
+    write_eval(root, "dinov2-b", 0.1234)
+    # A model the paper does not have: eval only, an interrupted instability stage whose "part
+    # file" is not Parquet at all (reading it would fail), and a model-level figure.
+    write_eval(root, "demo-vit-tiny", 0.2468)
+    write_instability(root, "demo-vit-tiny", tmp, commit=False)
+    bad = Path(root.path) / "demo-vit-tiny" / "instability" / "summary" / "part-1.parquet"
+    bad.write_bytes(b"not parquet")
+    (Path(root.path) / "demo-vit-tiny" / "figures").mkdir()
+    (Path(root.path) / "demo-vit-tiny" / "figures" / "token_norms.png").write_bytes(
+        (Path(root.path) / "clip-vit-b16" / "partition" / "figures" / "awcds.png").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    root = ResultsRoot(str(tmp / "results"))
+    populate(root, tmp / "drawn")
+    paths = write_report(str(tmp / "results"))
+    return root, paths
+
+
+def _rows(md: str, model: str) -> list[list[str]]:
+    """Cells of every Markdown table row whose first cell is ``model``."""
+    out = []
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("|") and cells[0] == model:
+            out.append(cells)
+    return out
+
+
+def _section(md: str, heading: str) -> str:
+    start = md.index(heading)
+    nxt = md.find("\n## ", start + 1)
+    return md[start: nxt if nxt > 0 else None]
+
+
+def test_markdown_holds_every_table_with_the_published_rows_of_matching_models(report):
+    root, paths = report
+    assert Path(paths.markdown) == Path(root.path) / "report" / "report.md"
+    md = Path(paths.markdown).read_text()
+    for heading in ("## SAE reconstruction (Table 6)", "## Outlier instability (Tables 7 and 9)",
+                    "## CDS partition (Table 4)", "## Linear probes after feature-group removal (Tables 3 and 8)",
+                    "## CLIP zero-shot per variant", "## Stage status", "### Stages: clip-vit-b16"):
+        assert heading in md
+    t6 = _section(md, "## SAE reconstruction")
+    clip = _rows(t6, "clip-vit-b16")
+    assert [r[1] for r in clip] == ["this run", "paper (supp. Table 6)"]
+    assert clip[0][2] == "0.432" and clip[1][2] == "0.099" and clip[1][4] == "30.201"
+    # Random-init weights: the paper's row is shown, the comparison marked as not meaningful, with why.
+    assert clip[1][-1] == "not meaningful"
+    assert "clip-vit-b16 vs paper: not meaningful: random-init weights (`weights: none`)" in t6
+    dino = _rows(t6, "dinov2-b")
+    assert [r[1] for r in dino] == ["this run", "paper (supp. Table 6)"] and dino[1][-1] == "unverified"
+    assert [r[1] for r in _rows(t6, "demo-vit-tiny")] == ["this run"]  # not in the paper: no published row
+
+    t4 = _section(md, "## CDS partition")
+    assert _rows(t4, "clip-vit-b16")[1][2:7] == ["24576", "0.140", "–", "17329", "7247"]
+    assert [r[1] for r in _rows(t4, "demo-vit-tiny")] == ["not run"]
+    t79 = _section(md, "## Outlier instability")
+    assert [r[1] for r in _rows(t79, "demo-vit-tiny")] == ["incomplete (no manifest; not read)"]
+    assert [r[1] for r in _rows(t79, "dinov2-b")] == ["not run", "paper (supp. Table 7)"]
+    assert "0.610" in _rows(t79, "dinov2-b")[1] and "6.960" in _rows(t79, "dinov2-b")[1]
+    probes = _section(md, "## Linear probes")
+    published_cls = [r for r in _rows(probes, "clip-vit-b16") if r[1].startswith("paper")][0]
+    assert published_cls[2:5] == ["74.82", "75.54", "64.86"]
+    assert published.PROBES is __import__("scope_ray.probe_report").probe_report.PUBLISHED  # one copy
+    zs = _section(md, "## CLIP zero-shot")
+    assert [r[2] for r in _rows(zs, "clip-vit-b16")] == [
+        "original", "high-CDS removed", "low-CDS removed", "random removed"]
+    overview = {r[0]: r for r in (_rows(_section(md, "## Overview"), m)[0] for m in ("clip-vit-b16", "dinov2-b", "demo-vit-tiny"))}
+    assert overview["clip-vit-b16"][-2:] == ["none", "not meaningful"]  # weights as the manifests record them
+    assert overview["dinov2-b"][-2:] == ["not recorded", "unverified"]
+    assert overview["demo-vit-tiny"][-3:] == ["instability", "not recorded", "none"]
+
+
+def test_markdown_reads_in_a_terminal_and_links_local_figure_copies(report):
+    _, paths = report
+    md = Path(paths.markdown).read_text()
+    assert not re.search(r"</?[a-zA-Z][^>]*>", md), "no HTML in the Markdown"
+    table, tables = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            tables.append(table)
+            table = []
+    assert len(tables) >= 8
+    for t in tables:
+        assert len({len(line) for line in t}) == 1, "every table is an aligned grid:\n" + "\n".join(t)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    # clip: instability + 2 partition figures; demo: its model-level figure; Figure 8.
+    assert len(links) == 5
+    for link in links:
+        assert not link.startswith(("/", "http")) and (Path(paths.markdown).parent / link).stat().st_size > 0
+
+
+def test_html_is_self_contained_and_every_figure_renders_in_chromium(report):
+    _, paths = report
+    page = Path(paths.html).read_text()
+    assert "http://" not in page and "https://" not in page
+    refs = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)""", page)
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
+    rendered = render(paths.html, chromium_or_skip())
+    assert len(rendered.images) == 5
+    assert rendered.broken == []
+    assert rendered.body.get("data-images-checked") == "5"
+    assert "CDS partition (Table 4)" in rendered.dom
+
+
+def test_the_browser_check_catches_a_corrupt_image(report, tmp_path):
+    _, paths = report
+    page = Path(paths.html).read_text()
+    start = page.index("base64,") + len("base64,")
+    corrupt = page[:start] + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" + page[page.index('"', start):]
+    (tmp_path / "corrupt.html").write_text(corrupt)
+    rendered = render(tmp_path / "corrupt.html", chromium_or_skip())
+    assert len(rendered.images) == 5 and len(rendered.broken) == 1
+    assert rendered.broken[0]["data-state"] == "broken"
+
+
+def test_an_empty_root_is_a_clear_error(tmp_path):
+    for root in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ValueError, match=re.escape(str(root))):
+            write_report(str(root))
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("an earlier report, not a model")
+    with pytest.raises(ValueError, match="no results under"):
+        write_report(str(tmp_path))
+
+
+@pytest.mark.parametrize("manifests, verdict", [
+    ([{"weights": "pretrained"}, {}], "comparable"),
+    ([{"weights": "none"}], "not meaningful"),
+    ([{"weights": "pretrained", "synthetic_data": True}], "not meaningful"),
+    ([{"rows": {}}], "unverified"),
+])
+def test_comparability_follows_what_the_manifests_record(manifests, verdict):
+    assert comparability(manifests)[0] == verdict
+
+
+def test_an_s3_root_is_read_and_the_report_uploaded_next_to_it(s3_bucket, tmp_path):
+    bucket, endpoint = s3_bucket
+    uri = f"{bucket}/results"
+    root = ResultsRoot(uri, endpoint)
+    write_eval(root, "clip-vit-l14", 0.3)
+    write_partition(root, "clip-vit-l14", tmp_path)
+    paths = write_report(uri, endpoint_url=endpoint)
+    assert (paths.markdown, paths.html) == (f"{uri}/report/report.md", f"{uri}/report/report.html")
+    md = root.fs.cat_file(f"{root.path}/report/report.md").decode()
+    assert [r[1] for r in _rows(_section(md, "## SAE reconstruction"), "clip-vit-l14")] == [
+        "this run", "paper (supp. Table 6)"]
+    assert f"Results root: `{uri}`" in md
+    figures = root.fs.ls(f"{root.path}/report/figures", detail=False)
+    assert len(figures) == 2
+    html = root.fs.cat_file(f"{root.path}/report/report.html").decode()
+    assert html.count("data:image/png;base64,") == 2
+    # A second report of the same root ignores the first (report/ is not a model) and can go elsewhere.
+    local = write_report(uri, out=str(tmp_path / "here"), endpoint_url=endpoint)
+    assert Path(local.markdown).read_text().count("### Stages: ") == 1
+    assert _rows(_section(Path(local.markdown).read_text(), "## SAE reconstruction"), "clip-vit-l14")[0][2] == "0.300"
