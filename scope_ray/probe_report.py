@@ -130,6 +130,11 @@ def _model_key(model: str) -> tuple:
             _REGISTRY_INDEX.get(model, len(_REGISTRY_INDEX)), model)
 
 
+def model_key(model: str) -> tuple:
+    """Sort key putting models in the paper's order: family, then scale (what every table here uses)."""
+    return _model_key(model)
+
+
 def _order(name: str, names: tuple[str, ...]) -> tuple[int, str]:
     return (names.index(name) if name in names else len(names), name)
 

@@ -87,7 +87,7 @@ def collect(root: ResultsRoot) -> list[ModelRun]:
         runs.append(run)
     if not runs:
         raise ValueError(f"no results under {root.uri}: expected ROOT/<model>/<stage>/ folders (docs/storage.md)")
-    return sorted(runs, key=lambda r: pr._model_key(r.name))
+    return sorted(runs, key=lambda r: pr.model_key(r.name))
 
 
 def _read(root: ResultsRoot, model: str, stage: str, table: str) -> list[dict]:
@@ -142,32 +142,38 @@ def _ours(run: ModelRun, values: dict) -> dict:
 
 
 def _guarded(run: ModelRun, stage: str, build) -> list[dict]:
-    """Our row(s) from a complete stage, or one row saying why there are none."""
+    """``build(run)``: our row(s) from a complete stage; or one row saying why there are none."""
     if not run.complete(stage):
         return [_status_row(run, stage)]
     try:
-        return build()
+        return build(run)
     except Exception as exc:  # noqa: BLE001 - one unreadable table must not hide the rest of the report
         return [{"model": run.name, "row": f"unreadable: {type(exc).__name__}: {exc}"[:160], "_kind": "missing"}]
 
 
 _LEAD = [("model", "model", ""), ("row", "row", "")]
-_VS = [("vs_paper", "vs paper", "")]
+
+
+def _compared(cols: list, rows: list[dict], verdicts, title: str = "") -> Table:
+    """A table of our rows and the paper's; the ``vs paper`` column and its notes only when a paper row is there."""
+    has_paper = any(r.get("_kind") == "paper" for r in rows)
+    return Table(cols + ([("vs_paper", "vs paper", "")] if has_paper else []), rows, title=title,
+                 notes=_notes(rows, verdicts))
 
 
 def sae_eval_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
     rows = []
     for run in runs:
-        rows += _guarded(run, "eval-sae", lambda: [_ours(run, r) for r in _read(root, run.name, "eval-sae", "sae_eval")])
+        rows += _guarded(run, "eval-sae", lambda r: [_ours(r, row) for row in _read(root, r.name, "eval-sae", "sae_eval")])
         if run.name in published.SAE_EVAL:
             rows.append(_paper_row(run, published.SAE_EVAL_SOURCE, published.SAE_EVAL[run.name], verdicts))
     cols = _LEAD + [("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"), ("l0_all", "L0_A", ".3f"),
                     ("l0_outlier", "L0_O", ".3f"), ("cs_all", "CS_A", ".3f"), ("cs_outlier", "CS_O", ".3f"),
-                    ("tau", "τ", ".4g"), ("outlier_tokens", "outlier tokens", "d"), ("tokens", "tokens", "d")] + _VS
+                    ("tau", "τ", ".4g"), ("outlier_tokens", "outlier tokens", "d"), ("tokens", "tokens", "d")]
     return Section("SAE reconstruction (Table 6)", [
         "FVU, L0 and cosine similarity over all validation patch tokens (A) and outlier tokens (O, norm > τ); "
         "the SAE in JumpReLU mode at its trained threshold."],
-        [Table(cols, rows, notes=_notes(rows, verdicts))])
+        [_compared(cols, rows, verdicts)])
 
 
 def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
@@ -182,7 +188,7 @@ def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Se
         return [_ours(run, out)]
 
     for run in runs:
-        rows += _guarded(run, "instability", lambda: ours(run))
+        rows += _guarded(run, "instability", ours)
         paper = published.INSTABILITY.get(run.name)
         if paper:
             shifts.update(paper)
@@ -191,25 +197,25 @@ def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Se
     cols = list(_LEAD)
     for s in sorted(shifts):
         cols += [(f"d_non_{s}", f"D_non s={s}", ".3f"), (f"d_out_{s}", f"D_out s={s}", ".3f")]
-    cols += [("images", "images", "d")] + _VS
+    cols += [("images", "images", "d")]
     return Section("Outlier instability (Tables 7 and 9)", [
         "Mean attention EMD (in patches) between the two views of a Shifted Context Crop, over non-outlier "
         "(D_non) and outlier (D_out) tokens, per shift s; s = 1 is Table 7, the s sweep Table 9."],
-        [Table(cols, rows, notes=_notes(rows, verdicts))])
+        [_compared(cols, rows, verdicts)])
 
 
 def partition_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
     rows, groups = [], []
     for run in runs:
-        rows += _guarded(run, "partition", lambda: [_ours(run, r) for r in _read(root, run.name, "partition", "partition")])
+        rows += _guarded(run, "partition", lambda r: [_ours(r, row) for row in _read(root, r.name, "partition", "partition")])
         if run.complete("partition"):
             groups += _guarded(run, "partition",
-                               lambda: [{"model": run.name, **g} for g in _read(root, run.name, "partition", "groups")])
+                               lambda r: [{"model": r.name, **g} for g in _read(root, r.name, "partition", "groups")])
         if run.name in published.PARTITION:
             rows.append(_paper_row(run, published.PARTITION_SOURCE, published.PARTITION[run.name], verdicts))
     cols = _LEAD + [("dictionary_size", "dictionary size", "d"), ("gamma", "γ", ".3f"), ("gamma_source", "γ from", ""),
-                    ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"), ("nan_cds", "CDS NaN", "d")] + _VS
-    tables = [Table(cols, rows, notes=_notes(rows, verdicts))]
+                    ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"), ("nan_cds", "CDS NaN", "d")]
+    tables = [_compared(cols, rows, verdicts)]
     if groups:
         tables.append(Table([("model", "model", ""), ("group", "group", ""), ("features", "features", "d"),
                              ("mean_act_outlier", "mean act. on outliers", ".3f"),
@@ -238,8 +244,8 @@ def probe_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
             if any(x is not None for x in paper.values()):
                 rows.append(_paper_row(run, published.PROBES_SOURCE.get(run.name, "paper"), paper, verdicts))
         spec = pr.TASK_FORMAT[task]
-        cols = _LEAD + [(v, pr.VARIANT_LABEL[v], spec) for v in pr.VARIANTS] + _VS
-        tables.append(Table(cols, rows, title=pr.TASK_TITLE[task], notes=_notes(rows, verdicts)))
+        cols = _LEAD + [(v, pr.VARIANT_LABEL[v], spec) for v in pr.VARIANTS]
+        tables.append(_compared(cols, rows, verdicts, pr.TASK_TITLE[task]))
     return Section("Linear probes after feature-group removal (Tables 3 and 8)", [
         "Best-on-validation result of the probe search per variant. The random-removal control is this "
         "project's addition; the paper reports no number for it."], tables)
@@ -255,10 +261,10 @@ def zeroshot_section(root: ResultsRoot, runs: list[ModelRun]) -> Section | None:
         return None
     rows = []
     for run in with_stage:
-        rows += _guarded(run, "zeroshot", lambda: [
-            _ours(run, {**r, "variant": pr.VARIANT_LABEL.get(r["variant"], r["variant"]),
-                        "top1": _percent(r["top1"]), "top1_delta": _percent(r["top1_delta"])})
-            for r in _read(root, run.name, "zeroshot", "zeroshot")])
+        rows += _guarded(run, "zeroshot", lambda r: [
+            _ours(r, {**row, "variant": pr.VARIANT_LABEL.get(row["variant"], row["variant"]),
+                      "top1": _percent(row["top1"]), "top1_delta": _percent(row["top1_delta"])})
+            for row in _read(root, r.name, "zeroshot", "zeroshot")])
     cols = _LEAD + [("variant", "variant", ""), ("top1", "top-1 %", ".2f"), ("top1_delta", "Δ top-1", "+.2f"),
                     ("mean_confidence", "mean confidence", ".3f"), ("mean_confidence_delta", "Δ confidence", "+.3f"),
                     ("n_images", "images", "d"), ("n_classes", "classes", "d")]

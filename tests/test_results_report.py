@@ -244,3 +244,12 @@ def test_an_s3_root_is_read_and_the_report_uploaded_next_to_it(s3_bucket, tmp_pa
     local = write_report(uri, out=str(tmp_path / "here"), endpoint_url=endpoint)
     assert Path(local.markdown).read_text().count("### Stages: ") == 1
     assert _rows(_section(Path(local.markdown).read_text(), "## SAE reconstruction"), "clip-vit-l14")[0][2] == "0.300"
+
+
+def test_a_committed_table_that_cannot_be_read_is_reported_not_fatal(tmp_path):
+    root = ResultsRoot(str(tmp_path / "results"))
+    write_eval(root, "deit3-s", 0.2)
+    (Path(root.path) / "deit3-s" / "eval-sae" / "sae_eval" / "part-0.parquet").write_bytes(b"truncated")
+    md = Path(write_report(root.uri).markdown).read_text()
+    rows = _rows(_section(md, "## SAE reconstruction"), "deit3-s")
+    assert rows[0][1].startswith("unreadable: ") and rows[1][1] == "paper (supp. Table 6)"
