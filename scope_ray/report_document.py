@@ -77,6 +77,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2re
 h1{font-size:1.6rem;border-bottom:2px solid #4477aa;padding-bottom:.3rem}
 h2{font-size:1.3rem;margin-top:2.2rem;border-bottom:1px solid #ddd}
 h3{font-size:1.1rem;margin-top:1.6rem}
+div.wide{overflow-x:auto}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}
 th,td{border:1px solid #ccc;padding:.25rem .55rem}
 th{background:#eef2f7}
@@ -112,7 +113,7 @@ def _html_table(t: Table) -> str:
     parts = []
     if t.title:
         parts.append(f"<p><strong>{html.escape(t.title)}</strong></p>")
-    parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    parts.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
     if t.notes:
         parts.append('<ul class="notes">' + "".join(f"<li>{_inline(n)}</li>" for n in t.notes) + "</ul>")
     return "\n".join(parts)

@@ -43,6 +43,8 @@ FIGURE_CAPTION = {
     "figure8_probe_accuracy": "ImageNet linear-probe top-1 per variant (Figure 8)",
 }
 
+_FIGURE_ORDER = {key: i for i, key in enumerate(FIGURE_CAPTION)}  # paper order within a stage
+
 
 @dataclass(frozen=True)
 class ReportPaths:
@@ -294,8 +296,9 @@ def status_section(run: ModelRun, verdict: tuple[str, str]) -> Section:
         rows.append({"stage": s, "status": run.status(s), "rows": _rows_text(m.get("rows")) if m else None,
                      "wall": _wall_seconds(m) if m else None, "at": (m or {}).get("committed_at"),
                      "code": (m or {}).get("code_version")})
-    cols = [("stage", "stage", ""), ("status", "status", ""), ("rows", "rows per table", ""),
-            ("wall", "wall s", ".0f"), ("at", "committed (UTC)", ""), ("code", "code", "")]
+    # Rows per table last: it is the long cell, and the short ones stay in view in a terminal.
+    cols = [("stage", "stage", ""), ("status", "status", ""), ("wall", "wall s", ".0f"),
+            ("at", "committed (UTC)", ""), ("code", "code", ""), ("rows", "rows per table", "")]
     spec = REGISTRY.get(run.name)
     paras = [f"Model: {spec.description if spec else 'not in the registry'}."]
     extract = run.manifests.get("extract") or {}
@@ -316,7 +319,8 @@ def _figures(root: ResultsRoot, run: ModelRun) -> tuple[list[Figure], list[str]]
     moved root still resolves) and the model-level figures/*.png; plus notes on listed-but-missing ones."""
     figures, missing = [], []
     for stage in [s for s in STAGES if run.complete(s)] + [s for s in run.manifests if s not in STAGES and run.complete(s)]:
-        for key, uri in sorted((run.manifests[stage].get("figures") or {}).items()):
+        listed = (run.manifests[stage].get("figures") or {}).items()
+        for key, uri in sorted(listed, key=lambda kv: (_FIGURE_ORDER.get(kv[0], len(_FIGURE_ORDER)), kv[0])):
             name = posixpath.basename(str(uri))
             path = posixpath.join(root.path, run.name, stage, "figures", name)
             try:
