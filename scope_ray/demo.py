@@ -166,10 +166,9 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                                                   ("mean_act_normal", "mean act. on normal tokens", ".3f"),
                                                   ("outlier_share", "share on outliers", ".3f")])))
     log("")
-    from scope_ray.probe_report import collect_probe_results, figure8, probe_markdown, probe_table
+    from scope_ray.probe_report import collect_probe_results, probe_markdown, probe_table
 
     probe_rows = collect_probe_results(root)
-    fig8 = figure8(probe_rows, figures / "figure8_probe_accuracy.png")
     cfg = job.probes
     log(f"  Linear probes (Table 3 / Table 8 layout; best of {cfg.classification.trials}/{cfg.segmentation.trials}/"
         f"{cfg.depth.trials} trial(s), {cfg.classification.epochs}/{cfg.segmentation.epochs}/{cfg.depth.epochs} epochs "
@@ -183,8 +182,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log(f"  zero-shot        {'skipped: ' + zeroshot.reason if zeroshot.skipped else f'{len(zeroshot.rows)} variants'}")
     log("")
     log("  figures")
-    figure_paths = {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures,
-                    "probe accuracy (Fig 8)": str(fig8)}
+    figure_paths = {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures}
     for name, path in figure_paths.items():
         log(f"    {name:<22} {path}")
     if planted:
@@ -206,12 +204,20 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
         log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
         log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
         log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
+    from scope_ray.results_report import write_report
+
+    # The report reads only what the stages committed, as `scope-ray report ROOT` would
+    # (it also draws Figure 8 across every model under the root).
+    report = write_report(root.uri, endpoint_url=job.storage.endpoint_url)
+    log("")
+    log(f"  report           {report.html}")
+    log(f"                   {report.markdown}  (or: scope-ray report {root.uri})")
     log(f"  wall time        {time.time() - t0:.1f} s")
-    return {"root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
+    return {"report": report, "root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
             "cds": cds, "partition": partition, "probe_features": probe_features, "probes": probes,
             "probe_seconds": probe_seconds, "seconds": seconds, "probe_rows": probe_rows, "zeroshot": zeroshot,
             "planted": rec if planted else None, "removal": removal if planted else None, "figure": str(fig),
-            "figures": {**partition.figures, "instability": str(inst_fig), "figure8": str(fig8)}}
+            "figures": {**partition.figures, "instability": str(inst_fig)}}
 
 
 def _indent(text: str, pad: str = "  ") -> str:

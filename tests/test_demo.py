@@ -6,6 +6,7 @@ import pytest
 
 from scope_ray.demo import PLANTED_BAD_FILES, run_demo
 from scope_ray.storage import ResultsRoot
+from tests.browser import chromium_or_skip, render
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,14 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     assert set(best) == {(t, v) for t in ("classification", "segmentation", "depth") for v in variants}
     assert all(0 < value < 10 for value in best.values()), best  # top-1 / mIoU in (0, 1], RMSE in metres
     assert any("ADE20K linear probe mIoU" in line for line in lines)
-    assert "figure8" in out["figures"]
+    # The demo ends by writing the report of its root; it renders with every figure.
+    report = out["report"]
+    markdown = Path(report.markdown).read_text()
+    for table in ("Table 3", "Table 4", "Table 6", "Table 7", "Table 8", "Figure 8"):
+        assert table in markdown, table
+    assert "<img" not in markdown and any(str(report.html) in line for line in lines)
+    rendered = render(report.html, chromium_or_skip())
+    assert len(rendered.images) >= 6 and rendered.broken == []
     assert out["zeroshot"].skipped and "no text tower" in out["zeroshot"].reason
     # Ground truth downstream: removing the features aligned with the planted LOCAL directions
     # costs dense prediction more than removing those aligned with the planted GLOBAL ones.
