@@ -103,7 +103,8 @@ def test_partial_probe_task_section_keeps_the_task_defaults():
 def test_every_job_spec_in_jobs_validates_and_carries_the_papers_probe_protocol():
     from pathlib import Path
 
-    specs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    # demo.yaml carries the demo's short probe schedules on purpose (tests/test_jobs.py checks it).
+    specs = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml") if p.name != "demo.yaml")
     assert specs, "no job specs under jobs/"
     for path in specs:
         job = load_config(str(path))
