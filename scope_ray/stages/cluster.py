@@ -91,3 +91,20 @@ def actor_backbone(job: JobConfig, torch_threads: int):
                         endpoint_url=job.storage.endpoint_url).to(device)
     return model, device
 
+
+
+def this_node() -> dict[str, str]:
+    """The Ray node the calling process runs on (``node_id``, ``ip``): stages record it in their
+    manifests so a reader can tell which machine produced which rows."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
+def tally_nodes(tally: dict[str, dict], summary: dict, count_keys: tuple[str, ...] = ("images", "rows")) -> None:
+    """Add one batch of actor summaries (parallel arrays ``node_id``, ``node_ip`` and ``count_keys``)
+    to ``tally``: node id → {"ip", <count>: total, ...}, the form the manifests store."""
+    for i, node in enumerate(summary["node_id"]):
+        entry = tally.setdefault(str(node), {"ip": str(summary["node_ip"][i]), **{k: 0 for k in count_keys}})
+        for k in count_keys:
+            entry[k] += int(summary[k][i])

@@ -7,7 +7,8 @@ plus ``rejects`` (split, image id, reason) for every image that could not be use
 
 Ray Data streams the source through decoding tasks and a pool of model actors. Each actor writes
 its own part files (named by the content of its batch, so a retried batch overwrites rather than
-duplicates) and returns only counts, so the driver never holds activations.
+duplicates) and returns only counts and the Ray node it ran on, so the driver never holds
+activations; the manifest's ``nodes`` records which node produced how many rows.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class TokenExtractor:
     """A Ray Data actor: decoded pixels in, token part files out, a one-row count summary returned."""
 
     def __init__(self, job: JobConfig, root: ResultsRoot, split: str, table: str, mode: Mode, torch_threads: int):
-        from scope_ray.stages.cluster import actor_backbone
+        from scope_ray.stages.cluster import actor_backbone, this_node
 
         self.job, self.split, self.table, self.mode = job, split, table, mode
+        self.node = this_node()  # an actor never moves; a restarted one runs __init__ again
         self.stage = root.stage(job.model.name, STAGE)
         self.model, self.device = actor_backbone(job, torch_threads)
 
@@ -66,7 +68,8 @@ class TokenExtractor:
             table = token_table(good_ids, pos_BK, tokens_BND[rows, pos_BK], norms_BN[rows, pos_BK])
             self.stage.write_part(self.table, part, table)
             n_rows = table.num_rows
-        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]), "rows": np.array([n_rows])}
+        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]), "rows": np.array([n_rows]),
+                "node_id": np.array([self.node["node_id"]]), "node_ip": np.array([self.node["ip"]])}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class SplitCounts:
     images: int = 0
     rejected: int = 0
     rows: int = 0
+    nodes: dict[str, dict] = field(default_factory=dict)  # Ray node id -> {"ip", "images", "rows"}
 
     @property
     def used(self) -> int:
@@ -102,7 +106,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split
     from tqdm import tqdm
 
     from scope_ray.data.sources import read_source
-    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.cluster import actor_resources, tally_nodes
     from scope_ray.stages.decode import decode_batch
 
     res = actor_resources(job.ray)
@@ -127,6 +131,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split
         counts.images += int(summary["images"].sum())
         counts.rejected += int(summary["rejected"].sum())
         counts.rows += int(summary["rows"].sum())
+        tally_nodes(counts.nodes, summary)
         bar.update(int(summary["images"].sum()))
         bar.set_postfix(rejected=counts.rejected, tokens=counts.rows)
     bar.close()
@@ -196,7 +201,8 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
     result.manifest = stage.commit(
         chash, inputs, rows,
         extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
-               "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed},
+               "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed,
+               "nodes": {table: c.nodes for table, c in result.counts.items()}},
     )
     for table, c in result.counts.items():
         log(f"[extract] {table}: {c.images} images in, {c.rejected} rejected, {c.rows} token rows")

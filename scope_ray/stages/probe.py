@@ -79,6 +79,8 @@ TRIALS_SCHEMA = pa.schema([
     ("metric", pa.string()), ("value", pa.float64()), ("diverged", pa.bool_()),
     ("epochs", pa.int32()), ("batch_size", pa.int32()), ("curve", pa.list_(pa.float64())),
     ("train_loss", pa.float64()), ("n_train", pa.int64()), ("n_val", pa.int64()), ("device", pa.string()),
+    # The Ray node the trial's Train worker ran on.
+    ("node_id", pa.string()),
     # Seconds: Tune actor start; Train start-up + teardown (controller, worker group, torch
     # process group); fetching features and building the head; the epochs (training + val).
     ("seconds_actor", pa.float64()), ("seconds_startup", pa.float64()), ("seconds_load", pa.float64()),
@@ -148,6 +150,8 @@ def probe_loop(cfg: dict) -> None:
     import ray.train
     from ray.train.torch import get_device
 
+    from scope_ray.stages.cluster import this_node
+
     t0 = time.perf_counter()
     torch.set_num_threads(cfg["torch_threads"])
     device = get_device()
@@ -155,10 +159,11 @@ def probe_loop(cfg: dict) -> None:
     if cfg.get("inject_fault"):
         raise InjectedFault(f"injected fault in {cfg['task']}/{cfg['variant']} trial {cfg['trial']}")
     spec = ProbeSpec(**{k: cfg[k] for k in PROBE_SPEC_FIELDS})
+    node_id = this_node()["node_id"]
     seconds_load = time.perf_counter() - t0
 
     def report(epoch: int, metrics: dict, head: torch.nn.Module, last: bool) -> None:
-        metrics = {**metrics, "seconds_load": seconds_load, "device": str(device)}
+        metrics = {**metrics, "seconds_load": seconds_load, "device": str(device), "node_id": node_id}
         if not last:
             ray.train.report(metrics)
             return
@@ -406,7 +411,8 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
                    "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
                    "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
                    "curve": list(result["curve"]), "train_loss": result["train_loss"],
-                   **sizes[f"{task}/{hp['variant']}"], "device": result["device"], "seconds_actor": actor_s,
+                   **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
+                   "node_id": result["node_id"], "seconds_actor": actor_s,
                    "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
                    "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
             stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),

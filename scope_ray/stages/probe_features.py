@@ -196,10 +196,11 @@ class ProbeFeatureWriter:
     def __init__(self, job: JobConfig, root: ResultsRoot, task: str, split: str, groups: dict[str, np.ndarray],
                  torch_threads: int):
         from scope_ray.removal import removal_edit
-        from scope_ray.stages.cluster import actor_backbone
+        from scope_ray.stages.cluster import actor_backbone, this_node
         from scope_ray.stages.train_sae import load_sae
 
         self.task, self.split, self.table = task, split, table_name(task, split)
+        self.node = this_node()
         self.stage = root.stage(job.model.name, STAGE)
         self.model, self.device = actor_backbone(job, torch_threads)
         sae = load_sae(job, root, device=self.device)
@@ -221,7 +222,8 @@ class ProbeFeatureWriter:
         part = f"{self.task}-{self.split}-{content_hash(ids)}"
         out = {"images": np.array([len(ids)]), "rejected": np.array([0]), "rows": np.array([0]),
                "invalid_depth_pixels": np.array([0]), "label_min": np.array([np.iinfo(np.int64).max]),
-               "label_max": np.array([np.iinfo(np.int64).min]), "class_token": np.array([int(self.cls)])}
+               "label_max": np.array([np.iinfo(np.int64).min]), "class_token": np.array([int(self.cls)]),
+               "node_id": np.array([self.node["node_id"]]), "node_ip": np.array([self.node["ip"]])}
         tokens: dict[str, np.ndarray] = {}
         clip: dict[str, np.ndarray] = {}
         if ok.any():
@@ -305,6 +307,7 @@ class SplitCounts:
     label_min: int | None = None
     label_max: int | None = None
     class_token: bool = True
+    nodes: dict[str, dict] = field(default_factory=dict)  # Ray node id -> {"ip", "images", "rows"}
 
     @property
     def used(self) -> int:
@@ -376,7 +379,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
     from tqdm import tqdm
 
     from scope_ray.data.sources import read_source
-    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.cluster import actor_resources, tally_nodes
 
     res = actor_resources(job.ray)
     spec = job.model.spec
@@ -405,6 +408,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
         c.invalid_depth_pixels += int(s["invalid_depth_pixels"].sum())
         lo, hi = min(lo, int(s["label_min"].min())), max(hi, int(s["label_max"].max()))
         c.class_token = bool(s["class_token"].all())
+        tally_nodes(c.nodes, s)
         bar.update(int(s["images"].sum()))
         bar.set_postfix(rejected=c.rejected)
     bar.close()
@@ -497,7 +501,8 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                "group_sizes": sizes, "splits": splits, "seed": job.seed,
                "cls_source": "class token" if all(c.class_token for c in result.counts.values())
                else "patch-token mean (the model has no class token)",
-               "seconds": round(result.seconds, 3)},
+               "seconds": round(result.seconds, 3),
+               "nodes": {t: c.nodes for t, c in result.counts.items()}},
     )
     for t, c in result.counts.items():
         log(f"[probe-features] {t}: {c.images} images in, {c.rejected} rejected, {c.rows} rows")

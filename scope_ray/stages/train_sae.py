@@ -57,14 +57,15 @@ def _to_matrix(batch: pa.Table) -> dict[str, np.ndarray]:
 
 
 def _save_checkpoint(directory: str, sae, optimizer, step: int, nonfinite: int, log: list[dict],
-                     resumed_from: list[int]) -> None:
+                     resumed_from: list[int], workers: list[dict]) -> None:
     import safetensors.torch
 
     state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     safetensors.torch.save_file(state, os.path.join(directory, "sae_state.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
     with open(os.path.join(directory, "progress.json"), "w") as f:
-        json.dump({"step": step, "nonfinite_rows": nonfinite, "log": log, "resumed_from": resumed_from}, f)
+        json.dump({"step": step, "nonfinite_rows": nonfinite, "log": log, "resumed_from": resumed_from,
+                   "workers": workers}, f)
 
 
 def _load_checkpoint(directory: str, sae, optimizer) -> tuple[int, int, list[dict], list[int]]:
@@ -76,6 +77,31 @@ def _load_checkpoint(directory: str, sae, optimizer) -> tuple[int, int, list[dic
     with open(os.path.join(directory, "progress.json")) as f:
         progress = json.load(f)
     return progress["step"], progress["nonfinite_rows"], progress["log"], progress["resumed_from"]
+
+
+def _checkpoint_workers(directory: str) -> list[dict]:
+    """The worker group that wrote this checkpoint: rank → Ray node (``_worker_nodes``)."""
+    with open(os.path.join(directory, "progress.json")) as f:
+        return json.load(f).get("workers", [])
+
+
+def _worker_nodes(rank: int, world: int, dist, device) -> list[dict]:
+    """Every worker's {"rank", "node_id", "ip"}, rank order, gathered so rank 0 can record them.
+
+    A fixed-width byte tensor rather than ``all_gather_object``: that one needs the right current
+    CUDA device under NCCL, while ``device`` is already each worker's own."""
+    from scope_ray.stages.cluster import this_node
+
+    me = {"rank": rank, **this_node()}
+    if world == 1 or not dist.is_initialized():
+        return [me]
+    blob = json.dumps(me).encode()
+    if len(blob) > 512:
+        raise ValueError(f"worker node record longer than 512 bytes: {blob!r}")
+    mine = torch.tensor(list(blob.ljust(512)), dtype=torch.uint8, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    return [json.loads(bytes(t.cpu().tolist()).decode()) for t in everyone]
 
 
 class _LossModule(torch.nn.Module):
@@ -132,6 +158,7 @@ def train_loop(cfg: dict) -> None:
         for key, value in state.items():
             if torch.is_tensor(value):
                 state[key] = value.to(device)
+    workers = _worker_nodes(rank, world, dist, device)
     module = _LossModule(sae, cfg["aux_coef"])
     if world > 1:
         # Buffers (θ, dead counters) stay per worker: DDP's default would overwrite them from rank 0
@@ -192,7 +219,7 @@ def train_loop(cfg: dict) -> None:
                 total_bad = counted_before + _all_sum(nonfinite, dist, world)
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
-                        _save_checkpoint(tmp, sae, optimizer, step, total_bad, log, resumed_from)
+                        _save_checkpoint(tmp, sae, optimizer, step, total_bad, log, resumed_from, workers)
                         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
                 else:
                     ray.train.report(metrics)
@@ -397,6 +424,7 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
     opt = torch.optim.Adam(sae.parameters(), lr=job.sae.lr)
     with checkpoint.as_directory() as d:
         step, nonfinite, history, resumed_from = _load_checkpoint(d, sae, opt)
+        workers = _checkpoint_workers(d)
     if step != total_steps:
         raise RuntimeError(f"train-sae: final checkpoint is at step {step}, expected {total_steps}")
     sae.eval()
@@ -406,7 +434,8 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
     manifest = stage.commit(
         chash, {"train_tokens": root.stage(job.model.name, "extract").uri}, {"training_log": len(history)},
         extra={"sae_file": SAE_FILE, "steps": step, "nonfinite_rows": nonfinite, "d_in": spec.width,
-               "d_sae": sae.d_sae, "k": sae.k, "final": final, "resumed_from_steps": resumed_from},
+               "d_sae": sae.d_sae, "k": sae.k, "final": final, "resumed_from_steps": resumed_from,
+               "workers": workers},
     )
     log(f"[train-sae] done: {step} steps, final fvu {final.get('fvu', float('nan')):.3f}, l0 {final.get('l0', float('nan')):.1f}, "
         f"dead {final.get('dead_fraction', float('nan')):.3f}; {nonfinite} non-finite token rows excluded")
