@@ -60,16 +60,19 @@ def _port_in_use(port: int) -> bool:
         return False
 
 
-def _our_processes(marker: str) -> list[int]:
-    """Pids whose command line names our head's temp dir: the head's own processes and workers."""
+def _our_processes(temp_dir: str, token: str) -> list[int]:
+    """Pids of our head's processes: those whose command line names its temp dir (GCS, raylet,
+    workers) or whose environment holds its token, which is unique to it (job drivers run in
+    sessions of their own, and whatever they start inherits the token too)."""
+    marks = (("cmdline", temp_dir.encode()), ("environ", f"RAY_AUTH_TOKEN={token}".encode()))
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if any(mark in (entry / name).read_bytes() for name, mark in marks):
                     pids.append(int(entry.name))
             except OSError:
-                continue
+                continue  # gone, or not ours to read
     return pids
 
 
@@ -122,7 +125,7 @@ class RayHead:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for pid in _our_processes(self.temp_dir):
+        for pid in _our_processes(self.temp_dir, self.token):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -138,7 +141,7 @@ def head(tmp_path_factory):
     h.stop()
     busy = [p for p in (h.ports["port"], h.ports["dashboard-port"]) if _port_in_use(p)]
     assert not busy, f"ports still held after stopping the test head: {busy}"
-    assert not _our_processes(h.temp_dir)
+    assert not _our_processes(h.temp_dir, h.token)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +280,10 @@ def test_ctrl_c_stops_the_sweeps_jobs_and_keeps_their_logs(head, sweep_dir, tmp_
     path.write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "scope_ray.cli", "sweep", str(path), "--address", head.url,
            "--set", f"storage.root={root}"]
-    proc = subprocess.Popen(cmd, env=head.client_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT back to its default in the child: a pytest started in the background by a
+    # non-interactive shell has it ignored, which Python would inherit and never raise Ctrl-C.
+    proc = subprocess.Popen(cmd, env=head.client_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     r = ResultsRoot(str(root))
     while proc.poll() is None and read_state(r, MODELS[0]) is None:  # submitted
         time.sleep(0.2)
@@ -411,6 +417,10 @@ def test_completed_stages_add_up_under_one_config_and_start_over_under_another()
     assert s2["complete"]["manifests"] == {"extract": "e", "train-sae": "t"}
     s3 = completed_state(s2, job_id="j3", job_hash="H2", stages=("train-sae",), manifests={"train-sae": "u"}, when="t")
     assert s3["complete"]["stages"] == ["train-sae"] and s3["complete"]["manifests"] == {"train-sae": "u"}
+    # A stage recorded without a manifest (a job that exited 0 without committing it) is never complete.
+    dirs_of = {"extract": ("extract",)}
+    hollow = completed_state(None, job_id="j", job_hash="H", stages=("extract",), manifests={"extract": None}, when="t")
+    assert not decide(hollow, "H", ("extract",), {"extract": None}, dirs_of).skip
 
 
 def test_table_marks_done_running_and_not_applicable_stages():

@@ -100,7 +100,7 @@ def decide(state: dict | None, job_hash: str, stages: tuple[str, ...], current: 
     recorded = done.get("manifests", {})
     for stage in stages:
         for d in dirs_of[stage]:
-            if d not in recorded or current.get(d) != recorded[d]:
+            if current.get(d) is None or current.get(d) != recorded.get(d):
                 what = "removed or interrupted" if current.get(d) is None else "redone with another config"
                 return Decision(False, f"{d} was {what} since job {done.get('job_id')}")
     return Decision(True, f"all requested stages complete with this config (job {done.get('job_id')})")

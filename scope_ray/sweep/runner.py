@@ -228,8 +228,13 @@ class _Run:
             m.row.note = f"log not saved: {type(exc).__name__}: {exc}"
         current = m.refresh_stages()
         if m.row.status == "SUCCEEDED":
-            m.state = completed_state(m.state, job_id=m.job_id, job_hash=m.job.job_hash, stages=self.stages,
-                                      manifests={d: current[d] for d in m.all_dirs()}, when=_now())
+            # Only stages whose every manifest is there count as complete: a job that exits 0
+            # without committing a stage (an entrypoint that is not `run`) must not be skipped later.
+            done = tuple(s for s in self.stages if all(current[d] is not None for d in m.dirs_of[s]))
+            if done != self.stages:
+                m.row.note = f"exited 0 but left no manifest for {', '.join(s for s in self.stages if s not in done)}"
+            m.state = completed_state(m.state, job_id=m.job_id, job_hash=m.job.job_hash, stages=done,
+                                      manifests={d: current[d] for s in done for d in m.dirs_of[s]}, when=_now())
             write_state(m.root, m.name, m.state)
         elif not m.row.note:
             m.row.note = (info.message or "").splitlines()[0][:120] if info.message else ""
