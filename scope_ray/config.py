@@ -85,6 +85,9 @@ class DataConfig(_Section):
         89_478_485, ge=1, description="images with more pixels are rejected unread (decompression-bomb guard)"
     )
     min_side: int = Field(8, ge=1, description="images with a shorter side are rejected (too small to resize meaningfully)")
+    synthetic: bool = Field(
+        False, description="the data was made by scope_ray.data.synthetic (the demo sets it); recorded in the extract "
+                           "manifest so the report never sets synthetic results beside the paper's as comparable")
 
 
 # -------------------------------------------------------------------------------- extract

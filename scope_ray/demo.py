@@ -70,7 +70,7 @@ def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
     # Two storage formats on purpose: the ADE20K-style set as release folders, NYUd as Parquet.
     spec["data"] = {"imagenet": {"train": img["folder"]["train"], "val": img["parquet"]["val"]},
                     "ade20k": {"train": ade["train"], "val": ade["val"]},
-                    "nyud": {"train": nyu["train"], "val": nyu["val"]}}
+                    "nyud": {"train": nyu["train"], "val": nyu["val"]}, "synthetic": True}
     spec["storage"] = {"root": str(workdir / "results")}
     return load_config(spec, overrides)
 

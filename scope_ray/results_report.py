@@ -99,7 +99,8 @@ def _read(root: ResultsRoot, model: str, stage: str, table: str) -> list[dict]:
 def comparability(manifests: list[dict]) -> tuple[str, str]:
     """Whether the paper's numbers mean anything next to this run: ``(verdict, why)`` with verdict
     ``comparable``, ``not meaningful`` or ``unverified``, from what the committed manifests record:
-    ``weights`` ('none' = random init; today the zeroshot stage records it) and ``synthetic_data``."""
+    ``weights`` ('none' = random init; the extract and zeroshot stages record it) and ``synthetic_data``
+    (extract records ``data.synthetic``)."""
     weights = sorted({str(m["weights"]) for m in manifests if m.get("weights") is not None})
     if "none" in weights:
         return "not meaningful", "random-init weights (`weights: none`): the paper used pretrained weights"

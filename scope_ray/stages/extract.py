@@ -202,6 +202,8 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
         chash, inputs, rows,
         extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
                "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed,
+               # What the tokens came from: the report needs it to say whether the paper's numbers compare.
+               "weights": job.model.weights, "synthetic_data": job.data.synthetic,
                "nodes": {table: c.nodes for table, c in result.counts.items()}},
     )
     for table, c in result.counts.items():
