@@ -306,7 +306,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     n_rows = extract.manifest()["rows"]["train_tokens"]
     res = actor_resources(job.ray)
     workers = job.sae.num_workers
-    _check_train_resources(job, workers, res.num_gpus)
+    _check_train_resources(job, workers, res.num_gpus, log)
     steps_per_epoch = n_rows // (workers * job.sae.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"sae.batch_size={job.sae.batch_size} x {workers} workers exceeds the {n_rows} training "
@@ -379,11 +379,20 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     return _finish(job, root, stage, chash, result.checkpoint, total_steps, log)
 
 
-def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float) -> None:
+def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float, log=print) -> None:
     """Ray Train would wait forever for a worker group the cluster cannot place: fail now instead."""
     import ray
 
     total = ray.cluster_resources()
+    free = _free_cpus_after_packing([n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")],
+                                    workers, job.ray.cpus_per_actor)
+    if free is not None and max(free, default=0.0) < 1.0:
+        # Ray Data 2.60's file-listing task asks for one whole CPU whatever num_cpus says; with the
+        # Train workers packed onto the nodes, no node may have one left and the token read never
+        # starts. Packing is Ray's choice, so this is a warning, not an error.
+        log(f"[train-sae] WARNING: {workers} Train worker(s) x {job.ray.cpus_per_actor:g} CPUs may leave no node with "
+            f"a whole free CPU (per-node CPUs left after packing: {[round(f, 2) for f in free]}); the token read needs one "
+            "and would wait forever. Lower ray.cpus_per_actor or use nodes with a spare CPU.")
     need_cpu = workers * job.ray.cpus_per_actor
     if need_cpu + job.ray.read_cpus > total.get("CPU", 0):
         raise ClusterResourceError(
@@ -392,6 +401,18 @@ def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float)
     if gpus_per_worker and workers * gpus_per_worker > total.get("GPU", 0):
         raise ClusterResourceError(f"sae.num_workers={workers} needs {workers * gpus_per_worker:g} GPUs; "
                                    f"the cluster has {total.get('GPU', 0):g}")
+
+
+def _free_cpus_after_packing(node_cpus: list[float], workers: int, cpus_per_worker: float) -> list[float] | None:
+    """CPUs left per node once ``workers`` bundles are packed first-fit onto the largest nodes
+    (what Ray Train's PACK placement tends to do); None when they do not fit at all."""
+    free = sorted(node_cpus, reverse=True)
+    for _ in range(workers):
+        slot = next((i for i, f in enumerate(free) if f + 1e-9 >= cpus_per_worker), None)
+        if slot is None:
+            return None
+        free[slot] -= cpus_per_worker
+    return free
 
 
 def _latest_checkpoint(root: ResultsRoot, run_dir: str):

@@ -171,3 +171,14 @@ def test_s3_root_train_and_eval_never_store_credentials(ray_local, s3_bucket, ca
 # unit-norm decoder rows) and a worker failure inside a run (restart from the last checkpoint,
 # same total steps, no step logged twice) are checked in tests/stages/test_multinode.py, with the
 # workers on two nodes of a simulated cluster: one Ray Train run there instead of two more here.
+
+
+def test_packing_model_finds_layouts_that_leave_no_whole_cpu_for_the_token_read():
+    from scope_ray.stages.train_sae import _free_cpus_after_packing
+
+    # D's multi-node layout that hung: 2-CPU nodes, 1.5-CPU workers -> 0.5 left on each node.
+    assert _free_cpus_after_packing([2.0, 2.0, 0.0], 2, 1.5) == [0.5, 0.5, 0.0]
+    # One worker on a 2-CPU local instance leaves a whole CPU.
+    assert max(_free_cpus_after_packing([2.0], 1, 1.0)) == 1.0
+    # Workers that cannot be placed at all: None (the total-CPU check reports that one).
+    assert _free_cpus_after_packing([2.0], 2, 1.5) is None
