@@ -139,7 +139,7 @@ def _order(name: str, names: tuple[str, ...]) -> tuple[int, str]:
     return (names.index(name) if name in names else len(names), name)
 
 
-def collect_probe_results(root: ResultsRoot) -> list[dict]:
+def collect_probe_results(root: ResultsRoot, models: list[str] | None = None) -> list[dict]:
     """Every committed probe stage's ``best`` rows, flattened, one dict per (model, task, variant).
 
     Keys: ``model``, ``family``, ``scale`` (:func:`model_scale`), ``task``, ``variant``,
@@ -149,7 +149,7 @@ def collect_probe_results(root: ResultsRoot) -> list[dict]:
     family, scale, task and variant (paper order).
     """
     rows: list[dict] = []
-    for model in root.models():
+    for model in root.models() if models is None else models:  # ``models``: only these
         stage = root.stage(model, STAGE)
         if stage.manifest() is None:
             continue

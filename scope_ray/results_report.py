@@ -22,7 +22,7 @@ from scope_ray import published
 from scope_ray import probe_report as pr
 from scope_ray.models.registry import REGISTRY
 from scope_ray.report_document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
-from scope_ray.storage import ResultsRoot, code_version, join_uri
+from scope_ray.storage import LOGS_DIR, ResultsRoot, code_version, join_uri
 
 # Pipeline order; a stage directory with another name is still listed (after these).
 STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds-topk", "cds", "partition",
@@ -84,6 +84,8 @@ def collect(root: ResultsRoot) -> list[ModelRun]:
                 continue
             if name == MODEL_FIGURES:
                 run.model_figures = sorted(root.fs.glob(posixpath.join(sub, "*.png")))
+            elif name == LOGS_DIR:  # the sweep's job logs and state (docs/sweep.md), not a stage
+                continue
             else:
                 run.manifests[name] = root.stage(model, name).manifest()
         runs.append(run)
@@ -230,8 +232,23 @@ def partition_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Sect
         "and high-CDS (global scope, CDS > γ) groups; CDS NaN = no usable image."], tables)
 
 
+def probe_rows(root: ResultsRoot, runs: list[ModelRun]) -> tuple[list[dict], dict[str, str]]:
+    """Every complete probe stage's rows, read model by model so one unreadable table costs only
+    its own model's rows: (rows, {model: why unreadable})."""
+    rows, unreadable = [], {}
+    for run in runs:
+        if not run.complete("probe"):
+            continue
+        try:
+            rows += pr.collect_probe_results(root, models=[run.name])
+        except Exception as exc:  # noqa: BLE001 - as in _guarded
+            unreadable[run.name] = f"unreadable: {type(exc).__name__}: {exc}"[:160]
+    return rows, unreadable
+
+
 def probe_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
-    ours = {r["model"]: r for r in pr.probe_table(pr.collect_probe_results(root))}
+    rows_read, unreadable = probe_rows(root, runs)
+    ours = {r["model"]: r for r in pr.probe_table(rows_read)}
     tables = []
     for task in pr.TASKS:
         rows = []
@@ -241,6 +258,8 @@ def probe_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
                 has_task = any(math.isfinite(row[pr.column(task, v)]) for v in pr.VARIANTS)
                 rows.append(_ours(run, {v: row[pr.column(task, v)] for v in pr.VARIANTS}) if has_task
                             else {"model": run.name, "row": f"{task} not searched", "_kind": "missing"})
+            elif run.name in unreadable:
+                rows.append({"model": run.name, "row": unreadable[run.name], "_kind": "missing"})
             else:
                 rows.append(_status_row(run, "probe"))
             paper = {v: pr.PUBLISHED.get(run.name, {}).get((task, v)) for v in pr.VARIANTS}
@@ -338,8 +357,8 @@ def _figures(root: ResultsRoot, run: ModelRun) -> tuple[list[Figure], list[str]]
     return figures, missing
 
 
-def figure8_section(root: ResultsRoot, tmp: Path) -> Section | None:
-    rows = pr.collect_probe_results(root)
+def figure8_section(root: ResultsRoot, runs: list[ModelRun], tmp: Path) -> Section | None:
+    rows, _ = probe_rows(root, runs)
     if not any(r["task"] == "classification" for r in rows):
         return None
     path = pr.figure8(rows, tmp / "figure8.png", title="ImageNet linear probe top-1 across scales (hollow: paper)")
@@ -369,7 +388,7 @@ def build_document(root: ResultsRoot, tmp: Path) -> Document:
                 partition_section(root, runs, verdicts), probe_section(root, runs, verdicts)]
     zs = zeroshot_section(root, runs)
     sections += [zs] if zs else []
-    fig8 = figure8_section(root, tmp)
+    fig8 = figure8_section(root, runs, tmp)
     sections += [fig8] if fig8 else []
     for run in runs:
         figures, missing = _figures(root, run)

@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# ROOT/<model>/logs/: job logs and sweep state (docs/sweep.md); not a stage, never committed.
+LOGS_DIR = "logs"
 
 
 def split_uri(uri: str) -> tuple[str, str]:

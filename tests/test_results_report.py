@@ -253,3 +253,24 @@ def test_a_committed_table_that_cannot_be_read_is_reported_not_fatal(tmp_path):
     md = Path(write_report(root.uri).markdown).read_text()
     rows = _rows(_section(md, "## SAE reconstruction"), "deit3-s")
     assert rows[0][1].startswith("unreadable: ") and rows[1][1] == "paper (supp. Table 6)"
+
+
+def test_sweep_logs_are_not_a_stage_and_an_unreadable_probe_table_costs_only_its_row(tmp_path):
+    from scope_ray.storage import LOGS_DIR
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    write_eval(root, "deit3-s", 0.2)
+    logs = Path(root.path) / "deit3-s" / LOGS_DIR
+    logs.mkdir()
+    (logs / "sweep-state.json").write_text("{}")
+    write_probe(root, "clip-vit-b16", {"classification": ALL_VARIANTS})
+    probe_parts = sorted((Path(root.path) / "clip-vit-b16" / "probe").rglob("*.parquet"))
+    assert probe_parts
+    for part in probe_parts:
+        part.write_bytes(b"truncated")
+    md = Path(write_report(root.uri).markdown).read_text()
+    assert "| logs" not in md and "incomplete: logs" not in md
+    status = _section(md, "## Stage status")
+    assert "logs" not in status
+    probes = _section(md, "## Linear probes")
+    assert any(cell.startswith("unreadable: ") for r in _rows(probes, "clip-vit-b16") for cell in r)
