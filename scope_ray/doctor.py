@@ -28,8 +28,9 @@ class Check:
     fix: str = ""
 
 
-def check_ray(address: str | None) -> Check:
-    """Connect (or start a local instance, as `scope-ray run` would) and list the resources."""
+def check_ray(address: str | None) -> tuple[Check, dict | None]:
+    """Connect (or start a local instance, as `scope-ray run` would) and list the resources;
+    returns the check and the cluster's resources (None when they could not be read)."""
     import ray
 
     if address and address.startswith(("http://", "https://")):
@@ -42,8 +43,9 @@ def check_ray(address: str | None) -> Check:
         except Exception as err:  # connection refused, bad token, wrong port: all one answer
             return Check("ray", False, f"Jobs API at {address} not reachable: {type(err).__name__}: {err}",
                          "check the address (dashboard port, usually 8265) and, with token auth, RAY_AUTH_MODE=token "
-                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
-        return Check("ray", True, f"Jobs API at {address} answers (submit `scope-ray doctor` as a job to see its resources)")
+                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)"), None
+        return Check("ray", True, f"Jobs API at {address} answers (submit `scope-ray doctor` as a job to see its "
+                                  "resources)"), None
     started_here = not ray.is_initialized()
     try:
         if started_here:
@@ -55,7 +57,7 @@ def check_ray(address: str | None) -> Check:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
     except Exception as err:
         return Check("ray", False, f"cannot connect to Ray at {address!r}: {type(err).__name__}: {err}",
-                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance")
+                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance"), None
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
@@ -63,7 +65,7 @@ def check_ray(address: str | None) -> Check:
     gib = 1024 ** 3
     detail = (f"{where}; {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
               f"{total.get('memory', 0) / gib:.1f} GiB memory, {total.get('object_store_memory', 0) / gib:.1f} GiB object store")
-    return Check("ray", True, detail)
+    return Check("ray", True, detail), total
 
 
 def check_auth() -> Check:
@@ -78,13 +80,22 @@ def check_auth() -> Check:
 
 
 def check_gpus(ray_gpus: float | None = None) -> Check:
+    """GPUs torch sees on this machine, against the GPUs Ray advertises (``ray_gpus``; None = unknown).
+
+    They differ legitimately on a cluster (the GPUs sit on the workers), so only a machine whose
+    torch sees GPUs that a local Ray does not advertise is a failure: stages would run on CPUs."""
     import torch
 
-    if not torch.cuda.is_available():
-        return Check("gpus", True, "torch sees no CUDA GPU here: stages run on CPUs (extraction and SAE training are slow "
-                                   "at paper scale; jobs asking ray.gpus_per_actor > 0 fail at once)")
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return Check("gpus", True, f"torch sees {len(names)} GPU(s): {', '.join(names)}")
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ray_part = "" if ray_gpus is None else f"; Ray advertises {ray_gpus:g}"
+    if seen == 0:
+        return Check("gpus", True, f"torch sees no CUDA GPU here{ray_part}: stages here run on CPUs (slow at paper scale; "
+                                   "jobs asking ray.gpus_per_actor > 0 fail at once on a cluster without GPUs)")
+    names = [torch.cuda.get_device_name(i) for i in range(seen)]
+    if ray_gpus == 0:
+        return Check("gpus", False, f"torch sees {seen} GPU(s) ({', '.join(names)}) but Ray advertises none",
+                     "start Ray with --num-gpus or check CUDA_VISIBLE_DEVICES where Ray was started")
+    return Check("gpus", True, f"torch sees {seen} GPU(s): {', '.join(names)}{ray_part}")
 
 
 def check_root(job: JobConfig) -> Check:
@@ -169,7 +180,8 @@ def run_doctor(job_path: str | None, overrides: list[str], log=print) -> int:
 
         job = load_config(job_path, overrides)
     address = (job.ray.address if job else None) or os.environ.get("RAY_ADDRESS")
-    checks = [check_auth(), check_ray(address), check_gpus()]
+    ray_check, resources = check_ray(address)
+    checks = [check_auth(), ray_check, check_gpus(None if resources is None else resources.get("GPU", 0.0))]
     if job is not None:
         checks += [check_root(job), check_weights(job)]
     else:

@@ -64,3 +64,17 @@ def test_unreachable_jobs_api_fails_clearly(tmp_path, capsys, monkeypatch):
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
     assert "FAIL ray" in out and "not reachable" in out and "-> check the address" in out
+
+
+def test_gpu_check_compares_torch_with_ray(monkeypatch):
+    import torch
+
+    from scope_ray.doctor import check_gpus
+
+    assert check_gpus(0.0).ok  # no GPU anywhere: fine, CPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    missing = check_gpus(0.0)  # torch sees one, Ray advertises none: stages would silently use CPUs
+    assert not missing.ok and "advertises none" in missing.detail and missing.fix
+    assert check_gpus(1.0).ok and "Test GPU" in check_gpus(1.0).detail
