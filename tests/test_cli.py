@@ -63,3 +63,16 @@ def test_scope_stages_without_their_inputs_fail_clearly(ray_local, tmp_path, cap
     assert main(["stage", stage, str(job)]) == 2
     err = capsys.readouterr().err
     assert f"scope-ray stage {first}" in err, err
+
+
+def test_shipped_specs_are_valid_but_their_placeholders_stop_check_and_run(tmp_path, capsys):
+    from pathlib import Path
+
+    spec = str(Path(__file__).resolve().parents[1] / "jobs" / "dinov2-b.yaml")
+    assert main(["check", spec]) == 1
+    err = capsys.readouterr().err
+    assert "not runnable yet" in err and "storage.root" in err and "data.imagenet.train.path" in err
+    assert main(["run", spec, "--set", f"storage.root={tmp_path / 'r'}"]) == 2  # before Ray, before any work
+    err = capsys.readouterr().err
+    assert "PLACEHOLDER values at data.imagenet.train.path" in err and "storage.root" not in err
+    assert not (tmp_path / "r").exists()
