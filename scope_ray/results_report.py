@@ -98,7 +98,27 @@ def _read(root: ResultsRoot, model: str, stage: str, table: str) -> list[dict]:
     return root.stage(model, stage).read_table(table).to_pylist()
 
 
-def comparability(manifests: list[dict]) -> tuple[str, str]:
+# The paper's SAE settings for every model (METHOD §2, supp. A): q = 32 x width, K = 30.
+PAPER_EXPANSION, PAPER_K = 32, 30
+
+
+def setting_differences(model: str, manifests: list[dict]) -> list[str]:
+    """Where this run's recorded settings leave the paper's for ``model``: the designated layer
+    (extract), the dictionary size and K (train-sae). Empty when nothing recorded differs."""
+    spec = REGISTRY.get(model)
+    diffs = []
+    for m in manifests:
+        if m.get("stage") == "extract" and spec is not None and m.get("layer") not in (None, spec.layer):
+            diffs.append(f"layer {m['layer']} (paper: {spec.layer})")
+        if m.get("stage") == "train-sae":
+            if m.get("k") not in (None, PAPER_K):
+                diffs.append(f"K = {m['k']} (paper: {PAPER_K})")
+            if m.get("d_sae") and m.get("d_in") and m["d_sae"] != PAPER_EXPANSION * m["d_in"]:
+                diffs.append(f"q = {m['d_sae']} (paper: {PAPER_EXPANSION} x {m['d_in']})")
+    return diffs
+
+
+def comparability(manifests: list[dict], model: str | None = None) -> tuple[str, str]:
     """Whether the paper's numbers mean anything next to this run: ``(verdict, why)`` with verdict
     ``comparable``, ``not meaningful`` or ``unverified``, from what the committed manifests record:
     ``weights`` ('none' = random init; the extract and zeroshot stages record it) and ``synthetic_data``
@@ -108,6 +128,9 @@ def comparability(manifests: list[dict]) -> tuple[str, str]:
         return "not meaningful", "random-init weights (`weights: none`): the paper used pretrained weights"
     if any(m.get("synthetic_data") for m in manifests):
         return "not meaningful", "synthetic data: the paper used ImageNet-1K, ADE20K and NYUd"
+    diffs = setting_differences(model, manifests) if model else []
+    if diffs:
+        return "not meaningful", "settings differ from the paper's: " + ", ".join(diffs)
     if not weights:
         return "unverified", ("the manifests do not record the weights; the paper's numbers hold only for "
                               "pretrained weights on the paper's data")
@@ -370,7 +393,7 @@ def figure8_section(root: ResultsRoot, runs: list[ModelRun], tmp: Path) -> Secti
 # ------------------------------------------------------------------------------------ writing
 def build_document(root: ResultsRoot, tmp: Path) -> Document:
     runs = collect(root)
-    verdicts = {r.name: comparability([m for m in r.manifests.values() if m]) if has_published(r.name)
+    verdicts = {r.name: comparability([m for m in r.manifests.values() if m], r.name) if has_published(r.name)
                 else NO_PUBLISHED for r in runs}
     versions = sorted({m["code_version"] for r in runs for m in r.manifests.values() if m and m.get("code_version")})
     overview = Section("Overview", [

@@ -224,6 +224,16 @@ def test_comparability_follows_what_the_manifests_record(manifests, verdict):
     assert comparability(manifests)[0] == verdict
 
 
+def test_a_run_off_the_papers_settings_is_not_compared():
+    paper = [{"stage": "extract", "layer": 9, "weights": "pretrained"}, {"stage": "train-sae", "d_in": 768, "d_sae": 24576, "k": 30}]
+    assert comparability(paper, "deit3-b")[0] == "comparable"
+    other_k = [paper[0], {**paper[1], "k": 8}]
+    verdict, why = comparability(other_k, "deit3-b")
+    assert verdict == "not meaningful" and "K = 8 (paper: 30)" in why
+    verdict, why = comparability([{**paper[0], "layer": 12}, paper[1]], "deit3-b")
+    assert verdict == "not meaningful" and "layer 12 (paper: 9)" in why
+
+
 def test_an_s3_root_is_read_and_the_report_uploaded_next_to_it(s3_bucket, tmp_path):
     bucket, endpoint = s3_bucket
     uri = f"{bucket}/results"
