@@ -59,6 +59,9 @@ def test_the_demo_job_is_the_builtin_demo_with_cluster_data_paths():
     assert shipped == builtin
     job = load_config(JOBS / "demo.yaml")
     assert job.model.name == "demo-planted" and all("PLACEHOLDER-bucket" in p for p in _paths(job))
+    # The demo's data is synthetic, as `scope-ray demo` records it: the report must not set its
+    # numbers beside the paper's as comparable.
+    assert job.data.synthetic
 
 
 SWEEPS = {"paper-all": set(PAPER), "clip": {m for m in PAPER if m.startswith("clip")},
@@ -72,6 +75,10 @@ def test_each_sweep_loads_and_validates_its_jobs(name):
     assert sweep.runtime_env["working_dir"] == str(JOBS.parent)  # the job specs travel with each job
     for j in sweep.jobs:
         assert j.entrypoint.startswith(f"python jobs/entrypoint.py jobs/{j.model}.yaml --stages extract,")
+    # No entrypoint resources: only then does Ray 2.60 keep the driver on the (0-CPU) head node
+    # instead of placing it on a GPU worker (docs/sweep.md, "The sweep spec").
+    res = sweep.spec.entrypoint_resources
+    assert (res.num_cpus, res.num_gpus) == (0, 0)
 
 
 def test_the_sweeps_folder_holds_exactly_these_sweeps():

@@ -64,9 +64,16 @@ class RuntimeEnvSpec(_Strict):
 
 
 class EntrypointResources(_Strict):
-    """What each job's driver process reserves on the cluster (Ray's default is nothing)."""
+    """What each job's driver process reserves on the cluster. Leave it empty (the default):
 
-    num_cpus: float = Field(0, ge=0, description="CPUs reserved for the driver (the stages' own actors reserve theirs)")
+    Ray 2.60 runs a job's driver on the head node only when the job asks for NO entrypoint
+    resources (ray/dashboard/modules/job/job_manager.py, ``JobManager._get_label_selector``,
+    called from ``JobManager.submit_job`` with ``resources_specified``); any amount here lets
+    Ray place the driver on whichever node has it free. The shipped cluster configs give the
+    head 0 CPUs, so ``num_cpus: 1`` would put each driver on a GPU worker and take a CPU the
+    stages' actors need. The stages' actors reserve their own resources either way."""
+
+    num_cpus: float = Field(0, ge=0, description="CPUs reserved for the driver; > 0 moves it off the head node")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved for the driver; the pipeline's driver needs none")
 
 
@@ -82,7 +89,9 @@ class SweepSpec(_Strict):
     entrypoint: str = Field(
         "python jobs/entrypoint.py", description="command each job runs; the sweep appends "
         "'JOB.yaml --stages ... --set ...'. Relative paths are relative to runtime_env.working_dir")
-    entrypoint_resources: EntrypointResources = EntrypointResources()
+    entrypoint_resources: EntrypointResources = Field(
+        EntrypointResources(), description="resources each job's driver reserves; default none, which keeps the "
+        "driver on the head node (any resource here lets Ray place it on a worker)")
     poll_seconds: float = Field(2.0, gt=0, description="seconds between status polls")
 
     @field_validator("name")
