@@ -14,22 +14,25 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 from dataclasses import dataclass
 
+from scope_ray.stages import cds, eval_sae, extract, instability, partition, probe, probe_features, train_sae, zeroshot
 from scope_ray.storage import ResultsRoot
 
 STATE_FILE = "sweep-state.json"
 LOGS_DIR = "logs"
 
-# The result directories (ROOT/<model>/<dir>/manifest.json) each CLI stage commits.
+# The result directories (ROOT/<model>/<dir>/manifest.json) each CLI stage commits, named by
+# the stage modules themselves so a renamed directory cannot leave the sweep looking elsewhere.
 STAGE_DIRS: dict[str, tuple[str, ...]] = {
-    "extract": ("extract",),
-    "train-sae": ("train-sae",),
-    "eval-sae": ("eval-sae",),
-    "instability": ("instability",),
-    "cds": ("cds-topk", "cds", "partition"),
-    "probe": ("probe-features", "probe"),
-    "zeroshot": ("zeroshot",),
+    "extract": (extract.STAGE,),
+    "train-sae": (train_sae.STAGE,),
+    "eval-sae": (eval_sae.STAGE,),
+    "instability": (instability.STAGE,),
+    "cds": (cds.TOPK_STAGE, cds.STAGE, partition.STAGE),
+    "probe": (probe_features.STAGE, probe.STAGE),
+    "zeroshot": (zeroshot.STAGE,),
 }
 
 
@@ -61,11 +64,15 @@ def read_state(root: ResultsRoot, model: str) -> dict | None:
 
 
 def write_text(root: ResultsRoot, relpath: str, text: str) -> str:
-    """Write a small text file under the root (atomic rename locally, one PUT on S3); return its URI."""
+    """Write a small text file under the root (atomic rename locally, one PUT on S3); return its URI.
+
+    Readers see the old text or the new, never a part. The temporary name is unique, so two
+    sweeps writing the same file at once do not write into each other's temporary file; the
+    last rename wins."""
     path = posixpath.join(root.path, relpath)
     root.ensure_dir(posixpath.dirname(path))
     if root.scheme == "file":
-        tmp = path + ".tmp"
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         root.fs.pipe_file(tmp, text.encode())
         root.fs.mv(tmp, path)
     else:
