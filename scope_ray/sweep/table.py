@@ -14,7 +14,7 @@ NOT_APPLICABLE = "n/a"  # zeroshot on a model without a text tower
 @dataclass
 class Row:
     model: str
-    status: str = "queued"          # queued, skipped, PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED
+    status: str = "queued"  # queued, skipped, PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, INCOMPLETE, LOST, not run
     stages_done: dict[str, bool | None] = field(default_factory=dict)  # stage -> done; None = not applicable
     job_id: str = ""
     note: str = ""
