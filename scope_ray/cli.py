@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scope-ray: {exc}", file=sys.stderr)
         return 2
-    except (PermissionError, FileNotFoundError, ClusterResourceError, ValueError, RuntimeError) as exc:
+    except (PermissionError, FileNotFoundError, ConnectionError, ClusterResourceError, ValueError, RuntimeError) as exc:
         # Expected failures (missing data, an earlier stage not run, a bad width...) get one clear
         # line; anything else keeps its traceback.
         print(f"scope-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
