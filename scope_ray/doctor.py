@@ -69,12 +69,14 @@ def check_ray(address: str | None) -> tuple[Check, dict | None]:
 
 
 def check_auth() -> Check:
-    """Whether token authentication is on and a token is at hand (never prints the token)."""
-    mode = os.environ.get("RAY_AUTH_MODE", "(unset)")
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    have = "RAY_AUTH_TOKEN" in os.environ or token_file.is_file()
-    detail = f"RAY_AUTH_MODE={mode}; token {'present' if have else 'not found'} (RAY_AUTH_TOKEN or {token_file})"
-    if mode == "token" and not have:
+    """Whether token authentication is on and a token is at hand (never prints the token); the
+    token is looked up by the same rule the sweep's Jobs API client uses."""
+    from scope_ray.sweep.runner import auth_token_source
+
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    source = auth_token_source()
+    detail = f"RAY_AUTH_MODE={mode or '(unset)'}; token {'from ' + source if source else 'not found'}"
+    if mode.lower() == "token" and source is None:
         return Check("auth", False, detail, "copy the cluster's token to ~/.ray/auth_token or set RAY_AUTH_TOKEN")
     return Check("auth", True, detail)
 

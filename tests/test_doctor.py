@@ -78,3 +78,16 @@ def test_gpu_check_compares_torch_with_ray(monkeypatch):
     missing = check_gpus(0.0)  # torch sees one, Ray advertises none: stages would silently use CPUs
     assert not missing.ok and "advertises none" in missing.detail and missing.fix
     assert check_gpus(1.0).ok and "Test GPU" in check_gpus(1.0).detail
+
+
+def test_auth_check_uses_the_sweeps_token_rule_and_never_prints_the_token(tmp_path, monkeypatch):
+    from scope_ray.doctor import check_auth
+
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)  # no ~/.ray/auth_token
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert not check_auth().ok
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-test-token")
+    ok = check_auth()
+    assert ok.ok and "RAY_AUTH_TOKEN" in ok.detail and "s3cr3t" not in ok.detail
