@@ -34,6 +34,7 @@ from scope_ray.sweep.plan import read_state
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("demo-vit-tiny", "demo-vit-reg")
 STAGES = ["extract", "train-sae"]
+FIRST_STAGES = ["extract"]
 HEAD_PORTS = ("port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
               "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
               "metrics-export-port", "min-worker-port")
@@ -165,22 +166,25 @@ def write_sweep(d: Path) -> Path:
     sweep = {"name": "t", "jobs": [f"{m}.yaml" for m in MODELS], "stages": STAGES, "max_concurrent": 2,
              "poll_seconds": 0.5, "entrypoint": f"{sys.executable} {REPO / 'jobs' / 'entrypoint.py'}"}
     (d / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    # The first sweep runs extraction only (no Ray Train start-up: the suite's time budget); the
+    # kill-and-rerun test then asks for train-sae as well.
+    (d / "sweep-extract.yaml").write_text(yaml.safe_dump({**sweep, "stages": FIRST_STAGES}))
     return d
 
 
-def _sweep_cmd(sweep_dir: Path, head: RayHead, root: Path) -> list[str]:
-    return [sys.executable, "-m", "scope_ray.cli", "sweep", str(sweep_dir / "sweep.yaml"), "--address", head.url,
+def _sweep_cmd(sweep_dir: Path, head: RayHead, root: Path, spec: str = "sweep.yaml") -> list[str]:
+    return [sys.executable, "-m", "scope_ray.cli", "sweep", str(sweep_dir / spec), "--address", head.url,
             "--set", f"storage.root={root}"]
 
 
-def _sweep(sweep_dir, head, root, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(_sweep_cmd(sweep_dir, head, root), env=env or head.client_env, capture_output=True,
+def _sweep(sweep_dir, head, root, env=None, spec: str = "sweep.yaml") -> subprocess.CompletedProcess:
+    return subprocess.run(_sweep_cmd(sweep_dir, head, root, spec), env=env or head.client_env, capture_output=True,
                           text=True)
 
 
-def _complete(root: Path, model: str) -> bool:
+def _complete(root: Path, model: str, stages=STAGES) -> bool:
     r = ResultsRoot(str(root))
-    return all(r.stage(model, s).is_complete() for s in STAGES)
+    return all(r.stage(model, s).is_complete() for s in stages)
 
 
 def _last_record(root: Path) -> dict:
@@ -193,9 +197,9 @@ def _logs(root: Path, model: str) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def first_sweep(head, sweep_dir, tmp_path_factory):
-    """Both models through extract and train-sae: (results root, the sweep's result)."""
+    """Both models through extract: (results root, the sweep's result)."""
     root = tmp_path_factory.mktemp("results") / "root"
-    return root, _sweep(sweep_dir, head, root)
+    return root, _sweep(sweep_dir, head, root, spec="sweep-extract.yaml")
 
 
 @pytest.mark.slow
@@ -203,14 +207,14 @@ def test_sweep_runs_both_models_then_skips_them(head, sweep_dir, first_sweep):
     root, first = first_sweep
     assert first.returncode == 0, first.stdout + first.stderr
     for model in MODELS:
-        assert _complete(root, model)
+        assert _complete(root, model, FIRST_STAGES)
         (log,) = _logs(root, model)  # one job, its log saved under ROOT/<model>/logs/<job id>.log
-        assert "[train-sae]" in log.read_text()
-        assert read_state(ResultsRoot(str(root)), model)["complete"]["stages"] == STAGES
+        assert "[extract]" in log.read_text()
+        assert read_state(ResultsRoot(str(root)), model)["complete"]["stages"] == FIRST_STAGES
     assert {m["status"] for m in _last_record(root)["models"]} == {"SUCCEEDED"}
     assert "done" in first.stdout and "SUCCEEDED" in first.stdout  # the live table
 
-    again = _sweep(sweep_dir, head, root)
+    again = _sweep(sweep_dir, head, root, spec="sweep-extract.yaml")
     assert again.returncode == 0, again.stdout + again.stderr
     record = _last_record(root)
     assert [(m["status"], m["job_id"]) for m in record["models"]] == [("skipped", None)] * 2
@@ -218,24 +222,34 @@ def test_sweep_runs_both_models_then_skips_them(head, sweep_dir, first_sweep):
 
 
 @pytest.mark.slow
-def test_stale_results_rerun_a_stopped_job_fails_only_its_model_and_a_rerun_completes_it(head, sweep_dir, first_sweep):
+def test_more_stages_and_a_new_config_rerun_a_stopped_job_fails_only_its_model_and_a_rerun_completes_it(
+        head, sweep_dir, first_sweep):
     root, first = first_sweep
     assert first.returncode == 0, first.stdout + first.stderr
     victim, other = MODELS[1], MODELS[0]
     r = ResultsRoot(str(root))
-    # A new SAE K makes both models' train-sae results stale: neither may be skipped (inside the
-    # jobs extract skips itself, its config being unchanged).
+    # Asking for train-sae too (never run) and a new SAE K: neither model may be skipped (inside
+    # the jobs extract skips itself, its config being unchanged).
     changed = ["--set", "sae.k=3"]
     proc = subprocess.Popen(_sweep_cmd(sweep_dir, head, root) + changed, env=head.client_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Stop the victim while its train-sae runs: the stage drops its stale manifest as it starts,
-    # and Ray Train's start-up alone takes seconds, so no new manifest can be there yet
-    # (asserted after the stop).
-    while proc.poll() is None and r.stage(victim, "train-sae").is_complete():
-        time.sleep(0.2)
+    # Stop the victim once its train-sae has started: the stage prints its plan just before Ray
+    # Train starts, and Train's start-up alone then takes seconds, so no manifest can be there
+    # yet (asserted after the stop).
+    ray_cli = str(Path(sys.executable).parent / "ray")
+
+    def victim_training() -> bool:
+        job = (read_state(r, victim) or {}).get("last_job") or {}
+        if not job.get("id"):
+            return False
+        logs = subprocess.run([ray_cli, "job", "logs", "--address", head.url, job["id"]], env=head.client_env,
+                              capture_output=True, text=True)
+        return f"[train-sae] {victim}:" in logs.stdout
+
+    while proc.poll() is None and not victim_training():
+        time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()
     job_id = read_state(r, victim)["last_job"]["id"]
-    ray_cli = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray_cli, "job", "stop", "--address", head.url, job_id], env=head.client_env, check=True,
                    capture_output=True)
     out, _ = proc.communicate()

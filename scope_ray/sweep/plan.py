@@ -18,10 +18,9 @@ import uuid
 from dataclasses import dataclass
 
 from scope_ray.stages import cds, eval_sae, extract, instability, partition, probe, probe_features, train_sae, zeroshot
-from scope_ray.storage import ResultsRoot
+from scope_ray.storage import LOGS_DIR, ResultsRoot
 
 STATE_FILE = "sweep-state.json"
-LOGS_DIR = "logs"
 
 # The result directories (ROOT/<model>/<dir>/manifest.json) each CLI stage commits, named by
 # the stage modules themselves so a renamed directory cannot leave the sweep looking elsewhere.
