@@ -129,20 +129,8 @@ def _stage_list(text: str) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in names)
 
 
-PLACEHOLDER = "PLACEHOLDER"  # what the shipped job specs put where a path of yours must go
-
-
-def placeholders(tree, prefix: str = "") -> list[str]:
-    """Dotted keys whose value still holds ``PLACEHOLDER`` (a shipped spec not yet pointed at your data)."""
-    if isinstance(tree, dict):
-        return [k for key, value in tree.items() for k in placeholders(value, f"{prefix}{key}.")]
-    if isinstance(tree, (list, tuple)):
-        return [k for i, value in enumerate(tree) for k in placeholders(value, f"{prefix}{i}.")]
-    return [prefix.rstrip(".")] if isinstance(tree, str) and PLACEHOLDER in tree else []
-
-
 def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) -> int:
-    from scope_ray.config import load_config
+    from scope_ray.config import load_config, placeholders
     from scope_ray.stages.cds import run_cds
     from scope_ray.stages.cluster import connect
     from scope_ray.stages.eval_sae import run_eval_sae
@@ -156,7 +144,7 @@ def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) ->
     from scope_ray.storage import ResultsRoot
 
     job = load_config(job_path, overrides)  # every config error surfaces here, before Ray starts
-    left = placeholders(job.model_dump(mode="json"))
+    left = placeholders(job)
     if left:
         raise ValueError(f"{job_path} still has PLACEHOLDER values at {', '.join(left)}: point them at your data and "
                          "results root (edit the spec or --set KEY=VALUE)")
@@ -218,13 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             return _run_stages(args.job, args.overrides, (args.name,))
         if args.command == "check":
-            from scope_ray.config import load_config
+            from scope_ray.config import load_config, placeholders
             import yaml
 
             job = load_config(args.job, args.overrides)
-            resolved = job.model_dump(mode="json")
-            print(yaml.safe_dump(resolved, sort_keys=False))
-            left = placeholders(resolved)
+            print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+            left = placeholders(job)
             if left:
                 print(f"scope-ray: valid, but not runnable yet: PLACEHOLDER at {', '.join(left)}", file=sys.stderr)
                 return 1

@@ -427,6 +427,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+PLACEHOLDER = "PLACEHOLDER"  # what the shipped job specs put where a path of yours must go
+
+
+def placeholders(job: "JobConfig") -> list[str]:
+    """Dotted keys whose value still holds ``PLACEHOLDER``: a shipped spec not yet pointed at your
+    data and results root. Valid as a config, but nothing can run on it."""
+    def walk(tree, prefix: str) -> list[str]:
+        if isinstance(tree, dict):
+            return [k for key, value in tree.items() for k in walk(value, f"{prefix}{key}.")]
+        if isinstance(tree, (list, tuple)):
+            return [k for i, value in enumerate(tree) for k in walk(value, f"{prefix}{i}.")]
+        return [prefix.rstrip(".")] if isinstance(tree, str) and PLACEHOLDER in tree else []
+
+    return walk(job.model_dump(mode="json"), "")
+
+
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a job from a YAML path (or a dict, or None for all defaults) plus ``key=value`` overrides."""
     if source is None:

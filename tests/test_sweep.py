@@ -728,3 +728,16 @@ def test_concurrent_writers_of_one_file_do_not_collide(tmp_path):
     assert not errors
     assert (tmp_path / "m/logs/sweep-state.json").read_text() in ("a149", "b149")
     assert [p.name for p in (tmp_path / "m/logs").iterdir()] == ["sweep-state.json"]  # no temporary file left
+
+
+def test_a_shipped_sweep_with_placeholders_is_refused_before_anything_runs(tmp_path, capsys):
+    from scope_ray.cli import main
+
+    shipped = Path(__file__).resolve().parents[1] / "jobs" / "sweeps" / "clip.yaml"
+    # Only the results root pointed somewhere real: the job specs' data paths are still PLACEHOLDER.
+    code = main(["sweep", str(shipped), "--dry-run", "--address", "http://127.0.0.1:1",
+                 "--set", f"storage.root={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "PLACEHOLDER values left" in err and "clip-vit-l14-336: " in err
+    assert "data.imagenet.train.path" in err and "storage.root" not in err and "nothing submitted" in err
+    assert not (tmp_path / "r").exists()

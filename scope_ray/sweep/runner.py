@@ -20,10 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
+from scope_ray.config import placeholders
 from scope_ray.storage import ResultsRoot
 from scope_ray.sweep.plan import (LOGS_DIR, Decision, completed_state, decide, manifest_hashes, read_state,
                                   stage_dirs, write_state, write_text)
-from scope_ray.sweep.spec import Sweep, SweepJob, load_sweep
+from scope_ray.sweep.spec import Sweep, SweepJob, SweepSpecError, load_sweep
 from scope_ray.sweep.table import Row, render
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # Ray's final job statuses
@@ -489,6 +490,12 @@ def run_sweep(sweep_path: str, *, address: str | None = None, max_concurrent: in
     out = out or sys.stdout
     started = _now()
     sweep = load_sweep(sweep_path, address=address, max_concurrent=max_concurrent, overrides=overrides)
+    # The shipped specs carry PLACEHOLDER paths: each job would fail at once on the cluster.
+    left = {job.model: placeholders(job.config) for job in sweep.jobs}
+    if any(left.values()):
+        lines = "; ".join(f"{model}: {', '.join(keys)}" for model, keys in left.items() if keys)
+        raise SweepSpecError(f"{sweep.path}: PLACEHOLDER values left ({lines}); point them at your data and results "
+                             "root (edit the job specs, the sweep's overrides, or --set KEY=VALUE); nothing submitted")
     models = _plan(sweep, dry_run)
     if dry_run:
         return _dry_run(sweep, models, out)
