@@ -443,6 +443,21 @@ def placeholders(job: "JobConfig") -> list[str]:
     return walk(job.model_dump(mode="json"), "")
 
 
+def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> dict:
+    """The mapping a YAML file holds (empty file = {}); ``error`` naming the file when it is
+    missing, not YAML, or not a mapping. ``what`` says which kind of file ("job", "sweep")."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a job from a YAML path (or a dict, or None for all defaults) plus ``key=value`` overrides."""
     if source is None:
@@ -450,13 +465,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     elif isinstance(source, dict):
         raw = source
     else:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"job file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"job file {str(path)!r} is not valid YAML: {exc}") from None
+        raw = read_yaml_mapping(source, "job")
     if not isinstance(raw, dict):
         raise ConfigError("a job config must be a mapping of sections (model, data, sae, ...)")
     raw = apply_overrides(raw, list(overrides))

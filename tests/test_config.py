@@ -111,3 +111,17 @@ def test_every_job_spec_in_jobs_validates_and_carries_the_papers_probe_protocol(
         for task, (epochs, batch) in {"classification": (100, 1024), "segmentation": (100, 64), "depth": (100, 8)}.items():
             cfg = getattr(job.probes, task)
             assert (cfg.epochs, cfg.batch_size, cfg.trials) == (epochs, batch, 5), (path.name, task)
+
+
+def test_job_and_sweep_files_that_are_missing_not_yaml_or_not_a_mapping_are_named(tmp_path):
+    from scope_ray.config import ConfigError, load_config
+    from scope_ray.sweep import SweepSpecError, load_sweep
+
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    for path, message in ((tmp_path / "none.yaml", "does not exist"), (tmp_path / "bad.yaml", "is not valid YAML"),
+                          (tmp_path / "list.yaml", "must hold a mapping of keys, not list")):
+        with pytest.raises(ConfigError, match=f"job file .*{path.name}.*{message}"):
+            load_config(path)
+        with pytest.raises(SweepSpecError, match=f"sweep file .*{path.name}.*{message}"):
+            load_sweep(path)

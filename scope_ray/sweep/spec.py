@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scope_ray.cli import STAGES
-from scope_ray.config import ConfigError, JobConfig, load_config, parse_override
+from scope_ray.config import ConfigError, JobConfig, load_config, parse_override, read_yaml_mapping
 
 
 class SweepSpecError(ConfigError):
@@ -189,14 +189,7 @@ def load_sweep(path: str | Path, *, address: str | None = None, max_concurrent: 
                overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Load and validate a sweep and every job spec it names (with all overrides applied)."""
     path = Path(path).absolute()
-    if not path.exists():
-        raise SweepSpecError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepSpecError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SweepSpecError(f"{path}: a sweep spec must be a mapping (name, jobs, overrides, ...)")
+    raw = read_yaml_mapping(path, "sweep", SweepSpecError)
     if max_concurrent is not None:
         raw["max_concurrent"] = max_concurrent
     try:
