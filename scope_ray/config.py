@@ -66,8 +66,8 @@ class ModelConfig(_Section):
 class SourceConfig(_Section):
     """One split of one dataset."""
 
-    format: Literal["folder", "parquet", "webdataset"] = Field(description="storage layout, see docs/data.md")
-    path: str = Field(description="local path or s3:// URI of the split")
+    format: Literal["folder", "parquet", "webdataset", "manifest"] = Field(description="storage layout, see docs/data.md")
+    path: str = Field(description="local path or s3:// URI of the split (for `manifest`: of the CSV file)")
     split: str | None = Field(None, description="ADE20K folder layout only: sub-folder under images/ and annotations/")
     max_images: int | None = Field(None, ge=1, description="read at most this many images (in source order)")
 

@@ -13,6 +13,7 @@ become a recorded reject, not vanish. Nothing is materialised either: the driver
 
 from __future__ import annotations
 
+import collections
 import functools
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scope_ray.config import SourceConfig
-from scope_ray.storage import arrow_filesystem, fsspec_filesystem, join_uri
+from scope_ray.storage import arrow_filesystem, fsspec_filesystem, join_uri, split_uri
 
 DatasetName = Literal["imagenet", "ade20k", "nyud"]
 TARGET_COLUMN: dict[str, str] = {"imagenet": "label", "ade20k": "mask", "nyud": "depth"}
@@ -31,6 +32,7 @@ CLASSES_FILE = "classes.txt"
 WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 WDS_TARGET_SUFFIX = {"imagenet": "cls", "ade20k": "seg.png", "nyud": "depth.png"}
 _ANNOTATION_READ_THREADS = 16  # paired-file reads are latency-bound on object stores
+_MANIFEST_BLOCK_ROWS = 256  # rows of a manifest per Ray block (one read task each)
 
 
 def output_schema(dataset: DatasetName) -> pa.Schema:
@@ -65,6 +67,8 @@ def read_source(
         ds = _read_parquet(source, dataset, endpoint_url, num_cpus)
     elif source.format == "webdataset":
         ds = _read_webdataset(source, dataset, endpoint_url, num_cpus)
+    elif source.format == "manifest":
+        ds = _read_manifest(source, dataset, endpoint_url, num_cpus)
     else:  # pragma: no cover - SourceConfig's Literal makes this unreachable
         raise ValueError(f"unknown source format {source.format!r}")
     if ordered:
@@ -196,8 +200,10 @@ def _read_parquet(source: SourceConfig, dataset: str, endpoint_url: str | None, 
     import ray.data
 
     fs, path = arrow_filesystem(source.path, endpoint_url)
-    # One footer read on the driver (the first file's schema) for an early, clear error.
-    names = pads.dataset(path, filesystem=fs, format="parquet").schema.names
+    # Every shard's footer is read on the driver, before any Ray work: a truncated or foreign
+    # file would otherwise fail one read task deep into the stage, after the shards before it
+    # were processed. The first footer also gives the schema for the column check.
+    names = _checked_parquet_schema(source.path, path, fs).names
     target = TARGET_COLUMN[dataset]
     missing = [c for c in ("key", "image") if c not in names]
     if missing:
@@ -210,6 +216,130 @@ def _read_parquet(source: SourceConfig, dataset: str, endpoint_url: str | None, 
     ds = ray.data.read_parquet(path, filesystem=fs, **_remote(num_cpus)).select_columns(columns)
     return ds.map_batches(_parquet_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **_remote(num_cpus),
                           fn_kwargs=dict(dataset=dataset))
+
+
+def _checked_parquet_schema(uri: str, path: str, fs) -> pa.Schema:
+    """The schema of the first shard under ``path``, after checking every shard's footer."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        # The files Ray's read_parquet reads: *.parquet, skipping names that start with "." or "_".
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                       and not any(p.startswith((".", "_")) for p in i.path[len(path):].split("/") if p))
+    else:
+        files = [path]
+    if not files:
+        raise ValueError(f"parquet source {uri!r} holds no .parquet files")
+
+    def footer(f: str) -> str | Exception:
+        try:
+            with fs.open_input_file(f) as fh:
+                return pq.ParquetFile(fh).schema_arrow
+        except Exception as exc:  # noqa: BLE001 - any unreadable footer is reported by name below
+            return exc
+
+    with ThreadPoolExecutor(min(_ANNOTATION_READ_THREADS, len(files))) as pool:
+        footers = list(pool.map(footer, files))
+    bad = [(f, r) for f, r in zip(files, footers) if isinstance(r, Exception)]
+    if bad:
+        listed = "; ".join(f"{posixpath.basename(f)}: {type(e).__name__}: {str(e).splitlines()[0]}" for f, e in bad[:5])
+        raise ValueError(
+            f"parquet source {uri!r}: {len(bad)} of {len(files)} shard(s) cannot be read (truncated or not Parquet), "
+            f"nothing was processed: {listed}{' ...' if len(bad) > 5 else ''}. Re-write or remove them"
+        )
+    return footers[0]
+
+
+# ---------------------------------------------------------------------------------- manifest
+def _outside_root(rel: str) -> bool:
+    """True when a manifest path would leave the dataset root (or is not a plain relative path)."""
+    if not rel or rel.startswith(("/", "\\")) or "://" in rel or "\\" in rel:
+        return True
+    norm = posixpath.normpath(rel)
+    return norm == ".." or norm.startswith("../") or norm == "."
+
+
+def read_manifest(source: SourceConfig, dataset: str, endpoint_url: str | None = None) -> tuple[pa.Table, str]:
+    """Load and validate a manifest CSV on the driver: ``(rows, dataset root URI)``.
+
+    Columns: ``path`` (required: image file relative to the manifest's directory), and the
+    target: ``label`` (ImageNet, integer, empty = -1) or ``mask`` / ``depth`` (annotation file,
+    relative like ``path``; empty = missing). Any path that is absolute, carries a scheme, or
+    climbs out of the root with ``..`` fails the whole source before any work: a manifest is a
+    definition of the dataset, and one that points elsewhere is wrong or hostile, not data.
+    """
+    import io
+
+    import pyarrow.csv as pacsv
+
+    fs, mpath = fsspec_filesystem(source.path, endpoint_url)
+    try:
+        raw = fs.cat_file(mpath)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest {source.path!r} does not exist") from None
+    target = TARGET_COLUMN[dataset]
+    types = {"path": pa.string(), target: pa.int64() if dataset == "imagenet" else pa.string()}
+    try:
+        table = pacsv.read_csv(io.BytesIO(raw), convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(f"manifest {source.path!r} is not a readable CSV: {exc}") from None
+    if "path" not in table.column_names:
+        raise ValueError(f"manifest {source.path!r} lacks a `path` column; it has: {', '.join(table.column_names)}")
+    checked = ["path"] + ([target] if dataset != "imagenet" and target in table.column_names else [])
+    escapes = []
+    for col in checked:
+        for line, rel in enumerate(table.column(col).to_pylist(), start=2):  # line 1 is the header
+            if rel is None and col == "path":
+                escapes.append(f"line {line}: empty path")
+            elif rel is not None and _outside_root(rel):
+                escapes.append(f"line {line}: {col} {rel!r}")
+    if escapes:
+        raise ValueError(
+            f"manifest {source.path!r}: {len(escapes)} entr{'y' if len(escapes) == 1 else 'ies'} outside the dataset "
+            f"root (paths must be relative to the manifest's directory and stay inside it), nothing was read: "
+            + "; ".join(escapes[:5]) + (" ..." if len(escapes) > 5 else "")
+        )
+    ids = [posixpath.normpath(p) for p in table.column("path").to_pylist()]
+    counts = collections.Counter(ids)
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    if twice:
+        raise ValueError(f"manifest {source.path!r} lists {len(twice)} image(s) more than once (each would be counted "
+                         f"more than once), nothing was read: {', '.join(twice[:5])}")
+    if target in table.column_names:
+        tcol = table.column(target)
+        tcol = pc.fill_null(tcol, -1) if dataset == "imagenet" else tcol
+    else:
+        tcol = pa.array([-1] * len(ids), pa.int64()) if dataset == "imagenet" else pa.nulls(len(ids), pa.string())
+    scheme, path = split_uri(source.path)
+    root = posixpath.dirname(path)
+    return pa.table({"image_id": pa.array(ids, pa.string()), "target": tcol}), f"s3://{root}" if scheme == "s3" else root
+
+
+def _manifest_batch(batch: pa.Table, *, dataset: str, root: str, endpoint_url: str | None) -> pa.Table:
+    fs, froot = _cached_fs(root, endpoint_url)
+    ids = batch.column("image_id").to_pylist()
+    with ThreadPoolExecutor(min(_ANNOTATION_READ_THREADS, max(len(ids), 1))) as pool:
+        # A listed file that is missing becomes a null image: a recorded reject, not an error.
+        images = list(pool.map(functools.partial(_read_or_none, fs), [posixpath.join(froot, i) for i in ids]))
+        if dataset == "imagenet":
+            target: Any = batch.column("target")
+        else:
+            rels = batch.column("target").to_pylist()
+            target = list(pool.map(lambda r: None if r is None else _read_or_none(fs, posixpath.join(froot, r)), rels))
+    return _table(dataset, ids, images, target)
+
+
+def _read_manifest(source: SourceConfig, dataset: str, endpoint_url: str | None, num_cpus: float | None):
+    import ray.data
+
+    rows, root = read_manifest(source, dataset, endpoint_url)
+    # Many small blocks, so that reading the files spreads over tasks as the rows stream.
+    blocks = [rows.slice(i, _MANIFEST_BLOCK_ROWS) for i in range(0, rows.num_rows, _MANIFEST_BLOCK_ROWS)] or [rows]
+    ds = ray.data.from_arrow(blocks)
+    return ds.map_batches(_manifest_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          **_remote(num_cpus), fn_kwargs=dict(dataset=dataset, root=root, endpoint_url=endpoint_url))
 
 
 # -------------------------------------------------------------------------------- webdataset

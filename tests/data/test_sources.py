@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -191,3 +192,84 @@ def test_s3_matches_local(ray_local, _moto, local):
             assert got == want, (dataset, fmt)
     limited = _rows(remote["ade20k"]["folder"]["val"], "ade20k", endpoint_url=endpoint, max_images=2)
     assert [r["image_id"] for r in limited] == ["val_000000.jpg", "val_000001.jpg"]
+
+
+# ---------------------------------------------------------------------------------- manifest
+def _write_manifest(path: Path, header: str, lines: list[str]) -> str:
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return str(path)
+
+
+def test_manifest_reads_what_the_folder_source_reads_and_a_missing_file_is_a_null_image(ray_local, local):
+    folder = local["imagenet"]["folder"]["train"]
+    by_folder = {r["image_id"]: r for r in _rows(folder, "imagenet")}
+    # The manifest sits beside the split directory and lists the same files with the folder's labels.
+    split_dir = Path(folder["path"])
+    lines = [f"{split_dir.name}/{i},{r['label']}" for i, r in sorted(by_folder.items())]
+    lines.append(f"{split_dir.name}/gone.JPEG,")  # listed, not on storage; empty label
+    manifest = _write_manifest(split_dir.parent / "train.csv", "path,label", lines)
+    rows = {r["image_id"]: r for r in _rows({"format": "manifest", "path": manifest}, "imagenet")}
+    assert rows.pop(f"{split_dir.name}/gone.JPEG") == {"image_id": f"{split_dir.name}/gone.JPEG", "image": None,
+                                                       "label": -1}
+    assert {i.split("/", 1)[1]: (r["image"], r["label"]) for i, r in rows.items()} == \
+        {i: (r["image"], r["label"]) for i, r in by_folder.items()}
+
+
+def test_manifest_annotations_are_paired_by_their_own_path(ray_local, local):
+    ade = Path(local["ade20k"]["folder"]["train"]["path"])  # images/training, annotations/training below it
+    lines = ["images/training/train_000000.jpg,annotations/training/train_000000.png",
+             "images/training/train_000001.jpg,"]
+    manifest = _write_manifest(ade / "m.csv", "path,mask", lines)
+    rows = {r["image_id"]: r for r in _rows({"format": "manifest", "path": manifest}, "ade20k")}
+    assert rows["images/training/train_000000.jpg"]["mask"] == \
+        (ade / "annotations/training/train_000000.png").read_bytes()
+    assert rows["images/training/train_000001.jpg"]["mask"] is None
+
+
+@pytest.mark.parametrize("header, line, dataset", [
+    ("path,label", "../outside.jpg,1", "imagenet"),
+    ("path,label", "a/../../outside.jpg,1", "imagenet"),
+    ("path,label", "/etc/hostname,1", "imagenet"),
+    ("path,label", "s3://another-bucket/x.jpg,1", "imagenet"),
+    ("path,label", "..,1", "imagenet"),
+    ("path,mask", "a.jpg,../../masks/a.png", "ade20k"),
+])
+def test_a_manifest_entry_outside_the_dataset_root_fails_before_any_work(tmp_path, header, line, dataset):
+    manifest = _write_manifest(tmp_path / "m.csv", header, ["fine/a.jpg," + ("1" if dataset == "imagenet" else ""),
+                                                             line])
+    # read_source raises while building the dataset, before a single Ray task exists.
+    with pytest.raises(ValueError, match=r"1 entry outside the dataset root .* nothing was read: line 3"):
+        read_source(SourceConfig(format="manifest", path=manifest), dataset)
+
+
+def test_manifest_duplicates_missing_columns_and_bad_csv_are_named(tmp_path):
+    cases = [
+        ("path,label", ["a.jpg,1", "./a.jpg,2"], "lists 1 image.* more than once .*: a.jpg"),
+        ("file,label", ["a.jpg,1"], "lacks a `path` column; it has: file, label"),
+        ("path,label", ["a.jpg,one"], "is not a readable CSV"),
+        ("path,label", ["a.jpg,1", ",2"], "line 3: empty path"),
+    ]
+    for header, lines, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_source(SourceConfig(format="manifest", path=_write_manifest(tmp_path / "m.csv", header, lines)),
+                        "imagenet")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_source(SourceConfig(format="manifest", path=str(tmp_path / "absent.csv")), "imagenet")
+
+
+def test_the_outside_root_rule_is_lexical():
+    from scope_ray.data.sources import _outside_root
+
+    # ".." that stays inside is fine; symlinks are followed (shared-storage farms of links are common).
+    assert not _outside_root("a/b/../c.jpg") and _outside_root("a/../../c.jpg") and _outside_root("C:\\x.jpg")
+
+
+# ------------------------------------------------------------------------------ parquet shards
+@pytest.mark.parametrize("damage", ["truncated", "not parquet"])
+def test_a_damaged_parquet_shard_fails_before_any_work_naming_it(tmp_path, damage):
+    for i in range(3):
+        pq.write_table(pa.table({"key": [f"k{i}"], "image": [b"x"]}), tmp_path / f"part-{i:05d}.parquet")
+    bad = tmp_path / "part-00001.parquet"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2] if damage == "truncated" else b"<html>oops</html>")
+    with pytest.raises(ValueError, match=r"1 of 3 shard\(s\) cannot be read .* nothing was processed: part-00001.parquet"):
+        read_source(SourceConfig(format="parquet", path=str(tmp_path)), "imagenet")
