@@ -50,6 +50,20 @@ def test_rewriting_a_part_overwrites(root):
     assert stage.read_table("t").num_rows == 1
 
 
+def test_a_part_cut_off_mid_write_is_never_listed(tmp_path):
+    """Locally a part is written as ``<name>.parquet.tmp`` then renamed: a crash mid-write leaves at
+    most a half ``.tmp`` file, which neither the commit nor the stage's own verification reads."""
+    root = ResultsRoot(str(tmp_path))
+    stage = root.stage("m", "s")
+    whole = stage.write_part("t", "a", pa.table({"x": [1, 2]}))
+    with open(whole, "rb") as f:
+        half = f.read()[:40]
+    (tmp_path / "m" / "s" / "t" / "b.parquet.tmp").write_bytes(half)  # what a killed writer leaves
+    assert stage.written_table("t", pa.schema([("x", pa.int64())])).column("x").to_pylist() == [1, 2]
+    assert stage.commit("h", {}, {"t": 2})["tables"]["t"] == ["a.parquet"]
+    assert stage.read_table("t").num_rows == 2
+
+
 def test_reset_removes_everything(root):
     stage = root.stage("m", "s")
     stage.write_part("t", "a", pa.table({"x": [1]}))
