@@ -18,6 +18,7 @@ import posixpath
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -54,9 +55,57 @@ def fsspec_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec
         client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
         # skip_instance_cache: tests start and stop S3 servers; a cached client would point at a dead one.
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True,
-                               config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"}})
+                               config_kwargs={"retries": s3_retry_config()})
         return fs, path
     return fsspec.filesystem("file"), path
+
+
+def s3_retry_config() -> dict[str, Any]:
+    """botocore's retry policy for every S3 request: ``standard`` mode, 5 attempts, unless the
+    standard AWS variables ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` say otherwise.
+
+    Every request (a part file's PUT, the manifest's PUT, a listing) is retried on its own by
+    botocore after a refused, reset or cut connection, with jittered exponential backoff: an
+    endpoint that is back within a few seconds costs nothing. The project adds no retry loop of
+    its own on top, which would multiply the time a dead endpoint takes to be reported (about
+    10 s per request here with 5 attempts; s3fs's own connect/read timeouts, 5 s / 15 s, bound a
+    silent one). botocore ignores the variables once a config is passed, hence read here."""
+    return {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)}
+
+
+class StorageUnreachable(ConnectionError):
+    """The results root's store could not be reached or stopped answering, after the client's
+    retries. Nothing the failed call was writing became visible (docs/storage.md, "When the
+    store fails")."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the network or the endpoint failed", as opposed to an answer from the
+    store (access denied, no such bucket), which keep their own, already clear, types."""
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:
+        import botocore.exceptions as bx
+
+        errors += (bx.ConnectionError, bx.HTTPClientError)
+    except ImportError:  # no s3fs installed: local roots only
+        pass
+    return errors
+
+
+@contextmanager
+def _unreachable_names(root: "ResultsRoot", what: str):
+    """Re-raise a transport failure as ``StorageUnreachable`` naming the root and the operation
+    (botocore's own message names only a request URL, and the CLI prints ConnectionErrors as one
+    clear line)."""
+    try:
+        yield
+    except StorageUnreachable:
+        raise
+    except _transport_errors() as exc:
+        raise StorageUnreachable(
+            f"results root {root.uri}: {what} failed, the store did not answer after retries "
+            f"({type(exc).__name__}: {exc})") from exc
 
 
 def arrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -110,10 +159,14 @@ class StageDir:
 
     # --- manifest -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any] | None:
+        """The committed manifest, or None. A store that cannot be reached raises
+        ``StorageUnreachable``: it must never read as "not complete", which would redo (and first
+        delete) a stage that is complete."""
         mpath = posixpath.join(self.path, MANIFEST)
         try:
-            with self.root.fs.open(mpath, "rb") as f:
-                return json.loads(f.read())
+            with _unreachable_names(self.root, f"reading {self.model}/{self.stage}/{MANIFEST}"):
+                with self.root.fs.open(mpath, "rb") as f:
+                    return json.loads(f.read())
         except FileNotFoundError:
             return None
         except (ValueError, UnicodeDecodeError):
@@ -134,7 +187,14 @@ class StageDir:
             self.root.fs.rm(self.path, recursive=True)
 
     def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None) -> dict:
-        """Write the manifest, last: listing every part file of every table makes the stage readable."""
+        """Write the manifest, last: listing every part file of every table makes the stage readable.
+        If the store fails part-way, this raises ``StorageUnreachable`` and no manifest exists
+        (the PUT is all or nothing): the stage stays incomplete and is redone on the next run."""
+        with _unreachable_names(self.root, f"committing {self.model}/{self.stage}"):
+            return self._commit(config_hash, inputs, rows, extra)
+
+    def _commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int],
+                extra: dict[str, Any] | None) -> dict:
         tables: dict[str, list[str]] = {}
         for table in rows:
             tdir = self.table_path(table)
@@ -173,7 +233,8 @@ class StageDir:
         tdir = self.table_path(table)
         self.root.ensure_dir(tdir)
         fpath = posixpath.join(tdir, f"{part_name}.parquet")
-        write_parquet(data, fpath, self.root)
+        with _unreachable_names(self.root, f"writing {self.model}/{self.stage}/{table}/{part_name}.parquet"):
+            write_parquet(data, fpath, self.root)
         return fpath
 
     def write_figure(self, local_path: str | Path) -> str:
@@ -224,7 +285,10 @@ def write_parquet(data: pa.Table, path: str, root: "ResultsRoot") -> None:
         pq.write_table(data, tmp, filesystem=root.arrow_fs)
         os.replace(tmp, path)
     else:
-        # S3 objects appear only when the upload completes.
+        # S3 objects appear only when the upload completes (the one PUT at close, or the
+        # CompleteMultipartUpload of a file past s3fs's 50 MiB block): a cut connection leaves
+        # no object, or the old one, never a truncated one. s3fs marks the file flushed before
+        # uploading, so a failed upload is not retried later by the file's finaliser either.
         pq.write_table(data, path, filesystem=root.arrow_fs)
 
 
