@@ -63,8 +63,8 @@ def _quiet(*_):
 
 def test_train_then_eval_on_s3_equals_direct_metrics_and_stores_no_credentials(ray_local, s3_bucket, capfd):
     """Train and eval through an s3:// root (moto on loopback): the streamed, merged metrics equal
-    a direct pass; checkpoints are on S3; the test secret is in no stored object and no log."""
-    from tests.conftest import TEST_AWS_SECRET
+    a direct pass; checkpoints are on S3; the test credentials are in no stored object and no log."""
+    from tests.secrets_scan import find_credentials, root_objects, scan_root
 
     bucket, endpoint = s3_bucket
     root = ResultsRoot(f"{bucket}/results", endpoint_url=endpoint)
@@ -94,12 +94,11 @@ def test_train_then_eval_on_s3_equals_direct_metrics_and_stores_no_credentials(r
     assert ev["fvu_all"] < 0.8, ev  # 32 steps: better than the mean, not converged
     # Both stages are skipped on a re-run.
     assert run_train_sae(job, root, log=_quiet).skipped and run_eval_sae(job, root, log=_quiet).skipped
-    objects = root.fs.find(root.path)
+    objects = root_objects(root)
     assert any(o.endswith("sae.safetensors") for o in objects) and any("checkpoint_" in o for o in objects)
-    for obj in objects:
-        assert TEST_AWS_SECRET.encode() not in root.fs.cat_file(obj), obj
+    assert scan_root(root) == []
     out, err = capfd.readouterr()
-    assert TEST_AWS_SECRET not in out + err
+    assert find_credentials([("captured stdout/stderr", (out + err).encode())]) == []
 
 
 def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path):
