@@ -196,6 +196,9 @@ class ProbesConfig(_Section):
     worker_cpus: float | None = Field(
         None, gt=0, description="CPUs of each trial's Train worker; null = ray.cpus_per_actor. A probe trial is "
         "mostly start-up latency, so a fraction lets several trials share a small node")
+    checkpoint_every: int = Field(
+        5, ge=1, description="epochs between a probe trial's checkpoints (each also after the last epoch); a Train "
+        "worker that dies is restarted from the newest one. Results do not depend on it")
 
 
 # ------------------------------------------------------------------------------- zeroshot

@@ -20,12 +20,21 @@ forwards its per-epoch reports to Tune with ``TuneReportCallback``; the worker r
 driver; every trial's worker reads the same copy (``docs/probe_search.md`` has the scaling picture
 and the measured costs).
 
-Resuming. A finished trial is recorded by the driver as its own part file of ``trials``, the moment
-Tune reports it complete; a re-run with the same config runs only the trials that have no part file
-(an interrupted or failed trial starts over: a probe trial is short and keeps no checkpoint). This
-was chosen over ``Tuner.restore``: it does not depend on when Tune last snapshotted its experiment
-state, survives a code change between attempts, and a trial is the natural unit here. The manifest
-is committed last; a complete stage with the same config is skipped.
+Resuming, at two levels.
+- Inside a trial: the Train worker reports a checkpoint (``FitState``: head, SGD momentum, LR
+  schedule position, epoch, val curve, shuffling state; safetensors + JSON) every
+  ``probes.checkpoint_every`` epochs and after the last, and resumes from
+  ``ray.train.get_checkpoint()`` when Train hands it one. A worker that dies (process killed, node
+  lost) is restarted by Train once (``WORKER_RESTARTS``; node preemptions are counted apart, without
+  limit) from the last checkpoint, and the trial ends with exactly the metrics of an uninterrupted
+  one; ``resumed_from_epoch`` in ``trials`` says where it picked up.
+- Across attempts: a finished trial is recorded by the driver as its own part file of ``trials``,
+  the moment Tune reports it complete; a re-run with the same config runs only the trials that have
+  no part file (one that was running when the search stopped starts over: its Train run belonged to
+  that attempt). This was chosen over ``Tuner.restore``: it does not depend on when Tune last
+  snapshotted its experiment state, survives a code change between attempts, and a trial is the
+  natural unit here. The manifest is committed last; a complete stage with the same config is
+  skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import json
 import math
 import os
 import posixpath
+import signal
 import tempfile
 import time
 import zlib
@@ -48,7 +58,7 @@ import pyarrow.parquet as pq
 import torch
 
 from scope_ray.config import JobConfig
-from scope_ray.probes.train import METRICS, ProbeSpec, fit_probe
+from scope_ray.probes.train import METRICS, FitState, ProbeSpec, fit_probe
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.stages.probe_cache import (
     FEATURES_STAGE,
@@ -68,6 +78,10 @@ STAGE = "probe"
 # CPU share is what lets a trial and its worker fit beside each other on a small node.
 TRIAL_CPUS = 0.25
 TUNE_DIR, TRAIN_DIR, ATTEMPT = "_ray_tune", "_ray_train", "_attempt.json"
+# How often Train restarts a trial's dead worker from its last checkpoint before the trial fails.
+# Once covers a lost process or node; an error in the loop itself (bad data, a bug) fails again
+# the same way, so more restarts would only repeat it. Preemptions are counted apart (no limit).
+WORKER_RESTARTS = 1
 # Share of the cluster's object store one search's features may take: (task, variant) pairs are
 # searched together while they fit in it, in consecutive searches beyond that (ImageNet- /
 # ADE20K-size features are several GB per pair; docs/probe_search.md).
@@ -81,6 +95,8 @@ TRIALS_SCHEMA = pa.schema([
     ("train_loss", pa.float64()), ("n_train", pa.int64()), ("n_val", pa.int64()), ("device", pa.string()),
     # The Ray node the trial's Train worker ran on.
     ("node_id", pa.string()),
+    # The epoch whose checkpoint the trial's worker resumed from after a restart; 0 = never restarted.
+    ("resumed_from_epoch", pa.int32()),
     # Seconds: Tune actor start; Train start-up + teardown (controller, worker group, torch
     # process group); fetching features and building the head; the epochs (training + val).
     ("seconds_actor", pa.float64()), ("seconds_startup", pa.float64()), ("seconds_load", pa.float64()),
@@ -94,6 +110,19 @@ BEST_SCHEMA = pa.schema([
 
 class InjectedFault(RuntimeError):
     """Raised inside a trial's worker by tests (``_inject_fault``) to interrupt a search."""
+
+
+@dataclass(frozen=True)
+class WorkerKill:
+    """Test-only (``run_probes(_kill_worker=...)``): the Train worker of trial ``trial`` of
+    ``task``/``variant`` SIGKILLs its own process once, right after reporting epoch ``after_epoch``;
+    ``marker`` (a path on the worker's node) records that it did, so the restarted worker goes on."""
+
+    task: str
+    variant: str
+    trial: int
+    after_epoch: int
+    marker: str
 
 
 # ============================================================================ pure helpers
@@ -125,6 +154,11 @@ def max_concurrent_trials(free: Mapping[str, float], worker_cpus: float, worker_
     return n
 
 
+def trial_seed(job_seed: int, trial: int) -> int:
+    """The seed of trial ``trial``'s probe (head init and shuffling)."""
+    return job_seed * 1_000_003 + trial
+
+
 def best_rows(trials: list[dict]) -> list[dict]:
     """The best-on-val trial per (task, variant); diverged (NaN) trials never win; ties: lowest index."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -145,7 +179,9 @@ def best_rows(trials: list[dict]) -> list[dict]:
 # ============================================================================ worker side
 def probe_loop(cfg: dict) -> None:
     """Runs on the Train worker: ``fit_probe`` on the features the driver put in the object store,
-    the val metric reported to Ray Train (and through it to Tune) after every epoch."""
+    the val metric reported to Ray Train (and through it to Tune) after every epoch, with a
+    checkpoint every ``checkpoint_every`` epochs and after the last; carries on from the
+    checkpoint Train hands a restarted worker."""
     import ray
     import ray.train
     from ray.train.torch import get_device
@@ -159,30 +195,42 @@ def probe_loop(cfg: dict) -> None:
     if cfg.get("inject_fault"):
         raise InjectedFault(f"injected fault in {cfg['task']}/{cfg['variant']} trial {cfg['trial']}")
     spec = ProbeSpec(**{k: cfg[k] for k in PROBE_SPEC_FIELDS})
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = FitState.load(d)
+    resumed_from = resume.epoch if resume is not None else 0
     node_id = this_node()["node_id"]
     seconds_load = time.perf_counter() - t0
+    kill = cfg.get("kill_worker")
 
-    def report(epoch: int, metrics: dict, head: torch.nn.Module, last: bool) -> None:
-        metrics = {**metrics, "seconds_load": seconds_load, "device": str(device), "node_id": node_id}
-        if not last:
+    def report(epoch: int, metrics: dict, head: torch.nn.Module, last: bool, state: FitState | None) -> None:
+        metrics = {**metrics, "seconds_load": seconds_load, "device": str(device), "node_id": node_id,
+                   "resumed_from_epoch": resumed_from}
+        if state is None:
             ray.train.report(metrics)
-            return
-        # Train V2 hands the driver only metrics that come with a checkpoint: the last report
-        # carries one (the head's weights, safetensors), which is also where the probe can be reloaded.
-        import safetensors.torch
+        else:
+            # The last report must carry one too: Train V2 hands the driver only metrics that come
+            # with a checkpoint. Its head.safetensors is where the final probe can be reloaded.
+            with tempfile.TemporaryDirectory() as tmp:
+                state.save(tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if kill and epoch == kill["after_epoch"] and not os.path.exists(kill["marker"]):
+            with open(kill["marker"], "w") as f:
+                f.write(f"killed after epoch {epoch}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        with tempfile.TemporaryDirectory() as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-            safetensors.torch.save_file(state, os.path.join(tmp, "head.safetensors"))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    fit_probe(spec, train, val, device=device, on_epoch=report)
+    fit_probe(spec, train, val, device=device, on_epoch=report, checkpoint_every=cfg["checkpoint_every"],
+              resume=resume)
 
 
 PROBE_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ProbeSpec))
-# A probe trial trains for seconds and keeps no checkpoint worth resuming, so Train V2's per-run
-# extras are pure start-up cost here: the controller's worker-group poll (2 s by default) and the
-# preemption-watcher actor. Measured on the CI machine: bench/README.md. A user's own setting wins.
+# Train V2's per-run extras are start-up cost for a trial that trains for seconds: the
+# controller's worker-group poll (2 s by default) and the preemption-watcher actor. The watcher
+# only tells the loop ahead of time that a node is draining, for a just-in-time checkpoint; this
+# loop checkpoints on a schedule instead, and a preempted worker is still restarted from the last
+# checkpoint without it. Measured on the CI machine: bench/README.md. A user's own setting wins.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
@@ -203,7 +251,7 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
     root = ResultsRoot(spec["root"], spec["endpoint_url"])
     refs = data[f"{hp['task']}/{hp['variant']}"]
     loop_cfg = {**spec["loops"][hp["task"]], **hp,
-                "seed": spec["seed"] * 1_000_003 + hp["trial"], "train_ref": refs["train"], "val_ref": refs["val"]}
+                "seed": trial_seed(spec["seed"], hp["trial"]), "train_ref": refs["train"], "val_ref": refs["val"]}
     gpus = spec["worker_gpus"]
     trainer = TorchTrainer(
         probe_loop,
@@ -214,7 +262,9 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
         run_config=ray.train.RunConfig(
             name=f"{spec['run']}-{hp['task']}-{hp['variant']}-t{hp['trial']}", storage_path=spec["train_storage"],
             storage_filesystem=None if root.scheme == "file" else root.arrow_fs,
-            failure_config=ray.train.FailureConfig(max_failures=0), callbacks=[TuneReportCallback()]),
+            # Only the newest checkpoint is needed to resume, and the last one holds the final head.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS), callbacks=[TuneReportCallback()]),
     )
     metrics = dict(trainer.fit().metrics)
     total = time.perf_counter() - t0
@@ -261,8 +311,10 @@ class ProbeResult:
 
 def config_hash(job: JobConfig, features_manifest: dict, tasks: list[str], variants: list[str],
                 trials: int | None, num_classes: Mapping[str, int] | None) -> str:
-    # worker_cpus only decides how many trials run at once, not what they compute.
-    blob = json.dumps({"probes": job.stage_hash("probes", exclude=("probes.worker_cpus",)), "features": features_manifest.get("config_hash"),
+    # worker_cpus only decides how many trials run at once and checkpoint_every only where a restarted
+    # trial picks up (a resumed fit ends exactly as an uninterrupted one), not what they compute.
+    blob = json.dumps({"probes": job.stage_hash("probes", exclude=("probes.worker_cpus", "probes.checkpoint_every")),
+                       "features": features_manifest.get("config_hash"),
                        "features_at": features_manifest.get("committed_at"), "tasks": tasks, "variants": variants,
                        "trials": trials, "num_classes": dict(num_classes or {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -315,7 +367,8 @@ def _free_resources(want_cpus: float, wait_s: float = 15.0) -> dict[str, float]:
 def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None = None,
                variants: Sequence[str] | None = None, trials: int | None = None,
                num_classes: Mapping[str, int] | None = None, log=print,
-               _inject_fault: set[tuple[str, str, int]] | None = None) -> ProbeResult:
+               _inject_fault: set[tuple[str, str, int]] | None = None,
+               _kill_worker: WorkerKill | None = None) -> ProbeResult:
     """Run (or resume, or skip) the probe search over the cached features of ``job``'s model.
 
     ``tasks`` / ``variants`` restrict the search (default: all in the cache); ``trials`` overrides
@@ -374,6 +427,7 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
     loops = {t: {"task": t, "width": cache.width, "image_size": cache.image_size, "num_classes": classes[t],
                  "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
                  "epochs": getattr(job.probes, t).epochs, "batch_size": getattr(job.probes, t).batch_size,
+                 "checkpoint_every": job.probes.checkpoint_every,
                  "torch_threads": job.ray.torch_threads or max(1, int(worker_cpus))} for t in tasks}
     for number, group in enumerate(pack_units(units, unit_bytes, store or float("inf")), start=1):
         run = f"search{number}"
@@ -400,7 +454,10 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
             refs[key] = {"train": ray.put(train), "val": ray.put(val)}
             del train, val
         for c in pending:
-            c["inject_fault"] = (c["task"], c["variant"], c["trial"]) in (_inject_fault or set())
+            key = (c["task"], c["variant"], c["trial"])
+            c["inject_fault"] = key in (_inject_fault or set())
+            k = _kill_worker
+            c["kill_worker"] = (dataclasses.asdict(k) if k and (k.task, k.variant, k.trial) == key else None)
         spec = {"root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
                 "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
                 "loops": loops}
@@ -412,7 +469,8 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
                    "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
                    "curve": list(result["curve"]), "train_loss": result["train_loss"],
                    **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
-                   "node_id": result["node_id"], "seconds_actor": actor_s,
+                   "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
+                   "seconds_actor": actor_s,
                    "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
                    "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
             stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),

@@ -13,15 +13,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from scope_ray.config import load_config
+from scope_ray.config import ConfigError, load_config
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.stages.probe import (
     METRICS,
     FEATURES_STAGE,
+    WorkerKill,
     best_rows,
+    config_hash,
     max_concurrent_trials,
     run_probes,
     sample_configs,
+    trial_seed,
 )
 from scope_ray.storage import ResultsRoot
 
@@ -134,6 +137,14 @@ def test_best_row_is_the_max_or_min_and_never_a_diverged_trial():
     assert [b["task"] for b in best_rows(rows)] == ["classification", "depth"]  # Table 3 / 8 order
 
 
+def test_checkpoint_every_is_validated_and_leaves_the_stage_hash_alone():
+    with pytest.raises(ConfigError, match="probes.checkpoint_every"):
+        _job("/tmp/r", "probes.checkpoint_every=0")
+    args = ({"config_hash": "f"}, ["depth"], ["original"], 1, None)
+    assert config_hash(_job("/tmp/r", "probes.checkpoint_every=1"), *args) == config_hash(_job("/tmp/r"), *args)
+    assert config_hash(_job("/tmp/r", "probes.depth.epochs=3"), *args) != config_hash(_job("/tmp/r"), *args)
+
+
 def test_variant_bytes_match_the_arrays_and_groups_fit_the_budget(tmp_path):
     from scope_ray.stages.probe_cache import class_count, load_split, open_cache, pack_units, variant_bytes
 
@@ -159,19 +170,50 @@ def ray_local_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def test_search_over_two_tasks_resumes_after_a_failed_trial(ray_local, tmp_path):
-    """Two tasks x two variants through Tune x Train in one packed search; one trial fails
-    part-way through, and the re-run runs only that trial. (One trial per pair and two tasks, not
-    three: each trial costs seconds of Ray Train start-up here. The demo's test runs all 3 tasks x
-    4 variants through the same search; picking the best of several is tested without Ray above.)"""
+def _uninterrupted(job, root, task: str, variant: str, trial: int):
+    """The same trial as the search runs it (data, spec, seed), fitted in-process without a stop."""
+    import torch
+
+    from scope_ray.probes.train import ProbeSpec, fit_probe
+    from scope_ray.stages.probe_cache import class_count, load_split, open_cache
+
+    cache = open_cache(job, root)
+    tcfg = getattr(job.probes, task)
+    hp = sample_configs(job.seed, task, variant, trial + 1, tcfg.lr_range, tcfg.weight_decay_range)[trial]
+    classes = class_count(cache, task, NUM_CLASSES)
+    spec = ProbeSpec(task=task, width=D, image_size=S, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+                     lr=hp["lr"], weight_decay=hp["weight_decay"], seed=trial_seed(job.seed, trial),
+                     num_classes=classes, depth_bins=job.probes.depth_bins, max_depth=job.probes.max_depth)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Train worker runs it (torch_threads)
+    try:
+        return fit_probe(spec, *(load_split(cache, task, split, variant, classes) for split in ("train", "val")))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_failed_trial(ray_local, tmp_path):
+    """Two tasks x two variants through Tune x Train in one packed search. In the first attempt the
+    Train worker of classification/original is SIGKILLed after epoch 5 and restarted by Train from
+    its epoch-3 checkpoint, finishing in that same search with the metrics of an uninterrupted
+    fit; depth/low_removed fails for good part-way through, and the re-run runs only that trial.
+    (One trial per pair and two tasks, not three: each trial costs seconds of Ray Train start-up
+    here. The demo's test runs all 3 tasks x 4 variants through the same search; picking the best
+    of several is tested without Ray above.)"""
     tasks = ("classification", "depth")
     root = ResultsRoot(str(tmp_path / "r"))
     write_cache(root)
     # Half a CPU per Train worker: two trials (each 0.25 + 0.5 CPU) fit side by side on 2 CPUs.
-    job = _job(tmp_path / "r", "probes.worker_cpus=0.5")
+    # Classification runs 6 epochs with a checkpoint every 3: the kill after epoch 5 comes two
+    # reports after the epoch-3 checkpoint, when Train has certainly registered it (a report waits
+    # in the worker until the controller's next poll takes it), and no newer one exists yet.
+    job = _job(tmp_path / "r", "probes.worker_cpus=0.5", "probes.checkpoint_every=3", "probes.classification.epochs=6")
+    marker = tmp_path / "killed"
+    kill = WorkerKill("classification", "original", 0, after_epoch=5, marker=str(marker))
     with pytest.raises(RuntimeError, match=r"(?s)depth/low_removed: trial 0 failed.*InjectedFault"):
         run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_quiet,
-                   _inject_fault={("depth", "low_removed", 0)})
+                   _inject_fault={("depth", "low_removed", 0)}, _kill_worker=kill)
+    assert marker.read_text() == "killed after epoch 5\n"  # the worker process really died there
     stage = root.stage("demo-vit-tiny", "probe")
     assert not stage.is_complete()
     kept = sorted(root.fs.glob(stage.table_path("trials") + "/*.parquet"))
@@ -190,11 +232,21 @@ def test_search_over_two_tasks_resumes_after_a_failed_trial(ray_local, tmp_path)
         values = [r["value"] for r in trials if (r["task"], r["variant"]) == (b["task"], b["variant"])]
         assert b["value"] == values[0] and b["metric"] == METRICS[b["task"]][0]
     for r in trials:
-        assert len(r["curve"]) == 2 and r["curve"][-1] == r["value"] and r["epochs"] == 2
+        epochs = getattr(job.probes, r["task"]).epochs
+        assert len(r["curve"]) == epochs and r["curve"][-1] == r["value"] and r["epochs"] == epochs
         cfg = sample_configs(job.seed, r["task"], r["variant"], 1, getattr(job.probes, r["task"]).lr_range, (1e-5, 1e-4))
         assert (r["lr"], r["weight_decay"]) == (cfg[0]["lr"], cfg[0]["weight_decay"])
         assert r["seconds_train"] > 0 and r["seconds_startup"] > 0 and r["seconds_actor"] >= 0
         assert r["node_id"] == ray_local_node_id()  # which node's worker trained it (one node here)
+    # The killed trial picked up at its epoch-3 checkpoint and ended exactly where an uninterrupted
+    # fit of the same trial ends; no other trial was restarted.
+    row = {(r["task"], r["variant"]): r for r in trials}
+    killed = row[("classification", "original")]
+    assert killed["resumed_from_epoch"] == 3
+    assert [r["resumed_from_epoch"] for r in trials if r is not killed] == [0, 0, 0]
+    reference = _uninterrupted(job, root, "classification", "original", 0)
+    assert (killed["value"], killed["curve"], killed["train_loss"]) == (reference.value, reference.curve,
+                                                                        reference.train_loss)
     by = {(b["task"], b["variant"]): b["value"] for b in best}
     assert by[("classification", "original")] > 0.6  # planted classes: well above chance (1/3)
     assert 0 < by[("depth", "original")] < 4
