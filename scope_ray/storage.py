@@ -68,7 +68,7 @@ def s3_retry_config() -> dict[str, Any]:
     botocore after a refused, reset or cut connection, with jittered exponential backoff: an
     endpoint that is back within a few seconds costs nothing. The project adds no retry loop of
     its own on top, which would multiply the time a dead endpoint takes to be reported (about
-    10 s per request here with 5 attempts; s3fs's own connect/read timeouts, 5 s / 15 s, bound a
+    10–15 s per request here with 5 attempts; s3fs's own connect/read timeouts, 5 s / 15 s, bound a
     silent one). botocore ignores the variables once a config is passed, hence read here."""
     return {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
             "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)}
