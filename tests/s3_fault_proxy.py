@@ -1,11 +1,11 @@
 """A loopback TCP proxy between an S3 client and the moto server that injects network faults.
 
-Why a proxy and not stopping moto: ``ThreadedMotoServer.stop()`` shuts the serve loop down but
-leaves its listening socket open, so a client's connection queues in the backlog and hangs
-instead of failing; and a restart gives no control over *which* request breaks. The proxy breaks
-exactly the request a test names (by a byte pattern of its request line), at an exact byte of its
-body, a counted number of times — so every run injects the same fault. moto's state lives in
-the process and is untouched by the proxy.
+Why a proxy and not stopping moto: stopping and restarting a ``ThreadedMotoServer`` on the same
+port works (connections are refused meanwhile, and moto's state, held by the process, survives),
+but it can only refuse whole requests at whatever moment the client happens to be in, which
+races the client. The proxy breaks exactly the request a test names (by a byte pattern of its
+request line), at an exact byte of its body, a counted number of times, so every run injects the
+same fault; ``down()`` / ``up()`` give the refused-connection case on the proxy's port.
 
 Faults:
 - ``cut(pattern, after_body_bytes, times)``: the next ``times`` requests whose bytes contain
