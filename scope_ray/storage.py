@@ -180,11 +180,12 @@ class StageDir:
     def reset(self) -> None:
         """Remove whatever an earlier, uncommitted or outdated attempt left behind."""
         mpath = posixpath.join(self.path, MANIFEST)
-        if self.root.fs.exists(mpath):
-            # Manifest first: a reader must never see a manifest whose part files are going away.
-            self.root.fs.rm(mpath)
-        if self.root.fs.exists(self.path):
-            self.root.fs.rm(self.path, recursive=True)
+        with _unreachable_names(self.root, f"removing {self.model}/{self.stage}"):
+            if self.root.fs.exists(mpath):
+                # Manifest first: a reader must never see a manifest whose part files are going away.
+                self.root.fs.rm(mpath)
+            if self.root.fs.exists(self.path):
+                self.root.fs.rm(self.path, recursive=True)
 
     def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None) -> dict:
         """Write the manifest, last: listing every part file of every table makes the stage readable.
