@@ -10,6 +10,7 @@ and ``s3://`` roots read the same way. What goes in the report is decided here; 
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import re
 import tempfile
@@ -428,11 +429,18 @@ def _write_local(doc: Document, out: Path) -> ReportPaths:
     (out / FIGURES_DIR).mkdir(exist_ok=True)
     for sec in doc.sections:
         for f in sec.figures:
-            (out / FIGURES_DIR / f.filename).write_bytes(f.png)
+            _replace(out / FIGURES_DIR / f.filename, f.png)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(render_markdown(doc), encoding="utf-8")
-    page.write_text(render_html(doc), encoding="utf-8")
+    _replace(md, render_markdown(doc).encode("utf-8"))
+    _replace(page, render_html(doc).encode("utf-8"))
     return ReportPaths(str(md), str(page))
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write beside, then rename: someone reading the previous report meanwhile sees it whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_report(root: str, out: str | None = None, endpoint_url: str | None = None) -> ReportPaths:
