@@ -17,6 +17,7 @@ from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.stages.extract import run_extract
 from scope_ray.storage import ResultsRoot
 from scope_ray.tokens import activations_of
+from tests.secrets_scan import dir_files, find_credentials, plant, ray_logs_dir, root_objects, scan_dir, scan_root
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +136,7 @@ def test_bad_images_rejected_or_converted_nothing_good_lost(ray_local, sources, 
     assert (manifest["weights"], manifest["synthetic_data"]) == ("none", False)
 
 
-def test_s3_results_and_s3_data(ray_local, s3_bucket, tmp_path):
+def test_s3_results_and_s3_data_and_no_credential_stored_or_logged(ray_local, s3_bucket, capfd, tmp_path):
     bucket, endpoint = s3_bucket
     s3_sources = write_synthetic(f"{bucket}/data", n_train=8, n_val=2, size=112, num_classes=2, seed=1,
                                  formats=("parquet",), endpoint_url=endpoint)["imagenet"]
@@ -143,11 +144,34 @@ def test_s3_results_and_s3_data(ray_local, s3_bucket, tmp_path):
             "storage": {"root": f"{bucket}/results", "endpoint_url": endpoint}}
     job = load_config(spec, ["extract.batch_size=4"])
     root = ResultsRoot(job.storage.root, endpoint)
-    assert not run_extract(job, root, progress=False, log=_quiet).skipped
+    assert not run_extract(job, root, progress=False, log=print).skipped
     assert root.fs.exists(f"{root.path}/{job.model.name}/extract/manifest.json")
     assert run_extract(job, ResultsRoot(job.storage.root, endpoint), progress=False, log=_quiet).skipped
     t = root.stage(job.model.name, "extract").read_table("train_tokens")
     assert t.num_rows == 8 * 4 and activations_of(t).shape == (32, job.model.spec.width)
+
+    # Security: no credential in anything the run left behind — every object in the bucket (the
+    # results and the data it read), every Ray log file of this session, the captured output.
+    whole_bucket = ResultsRoot(bucket, endpoint)
+    objects = root_objects(whole_bucket)
+    assert scan_root(whole_bucket) == []
+    logs = ray_logs_dir(ray_local)
+    assert any(p.name.startswith("worker-") for p in dir_files(logs))  # the actors' logs are there
+    assert scan_dir(logs) == []
+    out, err = capfd.readouterr()
+    assert "[extract]" in out  # the stage's own log lines were captured, and are scanned
+    assert find_credentials([("captured stdout/stderr", (out + err).encode())]) == []
+    # The scans can fail: a copy of a real part file and of a real worker log, each with both
+    # credentials planted, are found, and nothing else is.
+    part = next(o for o in objects if o.endswith(".parquet") and "train_tokens/" in o)
+    copy = f"{whole_bucket.path}/planted/copy.parquet"
+    whole_bucket.fs.pipe_file(copy, plant(whole_bucket.fs.cat_file(part)))
+    assert scan_root(ResultsRoot(f"{bucket}/planted", endpoint)) == [
+        f"{copy}: AWS_SECRET_ACCESS_KEY", f"{copy}: AWS_ACCESS_KEY_ID"]
+    log = next(p for p in dir_files(logs) if p.name.startswith("worker-") and p.stat().st_size > 0)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / log.name).write_bytes(plant(log.read_bytes()))
+    assert len(scan_dir(tmp_path / "logs")) == 2
 
 
 def test_gpu_demand_on_a_cpu_cluster_fails_at_once(ray_local, sources, tmp_path):
