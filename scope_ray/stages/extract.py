@@ -121,6 +121,10 @@ def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split
         TokenExtractor,
         fn_constructor_kwargs=dict(job=job, root=root, split=split, table=table, mode=mode,
                                    torch_threads=res.torch_threads),
+        # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1, max_task_retries=-1)
+        # and its tasks (max_retries=-1): a killed actor or a lost node's is restarted and its batches
+        # rerun, which the content-named part files make idempotent. tests/stages/test_multinode.py
+        # kills both for real and checks every image id is stored exactly once.
         compute=ray.data.ActorPoolStrategy(size=res.pool_size),
         num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.extract.batch_size, batch_format="numpy",

@@ -17,10 +17,12 @@ import math
 import os
 import posixpath
 import resource
+import signal
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +40,30 @@ TRAIN_DIR = "_ray_train"
 
 
 class InjectedFault(RuntimeError):
-    """Raised once inside the training loop by tests (``fault_at_step``) to exercise recovery."""
+    """Raised once inside the training loop by tests (``fault_at_step``, kind "raise") to exercise recovery."""
+
+
+# How a test's injected fault fails the worker: "raise" an InjectedFault (an error the driver can
+# recognise by its message), or "kill" the worker process with SIGKILL (a crash Ray only sees as a
+# dead actor, as on an OOM kill or a lost machine).
+FaultKind = Literal["raise", "kill"]
+
+
+def _inject_fault(fault: dict, step: int, rank: int, world: int) -> None:
+    """Fail this worker once at ``fault["step"]``; the marker file makes it once per test, across restarts."""
+    if step != fault["step"] or os.path.exists(fault["marker"]):
+        return
+    if fault["kind"] == "raise":
+        open(fault["marker"], "w").close()
+        raise InjectedFault(f"injected fault at step {step}")
+    if rank != world - 1:
+        return  # one process dies, as when one machine is lost; the others are torn down by Ray Train
+    from scope_ray.stages.cluster import this_node
+
+    # Written before the kill: the test learns which process died and where.
+    with open(fault["marker"], "w") as f:
+        json.dump({"pid": os.getpid(), "rank": rank, "step": step, **this_node()}, f)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def config_hash(job: JobConfig) -> str:
@@ -186,9 +211,8 @@ def train_loop(cfg: dict) -> None:
             if n_bad:
                 nonfinite += n_bad if epoch == 0 else 0
                 x = x[finite]
-            if fault and step == fault["step"] and not os.path.exists(fault["marker"]):
-                open(fault["marker"], "w").close()
-                raise InjectedFault(f"injected fault at step {step}")
+            if fault:
+                _inject_fault(fault, step, rank, world)
             optimizer.zero_grad(set_to_none=True)
             if len(x):
                 loss = module(x)
@@ -286,8 +310,11 @@ def _scale_sample(files: list[str], root: ResultsRoot, n: int) -> np.ndarray:
 
 
 def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step: int | None = None,
-                  fault_marker: str | None = None) -> TrainResult:
-    """Train (or skip, or resume) the SAE for ``job``."""
+                  fault_marker: str | None = None, fault_kind: FaultKind = "raise") -> TrainResult:
+    """Train (or skip, or resume) the SAE for ``job``.
+
+    ``fault_at_step`` / ``fault_marker`` / ``fault_kind`` are for tests only: fail one worker once at
+    that step (``_inject_fault``)."""
     import ray.data
     import ray.train
     from ray.data import FileShuffleConfig
@@ -332,7 +359,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
         "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
     }
     if fault_at_step is not None:
-        cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker}
+        cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker, "kind": fault_kind}
     # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
     # (randomize_block_order would be all-to-all: every token block in the object store first.)
     ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,

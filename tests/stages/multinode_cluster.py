@@ -19,7 +19,15 @@ Why the work must spread, rather than merely may:
   (``wait_for_min_actors_s``) and the split has several batches, so both get work.
 - SAE training: each Train worker asks for the same 2 CPUs. ScalingConfig's default
   ``placement_strategy`` is "PACK", which would put both workers on one node if one node could
-  hold them; none can, so the placement group's two bundles land on the two worker nodes.
+  hold them; none can, so the placement group's two bundles land on the two worker nodes (by
+  then worker node 0 and the replacement for the lost node 1).
+
+Faults (``_inject_extraction_faults``, ``run_train_sae(fault_kind="kill")``): during extraction the
+driver SIGKILLs one pool actor's process, then removes the other worker node and adds a
+replacement; during SAE training the last Train worker SIGKILLs itself at step 13. Each batch of
+the extraction is paced (``PacedExtractor``, test-only) so that the faults, triggered by part files
+appearing on storage, land mid-stage: after some batches, before others.
+
 The one CPU each node keeps beside its actor / Train worker is not slack: Ray Data's file-listing
 task (``ListFiles``, the first step of ``read_parquet`` in Ray 2.60) asks for a whole CPU and
 cannot be told otherwise, so with 0.5 CPU free per node train-sae's token read never starts.
@@ -30,8 +38,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,8 +50,12 @@ WORKER_CPUS = 3
 ACTOR_CPUS = 2  # > WORKER_CPUS / 2: one actor (or Train worker) per node
 OBJECT_STORE_BYTES = 150 * 1024 * 1024
 TRAIN_IMAGES, BATCH = 24, 4  # 7 batches with the planted reject: work for both actors
-PLANTED_REJECTS = 1
+PLANTED_REJECT_IDS = ["n00000000/zz_truncated.JPEG"]
 FAULT_STEP = 13
+# Each extraction batch waits this long before its work (PacedExtractor): the split then spans a
+# few seconds, so the faults below land between batches that are done and batches still to come.
+BATCH_PACE_S = 1.0
+POLL_S = 0.05
 
 
 def _write_data(workdir: Path) -> dict:
@@ -53,8 +67,96 @@ def _write_data(workdir: Path) -> dict:
                               num_classes=10, seed=0, formats=("folder",),
                               counts={"ade20k": (0, 0), "nyud": (0, 0)})
     train = sources["imagenet"]["folder"]["train"]
-    write_image_folder(train["path"], {"n00000000/zz_truncated.JPEG": bad_image_samples()["truncated"][0]})
+    write_image_folder(train["path"], {PLANTED_REJECT_IDS[0]: bad_image_samples()["truncated"][0]})
     return {"train": train}
+
+
+def _paced_extractor(registry: Path):
+    """The stage's own TokenExtractor, slowed by BATCH_PACE_S a batch, each (re)started actor
+    writing ``registry/<pid>.json`` = {"pid", "node_id"} once it is ready: the fault injector
+    learns from it which process to kill, and the test that Ray really restarted it."""
+    from scope_ray.stages.extract import TokenExtractor
+
+    class PacedExtractor(TokenExtractor):
+        registry_dir = str(registry)  # a class attribute: pickled with the class, read on the actor
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            me = {"pid": os.getpid(), "node_id": self.node["node_id"], "t": time.time()}
+            entry = Path(self.registry_dir) / f"{os.getpid()}.json"
+            entry.with_suffix(".tmp").write_text(json.dumps(me))
+            entry.with_suffix(".tmp").replace(entry)  # the injector never reads a half-written entry
+
+        def __call__(self, batch):
+            time.sleep(BATCH_PACE_S)
+            return super().__call__(batch)
+
+    return PacedExtractor
+
+
+def _wait(condition, stop: threading.Event) -> bool:
+    """Poll ``condition`` until it holds (True) or the stage has ended (False)."""
+    while not stop.is_set():
+        if condition():
+            return True
+        time.sleep(POLL_S)
+    return False
+
+
+def _inject_extraction_faults(cluster, workers: list, parts: Path, registry: Path, stop: threading.Event,
+                              events: dict) -> None:
+    """Runs beside the extraction stage (in the driver), triggered by what is on storage.
+
+    1. Once some token part files exist and both pool actors are up: SIGKILL the actor process on
+       worker node 0. Ray restarts the actor (Ray Data's pool actors have max_restarts=-1) on the
+       same node, the only one with 2 free CPUs, and retries its batches (max_task_retries=-1).
+    2. Once a part file more is written (by the surviving actor, while the killed one restarts):
+       remove worker node 1 with the actor, decode tasks and object store on it (its processes get
+       SIGTERM, as a deleted pod's container does), then add a replacement 3-CPU node.
+
+    Why a replacement node: it is what the project's clusters do. Both cluster/kuberay and
+    cluster/aws-gpu.yaml keep a minimum worker count (KubeRay's operator recreates a deleted worker
+    pod; the autoscaler starts nodes for pending resource demand, here the lost actor's restart
+    asking for 2 CPUs), so after a node loss the stage goes on on a node with a new id, an empty
+    object store and nothing cached. Ray Data 2.60 would also finish without it (tried here: the
+    lost actor's restart waits until the surviving actor runs out of input and is released, then
+    takes its place and runs the batches it was holding; with this few batches it took as long), so
+    the replacement is not what makes the stage correct.
+    ``events`` records what fired and which part files existed at that moment."""
+    def names() -> list[str]:
+        return sorted(p.name for p in parts.glob("*.parquet"))
+
+    def actors() -> list[dict]:
+        return [json.loads(p.read_text()) for p in registry.glob("*.json")]
+
+    node0, node1 = (w.node_id for w in workers)
+    if not _wait(lambda: names() and len(actors()) >= 2, stop):
+        return
+    victim = next(a for a in actors() if a["node_id"] == node0)
+    before = names()
+    os.kill(victim["pid"], signal.SIGKILL)
+    events["actor_kill"] = {**victim, "parts_before": before, "t": time.time()}
+    if not _wait(lambda: len(names()) > len(before), stop):
+        return
+    before = names()
+    cluster.remove_node(workers[1])
+    events["node_loss"] = {"removed": node1, "parts_before": before, "t": time.time()}
+    replacement = cluster.add_node(num_cpus=WORKER_CPUS, object_store_memory=OBJECT_STORE_BYTES)
+    events["node_loss"]["replacement"] = replacement.node_id
+
+
+def _gcs_actors() -> list[dict]:
+    """Ray's actor table, dead actors included (restart counts, pids, death causes). Read from the
+    GCS: the public state API (ray.util.state) needs the dashboard, which this cluster does not start."""
+    import ray._private.state
+
+    return list(ray._private.state.actors().values())
+
+
+def _death_reason(actor: dict) -> str:
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    return ActorDiedErrorContext.Reason.Name(actor["DeathCause"].actor_died_error_context.reason)
 
 
 def _job(workdir: Path, data: dict):
@@ -111,31 +213,68 @@ def _run(workdir: Path) -> dict:
         ctx.enable_progress_bars = False
         ctx.wait_for_min_actors_s = 120  # dispatch only once the whole pool is up (see the docstring)
 
+        import scope_ray.stages.extract as extract_stage
         from scope_ray.stages.extract import run_extract
         from scope_ray.stages.train_sae import run_train_sae
         from scope_ray.storage import ResultsRoot
 
         job = _job(workdir, data)
         root = ResultsRoot(job.storage.root)
-        run_extract(job, root, progress=False, log=lambda *_: None)
+        registry = workdir / "actors"
+        registry.mkdir()
+        extract_stage.TokenExtractor = _paced_extractor(registry)  # what _stream_split builds its pool from
+        parts = Path(root.stage(job.model.name, "extract").table_path("train_tokens"))
+        # The stage runs in a thread and the faults come from this main thread: Cluster.add_node
+        # installs a SIGTERM handler, which Python allows only there.
+        stop, events, failure = threading.Event(), {}, []
+
+        def extract() -> None:
+            try:
+                run_extract(job, root, progress=False, log=lambda *_: None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the main thread
+                failure.append(exc)
+            finally:
+                stop.set()
+
+        stage_thread = threading.Thread(target=extract, name="extract")
+        stage_thread.start()
+        _inject_extraction_faults(cluster, workers, parts, registry, stop, events)
+        stage_thread.join()
+        if failure:
+            raise failure[0]
         seconds["extract"], t = time.perf_counter() - t, time.perf_counter()
-        # One worker fails at step 13 (once: the marker file): Ray Train restarts the group on the
-        # two nodes from the step-9 checkpoint.
-        run_train_sae(job, root, log=lambda *_: None, fault_at_step=FAULT_STEP, fault_marker=str(workdir / "fault"))
+        pool_restarts = sorted(a["NumRestarts"] for a in _gcs_actors()
+                               if a["ActorClassName"].startswith("MapWorker(MapBatches("))
+        # The last Train worker SIGKILLs itself at step 13 (once: the marker file): Ray Train restarts
+        # the group on the two live worker nodes from the step-9 checkpoint.
+        train_fault = workdir / "train-fault.json"
+        run_train_sae(job, root, log=lambda *_: None, fault_at_step=FAULT_STEP, fault_marker=str(train_fault),
+                      fault_kind="kill")
         seconds["train_sae"] = time.perf_counter() - t
+        killed = json.loads(train_fault.read_text()) if train_fault.exists() else None
+        if killed:
+            # Ray's reason for the killed worker's death: WORKER_DIED (its process vanished), not
+            # RAY_KILL (what Ray Train does to the other workers when it tears the group down).
+            killed["ray_death_reasons"] = [_death_reason(a) for a in _gcs_actors() if a["Pid"] == killed["pid"]]
         extract = root.stage(job.model.name, "extract")
-        train_ids = extract.read_table("train_tokens", columns=["image_id"]).column("image_id")
+        stored = extract.read_table("train_tokens", columns=["image_id", "position"])
+        train_root = Path(data["train"]["path"])
         return {
             "head_node": cluster.head_node.node_id,
             "worker_nodes": [w.node_id for w in workers],
-            "train_files": sum(1 for p in Path(data["train"]["path"]).rglob("*") if p.is_file()),
-            "planted_rejects": PLANTED_REJECTS,
+            "live_worker_nodes": [w.node_id for w in cluster.worker_nodes],
+            "train_image_ids": sorted(str(p.relative_to(train_root)) for p in train_root.rglob("*") if p.is_file()),
+            "planted_reject_ids": PLANTED_REJECT_IDS,
             "fault_step": FAULT_STEP,
-            "fault_fired": (workdir / "fault").exists(),
+            "extraction_faults": events,
+            "extraction_actors": [json.loads(p.read_text()) for p in registry.glob("*.json")],
+            "extraction_pool_restarts": pool_restarts,
+            "train_fault": killed,
             "tokens_per_image": job.extract.tokens_per_image,
             "num_patches": job.model.spec.num_patches,
-            "train_rows_stored": len(train_ids),
-            "train_images_stored": len(set(train_ids.to_pylist())),
+            "stored_tokens": {"image_id": stored.column("image_id").to_pylist(),
+                              "position": stored.column("position").to_pylist()},
+            "stored_rejects": extract.read_table("rejects", columns=["image_id"]).column("image_id").to_pylist(),
             "extract": extract.manifest(),
             "train_sae": root.stage(job.model.name, "train-sae").manifest(),
             "seconds": seconds,

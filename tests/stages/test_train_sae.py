@@ -109,6 +109,8 @@ def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(ray_local, t
 
     root = ResultsRoot(str(tmp_path / "r"))
     write_token_stage(root)
+    # The default fault kind, "raise": with max_failures=0 the error reaches this driver, and its
+    # message tells it from any other failure. (tests/stages/test_multinode.py kills the process.)
     with pytest.raises(Exception, match="injected fault at step 13"):
         run_train_sae(_job(tmp_path / "r", "sae.max_failures=0", *settings), root, log=_quiet,
                       fault_at_step=13, fault_marker=str(tmp_path / "fault"))
