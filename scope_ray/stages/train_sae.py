@@ -31,7 +31,7 @@ import torch
 
 from scope_ray.config import JobConfig
 from scope_ray.stages.cluster import ClusterResourceError
-from scope_ray.storage import ResultsRoot, StageDir
+from scope_ray.storage import MANIFEST, ResultsRoot, StageDir
 from scope_ray.tokens import activations_of
 
 STAGE = "train-sae"
@@ -342,7 +342,10 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     run_name = f"sae-{chash}"
     # Keep this config's checkpoints (they are how an interrupted run resumes); drop anything else.
     if root.fs.exists(stage.path):
-        for p in root.fs.ls(stage.path, detail=False):
+        # The manifest goes first (as in StageDir.reset): a reader must never find a manifest
+        # whose files are being deleted.
+        old = sorted(root.fs.ls(stage.path, detail=False), key=lambda p: posixpath.basename(p.rstrip("/")) != MANIFEST)
+        for p in old:
             if posixpath.basename(p.rstrip("/")) != TRAIN_DIR:
                 root.fs.rm(p, recursive=True)
     sample = _scale_sample(files, root, job.sae.scale_sample)
