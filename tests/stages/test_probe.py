@@ -194,7 +194,7 @@ def _uninterrupted(job, root, task: str, variant: str, trial: int):
 
 def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_failed_trial(ray_local, tmp_path):
     """Two tasks x two variants through Tune x Train in one packed search. In the first attempt the
-    Train worker of classification/original is SIGKILLed after epoch 5 and restarted by Train from
+    Train worker of classification/low_removed is SIGKILLed after epoch 5 and restarted by Train from
     its epoch-3 checkpoint, finishing in that same search with the metrics of an uninterrupted
     fit; depth/low_removed fails for good part-way through, and the re-run runs only that trial.
     (One trial per pair and two tasks, not three: each trial costs seconds of Ray Train start-up
@@ -209,7 +209,8 @@ def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_fail
     # in the worker until the controller's next poll takes it), and no newer one exists yet.
     job = _job(tmp_path / "r", "probes.worker_cpus=0.5", "probes.checkpoint_every=3", "probes.classification.epochs=6")
     marker = tmp_path / "killed"
-    kill = WorkerKill("classification", "original", 0, after_epoch=5, marker=str(marker))
+    # low_removed: its weak signal keeps the val curve moving to the end (original saturates at 1.0).
+    kill = WorkerKill("classification", "low_removed", 0, after_epoch=5, marker=str(marker))
     with pytest.raises(RuntimeError, match=r"(?s)depth/low_removed: trial 0 failed.*InjectedFault"):
         run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_quiet,
                    _inject_fault={("depth", "low_removed", 0)}, _kill_worker=kill)
@@ -241,10 +242,11 @@ def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_fail
     # The killed trial picked up at its epoch-3 checkpoint and ended exactly where an uninterrupted
     # fit of the same trial ends; no other trial was restarted.
     row = {(r["task"], r["variant"]): r for r in trials}
-    killed = row[("classification", "original")]
+    killed = row[("classification", "low_removed")]
     assert killed["resumed_from_epoch"] == 3
     assert [r["resumed_from_epoch"] for r in trials if r is not killed] == [0, 0, 0]
-    reference = _uninterrupted(job, root, "classification", "original", 0)
+    reference = _uninterrupted(job, root, "classification", "low_removed", 0)
+    assert len(set(reference.curve)) > 2  # a curve that moves, so matching it means something
     assert (killed["value"], killed["curve"], killed["train_loss"]) == (reference.value, reference.curve,
                                                                         reference.train_loss)
     by = {(b["task"], b["variant"]): b["value"] for b in best}
