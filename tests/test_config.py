@@ -46,7 +46,7 @@ def test_bad_values_name_key_and_allowed(override, key, allowed):
 
 def test_bad_nested_source():
     msg = _error(["data.imagenet.train={format: zip, path: /x}"])
-    assert "data.imagenet.train.format" in msg and "'folder', 'parquet' or 'webdataset'" in msg
+    assert "data.imagenet.train.format" in msg and "'folder', 'parquet', 'webdataset' or 'manifest'" in msg
     msg = _error(["data.imagenet.train={format: folder}"])
     assert "data.imagenet.train.path" in msg
 
