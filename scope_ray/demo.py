@@ -204,8 +204,16 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
         log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
         log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
         log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
-    from scope_ray.results_report import write_report
+    from scope_ray.results_report import accounting_rows, collect, write_report
 
+    # What was kept out and what was survived, stage by stage (the report's "Data accounting").
+    log("")
+    for row in accounting_rows(root, [r for r in collect(root) if r.name == job.model.name]):
+        kept_out = [f"{row['rejected']} rejected ({row['reasons']})" if row.get("rejected") else "",
+                    f"{row['nonfinite']} non-finite rows left out" if row.get("nonfinite") else "",
+                    row.get("recovered", "")]
+        if any(kept_out):
+            log(f"  kept out / recovered  {row['stage']}: " + "; ".join(k for k in kept_out if k))
     # The report reads only what the stages committed, as `scope-ray report ROOT` would
     # (it also draws Figure 8 across every model under the root).
     report = write_report(root.uri, endpoint_url=job.storage.endpoint_url)

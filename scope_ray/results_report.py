@@ -15,6 +15,7 @@ import posixpath
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,65 @@ def zeroshot_section(root: ResultsRoot, runs: list[ModelRun]) -> Section | None:
         "paper states this effect only qualitatively, so there is no published row."], [Table(cols, rows)])
 
 
+# ------------------------------------------------------------------------------- data accounting
+def _reason_key(reason: str) -> str:
+    """The stable head of a reject reason (``too large: 12000x12000 ...`` -> ``too large``)."""
+    return str(reason).split(":")[0].strip()
+
+
+def _accounting_row(root: ResultsRoot, run: ModelRun, stage: str) -> dict | None:
+    """What a complete stage left out and what it recovered from; None when it records neither."""
+    m = run.manifests[stage] or {}
+    row: dict = {"model": run.name, "stage": stage}
+    if "rejects" in (m.get("tables") or {}):
+        reasons = Counter(_reason_key(r) for r in
+                          root.stage(run.name, stage).read_table("rejects", columns=["reason"]).column("reason").to_pylist())
+        row["rejected"] = sum(reasons.values())
+        row["reasons"] = ", ".join(f"{k} {n}" for k, n in reasons.most_common())
+    if isinstance(m.get("nonfinite_rows"), int):
+        row["nonfinite"] = m["nonfinite_rows"]
+    recovered = []
+    if m.get("resumed_from_steps"):
+        recovered.append("Train workers restarted, resumed from step " + ", ".join(map(str, m["resumed_from_steps"])))
+    if stage == "probe" and "trials" in (m.get("tables") or {}):
+        trials = root.stage(run.name, stage).read_table("trials")
+        if "resumed_from_epoch" in trials.column_names:
+            epochs = [e for e in trials.column("resumed_from_epoch").to_pylist() if e]
+            if epochs:
+                recovered.append(f"{len(epochs)} trial(s) resumed from a mid-trial checkpoint")
+    if recovered:
+        row["recovered"] = "; ".join(recovered)
+    return row if len(row) > 2 else None
+
+
+def accounting_rows(root: ResultsRoot, runs: list[ModelRun]) -> list[dict]:
+    """Per complete stage that records any: images rejected (``rejected``, ``reasons``), non-finite
+    rows left out (``nonfinite``), restarts survived (``recovered``)."""
+    rows = []
+    for run in runs:
+        for stage in [s for s in STAGES if run.complete(s)] + [s for s in run.manifests if s not in STAGES and run.complete(s)]:
+            try:
+                row = _accounting_row(root, run, stage)
+            except Exception as exc:  # noqa: BLE001 - one unreadable table costs its own row only
+                row = {"model": run.name, "stage": stage, "reasons": f"unreadable: {type(exc).__name__}: {exc}"[:160]}
+            if row:
+                rows.append(row)
+    return rows
+
+
+def accounting_section(root: ResultsRoot, runs: list[ModelRun]) -> Section:
+    rows = accounting_rows(root, runs)
+    cols = [("model", "model", ""), ("stage", "stage", ""), ("rejected", "rejected", ""),
+            ("nonfinite", "non-finite rows left out", ""), ("recovered", "recovered from", ""),
+            ("reasons", "reject reasons", "")]
+    paras = ["What each complete stage left out, and why (its `rejects` table; docs/reliability.md lists every "
+             "kind of bad input), and the failures it recovered from. Nothing else was dropped: each stage checks "
+             "its rows against images in minus rejects before it commits."]
+    if not rows:
+        paras.append("No stage rejected anything or needed to recover.")
+    return Section("Data accounting: rejects and recoveries", paras, [Table(cols, rows)] if rows else [])
+
+
 # ------------------------------------------------------------------------------- status, figures
 def _rows_text(rows: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in (rows or {}).items())
@@ -418,6 +478,7 @@ def build_document(root: ResultsRoot, tmp: Path) -> Document:
         figures, missing = _figures(root, run)
         sections.append(Section(f"Figures: {run.name}", missing or ([] if figures else ["No figures recorded."]),
                                 figures=figures))
+    sections.append(accounting_section(root, runs))
     sections.append(Section("Stage status", ["Complete = the stage's manifest exists; only the part files it "
                                              "lists were read. Incomplete stages are never read."]))
     sections += [status_section(r, verdicts[r.name]) for r in runs]

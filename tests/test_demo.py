@@ -58,6 +58,10 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     markdown = Path(report.markdown).read_text()
     for table in ("(Table 6)", "(Tables 7 and 9)", "(Table 4)", "(Tables 3 and 8)", "(Figure 8)"):
         assert table in markdown, table
+    # The planted bad files are accounted for, by reason, in the log and in the report.
+    kept_out = [line for line in lines if line.startswith("  kept out / recovered  extract:")]
+    assert len(kept_out) == 1 and f"{len(PLANTED_BAD_FILES)} rejected (" in kept_out[0], kept_out
+    assert "Data accounting: rejects and recoveries" in markdown
     assert "<img" not in markdown and any(str(report.html) in line for line in lines)
     rendered = render(report.html, chromium_or_skip())
     assert len(rendered.images) >= 6 and rendered.broken == []

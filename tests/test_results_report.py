@@ -284,3 +284,24 @@ def test_sweep_logs_are_not_a_stage_and_an_unreadable_probe_table_costs_only_its
     assert "logs" not in status
     probes = _section(md, "## Linear probes")
     assert any(cell.startswith("unreadable: ") for r in _rows(probes, "clip-vit-b16") for cell in r)
+
+
+def test_data_accounting_counts_rejects_by_reason_nonfinite_rows_and_recoveries(tmp_path):
+    from scope_ray.tokens import rejects_table
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    extract = root.stage("demo-vit-tiny", "extract")
+    extract.write_part("rejects", "train-a", rejects_table("train", ["a.jpg", "b.jpg"], [
+        "corrupt or truncated image: OSError: image file is truncated", "corrupt or truncated image: JPEG header"]))
+    extract.write_part("rejects", "train-b", rejects_table("train", ["c.jpg"], [
+        "too large: 12000x12000 = 144000000 pixels > max_pixels 89478485"]))
+    extract.commit("h", {}, {"rejects": 3})
+    train = root.stage("demo-vit-tiny", "train-sae")
+    train.commit("h", {}, {}, extra={"nonfinite_rows": 10, "resumed_from_steps": [9]})
+    write_eval(root, "demo-vit-tiny", 0.25)  # nonfinite_rows 0 in its table, not in its manifest: no row
+    md = Path(write_report(str(root.path)).markdown).read_text()
+    section = md.split("Data accounting: rejects and recoveries", 1)[1].split("\n## ", 1)[0]
+    rows = {r[1]: r for r in _rows(section, "demo-vit-tiny")}
+    assert set(rows) == {"extract", "train-sae"}
+    assert rows["extract"][2] == "3" and rows["extract"][-1] == "corrupt or truncated image 2, too large 1"
+    assert rows["train-sae"][3] == "10" and "resumed from step 9" in rows["train-sae"][4]
