@@ -18,6 +18,7 @@ import posixpath
 import socket
 import subprocess
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,12 @@ def s3_retry_config() -> dict[str, Any]:
     standard AWS variables ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` say otherwise.
 
     Every request (a part file's PUT, the manifest's PUT, a listing) is retried on its own by
-    botocore after a refused, reset or cut connection, with jittered exponential backoff: an
-    endpoint that is back within a few seconds costs nothing. The project adds no retry loop of
-    its own on top, which would multiply the time a dead endpoint takes to be reported (about
-    10–15 s per request here with 5 attempts; s3fs's own connect/read timeouts, 5 s / 15 s, bound a
-    silent one). botocore ignores the variables once a config is passed, hence read here."""
+    botocore after a refused, reset or cut connection, with jittered exponential backoff, and
+    s3fs wraps each call in its own retry loop for transport errors (up to 5 tries): an endpoint
+    that is back within seconds costs nothing. The project adds no third loop, which would
+    multiply the time a dead endpoint takes to be reported (s3fs's connect/read timeouts, 5 s /
+    15 s, bound a silent one). botocore ignores the variables once a config is passed, hence
+    read here."""
     return {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
             "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)}
 
@@ -189,8 +191,9 @@ class StageDir:
 
     def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None) -> dict:
         """Write the manifest, last: listing every part file of every table makes the stage readable.
-        If the store fails part-way, this raises ``StorageUnreachable`` and no manifest exists
-        (the PUT is all or nothing): the stage stays incomplete and is redone on the next run."""
+        If the store fails part-way, this raises ``StorageUnreachable``; the PUT is all or nothing,
+        so the manifest is absent (the stage is redone on the next run) or, when only the answer to
+        the last attempt was lost, whole (the stage is complete) — never partial."""
         with _unreachable_names(self.root, f"committing {self.model}/{self.stage}"):
             return self._commit(config_hash, inputs, rows, extra)
 
@@ -218,7 +221,7 @@ class StageDir:
         mpath = posixpath.join(self.path, MANIFEST)
         if self.root.scheme == "file":
             # Same-directory rename is atomic on POSIX: a reader sees no manifest or the whole one.
-            tmp = mpath + ".tmp"
+            tmp = _temp_name(mpath)
             self.root.ensure_dir(self.path)
             with self.root.fs.open(tmp, "wb") as f:
                 f.write(blob)
@@ -279,12 +282,23 @@ class StageDir:
         return self.part_files(table)
 
 
+def _temp_name(path: str) -> str:
+    """A temporary name beside ``path``, unique per writer: a zombie task and its retry writing
+    the same part at once must not share (and truncate) one temporary file. Never matches the
+    ``*.parquet`` / ``manifest.json`` names readers look for."""
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+
+
 def write_parquet(data: pa.Table, path: str, root: "ResultsRoot") -> None:
     """Write through a temporary name so a crash mid-write never leaves a truncated part file."""
     if root.scheme == "file":
-        tmp = path + ".tmp"
-        pq.write_table(data, tmp, filesystem=root.arrow_fs)
-        os.replace(tmp, path)
+        tmp = _temp_name(path)
+        try:
+            pq.write_table(data, tmp, filesystem=root.arrow_fs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)  # the write failed: leave nothing behind
     else:
         # S3 objects appear only when the upload completes (the one PUT at close, or the
         # CompleteMultipartUpload of a file past s3fs's 50 MiB block): a cut connection leaves

@@ -50,18 +50,40 @@ def test_rewriting_a_part_overwrites(root):
     assert stage.read_table("t").num_rows == 1
 
 
-def test_a_part_cut_off_mid_write_is_never_listed(tmp_path):
-    """Locally a part is written as ``<name>.parquet.tmp`` then renamed: a crash mid-write leaves at
-    most a half ``.tmp`` file, which neither the commit nor the stage's own verification reads."""
+def test_a_part_cut_off_mid_write_is_never_listed(tmp_path, monkeypatch):
+    """A local write that fails part-way (the writer dies after some bytes) leaves no file under
+    the part's name, and nothing a stage's verification or commit would read."""
+    import scope_ray.storage as storage
+
     root = ResultsRoot(str(tmp_path))
     stage = root.stage("m", "s")
-    whole = stage.write_part("t", "a", pa.table({"x": [1, 2]}))
-    with open(whole, "rb") as f:
-        half = f.read()[:40]
-    (tmp_path / "m" / "s" / "t" / "b.parquet.tmp").write_bytes(half)  # what a killed writer leaves
+    stage.write_part("t", "a", pa.table({"x": [1, 2]}))
+    real_write = storage.pq.write_table
+
+    def dies_part_way(table, where, filesystem=None):
+        real_write(table, where, filesystem=filesystem)
+        with open(where, "r+b") as f:
+            f.truncate(40)  # what is on disk when a writer stops 40 bytes in
+        raise OSError("writer killed part-way")
+
+    monkeypatch.setattr(storage.pq, "write_table", dies_part_way)
+    with pytest.raises(OSError, match="killed part-way"):
+        stage.write_part("t", "b", pa.table({"x": [3]}))
+    monkeypatch.undo()
+    table_dir = tmp_path / "m" / "s" / "t"
+    assert sorted(p.name for p in table_dir.iterdir()) == ["a.parquet"]  # no b.parquet, no temp file left
     assert stage.written_table("t", pa.schema([("x", pa.int64())])).column("x").to_pylist() == [1, 2]
     assert stage.commit("h", {}, {"t": 2})["tables"]["t"] == ["a.parquet"]
-    assert stage.read_table("t").num_rows == 2
+
+
+def test_two_writers_of_one_part_never_share_a_temporary_file(tmp_path):
+    """A zombie task and its retry writing the same part at once: each writes its own temporary
+    file, so whichever rename lands last publishes a whole file."""
+    from scope_ray.storage import _temp_name
+
+    path = str(tmp_path / "t" / "p.parquet")
+    names = {_temp_name(path) for _ in range(100)}
+    assert len(names) == 100 and all(n.endswith(".tmp") and not n.endswith(".parquet") for n in names)
 
 
 def test_reset_removes_everything(root):
