@@ -138,8 +138,10 @@ def _cached_fs(uri: str, endpoint_url: str | None):
 def _read_or_none(fs, path: str) -> bytes | None:
     try:
         return fs.cat_file(path)
-    except FileNotFoundError:
-        return None  # a missing annotation is data, not an error: the probe skips that image
+    except (FileNotFoundError, IsADirectoryError):
+        # A missing annotation (or image a manifest lists) is data, not an error: it becomes a
+        # recorded reject. A listed directory is no file either.
+        return None
 
 
 def _folder_batch(batch: pa.Table, *, dataset: str, root: str, class_index: dict[str, int],
@@ -223,10 +225,13 @@ def _checked_parquet_schema(uri: str, path: str, fs) -> pa.Schema:
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        # The files Ray's read_parquet reads: *.parquet, skipping names that start with "." or "_".
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"parquet source {uri!r} does not exist")
+    if kind == pafs.FileType.Directory:
+        # The files Ray's read_parquet reads: *.parquet in any case, skipping names that start with "." or "_".
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(".parquet")
                        and not any(p.startswith((".", "_")) for p in i.path[len(path):].split("/") if p))
     else:
         files = [path]

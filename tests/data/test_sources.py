@@ -207,10 +207,15 @@ def test_manifest_reads_what_the_folder_source_reads_and_a_missing_file_is_a_nul
     split_dir = Path(folder["path"])
     lines = [f"{split_dir.name}/{i},{r['label']}" for i, r in sorted(by_folder.items())]
     lines.append(f"{split_dir.name}/gone.JPEG,")  # listed, not on storage; empty label
+    a_dir = f"{split_dir.name}/{next(i for i in by_folder if '/' in i).split('/')[0]}"
+    lines.append(f"{a_dir},2")  # a directory is no image file either
     manifest = _write_manifest(split_dir.parent / "train.csv", "path,label", lines)
     rows = {r["image_id"]: r for r in _rows({"format": "manifest", "path": manifest}, "imagenet")}
     assert rows.pop(f"{split_dir.name}/gone.JPEG") == {"image_id": f"{split_dir.name}/gone.JPEG", "image": None,
                                                        "label": -1}
+    assert rows.pop(a_dir) == {"image_id": a_dir, "image": None, "label": 2}
+    with pytest.raises(RejectedImage, match="missing image"):  # how the stages record a null image
+        decode_image(None, max_pixels=10**6, min_side=8)
     assert {i.split("/", 1)[1]: (r["image"], r["label"]) for i, r in rows.items()} == \
         {i: (r["image"], r["label"]) for i, r in by_folder.items()}
 
@@ -265,11 +270,18 @@ def test_the_outside_root_rule_is_lexical():
 
 
 # ------------------------------------------------------------------------------ parquet shards
-@pytest.mark.parametrize("damage", ["truncated", "not parquet"])
+@pytest.mark.parametrize("damage", ["truncated", "not parquet", "truncated, upper-case name"])
 def test_a_damaged_parquet_shard_fails_before_any_work_naming_it(tmp_path, damage):
     for i in range(3):
         pq.write_table(pa.table({"key": [f"k{i}"], "image": [b"x"]}), tmp_path / f"part-{i:05d}.parquet")
     bad = tmp_path / "part-00001.parquet"
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2] if damage == "truncated" else b"<html>oops</html>")
-    with pytest.raises(ValueError, match=r"1 of 3 shard\(s\) cannot be read .* nothing was processed: part-00001.parquet"):
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2] if damage.startswith("truncated") else b"<html>oops</html>")
+    if damage.endswith("upper-case name"):  # Ray reads *.PARQUET too, so it is checked too
+        bad = bad.rename(tmp_path / "part-00001.PARQUET")
+    with pytest.raises(ValueError, match=rf"1 of 3 shard\(s\) cannot be read .* nothing was processed: {bad.name}"):
         read_source(SourceConfig(format="parquet", path=str(tmp_path)), "imagenet")
+
+
+def test_a_parquet_source_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_source(SourceConfig(format="parquet", path=str(tmp_path / "absent")), "imagenet")
