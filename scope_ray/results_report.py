@@ -499,9 +499,12 @@ def _write_local(doc: Document, out: Path) -> ReportPaths:
 
 def _replace(path: Path, data: bytes) -> None:
     """Write beside, then rename: someone reading the previous report meanwhile sees it whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.time_ns()}.tmp")  # two reports at once: two temp files
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_report(root: str, out: str | None = None, endpoint_url: str | None = None) -> ReportPaths:

@@ -299,9 +299,13 @@ def test_data_accounting_counts_rejects_by_reason_nonfinite_rows_and_recoveries(
     train = root.stage("demo-vit-tiny", "train-sae")
     train.commit("h", {}, {}, extra={"nonfinite_rows": 10, "resumed_from_steps": [9]})
     write_eval(root, "demo-vit-tiny", 0.25)  # nonfinite_rows 0 in its table, not in its manifest: no row
+    probe = root.stage("demo-vit-tiny", "probe")
+    probe.write_part("trials", "t", pa.table({"resumed_from_epoch": pa.array([0, 3, 0], pa.int32())}))
+    probe.commit("h", {}, {"trials": 3})
     md = Path(write_report(str(root.path)).markdown).read_text()
     section = md.split("Data accounting: rejects and recoveries", 1)[1].split("\n## ", 1)[0]
     rows = {r[1]: r for r in _rows(section, "demo-vit-tiny")}
-    assert set(rows) == {"extract", "train-sae"}
+    assert set(rows) == {"extract", "train-sae", "probe"}
+    assert rows["probe"][4] == "1 trial(s) resumed from a mid-trial checkpoint"
     assert rows["extract"][2] == "3" and rows["extract"][-1] == "corrupt or truncated image 2, too large 1"
     assert rows["train-sae"][3] == "10" and "resumed from step 9" in rows["train-sae"][4]
