@@ -116,12 +116,14 @@ class FaultProxy:
                 continue
             threading.Thread(target=_Connection(self, client, server).run, daemon=True).start()
 
-    def _take_rule(self, data: bytes) -> tuple[_Cut, int] | None:
-        """The first armed rule whose pattern is in ``data``, and where; its count is used up."""
+    def _take_rule(self, data: bytes, new_from: int = 0) -> tuple[_Cut, int] | None:
+        """The first armed rule whose pattern is in ``data`` and ends in its new bytes (from
+        ``new_from``: a match wholly inside the already-forwarded tail belongs to an earlier
+        request), and where; its count is used up."""
         with self._lock:
             for rule in self._cuts:
                 if rule.hits < rule.times:
-                    at = data.find(rule.pattern)
+                    at = data.find(rule.pattern, max(0, new_from - len(rule.pattern) + 1))
                     if at >= 0:
                         rule.hits += 1
                         return rule, at
@@ -178,7 +180,7 @@ class _Connection:
             return
         data = self.pending + chunk
         scan = self.tail + data
-        hit = self.held if self.pending else self.proxy._take_rule(scan)
+        hit = self.held if self.pending else self.proxy._take_rule(scan, new_from=len(self.tail))
         if hit is None:
             self.server.sendall(data)
             self.tail, self.pending = scan[-256:], b""

@@ -1,6 +1,6 @@
 """Look for the test credentials in everything a run left behind: every object under a results
 root, every file of a log directory, captured output. Shared by the tests that assert a run
-stores and logs no credential (tests/test_security.py, tests/stages/test_train_sae.py)."""
+stores and logs no credential (tests/stages/test_extract.py, tests/stages/test_train_sae.py)."""
 
 from __future__ import annotations
 

@@ -39,9 +39,13 @@ def test_stage_needing_data_fails_before_work(tmp_path, capsys):
     assert ray.is_initialized() == started  # failed before connecting to Ray
 
 
-def test_unwritable_results_root_fails_before_work(tmp_path, capsys):
-    import ray
+def test_unwritable_results_root_fails_before_work(tmp_path, capsys, monkeypatch):
+    import scope_ray.stages.cluster as cluster
 
+    def no_cluster(*_):
+        raise AssertionError("connected to Ray before refusing the results root")
+
+    monkeypatch.setattr(cluster, "connect", no_cluster)  # run imports it at call time
     blocker = tmp_path / "a-file"  # a root below a regular file cannot be created, even by root (CI is root)
     blocker.write_text("x")
     data = tmp_path / "train"
@@ -49,11 +53,9 @@ def test_unwritable_results_root_fails_before_work(tmp_path, capsys):
     job = tmp_path / "job.yaml"
     job.write_text(f"storage: {{root: {blocker / 'results'}}}\nray: {{gpus_per_actor: 0}}\n"
                    f"data: {{imagenet: {{train: {{format: folder, path: {data}}}}}}}\n")
-    started = ray.is_initialized()
     assert main(["run", str(job), "--stages", "extract"]) == 2
     err = capsys.readouterr().err
     assert f"results root {blocker / 'results'} is not writable" in err
-    assert ray.is_initialized() == started  # refused before connecting to Ray: no work started
 
 
 def test_models_lists_registry(capsys):

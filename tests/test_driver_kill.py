@@ -143,10 +143,13 @@ def test_driver_sigkill_mid_stage_leaves_the_committed_stage_and_hides_the_parti
     extract, instability = root.stage(MODEL, "extract"), root.stage(MODEL, "instability")
     assert "[instability]" in killed["log"] and "[extract] train_tokens" in killed["log"]
     assert extract.is_complete(extract_hash(job))
-    # Partial output is physically there (fewer token rows than the stage will write) ...
+    # Partial output is physically there ...
     assert killed["partial_parts"]
     written = instability.written_table("tokens", TOKENS_SCHEMA, ["image_id"]).num_rows
-    assert 0 < written < job_file["tokens"]
+    # Usually fewer rows than the stage writes; EMD tasks already running when the driver died
+    # may still finish their parts before Ray reaps the job's workers, so all of them is possible.
+    # Either way the commit never happened (next lines): that is what the kill must not break.
+    assert 0 < written <= job_file["tokens"]
     # ... and no reader sees it: no manifest, the table readers refuse, the report lists the stage
     # as incomplete and opens none of its files.
     assert instability.manifest() is None and not instability.is_complete()
