@@ -64,7 +64,9 @@ def test_tokens_match_a_direct_forward_pass(ray_local, sources, tmp_path):
     assert set(per_image) == {job.model.spec.num_patches}
 
 
-def test_rerun_skips_changed_config_redoes_and_uncommitted_redoes(ray_local, sources, tmp_path):
+def test_rerun_skips_and_changed_config_redoes(ray_local, sources, tmp_path):
+    # (An interrupted attempt, parts on storage and no manifest, is redone from scratch: shown with
+    # a real SIGKILLed driver in tests/test_driver_kill.py.)
     job = _job(sources, tmp_path / "r")
     root = ResultsRoot(job.storage.root)
     assert not run_extract(job, root, progress=False, log=_quiet).skipped
@@ -72,12 +74,7 @@ def test_rerun_skips_changed_config_redoes_and_uncommitted_redoes(ray_local, sou
     changed = _job(sources, tmp_path / "r", "extract.tokens_per_image=2")
     res = run_extract(changed, root, progress=False, log=_quiet)
     assert not res.skipped and res.counts["train_tokens"].rows == N_TRAIN * 2
-    # An interrupted attempt: parts on storage, no manifest. The stage is redone from scratch.
-    stage = root.stage(job.model.name, "extract")
-    root.fs.rm(f"{stage.path}/manifest.json")
-    res = run_extract(changed, root, progress=False, log=_quiet)
-    assert not res.skipped
-    assert stage.read_table("train_tokens").num_rows == N_TRAIN * 2
+    assert root.stage(job.model.name, "extract").read_table("train_tokens").num_rows == N_TRAIN * 2
 
 
 def test_same_seed_same_tokens_other_seed_other_sample(ray_local, sources, tmp_path):

@@ -101,46 +101,56 @@ def test_train_then_eval_on_s3_equals_direct_metrics_and_stores_no_credentials(r
     assert find_credentials([("captured stdout/stderr", (out + err).encode())]) == []
 
 
-def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(ray_local, tmp_path):
-    settings = ("sae.shuffle_buffer=0",)
-    reference = ResultsRoot(str(tmp_path / "ref"))
-    write_token_stage(reference)
-    run_train_sae(_job(tmp_path / "ref", *settings), reference, log=_quiet)
+SETTINGS = ("sae.shuffle_buffer=0",)  # batches in table order: a resumed run can be compared exactly
 
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    """One uninterrupted Ray Train run on tokens with 10 NaN rows, shared by the two tests below
+    (the suite's budget: each Train run costs ~20 s of start-up). Its dictionary is kept in
+    memory: the second test retrains the same root under another config."""
+    path = tmp_path_factory.mktemp("reference")
+    root = ResultsRoot(str(path))
+    write_token_stage(root, nan_rows=10)
+    job = _job(path, *SETTINGS)
+    res = run_train_sae(job, root, log=_quiet)
+    sae = load_sae(job, root)
+    return {"path": path, "root": root, "result": res,
+            "W_dec": sae.W_dec.detach().clone(), "threshold": sae.threshold.detach().clone()}
+
+
+def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(reference, tmp_path):
     root = ResultsRoot(str(tmp_path / "r"))
-    write_token_stage(root)
+    write_token_stage(root, nan_rows=10)  # the reference's tokens (same seed)
     # The default fault kind, "raise": with max_failures=0 the error reaches this driver, and its
     # message tells it from any other failure. (tests/stages/test_multinode.py kills the process.)
     with pytest.raises(Exception, match="injected fault at step 13"):
-        run_train_sae(_job(tmp_path / "r", "sae.max_failures=0", *settings), root, log=_quiet,
+        run_train_sae(_job(tmp_path / "r", "sae.max_failures=0", *SETTINGS), root, log=_quiet,
                       fault_at_step=13, fault_marker=str(tmp_path / "fault"))
     stage = root.stage("demo-vit-tiny", "train-sae")
     assert not stage.is_complete()
     # max_failures is not part of what the SAE depends on: same run, resumed from its checkpoint.
-    res = run_train_sae(_job(tmp_path / "r", *settings), root, log=_quiet)
+    res = run_train_sae(_job(tmp_path / "r", *SETTINGS), root, log=_quiet)
     assert res.resumed_from == [8]
-    assert res.steps == 2 * (2048 // 128)
+    assert res.steps == reference["result"].steps == 2 * (2048 // 128)
+    assert res.nonfinite_rows == 10  # counted once, across the interruption
     # The resume replays the epoch's order and skips the 8 trained batches: same data, same dictionary.
-    a, b = load_sae(_job(tmp_path / "ref", *settings), reference), load_sae(_job(tmp_path / "r", *settings), root)
-    assert torch.allclose(a.W_dec, b.W_dec, atol=1e-6) and torch.allclose(a.threshold, b.threshold)
+    b = load_sae(_job(tmp_path / "r", *SETTINGS), root)
+    assert torch.allclose(reference["W_dec"], b.W_dec, atol=1e-6)
+    assert torch.allclose(reference["threshold"], b.threshold)
 
 
-def test_stale_upstream_is_refused_nonfinite_rows_excluded_and_changed_config_retrains(ray_local, tmp_path):
-    # One Ray Train run checks two things: the NaN rows planted in the tokens are counted and left
-    # out, and a later run with another config retrains rather than reusing it.
-    root = ResultsRoot(str(tmp_path / "r"))
-    write_token_stage(root, nan_rows=10)
-    settings = ("sae.epochs=1", "sae.shuffle_buffer=0")
-    job = _job(tmp_path / "r", *settings)
-    res = run_train_sae(job, root, log=_quiet)
+def test_stale_upstream_is_refused_nonfinite_rows_excluded_and_changed_config_retrains(reference):
+    # The reference run shows the NaN rows planted in the tokens counted and left out; a later
+    # run with another config retrains rather than reusing it.
+    res, root, path = reference["result"], reference["root"], reference["path"]
     assert res.nonfinite_rows == 10
     assert res.manifest["nonfinite_rows"] == 10
     assert np.isfinite(res.final["loss"])
-    sae = load_sae(job, root)
-    assert all(torch.isfinite(p).all() for p in sae.parameters())
-    assert not run_train_sae(_job(tmp_path / "r", *settings, "sae.k=3"), root, log=_quiet).skipped
+    assert torch.isfinite(reference["W_dec"]).all() and torch.isfinite(reference["threshold"]).all()
+    assert not run_train_sae(_job(path, *SETTINGS, "sae.epochs=1", "sae.k=3"), root, log=_quiet).skipped
     # Tokens from another layer: training and evaluation refuse them rather than mixing configs.
-    other_layer = _job(tmp_path / "r", *settings, "model.layer=2")
+    other_layer = _job(path, *SETTINGS, "model.layer=2")
     with pytest.raises(RuntimeError, match="another config"):
         run_train_sae(other_layer, root, log=_quiet)
     with pytest.raises(RuntimeError, match="another config|missing"):
