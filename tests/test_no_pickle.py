@@ -38,10 +38,21 @@ def _keyword_is(call: ast.Call, name: str, value: object) -> bool | None:
     return None
 
 
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """``import torch as th`` -> {"th": "torch"}; the names calls are resolved through."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update({a.asname: a.name for a in node.names if a.asname})
+    return out
+
+
 def pickle_uses(source: str, filename: str = "<source>") -> list[str]:
     """``"file:line: what"`` for every pickle import or pickle-capable load in ``source``."""
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    tree = ast.parse(source, filename)
+    aliases = _aliases(tree)
+    for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import):
             found += [f"{where}: import {a.name}" for a in node.names if a.name.split(".")[-1] in PICKLE_MODULES]
@@ -54,12 +65,16 @@ def pickle_uses(source: str, filename: str = "<source>") -> list[str]:
                 found.append(f"{where}: from torch import load (weights_only cannot be checked)")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
+            first, dot, rest = name.partition(".")
+            name = aliases.get(first, first) + dot + rest  # th.load -> torch.load
             head, _, attr = name.rpartition(".")
             if head.split(".")[-1] in PICKLE_MODULES and attr in PICKLE_LOADS:
                 found.append(f"{where}: {name}(")
-            elif name == "torch.load" and not _keyword_is(node, "weights_only", True):
-                found.append(f"{where}: torch.load( without weights_only=True")
-            elif name in ("np.load", "numpy.load") and _keyword_is(node, "allow_pickle", False) is False:
+            elif name in ("torch.load", "torch.serialization.load") and not _keyword_is(node, "weights_only", True):
+                found.append(f"{where}: {name}( without weights_only=True")
+            elif _keyword_is(node, "weights_only", True) is False:
+                found.append(f"{where}: {name}( with weights_only not True")
+            elif _keyword_is(node, "allow_pickle", False) is False:  # np.load, whatever it is called
                 found.append(f"{where}: {name}( with allow_pickle not False")
             elif attr == "read_pickle":
                 found.append(f"{where}: {name}(")
@@ -88,6 +103,10 @@ def test_no_module_of_the_package_unpickles():
     "x = numpy.load(path, allow_pickle=ok)",
     "x = pd.read_pickle(path)",
     "from torch import load",
+    "import torch as th\nx = th.load(path)",
+    "x = torch.serialization.load(path)",
+    "from numpy import load\nx = load(path, allow_pickle=True)",
+    "x = loader(path, weights_only=False)",
 ])
 def test_the_check_finds_each_pickle_load(bad):
     assert len(pickle_uses(bad)) == 1
