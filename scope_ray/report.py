@@ -9,6 +9,8 @@ path. Titles come from the caller. Empty or all-NaN input never raises: the figu
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,15 @@ def _save(fig, path: Path) -> Path:
         fig.tight_layout()
     except Exception:  # tight_layout can fail on degenerate layouts; the figure is still valid
         pass
+    path = Path(path)
+    # Drawn beside and renamed: a reader (the report, a browser) never opens a half-written figure.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.time_ns()}.tmp")
     try:
-        fig.savefig(path)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
     finally:
         plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
