@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scope_ray.storage import temp_name
 
 NAN_CELL = "–"  # what table_markdown prints for NaN / None / missing values
 
@@ -47,7 +48,7 @@ def _save(fig, path: Path) -> Path:
         pass
     path = Path(path)
     # Drawn beside and renamed: a reader (the report, a browser) never opens a half-written figure.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.time_ns()}.tmp")
+    tmp = Path(temp_name(str(path)))
     try:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
         os.replace(tmp, path)

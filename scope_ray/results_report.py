@@ -24,7 +24,7 @@ from scope_ray import published
 from scope_ray import probe_report as pr
 from scope_ray.models.registry import REGISTRY
 from scope_ray.report_document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
-from scope_ray.storage import LOGS_DIR, ResultsRoot, code_version, join_uri
+from scope_ray.storage import LOGS_DIR, ResultsRoot, code_version, join_uri, temp_name
 
 # Pipeline order; a stage directory with another name is still listed (after these).
 STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds-topk", "cds", "partition",
@@ -499,7 +499,7 @@ def _write_local(doc: Document, out: Path) -> ReportPaths:
 
 def _replace(path: Path, data: bytes) -> None:
     """Write beside, then rename: someone reading the previous report meanwhile sees it whole."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{time.time_ns()}.tmp")  # two reports at once: two temp files
+    tmp = Path(temp_name(str(path)))  # two reports at once: two temp files
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

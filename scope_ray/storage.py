@@ -221,7 +221,7 @@ class StageDir:
         mpath = posixpath.join(self.path, MANIFEST)
         if self.root.scheme == "file":
             # Same-directory rename is atomic on POSIX: a reader sees no manifest or the whole one.
-            tmp = _temp_name(mpath)
+            tmp = temp_name(mpath)
             self.root.ensure_dir(self.path)
             with self.root.fs.open(tmp, "wb") as f:
                 f.write(blob)
@@ -282,17 +282,18 @@ class StageDir:
         return self.part_files(table)
 
 
-def _temp_name(path: str) -> str:
+def temp_name(path: str) -> str:
     """A temporary name beside ``path``, unique per writer: a zombie task and its retry writing
     the same part at once must not share (and truncate) one temporary file. Never matches the
-    ``*.parquet`` / ``manifest.json`` names readers look for."""
+    ``*.parquet`` / ``manifest.json`` / ``*.png`` names readers look for. Everything written
+    locally goes through one (parts, manifests, figures, the report), then ``os.replace``."""
     return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
 
 
 def write_parquet(data: pa.Table, path: str, root: "ResultsRoot") -> None:
     """Write through a temporary name so a crash mid-write never leaves a truncated part file."""
     if root.scheme == "file":
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         try:
             pq.write_table(data, tmp, filesystem=root.arrow_fs)
             os.replace(tmp, path)

@@ -79,10 +79,10 @@ def test_a_part_cut_off_mid_write_is_never_listed(tmp_path, monkeypatch):
 def test_two_writers_of_one_part_never_share_a_temporary_file(tmp_path):
     """A zombie task and its retry writing the same part at once: each writes its own temporary
     file, so whichever rename lands last publishes a whole file."""
-    from scope_ray.storage import _temp_name
+    from scope_ray.storage import temp_name
 
     path = str(tmp_path / "t" / "p.parquet")
-    names = {_temp_name(path) for _ in range(100)}
+    names = {temp_name(path) for _ in range(100)}
     assert len(names) == 100 and all(n.endswith(".tmp") and not n.endswith(".parquet") for n in names)
 
 
