@@ -81,33 +81,71 @@ def _to_matrix(batch: pa.Table) -> dict[str, np.ndarray]:
     return {"x": activations_of(batch)}
 
 
+# A checkpoint is written by a Train worker (on a GPU node, its tensors on the GPU) and read by
+# the driver (on the shipped clusters a GPU-less head) and by restarted workers. Everything in it
+# is a CPU tensor in safetensors or plain JSON: no device location is ever recorded, so any
+# machine can read it, and nothing in it is unpickled.
+SAE_STATE_FILE, OPTIMIZER_FILE, PROGRESS_FILE = "sae_state.safetensors", "optimizer.safetensors", "progress.json"
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"  # torch.save'd Adam state of checkpoints written before 2026-12
+
+
 def _save_checkpoint(directory: str, sae, optimizer, step: int, nonfinite: int, log: list[dict],
                      resumed_from: list[int], workers: list[dict]) -> None:
     import safetensors.torch
 
     state = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    safetensors.torch.save_file(state, os.path.join(directory, "sae_state.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    with open(os.path.join(directory, "progress.json"), "w") as f:
+    safetensors.torch.save_file(state, os.path.join(directory, SAE_STATE_FILE))
+    opt = optimizer.state_dict()
+    # Adam's per-parameter moments flattened to "<param index>.<name>"; the rest (step counts that
+    # are plain numbers, param_groups) is JSON.
+    tensors = {f"{i}.{name}": v.detach().cpu().contiguous()
+               for i, per_param in opt["state"].items() for name, v in per_param.items() if torch.is_tensor(v)}
+    plain = {str(i): {name: v for name, v in per_param.items() if not torch.is_tensor(v)}
+             for i, per_param in opt["state"].items()}
+    safetensors.torch.save_file(tensors, os.path.join(directory, OPTIMIZER_FILE))
+    with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
         json.dump({"step": step, "nonfinite_rows": nonfinite, "log": log, "resumed_from": resumed_from,
-                   "workers": workers}, f)
+                   "workers": workers, "optimizer": {"param_groups": opt["param_groups"], "plain_state": plain}}, f)
+
+
+def _load_progress(directory: str) -> dict:
+    with open(os.path.join(directory, PROGRESS_FILE)) as f:
+        return json.load(f)
+
+
+def _load_sae_state(directory: str, sae) -> None:
+    import safetensors.torch
+
+    sae.load_state_dict(safetensors.torch.load_file(os.path.join(directory, SAE_STATE_FILE), device="cpu"))
+
+
+def _load_optimizer_state(directory: str, optimizer, progress: dict) -> None:
+    """Restore Adam's state on the CPU (the caller moves it to its device). Only a worker that
+    goes on training needs this; the driver finishing a run never reads it."""
+    import safetensors.torch
+
+    path = os.path.join(directory, OPTIMIZER_FILE)
+    if not os.path.exists(path):
+        # A checkpoint from before safetensors: its tensors may carry a CUDA location (saved on a
+        # GPU worker), so they are mapped to the CPU; still never unpickled beyond tensors.
+        legacy = os.path.join(directory, LEGACY_OPTIMIZER_FILE)
+        optimizer.load_state_dict(torch.load(legacy, map_location="cpu", weights_only=True))
+        return
+    tensors = safetensors.torch.load_file(path, device="cpu")
+    saved = progress["optimizer"]
+    state: dict[int, dict] = {int(i): dict(plain) for i, plain in saved["plain_state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def _load_checkpoint(directory: str, sae, optimizer) -> tuple[int, int, list[dict], list[int]]:
-    import safetensors.torch
-
-    sae.load_state_dict(safetensors.torch.load_file(os.path.join(directory, "sae_state.safetensors")))
-    # Our own checkpoint, still never unpickled beyond tensors and plain containers.
-    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
-    with open(os.path.join(directory, "progress.json")) as f:
-        progress = json.load(f)
+    """What a (restarted) worker resumes from: SAE, optimizer and progress."""
+    progress = _load_progress(directory)
+    _load_sae_state(directory, sae)
+    _load_optimizer_state(directory, optimizer, progress)
     return progress["step"], progress["nonfinite_rows"], progress["log"], progress["resumed_from"]
-
-
-def _checkpoint_workers(directory: str) -> list[dict]:
-    """The worker group that wrote this checkpoint: rank → Ray node (``_worker_nodes``)."""
-    with open(os.path.join(directory, "progress.json")) as f:
-        return json.load(f).get("workers", [])
 
 
 def _worker_nodes(rank: int, world: int, dist, device) -> list[dict]:
@@ -454,7 +492,7 @@ def _latest_checkpoint(root: ResultsRoot, run_dir: str):
     import ray.train
 
     best, best_step = None, -1
-    for progress in root.fs.glob(posixpath.join(run_dir, "checkpoint_*", "progress.json")):
+    for progress in root.fs.glob(posixpath.join(run_dir, "checkpoint_*", PROGRESS_FILE)):
         try:
             step = json.loads(root.fs.cat_file(progress))["step"]
         except (OSError, ValueError, KeyError):
@@ -472,10 +510,13 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
     spec = job.model.spec
     sae = BatchTopKSAE(spec.width, job.dictionary_size, job.sae.k, k_aux=job.sae.k_aux,
                        dead_after_tokens=job.sae.dead_after_tokens, threshold_ema=job.sae.threshold_ema)
-    opt = torch.optim.Adam(sae.parameters(), lr=job.sae.lr)
+    # The driver needs the dictionary and the run's record, never the optimizer state: on the
+    # shipped clusters it runs on a GPU-less head.
     with checkpoint.as_directory() as d:
-        step, nonfinite, history, resumed_from = _load_checkpoint(d, sae, opt)
-        workers = _checkpoint_workers(d)
+        progress = _load_progress(d)
+        _load_sae_state(d, sae)
+    step, nonfinite, history = progress["step"], progress["nonfinite_rows"], progress["log"]
+    resumed_from, workers = progress["resumed_from"], progress.get("workers", [])
     if step != total_steps:
         raise RuntimeError(f"train-sae: final checkpoint is at step {step}, expected {total_steps}")
     sae.eval()
