@@ -99,12 +99,18 @@ class ExtractConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------ sae
+DEAD_AFTER_TOKENS_CAP = 10_000_000  # the usual fixed dead window (Gao et al. 2024): 'auto' never exceeds it
+
+
 class SAEConfig(_Section):
     expansion: int = Field(32, ge=1, description="dictionary size q = expansion x width (paper: 32)")
     k: int = Field(30, ge=1, description="BatchTopK K (paper: 30)")
     k_aux: int = Field(512, ge=1)
     aux_coef: float = Field(1 / 32, ge=0)
-    dead_after_tokens: int = Field(10_000_000, ge=1, description="a latent is dead after not firing for this many tokens")
+    dead_after_tokens: int | Literal["auto"] = Field(
+        "auto", description="a latent is dead (and AuxK trains it) after not firing for this many tokens; 'auto' = "
+        "a quarter of the tokens one worker sees in the run, at most 10M (a fixed 10M is longer than one ImageNet "
+        "epoch at 4 tokens/image, so AuxK would never run)")
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(4096, ge=1)
     epochs: int = Field(1, ge=1)
@@ -116,6 +122,23 @@ class SAEConfig(_Section):
     shuffle_buffer: int = Field(65_536, ge=0, description="rows in each worker's local shuffle buffer (0 = no shuffle)")
     scale_sample: int = Field(65_536, ge=1, description="tokens sampled to fix the input scale and initial b_dec")
     dense_fraction: float = Field(0.1, gt=0, le=1, description="eval: a latent firing on more than this fraction of tokens is dense")
+
+    @field_validator("dead_after_tokens")
+    @classmethod
+    def _positive_window(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be 'auto' or a number of tokens >= 1")
+        return v
+
+    def resolved_dead_after_tokens(self, tokens_per_worker: int) -> int:
+        """The dead window for a run in which each worker sees ``tokens_per_worker`` tokens.
+
+        'auto': a quarter of that, capped at the standard 10M (Gao et al. 2024), so a latent that
+        stops firing early is revived by AuxK within the run. Per worker because each DDP worker
+        counts the tokens it sees itself."""
+        if self.dead_after_tokens != "auto":
+            return int(self.dead_after_tokens)
+        return max(1, min(DEAD_AFTER_TOKENS_CAP, tokens_per_worker // 4))
 
 
 # ---------------------------------------------------------------------------------- scope

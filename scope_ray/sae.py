@@ -108,6 +108,9 @@ class BatchTopKSAE(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
         self.register_buffer("num_tokens_seen", torch.zeros((), dtype=torch.long))
+        # Latents that fired again after being dead (AuxK at work), since this module was built;
+        # not part of the saved state (training logs read it as a running count).
+        self.register_buffer("revived_total", torch.zeros((), dtype=torch.long), persistent=False)
 
     def config(self) -> dict:
         """The constructor arguments (what ``save`` writes and ``load`` rebuilds from)."""
@@ -161,8 +164,10 @@ class BatchTopKSAE(nn.Module):
         ema = self.threshold_ema * self.threshold + (1 - self.threshold_ema) * smallest
         new = torch.where(self.threshold > 0, ema, smallest)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), new, self.threshold))
+        fired_F = (z_BF > 0).any(dim=0)
+        self.revived_total += (fired_F & self.dead_mask()).sum()
         self.tokens_since_fired += z_BF.shape[0]
-        self.tokens_since_fired[(z_BF > 0).any(dim=0)] = 0
+        self.tokens_since_fired[fired_F] = 0
         self.num_tokens_seen += z_BF.shape[0]
 
     def dead_mask(self) -> torch.Tensor:

@@ -125,3 +125,17 @@ def test_job_and_sweep_files_that_are_missing_not_yaml_or_not_a_mapping_are_name
             load_config(path)
         with pytest.raises(SweepSpecError, match=f"sweep file .*{path.name}.*{message}"):
             load_sweep(path)
+
+
+def test_the_auto_dead_window_is_a_quarter_of_the_run_capped_at_10m():
+    from scope_ray.config import DEAD_AFTER_TOKENS_CAP
+
+    sae = load_config(None).sae
+    assert sae.dead_after_tokens == "auto"
+    # One ImageNet epoch at 4 tokens/image (1,281,167 images) on one worker: well inside 10M.
+    assert sae.resolved_dead_after_tokens(4 * 1_281_167) == 1_281_167
+    assert sae.resolved_dead_after_tokens(10**9) == DEAD_AFTER_TOKENS_CAP == 10_000_000
+    assert sae.resolved_dead_after_tokens(2) == 1
+    assert load_config(None, ["sae.dead_after_tokens=500"]).sae.resolved_dead_after_tokens(10**9) == 500
+    with pytest.raises(ConfigError, match="sae.dead_after_tokens"):
+        load_config(None, ["sae.dead_after_tokens=0"])

@@ -187,6 +187,11 @@ def test_dead_latent_counters():
     assert sae.tokens_since_fired.tolist() == [0, 2, 4, 0]
     assert sae.dead_mask().tolist() == [False, False, True, False]
     assert int(sae.num_tokens_seen) == 4
+    assert int(sae.revived_total) == 0  # latent 3 fired after 2 silent tokens: never dead
+    sae(torch.tensor([[0, 0, 7.0, 0], [0, 0, 0, 0]]))  # latent 2, dead (4 > 3), fires: one revival
+    assert int(sae.revived_total) == 1
+    assert sae.tokens_since_fired.tolist() == [2, 4, 0, 2]
+    assert "revived_total" not in sae.state_dict()  # a log counter, not part of the saved SAE
 
 
 # --- input scale and folding ----------------------------------------------------------------------
@@ -307,9 +312,13 @@ def test_auxk_revives_dead_latents():
         with torch.no_grad():
             sae.W_enc[:, :96] *= 0.05  # 96 latents start too weak to ever win BatchTopK
         train(sae, data, steps=300, aux_coef=aux_coef)
+        revivals[aux_coef] = int(sae.revived_total)
         return int(sae.dead_mask().sum())
 
+    revivals: dict[float, int] = {}
+
     dead_without, dead_with = dead_after_training(0.0), dead_after_training(1 / 32)
+    assert revivals[1 / 32] > revivals[0.0]  # the revival counter sees AuxK's work
     print(f"dead latents after 300 steps: without AuxK {dead_without}/128, with AuxK {dead_with}/128")
     assert dead_without > 0
     assert dead_with < dead_without

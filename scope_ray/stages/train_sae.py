@@ -230,6 +230,7 @@ def train_loop(cfg: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch, total = cfg["steps_per_epoch"], cfg["total_steps"]
     fault = cfg.get("fault_at_step")
+    revived_logged = 0
     while step < total:
         epoch = step // steps_per_epoch
         done_in_epoch = step % steps_per_epoch  # non-zero only right after a resume
@@ -267,15 +268,19 @@ def train_loop(cfg: dict) -> None:
             step += 1
             record = sae.last_record
             if step % cfg["log_every"] == 0 or step == total:
+                revived = int(sae.revived_total)
                 row = {"step": step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
                        "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
+                       # Latents AuxK brought back since the previous log row, over all workers.
+                       "revived": _all_sum(revived - revived_logged, dist, world),
                        "nonfinite_rows": counted_before + _all_sum(nonfinite, dist, world), "time": time.time(),
                        # Peak resident memory of this worker process (Linux reports KiB).
                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                revived_logged = revived
                 log.append(row)
                 if rank == 0:
                     print(f"[train-sae] step {step}/{total} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "
-                          f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f}", flush=True)
+                          f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f} revived {row['revived']}", flush=True)
             if step % cfg["checkpoint_every"] == 0 or step == total:
                 metrics = {"step": step, "fvu": record.fvu, "l0": record.l0}
                 total_bad = counted_before + _all_sum(nonfinite, dist, world)
@@ -377,6 +382,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
         raise ValueError(f"sae.batch_size={job.sae.batch_size} x {workers} workers exceeds the {n_rows} training "
                          f"tokens; allowed: batch_size <= {n_rows // workers}")
     total_steps = steps_per_epoch * job.sae.epochs
+    dead_after = _dead_window(job, total_steps * job.sae.batch_size, log)
     run_name = f"sae-{chash}"
     # Keep this config's checkpoints (they are how an interrupted run resumes); drop anything else.
     if root.fs.exists(stage.path):
@@ -391,7 +397,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     input_scale = math.sqrt(spec.width / mean_sq)
     cfg = {
         "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
-        "dead_after_tokens": job.sae.dead_after_tokens, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
+        "dead_after_tokens": dead_after, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
         "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size,
         # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
         "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
@@ -444,7 +450,18 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"train-sae: Ray Train finished without a checkpoint ({result.error})")
-    return _finish(job, root, stage, chash, result.checkpoint, total_steps, log)
+    return _finish(job, root, stage, chash, result.checkpoint, total_steps, dead_after, log)
+
+
+def _dead_window(job: JobConfig, tokens_per_worker: int, log=print) -> int:
+    """The dead-latent window of this run (``sae.dead_after_tokens`` resolved), with a warning
+    when AuxK cannot fire in it: no latent can be silent for longer than the run."""
+    window = job.sae.resolved_dead_after_tokens(tokens_per_worker)
+    if window >= tokens_per_worker:
+        log(f"[train-sae] WARNING: sae.dead_after_tokens={window} is not shorter than the {tokens_per_worker} tokens "
+            "each worker sees in this run: no latent can count as dead, so AuxK never runs. Use 'auto' or a "
+            "smaller window.")
+    return window
 
 
 def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float, log=print) -> None:
@@ -504,12 +521,13 @@ def _latest_checkpoint(root: ResultsRoot, run_dir: str):
     return ray.train.Checkpoint(best, filesystem=root.arrow_fs)
 
 
-def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, checkpoint, total_steps: int, log) -> TrainResult:
+def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, checkpoint, total_steps: int,
+            dead_after: int, log) -> TrainResult:
     from scope_ray.sae import BatchTopKSAE
 
     spec = job.model.spec
     sae = BatchTopKSAE(spec.width, job.dictionary_size, job.sae.k, k_aux=job.sae.k_aux,
-                       dead_after_tokens=job.sae.dead_after_tokens, threshold_ema=job.sae.threshold_ema)
+                       dead_after_tokens=dead_after, threshold_ema=job.sae.threshold_ema)
     # The driver needs the dictionary and the run's record, never the optimizer state: on the
     # shipped clusters it runs on a GPU-less head.
     with checkpoint.as_directory() as d:
@@ -527,10 +545,12 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
         chash, {"train_tokens": root.stage(job.model.name, "extract").uri}, {"training_log": len(history)},
         extra={"sae_file": SAE_FILE, "steps": step, "nonfinite_rows": nonfinite, "d_in": spec.width,
                "d_sae": sae.d_sae, "k": sae.k, "final": final, "resumed_from_steps": resumed_from,
-               "workers": workers},
+               "workers": workers, "dead_after_tokens": dead_after,
+               "revived_latents": int(sum(r.get("revived", 0) for r in history))},
     )
     log(f"[train-sae] done: {step} steps, final fvu {final.get('fvu', float('nan')):.3f}, l0 {final.get('l0', float('nan')):.1f}, "
-        f"dead {final.get('dead_fraction', float('nan')):.3f}; {nonfinite} non-finite token rows excluded")
+        f"dead {final.get('dead_fraction', float('nan')):.3f} (window {dead_after} tokens), "
+        f"{manifest['revived_latents']} revivals by AuxK; {nonfinite} non-finite token rows excluded")
     return TrainResult(skipped=False, steps=step, nonfinite_rows=nonfinite, final=final, manifest=manifest,
                        resumed_from=resumed_from)
 

@@ -146,6 +146,10 @@ def test_stale_upstream_is_refused_nonfinite_rows_excluded_and_changed_config_re
     res, root, path = reference["result"], reference["root"], reference["path"]
     assert res.nonfinite_rows == 10
     assert res.manifest["nonfinite_rows"] == 10
+    # AuxK runs: the 'auto' dead window is a quarter of the run (2 epochs x 16 steps x 128 tokens on
+    # one worker), and latents the SAE let die were revived within it (logged per row, summed here).
+    assert res.manifest["dead_after_tokens"] == 2 * 16 * 128 // 4
+    assert res.manifest["revived_latents"] > 0
     assert np.isfinite(res.final["loss"])
     assert torch.isfinite(reference["W_dec"]).all() and torch.isfinite(reference["threshold"]).all()
     assert not run_train_sae(_job(path, *SETTINGS, "sae.epochs=1", "sae.k=3"), root, log=_quiet).skipped
@@ -184,3 +188,12 @@ def test_packing_model_finds_layouts_that_leave_no_whole_cpu_for_the_token_read(
     assert max(_free_cpus_after_packing([2.0], 1, 1.0)) == 1.0
     # Workers that cannot be placed at all: None (the total-CPU check reports that one).
     assert _free_cpus_after_packing([2.0], 2, 1.5) is None
+
+
+def test_a_dead_window_as_long_as_the_run_is_warned_about():
+    from scope_ray.stages.train_sae import _dead_window
+
+    said = []
+    assert _dead_window(_job("/tmp/unused", "sae.dead_after_tokens=4096"), 4096, said.append) == 4096
+    assert len(said) == 1 and "AuxK never runs" in said[0]
+    assert _dead_window(_job("/tmp/unused"), 4096, said.append) == 1024 and len(said) == 1

@@ -84,7 +84,8 @@ def test_driver_finishes_from_a_cuda_located_checkpoint_on_a_cpu_machine(tmp_pat
     root = ResultsRoot(str(tmp_path / "root"))
     job = _job(tmp_path / "root")
     stage = root.stage(job.model.name, train_sae.STAGE)
-    result = train_sae._finish(job, root, stage, "hash", Checkpoint.from_directory(str(ckpt)), 3, log=lambda *_: None)
+    result = train_sae._finish(job, root, stage, "hash", Checkpoint.from_directory(str(ckpt)), 3, 64,
+                              log=lambda *_: None)
     assert result.steps == 3 and stage.is_complete("hash")
     saved = BatchTopKSAE.load(os.path.join(stage.uri, train_sae.SAE_FILE))
     x = torch.randn(8, D)
