@@ -148,6 +148,9 @@ class ScopeConfig(_Section):
         None, description="shifts for the instability sweep (Table 9); null = 1..6, capped at what the grid allows"
     )
     k_cds: int = Field(16, ge=1, description="top images per feature for CDS")
+    min_usable_images: int = Field(
+        4, ge=1, description="a feature's CDS enters the partition only when at least this many of its images were "
+        "usable (overlap maps not both empty); fewer: 'unscored' (a CDS from 1-2 images sits at the extremes)")
     gamma: float | Literal["auto"] = Field("auto", description="CDS split threshold; 'auto' = Otsu")
     instability_images: int = Field(1000, ge=1, description="images for the outlier-instability analysis (one per class)")
     instability_split: Literal["train", "val"] = Field("val", description="ImageNet split the instability images come from")
@@ -340,6 +343,9 @@ class JobConfig(_Section):
             bad = [s for s in shifts if s > max_shift]
             if bad:
                 raise _KeyError(key, f"{bad[0]} leaves no 2x2 overlap on {spec.name}'s {spec.grid}x{spec.grid} grid; allowed: 1..{max_shift}")
+        if self.scope.min_usable_images > self.scope.k_cds:
+            raise _KeyError("scope.min_usable_images", f"{self.scope.min_usable_images} exceeds scope.k_cds="
+                            f"{self.scope.k_cds} (a CDS averages at most k_cds images); allowed: 1..{self.scope.k_cds}")
         if self.extract.val_split == self.extract.train_split:
             raise _KeyError("extract.val_split", f"{self.extract.val_split!r} is also the training split; allowed: "
                             "the other split, or null")

@@ -82,7 +82,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     from scope_ray.stages.eval_sae import run_eval_sae
     from scope_ray.stages.extract import run_extract
     from scope_ray.stages.instability import run_instability
-    from scope_ray.stages.partition import run_partition
+    from scope_ray.stages.partition import SENSITIVITY_COLUMNS, run_partition, table4_columns
     from scope_ray.stages.probe import run_probes
     from scope_ray.stages.probe_features import run_probe_features
     from scope_ray.stages.train_sae import run_train_sae
@@ -158,9 +158,9 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log("")
     p = partition.row
     log(f"  CDS partition (Table 4 layout; k_cds = {job.scope.k_cds}, s = {job.scope.shift})")
-    log(_indent(table_markdown([p], [("model", "model", ""), ("dictionary_size", "dictionary size", "d"),
-                                     ("gamma", "γ", ".3f"), ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"),
-                                     ("nan_cds", "CDS NaN", "d")])))
+    log(_indent(table_markdown([p], [("model", "model", "")] + table4_columns())))
+    log(f"  γ sensitivity (every one of the {p['dictionary_size']} features is low, high or unscored):")
+    log(_indent(table_markdown(partition.sensitivity, SENSITIVITY_COLUMNS)))
     log(_indent(table_markdown(partition.groups, [("group", "group", ""), ("features", "features", "d"),
                                                   ("mean_act_outlier", "mean act. on outliers", ".3f"),
                                                   ("mean_act_normal", "mean act. on normal tokens", ".3f"),

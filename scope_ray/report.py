@@ -104,6 +104,8 @@ def cds_histogram(
     gamma: float | None,
     bins: int = 50,
     log_y: bool = False,
+    unscored_cds=None,
+    sensitivity: list[dict] | None = None,
 ) -> Path:
     """Figure 6: histogram of the finite CDS values of all features on [0, 1].
 
@@ -112,6 +114,10 @@ def cds_histogram(
     different colours (stacked within a bin that straddles γ), γ is a dashed vertical line
     labelled with its value, and the legend gives the size of each group plus the number of
     NaN-CDS features (no usable image). ``gamma=None`` (or NaN) draws one colour and no line.
+    ``unscored_cds``: CDS values of features left out of the split (too few usable images; NaN
+    for those with none), stacked on top in grey, so a pile at CDS 1 stays visible rather than
+    moving γ. ``sensitivity`` (rows of gamma / low / high, first and last the γ ± δ ends) shades
+    the band between them and puts their high-group sizes in the legend.
     Finite values a rounding error outside [0, 1] are clipped onto the axis for drawing only;
     the counts use the values as given.
     """
@@ -121,7 +127,11 @@ def cds_histogram(
     path = _prepare(path)
     cds = np.asarray(cds, dtype=np.float64).ravel()
     finite = cds[np.isfinite(cds)]
-    n_nan = int(cds.size - finite.size)
+    unscored = np.asarray([] if unscored_cds is None else unscored_cds, dtype=np.float64).ravel()
+    unscored_shown = np.clip(unscored[np.isfinite(unscored)], 0.0, 1.0)
+    # Without a separate unscored set, every non-finite value is one; with it, the NaN in ``cds``
+    # are those unscored features' places and are counted once, there.
+    n_nan = int(cds.size - finite.size) if unscored_cds is None else int(unscored.size)
     gamma = _finite_or_none(gamma)
     edges = np.linspace(0.0, 1.0, max(int(bins), 1) + 1)
     shown = np.clip(finite, 0.0, 1.0)
@@ -143,11 +153,24 @@ def cds_histogram(
                 Patch(color=_RED, label=f"high-CDS (> γ): {n_high}"),
             ]
         handles.append(ax.axvline(gamma, color="black", linestyle="--", label=f"γ = {gamma:.3g}"))
+        if sensitivity:
+            lo, hi = sensitivity[0], sensitivity[-1]
+            handles.append(ax.axvspan(lo["gamma"], hi["gamma"], color="black", alpha=0.07, lw=0,
+                                      label=f"γ {lo['gamma']:.3g}…{hi['gamma']:.3g}: high-CDS {lo['high']}…{hi['high']}"))
     else:
         if finite.size:
             ax.hist(shown, bins=edges, color=_BLUE, label=f"features: {finite.size}")
             handles = list(ax.get_legend_handles_labels()[0])
-    handles.append(Patch(color=_GREY, label=f"NaN CDS (no usable image): {n_nan}"))
+    if unscored_cds is None:
+        handles.append(Patch(color=_GREY, label=f"NaN CDS (no usable image): {n_nan}"))
+    else:
+        if unscored_shown.size:
+            # Stacked on what is already drawn: the bars' bottoms are the scored counts per bin.
+            below = np.histogram(shown, bins=edges)[0]
+            ax.bar(edges[:-1], np.histogram(unscored_shown, bins=edges)[0], width=np.diff(edges), bottom=below,
+                   align="edge", color=_GREY)
+        handles.append(Patch(color=_GREY, label=f"unscored: {n_nan} ({unscored_shown.size} with a CDS from too "
+                                                f"few images, drawn)"))
     if not finite.size:
         _no_data(ax, "no finite CDS values")
     if log_y and finite.size:
@@ -156,7 +179,7 @@ def cds_histogram(
     ax.set_xlabel("CDS")
     ax.set_ylabel("features")
     ax.set_title(title, fontsize=9)
-    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.legend(handles=handles, fontsize=7, loc="best")  # "best": clear of a pile at CDS 1
     return _save(fig, path)
 
 

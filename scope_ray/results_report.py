@@ -199,10 +199,12 @@ def sae_eval_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Secti
             rows.append(_paper_row(run, published.SAE_EVAL_SOURCE, published.SAE_EVAL[run.name], verdicts))
     cols = _LEAD + [("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"), ("l0_all", "L0_A", ".3f"),
                     ("l0_outlier", "L0_O", ".3f"), ("cs_all", "CS_A", ".3f"), ("cs_outlier", "CS_O", ".3f"),
-                    ("tau", "τ", ".4g"), ("outlier_tokens", "outlier tokens", "d"), ("tokens", "tokens", "d")]
+                    ("tau", "τ", ".4g"), ("outlier_tokens", "outlier tokens", "d"), ("tokens", "tokens", "d"),
+                    ("dead_latents", "dead latents", "d"), ("dense_latents", "dense latents", "d")]
     return Section("SAE reconstruction (Table 6)", [
         "FVU, L0 and cosine similarity over all validation patch tokens (A) and outlier tokens (O, norm > τ); "
-        "the SAE in JumpReLU mode at its trained threshold."],
+        "the SAE in JumpReLU mode at its trained threshold. Dead latents fire on no validation token; dense "
+        "ones on more than sae.dense_fraction of them (the paper reports neither)."],
         [_compared(cols, rows, verdicts)])
 
 
@@ -235,17 +237,23 @@ def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Se
 
 
 def partition_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
-    rows, groups = [], []
+    from scope_ray.stages.partition import SENSITIVITY_COLUMNS, table4_columns
+
+    rows, groups, sensitivity = [], [], []
     for run in runs:
         rows += _guarded(run, "partition", lambda r: [_ours(r, row) for row in _read(root, r.name, "partition", "partition")])
         if run.complete("partition"):
             groups += _guarded(run, "partition",
                                lambda r: [{"model": r.name, **g} for g in _read(root, r.name, "partition", "groups")])
+            sensitivity += _guarded(run, "partition", lambda r: [
+                {"model": r.name, **g} for g in _read(root, r.name, "partition", "gamma_sensitivity")])
         if run.name in published.PARTITION:
             rows.append(_paper_row(run, published.PARTITION_SOURCE, published.PARTITION[run.name], verdicts))
-    cols = _LEAD + [("dictionary_size", "dictionary size", "d"), ("gamma", "γ", ".3f"), ("gamma_source", "γ from", ""),
-                    ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"), ("nan_cds", "CDS NaN", "d")]
+    cols = _LEAD + table4_columns()
     tables = [_compared(cols, rows, verdicts)]
+    if sensitivity:
+        tables.append(Table([("model", "model", "")] + SENSITIVITY_COLUMNS, sensitivity,
+                            title="γ sensitivity: group sizes at γ − 0.05, γ, γ + 0.05"))
     if groups:
         tables.append(Table([("model", "model", ""), ("group", "group", ""), ("features", "features", "d"),
                              ("mean_act_outlier", "mean act. on outliers", ".3f"),
@@ -254,7 +262,10 @@ def partition_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Sect
                             title="Group check: where each group's activation lands (high-CDS should favour outliers)"))
     return Section("CDS partition (Table 4)", [
         "SAE dictionary size, the threshold γ and the features it puts in the low-CDS (local scope, CDS ≤ γ) "
-        "and high-CDS (global scope, CDS > γ) groups; CDS NaN = no usable image."], tables)
+        "and high-CDS (global scope, CDS > γ) groups. Every feature is in exactly one bucket: low, high or "
+        "unscored, with the reason (never fired on a pool image, all its images rejected, no usable image, or "
+        "fewer usable images than scope.min_usable_images); the three sum to the dictionary size. γ 'auto' is "
+        "Otsu's threshold over the scored features only."], tables)
 
 
 def probe_rows(root: ResultsRoot, runs: list[ModelRun]) -> tuple[list[dict], dict[str, str]]:

@@ -13,8 +13,10 @@ from scope_ray.emd import grid_emd_many
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """The Otsu threshold of ``values``: the cut maximising the between-class variance of a
-    ``bins``-bin histogram. Non-finite values are ignored; a constant input returns that constant."""
+    """The Otsu threshold of ``values`` as scikit-image defines it (``threshold_otsu``): over a
+    ``bins``-bin histogram on [min, max], the centre of the bin after which a cut maximises the
+    between-class variance; values up to it form the lower class. Non-finite values are ignored; a
+    constant input returns that constant."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -31,7 +33,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
     between = w0 * w1 * (mu0 - mu1) ** 2
     i = int(np.argmax(between[:-1]))  # a cut after the last bin would leave one class empty
-    return float(edges[i + 1])
+    return float(centres[i])
 
 
 def auto_tau(norms: np.ndarray) -> float:
@@ -102,6 +104,44 @@ def cds_score(maps1: np.ndarray, maps2: np.ndarray) -> float:
     skipped). The CDS stage passes spare images beyond k_CDS and keeps the first k_CDS usable
     ones (``cds_from_scores``). NaN when no image is usable; otherwise in [0, 1]."""
     return cds_from_scores(scc_pair_scores(maps1, maps2))[0]
+
+
+# -------------------------------------------------------------------------- buckets (§5, §6)
+UNSCORED_REASONS = ("never fired", "images rejected", "no usable image", "too few usable images")
+GAMMA_SENSITIVITY = 0.05  # the report shows group sizes at γ ± this
+
+
+def unscored_reasons(status_Q: np.ndarray, images_used_Q: np.ndarray, min_usable: int) -> np.ndarray:
+    """Why each feature has no CDS that may enter the partition ("" = scored), from the cds
+    table's ``status`` and ``images_used`` (METHOD §5): it never fired on a pool image (dead on
+    the pool), all its images were rejected, none of its images had the feature in the overlap,
+    or fewer than ``min_usable`` images were usable — a CDS from one or two images sits at the
+    extremes (one map empty scores exactly 1) and would pile up there."""
+    status_Q = np.asarray(status_Q, dtype=object)
+    used_Q = np.asarray(images_used_Q)
+    out = np.full(status_Q.shape, "", dtype=object)
+    for reason in UNSCORED_REASONS[:3]:
+        out[status_Q == reason] = reason
+    out[(out == "") & (used_Q < min_usable)] = "too few usable images"
+    return out
+
+
+def split_by_gamma(cds_Q: np.ndarray, scored_Q: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
+    """Feature indices per bucket: low = scored and CDS <= γ, high = scored and CDS > γ,
+    unscored = the rest. Every feature is in exactly one."""
+    cds_Q, scored_Q = np.asarray(cds_Q, np.float64), np.asarray(scored_Q, bool) & np.isfinite(cds_Q)
+    return {"low": np.flatnonzero(scored_Q & (cds_Q <= gamma)), "high": np.flatnonzero(scored_Q & (cds_Q > gamma)),
+            "unscored": np.flatnonzero(~scored_Q)}
+
+
+def gamma_sensitivity(cds_Q: np.ndarray, scored_Q: np.ndarray, gamma: float,
+                      delta: float = GAMMA_SENSITIVITY) -> list[dict]:
+    """Group sizes at γ − δ, γ and γ + δ: how much the split depends on where γ falls."""
+    rows = []
+    for g in (gamma - delta, gamma, gamma + delta):
+        groups = split_by_gamma(cds_Q, scored_Q, g)
+        rows.append({"gamma": float(g), "low": int(groups["low"].size), "high": int(groups["high"].size)})
+    return rows
 
 
 # -------------------------------------------------------------------------------- awCDS (§7)

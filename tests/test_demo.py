@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from scope_ray.demo import PLANTED_BAD_FILES, run_demo
+from scope_ray.scope import UNSCORED_REASONS
 from scope_ray.storage import ResultsRoot
 from tests.browser import chromium_or_skip, render
 
@@ -32,7 +33,9 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     part = out["partition"].row
     assert part["low_cds"] > 0 and part["high_cds"] > 0  # the planted model's two scopes show up
     cds = out["cds"].table.column("cds").to_numpy()
-    assert part["low_cds"] + part["high_cds"] + part["nan_cds"] == cds.size
+    assert part["low_cds"] + part["high_cds"] + part["unscored"] == cds.size  # Table 4 sums to q
+    assert sum(part[f"unscored_{r.replace(' ', '_')}"] for r in UNSCORED_REASONS) == part["unscored"]
+    assert any("γ sensitivity" in line for line in lines)
     for name, path in out["figures"].items():
         assert Path(path).stat().st_size > 1000, name
     assert {"cds_histogram", "awcds", "gallery_low", "gallery_high", "instability"} <= set(out["figures"])

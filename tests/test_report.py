@@ -27,6 +27,34 @@ def test_cds_histogram(tmp_path):
     _check_png(out)
 
 
+def _pixels_of(arr: np.ndarray, hex_colour: str) -> np.ndarray:
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return (np.abs(arr.astype(int) - rgb).sum(axis=-1) <= 6)
+
+
+def test_cds_histogram_draws_the_unscored_pile_in_grey_where_it_is(tmp_path):
+    # Scored features all below 0.5; 300 unscored ones (CDS from too few images) piled at exactly 1,
+    # 50 with no CDS. The pile must be drawn at the right edge, in grey, and nowhere else.
+    rng = np.random.default_rng(1)
+    scored = rng.uniform(0.0, 0.45, 2000)
+    unscored = np.concatenate([np.ones(300), [np.nan] * 50])
+    arr = _check_png(report.cds_histogram(scored, tmp_path / "h.png", title="CDS", gamma=0.2,
+                                          unscored_cds=unscored,
+                                          sensitivity=[{"gamma": 0.15, "low": 1, "high": 2},
+                                                       {"gamma": 0.25, "low": 3, "high": 4}]))
+    # A bar is a column with a tall run of its colour (text and legend patches are short).
+    grey_bar_cols = np.flatnonzero(_pixels_of(arr, report._GREY).sum(axis=0) >= 60)
+    scored_cols = np.flatnonzero((_pixels_of(arr, report._BLUE) | _pixels_of(arr, report._RED)).sum(axis=0) >= 20)
+    assert grey_bar_cols.size and scored_cols.size
+    # The pile's bar stands right of every scored bar, in the last bin: within the last 3% of the x range.
+    assert grey_bar_cols.min() > scored_cols.max()
+    x0, x1 = scored_cols.min(), grey_bar_cols.max()  # x = 0 and x = 1, to within a bar edge
+    assert grey_bar_cols.min() >= x0 + 0.97 * (x1 - x0)
+    # Without the unscored set no grey bar is drawn.
+    arr2 = _check_png(report.cds_histogram(scored, tmp_path / "h2.png", title="CDS", gamma=0.2))
+    assert not (_pixels_of(arr2, report._GREY).sum(axis=0) >= 60).any()
+
+
 @pytest.mark.parametrize("gamma", [None, float("nan"), 0.2])
 @pytest.mark.parametrize("cds", [np.array([]), np.array([np.nan, np.nan])])
 def test_cds_histogram_no_data(tmp_path, cds, gamma):

@@ -52,16 +52,21 @@ def write_partition(root: ResultsRoot, model: str, tmp: Path) -> None:
 
     cds = np.random.default_rng(1).uniform(0, 1, 384)
     stage = root.stage(model, "partition")
-    row = {"model": model, "dictionary_size": 384, "gamma": 0.31, "gamma_source": "auto (Otsu on CDS)",
-           "low_cds": int((cds <= 0.31).sum()), "high_cds": int((cds > 0.31).sum()), "nan_cds": 0, "shift": 1, "k_cds": 16}
+    row = {"model": model, "dictionary_size": 384, "gamma": 0.31, "gamma_source": "auto (Otsu on scored CDS)",
+           "low_cds": int((cds[5:] <= 0.31).sum()), "high_cds": int((cds[5:] > 0.31).sum()), "unscored": 5,
+           "unscored_never_fired": 3, "unscored_images_rejected": 0, "unscored_no_usable_image": 0,
+           "unscored_too_few_usable_images": 2, "min_usable_images": 4, "shift": 1, "k_cds": 16}
     stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
+    stage.write_part("gamma_sensitivity", "part-0", pa.Table.from_pylist([
+        {"gamma": g, "low": int((cds[5:] <= g).sum()), "high": int((cds[5:] > g).sum())} for g in (0.26, 0.31, 0.36)]))
     stage.write_part("groups", "part-0", pa.Table.from_pylist([
         {"group": g, "features": n, "mean_act_outlier": 0.2, "mean_act_normal": 0.1, "outlier_share": 0.3}
         for g, n in (("low", row["low_cds"]), ("high", row["high_cds"]))]))
     local = {"cds_histogram": cds_histogram(cds, tmp / model / "cds_histogram.png", title=model, gamma=0.31),
              "awcds": awcds_curve(np.linspace(5, 95, 10), np.linspace(0.1, 0.4, 10), tmp / model / "awcds.png", title=model)}
     figures = {k: stage.write_figure(p) for k, p in local.items()}
-    stage.commit("h", {"cds": "x"}, {"partition": 1, "groups": 2}, extra={"gamma": 0.31, "figures": figures})
+    stage.commit("h", {"cds": "x"}, {"partition": 1, "gamma_sensitivity": 3, "groups": 2},
+                 extra={"gamma": 0.31, "figures": figures})
 
 
 def write_zeroshot(root: ResultsRoot, model: str, weights: str) -> None:
@@ -132,6 +137,7 @@ def test_markdown_holds_every_table_with_the_published_rows_of_matching_models(r
     clip = _rows(t6, "clip-vit-b16")
     assert [r[1] for r in clip] == ["this run", "paper (supp. Table 6)"]
     assert clip[0][2] == "0.432" and clip[1][2] == "0.099" and clip[1][4] == "30.201"
+    assert "| dead latents | dense latents |" in t6 and clip[0][11:13] == ["3", "1"]  # write_eval's counts
     # Random-init weights: the paper's row is shown, the comparison marked as not meaningful, with why.
     assert clip[1][-1] == "not meaningful"
     assert "clip-vit-b16 vs paper: not meaningful: random-init weights (`weights: none`)" in t6
@@ -141,6 +147,11 @@ def test_markdown_holds_every_table_with_the_published_rows_of_matching_models(r
 
     t4 = _section(md, "## CDS partition")
     assert _rows(t4, "clip-vit-b16")[1][2:7] == ["24576", "0.140", "–", "17329", "7247"]
+    ours = _rows(t4, "clip-vit-b16")[0]
+    # write_partition's 379 scored draws split 126 / 253 at 0.31 (counted by hand from its seed):
+    # low + high + unscored = 384, and the unscored reasons add up to 5.
+    assert ours[5:12] == ["126", "253", "5", "3", "0", "0", "2"]
+    assert re.search(r"\| clip-vit-b16 \| 0\.360 \|\s+138 \|\s+241 \|", t4)  # γ sensitivity, γ + 0.05
     assert [r[1] for r in _rows(t4, "demo-vit-tiny")] == ["not run"]
     t79 = _section(md, "## Outlier instability")
     assert [r[1] for r in _rows(t79, "demo-vit-tiny")] == ["incomplete (no manifest; not read)"]

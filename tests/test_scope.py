@@ -105,12 +105,32 @@ def test_norm_percentile_bins():
     assert np.isnan(m[0]) and m[1] == pytest.approx(4.5) and np.isnan(m[2])
 
 
+def test_otsu_equals_scikit_image():
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(3)
+    cases = [
+        np.concatenate([rng.normal(0.05, 0.02, 3000), rng.normal(0.6, 0.08, 800)]),
+        rng.beta(0.5, 3.0, 5000),
+        # A CDS-like histogram with a pile of features at exactly 1 (the one-empty-map rule).
+        np.concatenate([rng.beta(2, 12, 20_000), rng.beta(6, 8, 4_000), np.ones(1_000)]),
+        rng.integers(0, 5, 400).astype(np.float64),  # ties: many values on few bin edges
+        np.log(rng.lognormal(1.6, 0.2, 10_000)),  # log token norms, as auto_tau uses it
+    ]
+    for bins in (256, 64):
+        for v in cases:
+            assert otsu_threshold(v, bins=bins) == pytest.approx(float(threshold_otsu(v, nbins=bins)), abs=1e-12)
+
+
 def test_otsu_between_modes():
     rng = np.random.default_rng(0)
     low, high = rng.normal(0.05, 0.02, 3000), rng.normal(0.6, 0.08, 800)
-    t = otsu_threshold(np.concatenate([low, high]))
-    # Separated modes: every cut in the gap is equally good; the chosen one splits them exactly.
-    assert low.max() < t < high.min()
+    v = np.concatenate([low, high])
+    t = otsu_threshold(v)
+    # Separated modes: the cut falls in the first bin after which every cut is equally good, i.e.
+    # at the centre of the bin that holds the lower mode's largest value (scikit-image's choice).
+    half_bin = (v.max() - v.min()) / 256 / 2
+    assert low.max() - half_bin <= t <= low.max() + half_bin and t < high.min()
     # Overlapping modes: the cut lies between the two means.
     a, b = rng.normal(0.1, 0.05, 2000), rng.normal(0.4, 0.1, 2000)
     assert 0.1 < otsu_threshold(np.concatenate([a, b])) < 0.4

@@ -3,9 +3,10 @@
 Reads the ``cds`` stage and writes ``ROOT/<model>/partition/``:
 
 - ``partition``: one row in the layout of Table 4 (dictionary size, γ and how it was chosen,
-  low / high group sizes, features with CDS NaN);
-- ``features``: every feature's CDS and group (``low``, ``high``, or ``nan`` for CDS NaN): what
-  feature-group removal reads;
+  low / high / unscored bucket sizes, which sum to q, and the unscored ones by reason);
+- ``features``: every feature's CDS, bucket (``low``, ``high`` or ``unscored``) and, when
+  unscored, why (scope.unscored_reasons): what feature-group removal reads;
+- ``gamma_sensitivity``: low / high sizes at γ − 0.05, γ, γ + 0.05;
 - ``groups``: per group (low-CDS, high-CDS), the mean summed activation per outlier token and per
   normal token, and the share of the group's activation mass that lands on outlier tokens — the
   check that high-CDS features live on outliers (METHOD §6);
@@ -32,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig
+from scope_ray.scope import UNSCORED_REASONS, gamma_sensitivity, split_by_gamma, unscored_reasons
 from scope_ray.storage import ResultsRoot
 
 STAGE = "partition"
@@ -41,27 +43,23 @@ GROUPS = ("low", "high")
 def config_hash(job: JobConfig) -> str:
     from scope_ray.stages.cds import config_hash as cds_hash
 
-    return job.stage_hash("scope.gamma", "scope.awcds_bins", "scope.gallery_features", "scope.gallery_images",
+    return job.stage_hash("scope.gamma", "scope.min_usable_images", "scope.awcds_bins", "scope.gallery_features", "scope.gallery_images",
                           "scope.instability_images", "scope.instability_split", f"data.imagenet.{job.scope.instability_split}",
                           "model.tau")[:8] + cds_hash(job)
 
 
-def resolve_gamma(job: JobConfig, cds_Q: np.ndarray) -> tuple[float, str]:
-    """γ from the config, or 'auto' = the Otsu threshold of the finite CDS values (METHOD §6)."""
+def resolve_gamma(job: JobConfig, cds_Q: np.ndarray, scored_Q: np.ndarray) -> tuple[float, str]:
+    """γ from the config, or 'auto' = the Otsu threshold of the scored features' CDS (METHOD §6):
+    unscored features (a CDS from too few images piles up at 1) never move γ."""
     from scope_ray.scope import otsu_threshold
 
     if job.scope.gamma != "auto":
         return float(job.scope.gamma), "config"
-    finite = cds_Q[np.isfinite(cds_Q)]
-    if finite.size == 0:
-        raise RuntimeError("every feature has CDS NaN (no usable image): gamma cannot be chosen; see the cds table")
-    return otsu_threshold(finite), "auto (Otsu on CDS)"
-
-
-def split_groups(cds_Q: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
-    """Feature indices per group: low = CDS <= γ, high = CDS > γ; NaN-CDS features in neither."""
-    finite = np.isfinite(cds_Q)
-    return {"low": np.flatnonzero(finite & (cds_Q <= gamma)), "high": np.flatnonzero(finite & (cds_Q > gamma))}
+    values = cds_Q[scored_Q & np.isfinite(cds_Q)]
+    if values.size == 0:
+        raise RuntimeError(f"no feature has a CDS from at least scope.min_usable_images={job.scope.min_usable_images} "
+                           "usable images: gamma cannot be chosen; see the cds table's status column")
+    return otsu_threshold(values), "auto (Otsu on scored CDS)"
 
 
 def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, groups: dict[str, np.ndarray],
@@ -203,6 +201,7 @@ class PartitionResult:
     row: dict = field(default_factory=dict)
     groups: list[dict] = field(default_factory=list)
     figures: dict[str, str] = field(default_factory=dict)
+    sensitivity: list[dict] = field(default_factory=list)  # low / high sizes at γ − 0.05, γ, γ + 0.05
 
 
 def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> PartitionResult:
@@ -221,7 +220,8 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
         log(f"[partition] {job.model.name}: already complete at {stage.uri}; skipping")
         m = stage.manifest()
         return PartitionResult(skipped=True, row=stage.read_table("partition").to_pylist()[0],
-                               groups=stage.read_table("groups").to_pylist(), figures=m["figures"])
+                               groups=stage.read_table("groups").to_pylist(), figures=m["figures"],
+                               sensitivity=stage.read_table("gamma_sensitivity").to_pylist())
     cds_stage = root.stage(job.model.name, CDS_STAGE)
     if not cds_stage.is_complete(cds_hash(job)):
         raise RuntimeError(f"{job.model.name}: the cds stage at {cds_stage.uri} is missing or from another config; "
@@ -230,8 +230,13 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
     cds = cds_stage.read_table("cds")
     cds_Q = cds.column("cds").to_numpy()
     q = cds_Q.size
-    gamma, gamma_source = resolve_gamma(job, cds_Q)
-    groups = split_groups(cds_Q, gamma)
+    reason_Q = unscored_reasons(cds.column("status").to_numpy(zero_copy_only=False),
+                                cds.column("images_used").to_numpy(), job.scope.min_usable_images)
+    scored_Q = reason_Q == ""
+    gamma, gamma_source = resolve_gamma(job, cds_Q, scored_Q)
+    buckets = split_by_gamma(cds_Q, scored_Q, gamma)
+    groups = {g: buckets[g] for g in GROUPS}
+    sensitivity = gamma_sensitivity(cds_Q, scored_Q, gamma)
     tau, tau_source = resolve_tau(job, root)
     res = actor_resources(job.ray)
     from scope_ray.stages.instability import analysis_image_ids
@@ -242,17 +247,17 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
     if stats["images"] < len(image_ids):
         log(f"[partition] {len(image_ids) - stats['images']} of the {len(image_ids)} analysis images have no stored "
             "val tokens (extract.val_split differs from scope.instability_split?); statistics use the rest")
-    row = {"model": job.model.name, "dictionary_size": q, "gamma": gamma, "gamma_source": gamma_source,
-           "low_cds": int(groups["low"].size), "high_cds": int(groups["high"].size),
-           "nan_cds": int((~np.isfinite(cds_Q)).sum()), "shift": job.scope.shift, "k_cds": job.scope.k_cds}
+    row = table4_row(job, q, gamma, gamma_source, buckets, reason_Q)
     stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
+    stage.write_part("gamma_sensitivity", "part-0", pa.Table.from_pylist(sensitivity))
     stage.write_part("groups", "part-0", pa.Table.from_pylist(stats["groups"]))
-    membership = np.full(q, "nan", dtype=object)
+    membership = np.full(q, "unscored", dtype=object)
     for g in GROUPS:
         membership[groups[g]] = g
-    stage.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(q), pa.int64()),
-                                                     "cds": pa.array(cds_Q, pa.float64()),
-                                                     "group": pa.array(membership.tolist(), pa.string())}))
+    stage.write_part("features", "part-0", pa.table({
+        "feature": pa.array(np.arange(q), pa.int64()), "cds": pa.array(cds_Q, pa.float64()),
+        "group": pa.array(membership.tolist(), pa.string()),
+        "unscored_reason": pa.array([r or None for r in reason_Q.tolist()], pa.string())}))
     stage.write_part("awcds", "part-0", pa.table({"norm_percentile": stats["centres"], "awcds": stats["means"],
                                                   "tokens": stats["counts"].astype(np.int64)}))  # tokens averaged
     topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
@@ -264,8 +269,10 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
     with tempfile.TemporaryDirectory() as tmp:
         name = f"{job.model.name} layer {job.model.resolved_layer}"
         local = {
-            "cds_histogram": cds_histogram(cds_Q, Path(tmp) / "cds_histogram.png", gamma=gamma,
-                                           title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
+            "cds_histogram": cds_histogram(
+                np.where(scored_Q, cds_Q, np.nan), Path(tmp) / "cds_histogram.png", gamma=gamma,
+                unscored_cds=cds_Q[~scored_Q], sensitivity=sensitivity,
+                title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
             "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
                                  outlier_percentile=stats["tau_percentile"],
                                  title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
@@ -276,15 +283,52 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
                 title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
         figures = {key: stage.write_figure(path) for key, path in local.items()}
     stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
-                 {"partition": 1, "groups": len(stats["groups"]), "features": q, "awcds": len(stats["centres"]),
+                 {"partition": 1, "gamma_sensitivity": len(sensitivity), "groups": len(stats["groups"]), "features": q,
+                  "awcds": len(stats["centres"]),
                   "gallery": len(gallery_rows)},
                  extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
                         "tokens": stats["tokens"], "outlier_tokens": stats["outlier_tokens"],
                         "images": stats["images"], "images_requested": stats["images_requested"],
                         "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})
+    lo, hi = sensitivity[0], sensitivity[-1]
     log(f"[partition] gamma {gamma:.3g} ({gamma_source}): {row['low_cds']} low-CDS, {row['high_cds']} high-CDS, "
-        f"{row['nan_cds']} CDS NaN of {q}; figures under {posixpath.join(stage.uri, 'figures')}")
-    return PartitionResult(skipped=False, row=row, groups=stats["groups"], figures=figures)
+        f"{row['unscored']} unscored of {q} ({_reasons_text(row)}); at gamma -/+ 0.05: {lo['high']} / {hi['high']} "
+        f"high-CDS; figures under {posixpath.join(stage.uri, 'figures')}")
+    return PartitionResult(skipped=False, row=row, groups=stats["groups"], figures=figures, sensitivity=sensitivity)
+
+
+def table4_row(job: JobConfig, q: int, gamma: float, gamma_source: str, buckets: dict[str, np.ndarray],
+               reason_Q: np.ndarray) -> dict:
+    """The ``partition`` row (Table 4's layout): every one of the q features in exactly one bucket."""
+    row = {"model": job.model.name, "dictionary_size": q, "gamma": gamma, "gamma_source": gamma_source,
+           "low_cds": int(buckets["low"].size), "high_cds": int(buckets["high"].size),
+           "unscored": int(buckets["unscored"].size)}
+    for reason in UNSCORED_REASONS:
+        row[unscored_column(reason)] = int((reason_Q == reason).sum())
+    row.update({"min_usable_images": job.scope.min_usable_images, "shift": job.scope.shift, "k_cds": job.scope.k_cds})
+    if row["low_cds"] + row["high_cds"] + row["unscored"] != q or \
+            sum(row[unscored_column(r)] for r in UNSCORED_REASONS) != row["unscored"]:
+        raise AssertionError(f"partition buckets do not add up to q={q}: {row}")  # a bug, never data
+    return row
+
+
+def table4_columns() -> list[tuple[str, str, str]]:
+    """Table 4's columns as the report and the demo print them: (key, header, format)."""
+    return [("dictionary_size", "dictionary size", "d"), ("gamma", "γ", ".3f"), ("gamma_source", "γ from", ""),
+            ("low_cds", "low-CDS", "d"), ("high_cds", "high-CDS", "d"), ("unscored", "unscored", "d")] + \
+        [(unscored_column(r), f"unscored: {r}", "d") for r in UNSCORED_REASONS]
+
+
+SENSITIVITY_COLUMNS = [("gamma", "γ", ".3f"), ("low", "low-CDS", "d"), ("high", "high-CDS", "d")]
+
+
+def unscored_column(reason: str) -> str:
+    """The partition-row column counting one unscored reason (``unscored_never_fired``, ...)."""
+    return "unscored_" + reason.replace(" ", "_")
+
+
+def _reasons_text(row: dict) -> str:
+    return ", ".join(f"{row[unscored_column(r)]} {r}" for r in UNSCORED_REASONS if row[unscored_column(r)]) or "none"
 
 
 def _draw_gallery(rows: list[dict], pixels: dict, maps: dict, job: JobConfig, path: Path, *, title: str, draw) -> Path:

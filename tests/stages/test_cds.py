@@ -44,7 +44,8 @@ def pool(tmp_path_factory):
 
 def _job(pool, root, *overrides):
     return load_config({"storage": {"root": str(root)}, "data": {"imagenet": {"val": pool}}},
-                       ["sae.expansion=1", "sae.k=4", "scope.k_cds=3", "scope.spare_images=2", "scope.batch_size=4",
+                       ["sae.expansion=1", "sae.k=4", "scope.k_cds=3", "scope.min_usable_images=2", "scope.spare_images=2",
+                        "scope.batch_size=4",
                         "scope.gallery_features=2", "scope.gallery_images=2", "scope.instability_images=8",
                         "ray.num_actors=2", *overrides])
 
@@ -152,12 +153,27 @@ def test_cds_stage_equals_direct_computation_and_partition(ray_local, pool, tmp_
 
     part = run_partition(job, root, progress=False, log=lambda *_: None)
     row = part.row
-    assert row["low_cds"] + row["high_cds"] + row["nan_cds"] == job.dictionary_size
-    assert row["nan_cds"] == int(np.isnan(cds).sum())
+    # Every feature in exactly one bucket; unscored = no CDS, or a CDS from too few usable images.
+    used = table.column("images_used").to_numpy()
+    unscored = np.isnan(cds) | (used < job.scope.min_usable_images)
+    assert 0 < unscored.sum() < job.dictionary_size
+    assert row["low_cds"] + row["high_cds"] + row["unscored"] == job.dictionary_size
+    assert row["unscored"] == int(unscored.sum())
+    assert row["unscored_never_fired"] == list(status.values()).count("never fired")
+    assert row["unscored_too_few_usable_images"] == int((~np.isnan(cds) & unscored).sum())
     assert row["gamma_source"].startswith("auto")
+    # γ 'auto' is scikit-image's Otsu threshold over the scored features only.
+    from skimage.filters import threshold_otsu
+
+    assert row["gamma"] == pytest.approx(float(threshold_otsu(cds[~unscored])), abs=1e-12)
     members = root.stage(job.model.name, "partition").read_table("features").to_pylist()
+    assert [m["group"] == "unscored" for m in members] == unscored.tolist()
+    assert all((m["unscored_reason"] is None) == (m["group"] != "unscored") for m in members)
     assert [m["group"] for m in members].count("high") == row["high_cds"]
-    assert all((m["group"] == "high") == (m["cds"] > row["gamma"]) for m in members if m["group"] != "nan")
+    assert all((m["group"] == "high") == (m["cds"] > row["gamma"]) for m in members if m["group"] != "unscored")
+    sensitivity = root.stage(job.model.name, "partition").read_table("gamma_sensitivity").to_pylist()
+    assert [s["high"] for s in sensitivity] == [int((cds[~unscored] > g).sum()) for g in
+                                                 (row["gamma"] - 0.05, row["gamma"], row["gamma"] + 0.05)]
     for key, uri in part.figures.items():
         with Image.open(uri) as im:
             assert im.size[0] > 100, key
@@ -185,7 +201,7 @@ def test_cds_stage_equals_direct_computation_and_partition(ray_local, pool, tmp_
     assert run_cds(fixed, root, progress=False, log=lambda *_: None).skipped
     part2 = run_partition(fixed, root, progress=False, log=lambda *_: None)
     assert not part2.skipped and part2.row["gamma"] == 0.5 and part2.row["gamma_source"] == "config"
-    assert part2.row["high_cds"] == int((cds > 0.5).sum())
+    assert part2.row["high_cds"] == int((cds[~unscored] > 0.5).sum())
 
 
 def test_topk_does_not_depend_on_actors_or_batches(ray_local, pool, tmp_path):
@@ -218,7 +234,8 @@ def test_cds_and_partition_on_s3(ray_local, s3_bucket, pool, tmp_path):
     bucket, endpoint = s3_bucket
     job = load_config({"storage": {"root": f"{bucket}/results", "endpoint_url": endpoint},
                        "data": {"imagenet": {"val": pool}}},
-                      ["sae.expansion=1", "sae.k=4", "scope.k_cds=2", "scope.spare_images=1", "scope.batch_size=8",
+                      ["sae.expansion=1", "sae.k=4", "scope.k_cds=2", "scope.min_usable_images=1",
+                       "scope.spare_images=1", "scope.batch_size=8",
                        "scope.gallery_features=1", "scope.gallery_images=1", "scope.instability_images=4"])
     root = ResultsRoot(job.storage.root, endpoint)
     _commit_sae_and_tokens(job, root, _pool_images(pool))
