@@ -12,6 +12,7 @@ from tests.browser import chromium_or_skip, render
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1500)  # every stage twice (the run, then the re-run that skips): ~6 min idle
 def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     lines: list[str] = []
     out = run_demo(tmp_path / "demo", log=lines.append)
