@@ -224,3 +224,19 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_typo_in_a_data_path_leaves_the_committed_extraction_byte_identical(ray_local, job_file, killed, rerun):
+    """The same job with one letter of the training data path wrong (its config hash changes, so
+    extract would be redone): the run fails naming the path, before anything committed is deleted."""
+    typo = str(job_file["job"].data.imagenet.train.path).replace("train", "trian")
+    assert typo != str(job_file["job"].data.imagenet.train.path)
+    stage_dir = Path(job_file["root"].path) / MODEL
+    before = _snapshot(stage_dir / "extract")
+    proc = subprocess.run(_driver_cmd(job_file["path"])[:-2] + ["--stages", "extract", "--set",
+                                                                f"data.imagenet.train.path={typo}"],
+                          env=_driver_env(ray_local), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and typo in out and "does not exist" in out, out
+    assert _snapshot(stage_dir / "extract") == before
+    assert job_file["root"].stage(MODEL, "extract").is_complete(extract_hash(job_file["job"]))

@@ -61,6 +61,10 @@ def read_source(
     if source.split is not None and not (source.format == "folder" and dataset == "ade20k"):
         raise ValueError(f"source {source.path!r}: `split` is only used by ade20k folder sources "
                          f"(images/<split>/, annotations/<split>/); leave it unset for {dataset} {source.format}")
+    if source.format in ("folder", "webdataset"):
+        # Parquet and manifest sources check their files below; these two would otherwise only
+        # find out inside a read task, after the caller has started work.
+        _require_exists(source.path, endpoint_url)
     if source.format == "folder":
         ds = _read_folder(source, dataset, endpoint_url, num_cpus)
     elif source.format == "parquet":
@@ -77,6 +81,14 @@ def read_source(
     if source.max_images is not None:
         ds = ds.limit(source.max_images)
     return ds
+
+
+def _require_exists(uri: str, endpoint_url: str | None) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = arrow_filesystem(uri, endpoint_url)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data source {uri!r} does not exist (a typo in the path?)")
 
 
 def _remote(num_cpus: float | None) -> dict[str, float]:

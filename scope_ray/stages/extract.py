@@ -100,18 +100,17 @@ def config_hash(job: JobConfig) -> str:
                           "data.min_side", "extract", exclude=("extract.batch_size",))
 
 
-def _stream_split(job: JobConfig, root: ResultsRoot, source: SourceConfig, split: str, table: str, mode: Mode,
+def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str, mode: Mode,
                   progress: bool) -> SplitCounts:
+    """Decode and extract the opened source ``ds`` (``read_source``) into ``table``."""
     import ray.data
     from tqdm import tqdm
 
-    from scope_ray.data.sources import read_source
     from scope_ray.stages.cluster import actor_resources, tally_nodes
     from scope_ray.stages.decode import decode_batch
 
     res = actor_resources(job.ray)
     spec = job.model.spec
-    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side),
@@ -178,12 +177,19 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
     for split, _, _, source in plan:
         if source is None:
             raise ValueError(f"data.imagenet.{split} is not set: extraction needs it (see docs/data.md)")
+    # Every input is opened and checked (path exists, every Parquet footer, a manifest's entries)
+    # before the committed stage is touched: a typo in a data path fails here and leaves the
+    # previous extraction byte-identical, rather than deleting it and then failing.
+    from scope_ray.data.sources import read_source
+
+    opened = {table: read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+              for _, table, _, source in plan}
     stage.reset()
     spec = job.model.spec
     result = ExtractResult(skipped=False)
     for split, table, mode, source in plan:
         log(f"[extract] {job.model.name} layer {job.model.resolved_layer}: {split} split from {source.path} -> {table}")
-        counts = _stream_split(job, root, source, split, table, mode, progress)
+        counts = _stream_split(job, root, opened[table], split, table, mode, progress)
         per_image = job.extract.tokens_per_image if mode == "sample" else spec.num_patches
         _verify(stage, root, table, counts, per_image)
         result.counts[table] = counts
