@@ -158,6 +158,11 @@ class ScopeConfig(_Section):
         None, ge=1, description="overlap tokens per image and shift whose attention EMD is computed; null = all "
         "(a seeded sample otherwise, keyed by image id)"
     )
+    instability_alignment: Literal["canvas", "view", "overlap"] = Field(
+        "canvas", description="where the two views' attention rows are placed for the EMD (docs/instability.md): "
+        "'canvas' = the common (p+s)² canvas, view 2 at offset s; 'view' = each view's own p x p frame, no offset; "
+        "'overlap' = both rows cut to the (p-s)² shared cells and renormalised (no mass there: EMD undefined, NaN)"
+    )
     pool_split: Literal["train", "val"] = Field("val", description="ImageNet split forming the CDS analysis pool")
     pool_images: int | None = Field(None, ge=1, description="cap on analysis-pool images (source order); null = the whole split")
     spare_images: int = Field(

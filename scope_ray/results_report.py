@@ -217,6 +217,9 @@ def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Se
             s = int(r["shift"])
             shifts.add(s)
             out.update({f"d_non_{s}": r["d_non"], f"d_out_{s}": r["d_out"], "images": r.get("images")})
+        # Which alignment produced these numbers (scope.instability_alignment); a manifest from
+        # before the key existed can only be the common canvas, the one placement there was then.
+        out["alignment"] = (run.manifests.get("instability") or {}).get("alignment", "canvas (not recorded)")
         return [_ours(run, out)]
 
     for run in runs:
@@ -225,14 +228,19 @@ def instability_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Se
         if paper:
             shifts.update(paper)
             values = {k: v for s, (dn, do) in paper.items() for k, v in ((f"d_non_{s}", dn), (f"d_out_{s}", do))}
-            rows.append(_paper_row(run, published.INSTABILITY_SOURCE[run.name], values, verdicts))
+            rows.append(_paper_row(run, published.INSTABILITY_SOURCE[run.name], {**values, "alignment": "not stated"},
+                                   verdicts))
     cols = list(_LEAD)
     for s in sorted(shifts):
         cols += [(f"d_non_{s}", f"D_non s={s}", ".3f"), (f"d_out_{s}", f"D_out s={s}", ".3f")]
-    cols += [("images", "images", "d")]
+    cols += [("images", "images", "d"), ("alignment", "alignment", "")]
     return Section("Outlier instability (Tables 7 and 9)", [
         "Mean attention EMD (in patches) between the two views of a Shifted Context Crop, over non-outlier "
-        "(D_non) and outlier (D_out) tokens, per shift s; s = 1 is Table 7, the s sweep Table 9."],
+        "(D_non) and outlier (D_out) tokens, per shift s; s = 1 is Table 7, the s sweep Table 9.",
+        "The alignment column says where each run placed the two views' attention rows before the EMD "
+        "(scope.instability_alignment, docs/instability.md): canvas = the common (p+s)² canvas, view 2 at "
+        "offset s (a uniform or view-anchored row scores exactly s·√2 there); view = each view's own frame; "
+        "overlap = only the shared patches, renormalised. The paper does not state its alignment."],
         [_compared(cols, rows, verdicts)])
 
 

@@ -10,8 +10,14 @@ Pipeline (docs/instability.md has the picture, the selection rule and the costs)
 3. **Attention** (actor pool, the GPU when there is one): both views through the ViT; for each
    overlap token (all, or a seeded sample of ``scope.instability_tokens``) the attention rows of
    every head in both views and the token's norm in both views. One output row per token.
-4. **EMD** (CPU tasks): per head, the exact EMD between the two rows placed on the common
-   ``(p+s)²`` canvas, averaged over heads; outlier = norm > tau in either view. These tasks write
+4. **EMD** (CPU tasks): per head, the exact EMD between the two rows, averaged over heads;
+   ``scope.instability_alignment`` says where the rows are placed (``alignment_supports``):
+   ``canvas`` (default) the common ``(p+s)²`` canvas, view 2 at offset s; ``view`` each view's own
+   ``p × p`` frame; ``overlap`` only the ``(p−s)²`` shared patches, each row renormalised there
+   (no mass there: NaN, counted in ``n_undefined``). On the canvas a uniform or view-anchored row
+   scores exactly s·√2; docs/instability.md has every alignment's analytic values. The alignment
+   is in the config hash, the manifest, every summary row and the figure title.
+   Outlier = norm > tau in either view. These tasks write
    the ``tokens`` part files. The EMD is the expensive step and CPU-bound, so it runs in tasks
    that spread over every CPU of the cluster rather than inside the (GPU) model actors.
 5. The driver verifies what is on storage, writes the per-shift ``summary`` and commits.
@@ -100,6 +106,59 @@ def token_attention_emd(attn1_HN: np.ndarray, attn2_HN: np.ndarray, coords1_N2: 
     """METHOD §4 for one overlap token: the head-mean of ``head_attention_emds``; NaN when any head
     is undefined (such a token is counted, never averaged: summary column ``n_undefined``)."""
     return float(np.mean(head_attention_emds(attn1_HN, attn2_HN, coords1_N2, coords2_N2)))
+
+
+# Where the two views' attention rows are placed before the EMD (scope.instability_alignment;
+# docs/instability.md "Alignment" has the analytic values on known geometries).
+ALIGNMENTS = ("canvas", "view", "overlap")
+
+
+def alignment_supports(grid: int, shift: int, alignment: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(keep1_M, coords1_M2, keep2_M, coords2_M2): which patch tokens of view 1 / view 2 a row keeps
+    (flat row-major indices) and the (row, col) points, in patch units, its kept weights sit on.
+
+    - ``canvas``: every patch; view 1 at offset 0, view 2 at offset ``shift`` on the common
+      ``(p+s)²`` canvas (``scc.canvas_coordinates``): the same pixels land on the same point.
+    - ``view``: every patch, each view in its own ``p × p`` frame (no offset): the same position
+      within the view lands on the same point.
+    - ``overlap``: only the ``(p−s)²`` overlap patches (``scc.overlap_indices``), both on their
+      common canvas points; the EMD normalises each cut row to sum 1 (``emd.points_emd``)."""
+    from scope_ray.scc import canvas_coordinates, overlap_indices
+
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    coords1_N2, coords2_N2 = canvas_coordinates(grid, shift)
+    all_N = np.arange(grid * grid)
+    if alignment == "canvas":
+        return all_N, coords1_N2, all_N, coords2_N2
+    if alignment == "view":
+        return all_N, coords1_N2, all_N, coords1_N2.copy()
+    idx1, idx2 = overlap_indices(grid, shift)
+    return idx1, coords1_N2[idx1], idx2, coords2_N2[idx2]
+
+
+def aligned_head_emds(attn1_HN: np.ndarray, attn2_HN: np.ndarray, grid: int, shift: int, alignment: str,
+                      supports: tuple | None = None) -> np.ndarray:
+    """emd_H for one overlap token under ``alignment`` (``alignment_supports``; pass ``supports``
+    to reuse them across tokens). A head is undefined (NaN) when either full row is not a
+    distribution (``_usable``: as ``head_attention_emds``) or, for ``overlap``, when either row has no
+    mass on the overlap patches: it is never given a value, and the token then counts in
+    ``n_undefined``."""
+    attn1_HN, attn2_HN = np.asarray(attn1_HN), np.asarray(attn2_HN)
+    keep1, c1, keep2, c2 = supports if supports is not None else alignment_supports(grid, shift, alignment)
+    if attn1_HN.shape != attn2_HN.shape or attn1_HN.ndim != 2 or attn1_HN.shape[1] != grid * grid:
+        raise ValueError(f"attention rows must both be [H, {grid * grid}], got {list(attn1_HN.shape)} and "
+                         f"{list(attn2_HN.shape)}")
+    out_H = head_attention_emds(attn1_HN[:, keep1], attn2_HN[:, keep2], c1, c2)
+    whole_H = np.array([_usable(a) and _usable(b) for a, b in zip(attn1_HN, attn2_HN)], dtype=bool)
+    out_H[~whole_H] = np.nan  # a NaN outside the overlap still makes the row unusable
+    return out_H
+
+
+def aligned_token_emd(attn1_HN: np.ndarray, attn2_HN: np.ndarray, grid: int, shift: int, alignment: str,
+                      supports: tuple | None = None) -> float:
+    """The token value under ``alignment``: the head-mean of ``aligned_head_emds`` (NaN if any head is)."""
+    return float(np.mean(aligned_head_emds(attn1_HN, attn2_HN, grid, shift, alignment, supports)))
 
 
 class ClassPicker:
@@ -222,19 +281,19 @@ def _token_rows(ids, shift, token1, token2, norm1, norm2, attn1_THN, attn2_THN) 
             "attn2": np.ascontiguousarray(attn2_THN, dtype=np.float32)}
 
 
-def emd_batch(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, grid: int, tau: float) -> dict[str, np.ndarray]:
-    """Ray Data task: token rows with attention → EMD and outlier flag → a ``tokens`` part file
-    (named by the batch's (image, shift, token) keys, so a retry overwrites); returns counts."""
-    from scope_ray.scc import canvas_coordinates
-
+def emd_batch(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, grid: int, tau: float,
+              alignment: str) -> dict[str, np.ndarray]:
+    """Ray Data task: token rows with attention → EMD (under ``alignment``) and outlier flag → a
+    ``tokens`` part file (named by the batch's (image, shift, token) keys, so a retry overwrites);
+    returns counts."""
     ids = [str(i) for i in batch["image_id"]]
     if not ids:
         return {"rows": np.array([0]), "undefined": np.array([0])}
     shift_T = np.asarray(batch["shift"], dtype=np.int64)
-    coords = {int(s): canvas_coordinates(grid, int(s)) for s in np.unique(shift_T)}
+    supports = {int(s): alignment_supports(grid, int(s), alignment) for s in np.unique(shift_T)}
     attn1_THN, attn2_THN = batch["attn1"], batch["attn2"]
-    emd_T = np.array([token_attention_emd(attn1_THN[t], attn2_THN[t], *coords[int(shift_T[t])])
-                      for t in range(len(ids))])
+    emd_T = np.array([aligned_token_emd(attn1_THN[t], attn2_THN[t], grid, int(shift_T[t]), alignment,
+                                        supports[int(shift_T[t])]) for t in range(len(ids))])
     norm1_T, norm2_T = np.asarray(batch["norm1"], np.float32), np.asarray(batch["norm2"], np.float32)
     table = pa.Table.from_arrays([
         pa.array(ids, pa.string()), pa.array(shift_T.astype(np.int32)),
@@ -263,11 +322,12 @@ class InstabilityResult:
 
 def config_hash(job: JobConfig, tau: float) -> str:
     """What the instability tables depend on: the model, the split, the selection and token cap,
-    the resolved shifts and the tau value itself (so a new extract giving another auto tau redoes it)."""
+    the alignment, the resolved shifts and the tau value itself (so a new extract giving another
+    auto tau, or another ``scope.instability_alignment``, redoes it)."""
     split = job.scope.instability_split
     base = job.stage_hash("model.name", "model.weights", "model.layer", f"data.imagenet.{split}", "data.max_pixels",
                           "data.min_side", "scope.instability_images", "scope.instability_split",
-                          "scope.instability_tokens")
+                          "scope.instability_tokens", "scope.instability_alignment")
     blob = json.dumps({"base": base, "tau": float(tau), "shifts": list(job.instability_shifts)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -337,7 +397,8 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
         compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.scope.batch_size, batch_format="numpy",
     )
-    ds = ds.map_batches(emd_batch, fn_kwargs=dict(root=root, model=job.model.name, grid=spec.grid, tau=tau),
+    ds = ds.map_batches(emd_batch, fn_kwargs=dict(root=root, model=job.model.name, grid=spec.grid, tau=tau,
+                                                  alignment=job.scope.instability_alignment),
                         batch_size=EMD_BATCH_TOKENS, num_cpus=EMD_TASK_CPUS, batch_format="numpy")
     total = len(ids) * sum(tokens_per_image(spec.grid, s, job.scope.instability_tokens) for s in shifts)
     rows = 0
@@ -417,14 +478,14 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
     stage.write_part("images", "part-0", pa.table({"image_id": ids, "label": [c[1] for c in chosen]}, schema=IMAGES_SCHEMA))
     scan_rows = max(c[2] for c in chosen) + 1
     log(f"[instability] {len(ids)} images x shifts {list(shifts)}, tau {tau:.4g} ({tau_source}), tokens per image "
-        f"and shift: {job.scope.instability_tokens or 'all'}")
+        f"and shift: {job.scope.instability_tokens or 'all'}, alignment {job.scope.instability_alignment}")
     _stream(job, root, res, source, split, ids, scan_rows, tau, progress)
     tokens = stage.written_table("tokens", TOKENS_SCHEMA, ["image_id", "shift", "token1", "outlier", "emd"])
     rejects = stage.written_table("rejects", REJECTS_SCHEMA, ["image_id", "reason"])
     used, rejected = _verify(job, tokens, rejects, set(ids))
     summary = summarize(tokens, shifts, len(used), tau)
     for row in summary:
-        row.update(model=job.model.name, layer=job.model.resolved_layer)
+        row.update(model=job.model.name, layer=job.model.resolved_layer, alignment=job.scope.instability_alignment)
     stage.write_part("summary", "part-0", pa.Table.from_pylist(summary))
     unlabelled = sum(1 for c in chosen if c[1] < 0)
     figure = _draw_summary(job, stage, summary)
@@ -436,6 +497,7 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
         extra={"tau": tau, "tau_source": tau_source, "shifts": list(shifts), "layer": job.model.resolved_layer,
                "grid": spec.grid, "heads": spec.num_heads, "instability_tokens": job.scope.instability_tokens,
                "images_requested": job.scope.instability_images, "selection_rule": SELECTION_RULE, "seed": job.seed,
+               "alignment": job.scope.instability_alignment,
                "figures": {"instability": figure}},
     )
     for row in summary:
@@ -457,6 +519,6 @@ def _draw_summary(job: JobConfig, stage: StageDir, summary: list[dict[str, Any]]
         path = instability_plot(np.array([r["shift"] for r in summary]), np.array([r["d_non"] for r in summary]),
                                 np.array([r["d_out"] for r in summary]), Path(tmp) / "instability.png",
                                 title=f"{job.model.name} layer {job.model.resolved_layer}: attention EMD under SCC "
-                                      f"by shift (Tables 7 / 9)")
+                                      f"by shift (Tables 7 / 9)\nalignment: {job.scope.instability_alignment}")
         return stage.write_figure(path)
 

@@ -23,7 +23,13 @@ from scope_ray.models import build_model
 from scope_ray.scc import canvas_coordinates, overlap_indices, scc_views
 from scope_ray.stages.extract import config_hash as extract_hash
 from scope_ray.stages.instability import (
+    ALIGNMENTS,
     ClassPicker,
+    aligned_head_emds,
+    aligned_token_emd,
+    alignment_supports,
+    config_hash,
+    emd_batch,
     head_attention_emds,
     overlap_sample,
     run_instability,
@@ -127,6 +133,8 @@ def test_summary_has_one_row_per_shift_and_all_tokens(run, data):
     assert np.array_equal(outlier, (norm1 > res.tau) | (norm2 > res.tau))
     m = stage.manifest()
     assert m["rows"] == {"images": len(data["expected"]), "tokens": tokens.num_rows, "summary": 2, "rejects": 1}
+    # The default alignment, named in the manifest and in every summary row (the report reads it).
+    assert m["alignment"] == "canvas" and [r["alignment"] for r in summary] == ["canvas"] * len(SHIFTS)
     # Larger shifts move the context further: the attention moves further on the canvas.
     assert summary[1]["d_non"] > summary[0]["d_non"]
 
@@ -278,3 +286,191 @@ def test_class_picker_first_of_each_class_then_unlabelled():
     assert p.add(["e", "f"], [3, 4])  # a 4th class: done; unlabelled no longer needed
     assert [c[0] for c in p.selection()] == ["a", "b", "d", "e"]
     assert p.scanned == 8 and p.selection()[-1][2] == 7  # positions in source order
+
+
+# ------------------------------------------------------- alignment (scope.instability_alignment)
+# Attention of known geometry for one overlap token, and each alignment's value derived by hand
+# (docs/instability.md "Alignment"). Two facts give every number: identical weights on identical
+# points cost 0; and a measure moved rigidly by the vector t costs exactly |t| (the translation plan
+# costs |t|, and no plan costs less: the 1-Lipschitz map x -> <x, t>/|t| moves in mean by |t|).
+# View 2's patch (r, c) lies at canvas (r+s, c+s), so "same position in each view" is a
+# translation by (s, s) on the canvas and "same canvas cell" is one by (-s, -s) in the view frames:
+# both cost s·√2.
+def _content_anchored(s, w):
+    """Both views attend to the same image content: weights w on the overlap cells, the same
+    weight on the same pixels (idx1[k] in view 1, idx2[k] in view 2)."""
+    idx1, idx2 = overlap_indices(GRID, s)
+    a1, a2 = np.zeros((HEADS, GRID * GRID)), np.zeros((HEADS, GRID * GRID))
+    a1[:, idx1], a2[:, idx2] = w, w
+    return a1, a2
+
+
+def _view_anchored(w_HN):
+    """Both views attend to the same positions within the view, whatever content is there."""
+    return w_HN.copy(), w_HN.copy()
+
+
+def _central(s, rng):
+    """View-anchored weights on view positions (r, c) with s <= r, c <= p-1-s only: in view 1
+    those are overlap cells (r, c >= s) and in view 2 too (r, c <= p-1-s), so the overlap cut
+    keeps every weight of both rows."""
+    r_N, c_N = np.divmod(np.arange(GRID * GRID), GRID)
+    inside = (r_N >= s) & (r_N <= GRID - 1 - s) & (c_N >= s) & (c_N <= GRID - 1 - s)
+    w = np.where(inside, rng.random((HEADS, GRID * GRID)) + 0.1, 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+ANALYTIC = {  # geometry -> alignment -> value in units of s·√2 (NaN: undefined)
+    "content-anchored": {"canvas": 0, "view": 1, "overlap": 0},
+    "view-anchored (central)": {"canvas": 1, "view": 0, "overlap": 1},
+    "view-anchored (corner)": {"canvas": 1, "view": 0, "overlap": np.nan},
+    "uniform": {"canvas": 1, "view": 0, "overlap": 0},
+}
+
+
+def _geometry(name, s, rng):
+    if name == "content-anchored":
+        return _content_anchored(s, rng.random((HEADS, (GRID - s) ** 2)) + 0.1)
+    if name == "view-anchored (central)":
+        return _view_anchored(_central(s, rng))
+    if name == "view-anchored (corner)":  # all on view position (0, 0): not shared in view 1
+        w = np.zeros((HEADS, GRID * GRID))
+        w[:, 0] = 1.0
+        return _view_anchored(w)
+    return _view_anchored(np.full((HEADS, GRID * GRID), 1.0 / GRID ** 2))
+
+
+@pytest.mark.parametrize("geometry", list(ANALYTIC))
+def test_each_alignment_gives_its_analytic_value_on_known_geometry(geometry):
+    rng = np.random.default_rng(7)
+    for s in (1, 2, 3):  # up to (p-1)/2, so the central band of _central is not empty
+        a1, a2 = _geometry(geometry, s, rng)
+        for alignment in ALIGNMENTS:
+            want = ANALYTIC[geometry][alignment] * s * np.sqrt(2)
+            got = aligned_head_emds(a1, a2, GRID, s, alignment)
+            if np.isnan(want):
+                assert np.isnan(got).all() and np.isnan(aligned_token_emd(a1, a2, GRID, s, alignment))
+            else:
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=f"{geometry} {alignment} s={s}")
+                assert aligned_token_emd(a1, a2, GRID, s, alignment) == pytest.approx(want, abs=1e-9)
+    # The default is today's computation: the canvas alignment is head_attention_emds on the canvas.
+    a1, a2 = _rows(rng), _rows(rng)
+    np.testing.assert_array_equal(aligned_head_emds(a1, a2, GRID, 2, "canvas"),
+                                  head_attention_emds(a1, a2, *canvas_coordinates(GRID, 2)))
+
+
+def _pot_reference(a1_N, a2_N, s, alignment):
+    """The EMD from first principles: POT's ot.emd2 on the two rows, placed by the geometry
+    rule written out here (not scc's helpers), with Euclidean costs from ot.dist."""
+    import ot
+
+    pts, keep1, keep2 = [], [], []
+    for r in range(GRID):
+        for c in range(GRID):
+            pts.append((r, c))
+            keep1.append(alignment != "overlap" or (r >= s and c >= s))  # view 1's shared patches
+            keep2.append(alignment != "overlap" or (r <= GRID - 1 - s and c <= GRID - 1 - s))  # view 2's
+    p1 = np.array(pts, float)
+    p2 = p1 + (0 if alignment == "view" else s)  # view 2 sits s further on the canvas
+    keep1, keep2 = np.array(keep1), np.array(keep2)
+    w1, w2 = a1_N[keep1], a2_N[keep2]
+    return ot.emd2(w1 / w1.sum(), w2 / w2.sum(), ot.dist(p1[keep1], p2[keep2], metric="euclidean"))
+
+
+def test_alignments_match_pot_on_random_rows():
+    rng = np.random.default_rng(3)
+    for s in (1, 3):
+        a1, a2 = _rows(rng), _rows(rng)
+        for alignment in ALIGNMENTS:
+            got = aligned_head_emds(a1, a2, GRID, s, alignment)
+            want = [_pot_reference(a1[h], a2[h], s, alignment) for h in range(HEADS)]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=f"{alignment} s={s}")
+        # The three alignments measure different things: on random rows they differ.
+        vals = [aligned_token_emd(a1, a2, GRID, s, al) for al in ALIGNMENTS]
+        assert len({round(v, 6) for v in vals}) == 3
+
+
+def test_overlap_alignment_undefined_rule_and_supports():
+    s = 2
+    keep1, c1, keep2, c2 = alignment_supports(GRID, s, "overlap")
+    idx1, idx2 = overlap_indices(GRID, s)
+    assert np.array_equal(keep1, idx1) and np.array_equal(keep2, idx2) and np.array_equal(c1, c2)
+    for al in ("canvas", "view"):
+        k1, _, k2, _ = alignment_supports(GRID, s, al)
+        assert np.array_equal(k1, np.arange(GRID ** 2)) and np.array_equal(k2, np.arange(GRID ** 2))
+    rng = np.random.default_rng(5)
+    a1, a2 = _rows(rng), _rows(rng)
+    # A NaN on a patch the overlap cut drops still makes the row (that head) undefined.
+    outside = np.setdiff1d(np.arange(GRID ** 2), idx1)[0]
+    bad = a1.copy()
+    bad[1, outside] = np.nan
+    emds = aligned_head_emds(bad, a2, GRID, s, "overlap")
+    assert np.isnan(emds[1]) and np.isfinite(emds[[0, 2]]).all()
+    # No mass on the overlap in one view, one head: that head (so the token) is undefined.
+    empty = a2.copy()
+    empty[2, idx2] = 0.0
+    emds = aligned_head_emds(a1, empty, GRID, s, "overlap")
+    assert np.isnan(emds[2]) and np.isfinite(emds[:2]).all()
+    assert np.isnan(aligned_token_emd(a1, empty, GRID, s, "overlap"))
+    assert np.isfinite(aligned_token_emd(a1, empty, GRID, s, "canvas"))  # the full row is fine there
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        alignment_supports(GRID, s, "diagonal")
+
+
+def test_alignment_is_config_hashed_recorded_and_named(tmp_path, monkeypatch):
+    import scope_ray.report as report
+    from scope_ray.stages import instability as inst
+
+    base = {"storage": {"root": str(tmp_path / "r")}}
+    jobs = {al: load_config(base, ["model.tau=5", f"scope.instability_alignment={al}"]) for al in ALIGNMENTS}
+    assert load_config(base, ["model.tau=5"]).scope.instability_alignment == "canvas"  # the default
+    assert len({config_hash(j, 5.0) for j in jobs.values()}) == 3  # changing it recomputes the stage
+    with pytest.raises(ValueError):
+        load_config(base, ["scope.instability_alignment=diagonal"])
+    # emd_batch (the Ray task) computes and writes under the alignment it is given.
+    rng = np.random.default_rng(2)
+    a1, a2 = np.stack([_rows(rng) for _ in range(3)]), np.stack([_rows(rng) for _ in range(3)])
+    batch = {"image_id": np.array(["i0", "i0", "i1"], dtype=object), "shift": np.array([1, 3, 1]),
+             "token1": np.array([8, 24, 9]), "token2": np.array([0, 0, 1]), "norm1": np.array([1.0, 9.0, 1.0]),
+             "norm2": np.array([1.0, 1.0, 1.0]), "attn1": a1.astype(np.float32), "attn2": a2.astype(np.float32)}
+    root = ResultsRoot(str(tmp_path / "r"))
+    emd_batch(batch, root=root, model="m", grid=GRID, tau=5.0, alignment="overlap")
+    written = root.stage("m", "instability").written_table("tokens", inst.TOKENS_SCHEMA)
+    want = [aligned_token_emd(a1[t].astype(np.float32), a2[t].astype(np.float32), GRID, s, "overlap")
+            for t, s in enumerate(batch["shift"])]
+    np.testing.assert_allclose(written.column("emd").to_numpy(), want, rtol=0, atol=1e-12)
+    # The stage's figure title names it.
+    titles = []
+    monkeypatch.setattr(report, "instability_plot", lambda *a, title, **k: titles.append(title) or Path(a[3]))
+    monkeypatch.setattr(inst.StageDir, "write_figure", lambda self, p: str(p))
+    inst._draw_summary(jobs["view"], root.stage("m", "instability"), [{"shift": 1, "d_non": 1.0, "d_out": 2.0}])
+    assert titles and "alignment: view" in titles[0]
+
+
+def test_report_names_the_alignment_behind_the_instability_table(tmp_path):
+    from scope_ray.report_document import Document, render_markdown
+    from scope_ray.results_report import NO_PUBLISHED, collect, comparability, has_published, instability_section
+    from scope_ray.stages.instability import summarize
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    tokens = pa.table({"shift": np.repeat([1, 2], 10), "outlier": np.tile([True] + [False] * 4, 4),
+                       "emd": np.linspace(0.5, 3.0, 20)})
+    for model, extra in (("dinov2-b", {"alignment": "overlap"}), ("demo-vit-tiny", {})):  # {}: an old manifest
+        stage = root.stage(model, "instability")
+        stage.write_part("summary", "part-0", pa.Table.from_pylist(summarize(tokens, (1, 2), 2, 4.0)))
+        stage.commit("h", {"images": {}}, {"summary": 2}, extra=extra)
+    runs = collect(root)
+    verdicts = {r.name: comparability([m for m in r.manifests.values() if m], r.name) if has_published(r.name)
+                else NO_PUBLISHED for r in runs}
+    md = render_markdown(Document("t", [instability_section(root, runs, verdicts)]))
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("|") and cells[0] in ("dinov2-b", "demo-vit-tiny"):
+            rows[(cells[0], cells[1])] = cells
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    col = [c.strip() for c in header.strip().strip("|").split(" | ")].index("alignment")
+    assert rows[("dinov2-b", "this run")][col] == "overlap"
+    assert rows[("dinov2-b", "paper (supp. Table 7)")][col] == "not stated"
+    assert rows[("demo-vit-tiny", "this run")][col] == "canvas (not recorded)"
+    assert "s·√2" in md and "scope.instability_alignment" in md
