@@ -259,8 +259,10 @@ class ZeroShotConfig(_Section):
     text_batch_size: int = Field(256, ge=1, description="prompts per text-tower forward")
     image_embedding: Literal["class_token", "patch_mean"] = Field(
         "class_token", description="class_token = CLIP's own image embedding (encode_image: the class token through "
-        "ln_post and proj); patch_mean = the mean of the final patch tokens after ln_post, through proj (our "
-        "addition: unlike the class token it sees removal when the designated layer is the last block)")
+        "ln_post and proj), which removal reaches through the blocks after the designated one (the CLIP default "
+        "layer is the penultimate block for this reason, METHOD §1); patch_mean = the mean of the final patch "
+        "tokens after ln_post, through proj (our addition: unlike the class token it sees removal even when "
+        "model.layer is set to the last block)")
 
     @field_validator("templates")
     @classmethod

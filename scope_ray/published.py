@@ -26,6 +26,19 @@ PROBES_SOURCE = {
     "dinov2-b": "supp. Table 8", "deit3-b": "supp. Table 8", "siglip2-b": "supp. Table 8",
 }
 
+# Supp. Table 5 (§A.2): the designated layer (1-based) of the other ViTs. The supplement states no layer
+# for the CLIP models (Table 5 lists "the additional ViT architectures" only; the main text is not held
+# here): None. This project's CLIP default, the penultimate block (11 / 23 / 23), is a decision
+# (METHOD.md §1): removal edits patch tokens only, so at the last block it could never reach CLIP's
+# class-token image embedding and zero-shot would show no effect by construction.
+LAYER_SOURCE = "supp. Table 5"
+LAYER: dict[str, int | None] = {
+    "clip-vit-b16": None, "clip-vit-l14": None, "clip-vit-l14-336": None,
+    "dinov2-b": 11, "dinov2-l": 23, "dinov2-g": 40,
+    "deit3-s": 10, "deit3-b": 9, "deit3-l": 18,
+    "siglip2-b": 12, "siglip2-l": 24, "siglip2-g": 27,
+}
+
 # Supp. Table 4 (§A.1): SAE dictionary size, γ and the low / high-CDS partition of the CLIP SAEs.
 PARTITION_SOURCE = "supp. Table 4"
 PARTITION: dict[str, dict[str, float]] = {

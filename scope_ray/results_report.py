@@ -106,18 +106,34 @@ PAPER_EXPANSION, PAPER_K = 32, 30
 
 def setting_differences(model: str, manifests: list[dict]) -> list[str]:
     """Where this run's recorded settings leave the paper's for ``model``: the designated layer
-    (extract), the dictionary size and K (train-sae). Empty when nothing recorded differs."""
-    spec = REGISTRY.get(model)
+    (extract; only where the paper states one, :data:`published.LAYER`: not for the CLIPs, see
+    :func:`layer_caveat`), the dictionary size and K (train-sae). Empty when nothing recorded differs."""
+    paper_layer = published.LAYER.get(model)
     diffs = []
     for m in manifests:
-        if m.get("stage") == "extract" and spec is not None and m.get("layer") not in (None, spec.layer):
-            diffs.append(f"layer {m['layer']} (paper: {spec.layer})")
+        if m.get("stage") == "extract" and paper_layer is not None and m.get("layer") not in (None, paper_layer):
+            diffs.append(f"layer {m['layer']} (paper: {paper_layer})")
         if m.get("stage") == "train-sae":
             if m.get("k") not in (None, PAPER_K):
                 diffs.append(f"K = {m['k']} (paper: {PAPER_K})")
             if m.get("d_sae") and m.get("d_in") and m["d_sae"] != PAPER_EXPANSION * m["d_in"]:
                 diffs.append(f"q = {m['d_sae']} (paper: {PAPER_EXPANSION} x {m['d_in']})")
     return diffs
+
+
+def layer_caveat(model: str | None, manifests: list[dict]) -> str:
+    """For a paper model whose designated layer the paper does not state (the CLIPs): which layer the
+    run read and that this project's default is its own decision, with the reason; "" otherwise. So a
+    comparison never passes this project's CLIP layer off as the paper's."""
+    if model not in published.LAYER or published.LAYER[model] is not None or model not in REGISTRY:
+        return ""
+    spec = REGISTRY[model]
+    used = next((m["layer"] for m in manifests if m.get("stage") == "extract" and m.get("layer") is not None), None)
+    run = f"this run read layer {used}" if used is not None else "the manifests do not record the layer"
+    return (f"{run}, but the paper does not state CLIP's designated layer (supp. Table 5 lists only the other "
+            f"ViTs), so its numbers may come from another block; this project's default is the penultimate block "
+            f"({spec.layer} of {spec.depth}), a decision (METHOD §1): removal edits patch tokens only, and at the last "
+            "block it could not reach CLIP's class-token embedding, so zero-shot would show no effect by construction")
 
 
 def comparability(manifests: list[dict], model: str | None = None) -> tuple[str, str]:
@@ -131,12 +147,14 @@ def comparability(manifests: list[dict], model: str | None = None) -> tuple[str,
     if any(m.get("synthetic_data") for m in manifests):
         return "not meaningful", "synthetic data: the paper used ImageNet-1K, ADE20K and NYUd"
     diffs = setting_differences(model, manifests) if model else []
+    caveat = layer_caveat(model, manifests)
+    caveat = f"; {caveat}" if caveat else ""
     if diffs:
-        return "not meaningful", "settings differ from the paper's: " + ", ".join(diffs)
+        return "not meaningful", "settings differ from the paper's: " + ", ".join(diffs) + caveat
     if not weights:
         return "unverified", ("the manifests do not record the weights; the paper's numbers hold only for "
-                              "pretrained weights on the paper's data")
-    return "comparable", f"weights {', '.join(weights)}; no synthetic data recorded"
+                              "pretrained weights on the paper's data" + caveat)
+    return "comparable", f"weights {', '.join(weights)}; no synthetic data recorded" + caveat
 
 
 NO_PUBLISHED = ("none", "the paper reports no numbers for this model")
@@ -321,22 +339,56 @@ def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else 100.0 * fraction
 
 
+def _signed(delta: float) -> str:
+    """A signed Δ confidence that does not round a small but real change to ±0.000."""
+    return f"{delta:+.3f}" if delta == 0 or abs(delta) >= 1e-3 else f"{delta:+.2e}"
+
+
+def zeroshot_effect(model: str, rows: list[dict], manifest: dict | None = None) -> str:
+    """One sentence from a committed ``zeroshot`` table (raw variant names): which removal variant
+    moved CLIP's mean max-softmax confidence most (largest |Δ|; the first in table order on a tie),
+    by how much, and its top-1 change in points; or that none moved it (and why, when the stage
+    recorded that every variant equals the original by construction)."""
+    base = next((r for r in rows if r["variant"] == "original"), None)
+    moved = [r for r in rows if r["variant"] != "original" and r.get("mean_confidence_delta") is not None
+             and math.isfinite(r["mean_confidence_delta"])]
+    if base is None or not moved:
+        return f"{model}: no removal variant to set against the original."
+    best = max(moved, key=lambda r: abs(r["mean_confidence_delta"]))
+    if best["mean_confidence_delta"] == 0 and all(r.get("top1_delta") == 0 for r in moved):
+        why = (" — by construction: the designated layer is the last block and the image embedding the class "
+               "token, which removal (on patch tokens only) never reaches"
+               if (manifest or {}).get("variants_equal_original_by_construction") else "")
+        return f"{model}: no removal variant moved the mean confidence or top-1{why}."
+    label = pr.VARIANT_LABEL.get(best["variant"], best["variant"])
+    digits = 3 if abs(best["mean_confidence_delta"]) >= 1e-3 else 5  # so the two values differ in print
+    return (f"{model}: {label} moved the mean confidence most, by {_signed(best['mean_confidence_delta'])} "
+            f"({base['mean_confidence']:.{digits}f} → {best['mean_confidence']:.{digits}f}; top-1 "
+            f"{100 * best['top1_delta']:+.1f} points).")
+
+
 def zeroshot_section(root: ResultsRoot, runs: list[ModelRun]) -> Section | None:
     with_stage = [r for r in runs if "zeroshot" in r.manifests or getattr(REGISTRY.get(r.name), "has_text_tower", False)]
     if not any("zeroshot" in r.manifests for r in runs):
         return None
-    rows = []
+    rows, effects = [], []
     for run in with_stage:
         rows += _guarded(run, "zeroshot", lambda r: [
             _ours(r, {**row, "variant": pr.VARIANT_LABEL.get(row["variant"], row["variant"]),
                       "top1": _percent(row["top1"]), "top1_delta": _percent(row["top1_delta"])})
             for row in _read(root, r.name, "zeroshot", "zeroshot")])
+        if run.complete("zeroshot"):
+            try:
+                effects.append(zeroshot_effect(run.name, _read(root, run.name, "zeroshot", "zeroshot"),
+                                               run.manifests["zeroshot"]))
+            except Exception:  # noqa: BLE001 - the table already shows the stage as unreadable
+                pass
     cols = _LEAD + [("variant", "variant", ""), ("top1", "top-1 %", ".2f"), ("top1_delta", "Δ top-1", "+.2f"),
                     ("mean_confidence", "mean confidence", ".3f"), ("mean_confidence_delta", "Δ confidence", "+.3f"),
                     ("n_images", "images", "d"), ("n_classes", "classes", "d")]
     return Section("CLIP zero-shot per variant", [
         "Zero-shot top-1 and mean max-softmax confidence per removal variant, Δ against the original. The "
-        "paper states this effect only qualitatively, so there is no published row."], [Table(cols, rows)])
+        "paper states this effect only qualitatively, so there is no published row.", *effects], [Table(cols, rows)])
 
 
 # ------------------------------------------------------------------------------- data accounting

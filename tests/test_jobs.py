@@ -18,8 +18,10 @@ from scope_ray.sweep import load_sweep
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 # METHOD.md §11 (supp. A, Table 5): designated layer (1-based) and tau per paper model; None = auto.
+# CLIP: the penultimate block, a decision (METHOD §1; the supplement states no CLIP layer) so that
+# removal reaches CLIP's class-token embedding through the last block.
 PAPER = {
-    "clip-vit-b16": (12, None), "clip-vit-l14": (24, None), "clip-vit-l14-336": (24, None),
+    "clip-vit-b16": (11, None), "clip-vit-l14": (23, None), "clip-vit-l14-336": (23, None),
     "dinov2-b": (11, 100), "dinov2-l": (23, 100), "dinov2-g": (40, 150),
     "deit3-s": (10, 500), "deit3-b": (9, 500), "deit3-l": (18, 1000),
     "siglip2-b": (12, 150), "siglip2-l": (24, 150), "siglip2-g": (27, 300),
@@ -44,6 +46,8 @@ def test_each_paper_model_has_a_spec_with_the_papers_settings(model):
     # Placeholders are marked as such, never a real-looking bucket someone might write to.
     assert all(p.startswith("s3://PLACEHOLDER-bucket/") for p in _paths(job))
     assert (job.zeroshot.class_names is not None) == REGISTRY[model].has_text_tower
+    if REGISTRY[model].has_text_tower:  # zero-shot can see removal: a block runs after the edit (METHOD §10)
+        assert job.zeroshot.image_embedding == "class_token" and job.model.resolved_layer < REGISTRY[model].depth
 
 
 def test_the_jobs_folder_holds_the_paper_models_and_the_demo_and_nothing_else():

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 
 from scope_ray import published
-from scope_ray.results_report import comparability, write_report
+from scope_ray.models.registry import REGISTRY
+from scope_ray.results_report import comparability, write_report, zeroshot_effect
 from scope_ray.storage import ResultsRoot
 from tests.browser import chromium_or_skip, render
 from tests.test_probe_report import ALL_VARIANTS, write_probe
@@ -72,8 +73,10 @@ def write_partition(root: ResultsRoot, model: str, tmp: Path) -> None:
 def write_zeroshot(root: ResultsRoot, model: str, weights: str) -> None:
     from scope_ray.stages.zeroshot import ZEROSHOT_SCHEMA
 
-    rows = [{"variant": v, "n_images": 32, "n_correct": 8 - i, "top1": (8 - i) / 32, "mean_confidence": 0.2,
-             "top1_delta": -i / 32, "mean_confidence_delta": 0.0, "n_classes": 10, "templates": ["a photo of a {}."],
+    confidence = dict(zip(ALL_VARIANTS, (0.500, 0.468, 0.520, 0.495)))  # high moves it most: -0.032
+    rows = [{"variant": v, "n_images": 32, "n_correct": 8 - i, "top1": (8 - i) / 32, "mean_confidence": confidence[v],
+             "top1_delta": -i / 32, "mean_confidence_delta": confidence[v] - confidence["original"], "n_classes": 10,
+             "templates": ["a photo of a {}."],
              "logit_scale": 100.0, "image_embedding": "class_token"} for i, v in enumerate(ALL_VARIANTS)]
     stage = root.stage(model, "zeroshot")
     stage.write_part("zeroshot", "part-0", pa.Table.from_pylist(rows, schema=ZEROSHOT_SCHEMA))
@@ -164,6 +167,10 @@ def test_markdown_holds_every_table_with_the_published_rows_of_matching_models(r
     zs = _section(md, "## CLIP zero-shot")
     assert [r[2] for r in _rows(zs, "clip-vit-b16")] == [
         "original", "high-CDS removed", "low-CDS removed", "random removed"]
+    # write_zeroshot's numbers by hand: |Δ confidence| is 0.032 (high), 0.020 (low), 0.005 (random);
+    # high's top-1 is 7/32 against 8/32, i.e. -3.125 points.
+    assert ("clip-vit-b16: high-CDS removed moved the mean confidence most, by -0.032 (0.500 → 0.468; "
+            "top-1 -3.1 points).") in zs
     overview = {r[0]: r for r in (_rows(_section(md, "## Overview"), m)[0] for m in ("clip-vit-b16", "dinov2-b", "demo-vit-tiny"))}
     assert overview["clip-vit-b16"][-2:] == ["none", "not meaningful"]  # weights as the manifests record them
     assert overview["dinov2-b"][-2:] == ["not recorded", "unverified"]
@@ -243,6 +250,36 @@ def test_a_run_off_the_papers_settings_is_not_compared():
     assert verdict == "not meaningful" and "K = 8 (paper: 30)" in why
     verdict, why = comparability([{**paper[0], "layer": 12}, paper[1]], "deit3-b")
     assert verdict == "not meaningful" and "layer 12 (paper: 9)" in why
+
+
+def test_the_zero_shot_sentence_names_the_variant_that_moved_confidence_most():
+    row = lambda v, conf, top1: {"variant": v, "mean_confidence": conf, "top1": top1,  # noqa: E731
+                                 "mean_confidence_delta": conf - 0.4, "top1_delta": top1 - 0.5}
+    # Low-CDS removal moves confidence by +0.0004 (random by -0.0001), top-1 by -1/8 = -12.5 points.
+    rows = [row("original", 0.4, 0.5), row("high_removed", 0.4, 0.5), row("low_removed", 0.4004, 0.375),
+            row("random_removed", 0.3999, 0.5)]
+    assert zeroshot_effect("demo-clip", rows) == ("demo-clip: low-CDS removed moved the mean confidence most, "
+                                                  "by +4.00e-04 (0.40000 → 0.40040; top-1 -12.5 points).")
+    same = [row(v, 0.4, 0.5) for v in ALL_VARIANTS]
+    assert zeroshot_effect("m", same, {"variants_equal_original_by_construction": True}) == (
+        "m: no removal variant moved the mean confidence or top-1 — by construction: the designated layer is the last "
+        "block and the image embedding the class token, which removal (on patch tokens only) never reaches.")
+    assert zeroshot_effect("m", same, {}) == "m: no removal variant moved the mean confidence or top-1."
+
+
+def test_clips_layer_is_ours_not_the_papers_and_the_report_says_so():
+    """The supplement states no CLIP layer (Table 5 lists the other ViTs): a CLIP run is not marked off
+    the paper for its layer, and the note names the layer read and this project's penultimate default."""
+    assert all(published.LAYER[m] is None for m in ("clip-vit-b16", "clip-vit-l14", "clip-vit-l14-336"))
+    assert {m: REGISTRY[m].layer for m, layer in published.LAYER.items() if layer is not None} == \
+        {m: layer for m, layer in published.LAYER.items() if layer is not None}
+    sae = {"stage": "train-sae", "d_in": 768, "d_sae": 24576, "k": 30}
+    for layer in (11, 12):
+        verdict, why = comparability([{"stage": "extract", "layer": layer, "weights": "pretrained"}, sae], "clip-vit-b16")
+        assert verdict == "comparable" and f"this run read layer {layer}, but the paper does not state" in why
+        assert "penultimate block (11 of 12), a decision (METHOD §1)" in why and "(paper:" not in why
+    assert comparability([{"stage": "extract", "layer": 9, "weights": "pretrained"}, sae], "deit3-b") == (
+        "comparable", "weights pretrained; no synthetic data recorded")  # a stated layer: no caveat
 
 
 def test_an_s3_root_is_read_and_the_report_uploaded_next_to_it(s3_bucket, tmp_path):

@@ -71,7 +71,12 @@ def _clip(name: str, arch: str, depth: int, width: int, heads: int, patch: int, 
     return ModelSpec(
         name=name, family="clip", loader="open_clip", arch=arch, pretrained_tag="openai",
         depth=depth, width=width, num_heads=heads, patch=patch, image_size=size,
-        layer=depth, tau=None, mean=CLIP_MEAN, std=CLIP_STD, has_text_tower=True,
+        # Decision (METHOD §1, docs/models.md): the penultimate block (11 of 12, 23 of 24). The
+        # paper's supplement states no CLIP layer (its Table 5 lists the other ViTs only); CLIP SAE
+        # work conventionally reads the second-to-last block, and removal edits patch tokens only,
+        # so at the last block it could never reach CLIP's image embedding (class token -> ln_post
+        # -> proj): every zero-shot variant would equal the original by construction (METHOD §10).
+        layer=depth - 1, tau=None, mean=CLIP_MEAN, std=CLIP_STD, has_text_tower=True,
         # OpenAI trained with QuickGELU, but open_clip's plain "ViT-*" configs build nn.GELU and
         # only warn on a mismatch: without this flag the openai weights load (GELU has no
         # parameters) and silently compute something else.
@@ -142,7 +147,8 @@ DEMO_MODELS: tuple[ModelSpec, ...] = (
                     "scope ground truth, not a real model",
     ),
     # A CLIP in miniature: open_clip's own CLIP class (image and text tower, ViT-B-16's config
-    # shrunk), so the zero-shot path and the open_clip wrapper run in tests at CPU speed.
+    # shrunk), so the zero-shot path and the open_clip wrapper run in tests at CPU speed. Its layer
+    # (2 of 3) is the penultimate block, as for the real CLIPs, so removal reaches its class token.
     ModelSpec(
         name="demo-clip", family="demo", loader="open_clip", arch="ViT-B-16",
         pretrained_tag=None, depth=3, width=64, num_heads=2, patch=16, image_size=96,
