@@ -109,13 +109,14 @@ class SAEConfig(_Section):
     aux_coef: float = Field(1 / 32, ge=0)
     dead_after_tokens: int | Literal["auto"] = Field(
         "auto", description="a latent is dead (and AuxK trains it) after not firing for this many tokens; 'auto' = "
-        "a quarter of the tokens one worker sees in the run, at most 10M (a fixed 10M is longer than one ImageNet "
+        "a quarter of the tokens the run trains on, at most 10M (a fixed 10M is longer than one ImageNet "
         "epoch at 4 tokens/image, so AuxK would never run)")
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(4096, ge=1)
     epochs: int = Field(1, ge=1)
     threshold_ema: float = Field(0.99, gt=0, lt=1)
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); one per GPU on a GPU cluster")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); one per GPU on a GPU cluster. "
+                             "sae.batch_size is the global batch, split evenly over them")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints to the results root")
     max_failures: int = Field(3, ge=0, description="worker failures Ray Train recovers from (restarting from the last checkpoint)")
     log_every: int = Field(50, ge=1, description="steps between logged loss / FVU / L0 / dead-fraction lines")
@@ -130,15 +131,15 @@ class SAEConfig(_Section):
             raise ValueError("must be 'auto' or a number of tokens >= 1")
         return v
 
-    def resolved_dead_after_tokens(self, tokens_per_worker: int) -> int:
-        """The dead window for a run in which each worker sees ``tokens_per_worker`` tokens.
+    def resolved_dead_after_tokens(self, run_tokens: int) -> int:
+        """The dead window for a run that trains on ``run_tokens`` tokens (steps x global batch;
+        under DDP the dead counters count the global batch's tokens).
 
         'auto': a quarter of that, capped at the standard 10M (Gao et al. 2024), so a latent that
-        stops firing early is revived by AuxK within the run. Per worker because each DDP worker
-        counts the tokens it sees itself."""
+        stops firing early is revived by AuxK within the run."""
         if self.dead_after_tokens != "auto":
             return int(self.dead_after_tokens)
-        return max(1, min(DEAD_AFTER_TOKENS_CAP, tokens_per_worker // 4))
+        return max(1, min(DEAD_AFTER_TOKENS_CAP, run_tokens // 4))
 
 
 # ---------------------------------------------------------------------------------- scope
@@ -350,6 +351,9 @@ class JobConfig(_Section):
             bad = [s for s in shifts if s > max_shift]
             if bad:
                 raise _KeyError(key, f"{bad[0]} leaves no 2x2 overlap on {spec.name}'s {spec.grid}x{spec.grid} grid; allowed: 1..{max_shift}")
+        if self.sae.batch_size % self.sae.num_workers:
+            raise _KeyError("sae.batch_size", f"{self.sae.batch_size} does not split evenly over sae.num_workers="
+                            f"{self.sae.num_workers} (it is the global batch); allowed: a multiple of {self.sae.num_workers}")
         if self.scope.min_usable_images > self.scope.k_cds:
             raise _KeyError("scope.min_usable_images", f"{self.scope.min_usable_images} exceeds scope.k_cds="
                             f"{self.scope.k_cds} (a CDS averages at most k_cds images); allowed: 1..{self.scope.k_cds}")

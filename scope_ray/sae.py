@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,12 @@ METADATA_KEY = "scope_ray_sae"  # safetensors header metadata entry holding the 
 CONFIG_KEYS = ("d_in", "d_sae", "k", "k_aux", "dead_after_tokens", "threshold_ema")
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "input_scale",
                 "tokens_since_fired", "num_tokens_seen")
+
+
+# Combines one step's statistics over data-parallel workers: (fired_F, smallest kept activation,
+# tokens) of this worker's batch -> the same three over every worker's batch. Training code sets
+# ``BatchTopKSAE.stats_reducer`` to one made of collectives; this module stays free of them.
+StatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -111,6 +118,9 @@ class BatchTopKSAE(nn.Module):
         # Latents that fired again after being dead (AuxK at work), since this module was built;
         # not part of the saved state (training logs read it as a running count).
         self.register_buffer("revived_total", torch.zeros((), dtype=torch.long), persistent=False)
+        # None: statistics of this process's batches only. Under DDP, a reducer makes θ, the dead
+        # counters and the revival count those of the global batch, identical on every worker.
+        self.stats_reducer: StatsReducer | None = None
 
     def config(self) -> dict:
         """The constructor arguments (what ``save`` writes and ``load`` rebuilds from)."""
@@ -158,17 +168,31 @@ class BatchTopKSAE(nn.Module):
 
     @torch.no_grad()
     def _update_statistics(self, z_BF: torch.Tensor, kept: torch.Tensor) -> None:
+        smallest = torch.where(kept > 0, kept, math.inf).min() if kept.numel() else kept.new_full((), math.inf)
+        self._apply_statistics((z_BF > 0).any(dim=0), smallest * self.input_scale,
+                               torch.tensor(z_BF.shape[0], device=z_BF.device))
+
+    @torch.no_grad()
+    def observe_empty_batch(self) -> None:
+        """A training step in which this worker has no token (no finite row): nothing fired, no
+        tokens seen, but a ``stats_reducer`` still joins the other workers' statistics."""
+        dev = self.threshold.device
+        self._apply_statistics(torch.zeros(self.d_sae, dtype=torch.bool, device=dev),
+                               torch.tensor(math.inf, device=dev), torch.tensor(0, device=dev))
+
+    @torch.no_grad()
+    def _apply_statistics(self, fired_F: torch.Tensor, smallest: torch.Tensor, n_tokens: torch.Tensor) -> None:
+        if self.stats_reducer is not None:
+            fired_F, smallest, n_tokens = self.stats_reducer(fired_F, smallest, n_tokens)
         # θ: EMA of the smallest kept *positive* activation (scaled space); the first estimate
         # replaces the 0 sentinel. torch.where instead of `if` keeps this free of device syncs.
-        smallest = torch.where(kept > 0, kept, math.inf).min() * self.input_scale
         ema = self.threshold_ema * self.threshold + (1 - self.threshold_ema) * smallest
         new = torch.where(self.threshold > 0, ema, smallest)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), new, self.threshold))
-        fired_F = (z_BF > 0).any(dim=0)
         self.revived_total += (fired_F & self.dead_mask()).sum()
-        self.tokens_since_fired += z_BF.shape[0]
+        self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired_F] = 0
-        self.num_tokens_seen += z_BF.shape[0]
+        self.num_tokens_seen += n_tokens
 
     def dead_mask(self) -> torch.Tensor:
         """[F] bool: latents that have not fired for more than ``dead_after_tokens`` tokens."""

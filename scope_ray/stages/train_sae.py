@@ -169,16 +169,57 @@ def _worker_nodes(rank: int, world: int, dist, device) -> list[dict]:
 
 class _LossModule(torch.nn.Module):
     """The training loss as a module's forward: DDP only synchronises gradients of computations
-    that go through its wrapper's forward, and the loss (with AuxK) is more than ``sae.forward``."""
+    that go through its wrapper's forward, and the loss (with AuxK) is more than ``sae.forward``.
+
+    Every worker calls it at every step, also with an empty batch (no finite row): then the loss
+    is a zero-weight function of every parameter, so DDP's gradient all-reduce and the SAE's
+    statistics reducer see the same collectives on every rank. Skipping the forward on one rank
+    put the ranks' all-reduces out of step (a timeout under gloo, a hang under NCCL)."""
 
     def __init__(self, sae, aux_coef: float):
         super().__init__()
         self.sae, self.aux_coef = sae, aux_coef
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        record = self.sae.loss(x_BD, self.aux_coef)
+        from scope_ray.sae import SAELoss
+
+        if len(x_BD):
+            record = self.sae.loss(x_BD, self.aux_coef)
+        else:
+            self.sae.observe_empty_batch()
+            zero = sum(p.sum() for p in self.sae.parameters()) * 0.0
+            record = SAELoss(total=zero, mse=zero, aux=zero, fvu=float("nan"), l0=0.0,
+                             dead_fraction=float(self.sae.dead_mask().double().mean()))
         self.sae.last_record = record
         return record.total
+
+
+def make_stats_reducer(dist):
+    """A ``BatchTopKSAE.stats_reducer`` over the initialised process group ``dist``: a latent fired
+    if it fired on any worker, θ's sample is the smallest kept activation over all workers, the
+    tokens are summed. Two small collectives per step (a [F + 1] max and a scalar sum) against the
+    [F x D] gradient all-reduce."""
+
+    def reduce(fired_F: torch.Tensor, smallest: torch.Tensor, n_tokens: torch.Tensor):
+        packed = torch.cat([fired_F.float(), (-smallest.float()).reshape(1)])
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        total = n_tokens.to(torch.long).clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return packed[:-1] > 0, (-packed[-1]).to(smallest.dtype), total
+
+    return reduce
+
+
+def train_step(module, sae, optimizer, x_BD: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of every worker (``module`` = ``_LossModule``, DDP-wrapped or not):
+    zero_grad → loss (statistics update) → backward → project → step → renormalise."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = module(x_BD)
+    loss.backward()
+    sae.remove_parallel_grad()
+    optimizer.step()
+    sae.normalize_decoder()
+    return loss
 
 
 def train_loop(cfg: dict) -> None:
@@ -187,7 +228,7 @@ def train_loop(cfg: dict) -> None:
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
 
-    from scope_ray.sae import BatchTopKSAE, SAELoss
+    from scope_ray.sae import BatchTopKSAE
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -224,8 +265,10 @@ def train_loop(cfg: dict) -> None:
     workers = _worker_nodes(rank, world, dist, device)
     module = _LossModule(sae, cfg["aux_coef"])
     if world > 1:
-        # Buffers (θ, dead counters) stay per worker: DDP's default would overwrite them from rank 0
-        # on every forward, hiding what each worker's shard sees.
+        # θ, the dead counters and the revival count are reduced over the workers at every step
+        # (make_stats_reducer), so they are the global batch's and identical everywhere; DDP's
+        # own buffer broadcast (rank 0's copy over the others' each forward) is not needed.
+        sae.stats_reducer = make_stats_reducer(dist)
         module = prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch, total = cfg["steps_per_epoch"], cfg["total_steps"]
@@ -252,27 +295,16 @@ def train_loop(cfg: dict) -> None:
                 x = x[finite]
             if fault:
                 _inject_fault(fault, step, rank, world)
-            optimizer.zero_grad(set_to_none=True)
-            if len(x):
-                loss = module(x)
-            else:
-                # A batch with no finite row: a zero loss that still joins DDP's gradient all-reduce
-                # (skipping the step on one worker would leave the others waiting forever).
-                loss = sum(p.sum() for p in sae.parameters()) * 0.0
-                sae.last_record = SAELoss(total=loss, mse=loss, aux=loss, fvu=float("nan"), l0=0.0,
-                                          dead_fraction=float(sae.dead_mask().double().mean()))
-            loss.backward()
-            sae.remove_parallel_grad()
-            optimizer.step()
-            sae.normalize_decoder()
+            loss = train_step(module, sae, optimizer, x)
             step += 1
             record = sae.last_record
             if step % cfg["log_every"] == 0 or step == total:
                 revived = int(sae.revived_total)
                 row = {"step": step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
                        "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
-                       # Latents AuxK brought back since the previous log row, over all workers.
-                       "revived": _all_sum(revived - revived_logged, dist, world),
+                       # Latents AuxK brought back since the previous log row (the same count on
+                       # every worker: the statistics are the global batch's).
+                       "revived": revived - revived_logged,
                        "nonfinite_rows": counted_before + _all_sum(nonfinite, dist, world), "time": time.time(),
                        # Peak resident memory of this worker process (Linux reports KiB).
                        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -377,10 +409,12 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     res = actor_resources(job.ray)
     workers = job.sae.num_workers
     _check_train_resources(job, workers, res.num_gpus, log)
-    steps_per_epoch = n_rows // (workers * job.sae.batch_size)
+    # sae.batch_size is the global batch, split evenly over the workers: a run's steps, learning
+    # rate and tokens per step do not depend on how many workers share it (docs/sae.md).
+    steps_per_epoch = n_rows // job.sae.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"sae.batch_size={job.sae.batch_size} x {workers} workers exceeds the {n_rows} training "
-                         f"tokens; allowed: batch_size <= {n_rows // workers}")
+        raise ValueError(f"sae.batch_size={job.sae.batch_size} exceeds the {n_rows} training tokens; "
+                         f"allowed: batch_size <= {n_rows}")
     total_steps = steps_per_epoch * job.sae.epochs
     dead_after = _dead_window(job, total_steps * job.sae.batch_size, log)
     run_name = f"sae-{chash}"
@@ -398,7 +432,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     cfg = {
         "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
         "dead_after_tokens": dead_after, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
-        "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size,
+        "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size // workers,
         # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
         "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "log_every": job.sae.log_every,
@@ -430,7 +464,8 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
         # whenever Ray Train has no newer checkpoint of this fit to hand.
         cfg["resume_from"] = resume
     log(f"[train-sae] {job.model.name}: {n_rows} tokens, d={spec.width} -> q={cfg['d_sae']}, K={job.sae.k}, "
-        f"{workers} worker(s), {total_steps} steps of {job.sae.batch_size}")
+        f"{workers} worker(s), {total_steps} steps of {job.sae.batch_size} tokens"
+        + (f" ({job.sae.batch_size // workers} per worker)" if workers > 1 else ""))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg,
@@ -453,13 +488,14 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     return _finish(job, root, stage, chash, result.checkpoint, total_steps, dead_after, log)
 
 
-def _dead_window(job: JobConfig, tokens_per_worker: int, log=print) -> int:
-    """The dead-latent window of this run (``sae.dead_after_tokens`` resolved), with a warning
-    when AuxK cannot fire in it: no latent can be silent for longer than the run."""
-    window = job.sae.resolved_dead_after_tokens(tokens_per_worker)
-    if window >= tokens_per_worker:
-        log(f"[train-sae] WARNING: sae.dead_after_tokens={window} is not shorter than the {tokens_per_worker} tokens "
-            "each worker sees in this run: no latent can count as dead, so AuxK never runs. Use 'auto' or a "
+def _dead_window(job: JobConfig, run_tokens: int, log=print) -> int:
+    """The dead-latent window of this run (``sae.dead_after_tokens`` resolved; counted in tokens
+    of the global batch), with a warning when AuxK cannot fire in it: no latent can be silent for
+    longer than the run."""
+    window = job.sae.resolved_dead_after_tokens(run_tokens)
+    if window >= run_tokens:
+        log(f"[train-sae] WARNING: sae.dead_after_tokens={window} is not shorter than the {run_tokens} tokens "
+            "this run trains on: no latent can count as dead, so AuxK never runs. Use 'auto' or a "
             "smaller window.")
     return window
 

@@ -169,8 +169,8 @@ def _job(workdir: Path, data: dict):
     spec["extract"]["val_split"] = None  # a second pass would show nothing new about placement
     return load_config(spec, [
         f"extract.batch_size={BATCH}", "ray.num_actors=2", f"ray.cpus_per_actor={ACTOR_CPUS}", "ray.torch_threads=1",
-        # 2 workers x 64 tokens a step: 9 steps an epoch over the 24 x 49 tokens, logged every 3.
-        "sae.num_workers=2", "sae.epochs=2", "sae.batch_size=64", "sae.log_every=3", "sae.checkpoint_every=9",
+        # A global batch of 128 tokens, 64 per worker: 9 steps an epoch over the 24 x 49 tokens, logged every 3.
+        "sae.num_workers=2", "sae.epochs=2", "sae.batch_size=128", "sae.log_every=3", "sae.checkpoint_every=9",
     ])
 
 

@@ -109,8 +109,8 @@ def test_two_train_workers_survive_a_killed_worker_and_train_one_dictionary(run)
     assert [w["rank"] for w in m["workers"]] == [0, 1]
     # The two live worker nodes (node 0 and the replacement) hold one Train worker each.
     assert sorted(w["node_id"] for w in m["workers"]) == sorted(obs["live_worker_nodes"]), m["workers"]
-    # Each step consumes one batch per worker (batch 64, 2 epochs over the extracted tokens).
-    assert m["steps"] == 2 * (obs["extract"]["rows"]["train_tokens"] // (2 * 64))
+    # Each step consumes one global batch of 128 tokens, 64 per worker (2 epochs over the extracted tokens).
+    assert m["steps"] == 2 * (obs["extract"]["rows"]["train_tokens"] // 128)  # sae.batch_size is the global batch
     assert m["final"]["fvu"] < 1.0
     stage = ResultsRoot(str(workdir / "results")).stage("demo-planted", "train-sae")
     log = stage.read_table("training_log").to_pylist()
