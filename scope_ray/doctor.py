@@ -81,23 +81,62 @@ def check_auth() -> Check:
     return Check("auth", True, detail)
 
 
-def check_gpus(ray_gpus: float | None = None) -> Check:
-    """GPUs torch sees on this machine, against the GPUs Ray advertises (``ray_gpus``; None = unknown).
+def check_gpus(ray_gpus: float | None = None, gpu_node: dict | None = None) -> Check:
+    """GPUs torch sees on this machine, against the GPUs Ray advertises (``ray_gpus``; None =
+    unknown), and what torch said on a GPU node Ray chose (``gpu_node``: ``probe_gpu_node``).
 
-    They differ legitimately on a cluster (the GPUs sit on the workers), so only a machine whose
-    torch sees GPUs that a local Ray does not advertise is a failure: stages would run on CPUs."""
+    They differ legitimately on a cluster (the GPUs sit on the workers), so a GPU-less head is
+    fine; failures are a machine whose torch sees GPUs a local Ray does not advertise (stages
+    would run on CPUs), and GPUs Ray advertises that torch on their node cannot use (the driver
+    is too old for the wheel's CUDA, or the wheel has no kernels for the GPU's architecture)."""
     import torch
 
-    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from scope_ray.devices import cuda_problem, wheel_facts
+
     ray_part = "" if ray_gpus is None else f"; Ray advertises {ray_gpus:g}"
+    if gpu_node is not None and gpu_node.get("problem"):
+        return Check("gpus", False, f"Ray advertises {ray_gpus:g} GPU(s), but on GPU node {gpu_node.get('ip', '?')} "
+                                    f"torch cannot use them: {gpu_node['problem']}",
+                     "install a torch build matching the nodes' NVIDIA driver and GPUs (constraints.txt pins the "
+                     "CUDA 13 build: it needs a recent driver), or run with the ray GPU settings at 0")
+    node_part = "" if gpu_node is None else f"; on GPU node {gpu_node.get('ip', '?')}: {gpu_node.get('name', '?')} usable"
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if seen == 0:
-        return Check("gpus", True, f"torch sees no CUDA GPU here{ray_part}: stages here run on CPUs (slow at paper scale; "
-                                   "jobs asking ray.gpus_per_actor > 0 fail at once on a cluster without GPUs)")
+        return Check("gpus", True, f"torch sees no CUDA GPU here{ray_part}{node_part} ({wheel_facts()}): stages on "
+                                   "this machine run on CPUs; GPU work runs where Ray grants a GPU")
     names = [torch.cuda.get_device_name(i) for i in range(seen)]
     if ray_gpus == 0:
         return Check("gpus", False, f"torch sees {seen} GPU(s) ({', '.join(names)}) but Ray advertises none",
                      "start Ray with --num-gpus or check CUDA_VISIBLE_DEVICES where Ray was started")
-    return Check("gpus", True, f"torch sees {seen} GPU(s): {', '.join(names)}{ray_part}")
+    problem = cuda_problem()
+    if problem is not None:
+        return Check("gpus", False, f"torch sees {seen} GPU(s) here but cannot use them: {problem}",
+                     "install a torch build for this driver and these GPUs")
+    return Check("gpus", True, f"torch sees {seen} GPU(s): {', '.join(names)}{ray_part}{node_part}")
+
+
+def probe_gpu_node(timeout_s: float = 120.0) -> dict | None:
+    """Ask one GPU of the connected cluster what torch makes of it: a Ray task granted one GPU
+    reports its node, the device name and ``cuda_problem()``. None when it could not run in time."""
+    import ray
+
+    def probe() -> dict:
+        from scope_ray.devices import cuda_problem, wheel_facts
+
+        problem = cuda_problem()
+        name = "?"
+        if problem is None:
+            import torch
+
+            name = torch.cuda.get_device_name(0)
+        return {"ip": ray.util.get_node_ip_address(), "problem": problem, "name": name, "wheel": wheel_facts()}
+
+    ref = ray.remote(num_gpus=1, num_cpus=0)(probe).remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - a busy or unplaceable GPU: reported as unchecked, not as a failure
+        ray.cancel(ref, force=True)
+        return None
 
 
 def check_root(job: JobConfig) -> Check:
@@ -183,7 +222,9 @@ def run_doctor(job_path: str | None, overrides: list[str], log=print) -> int:
         job = load_config(job_path, overrides)
     address = (job.ray.address if job else None) or os.environ.get("RAY_ADDRESS")
     ray_check, resources = check_ray(address)
-    checks = [check_auth(), ray_check, check_gpus(None if resources is None else resources.get("GPU", 0.0))]
+    ray_gpus = None if resources is None else resources.get("GPU", 0.0)
+    gpu_node = probe_gpu_node() if ray_gpus else None
+    checks = [check_auth(), ray_check, check_gpus(ray_gpus, gpu_node)]
     if job is not None:
         checks += [check_root(job), check_weights(job)]
     else:

@@ -75,9 +75,25 @@ def test_gpu_check_compares_torch_with_ray(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90"])
     missing = check_gpus(0.0)  # torch sees one, Ray advertises none: stages would silently use CPUs
     assert not missing.ok and "advertises none" in missing.detail and missing.fix
     assert check_gpus(1.0).ok and "Test GPU" in check_gpus(1.0).detail
+    # A GPU the wheel has no kernels for (a 7.5 card against sm_90 only) fails with the facts.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    old_card = check_gpus(1.0)
+    assert not old_card.ok and "compute capability 7.5" in old_card.detail and "sm_90" in old_card.detail
+
+
+def test_gpu_check_fails_when_a_gpu_node_cannot_use_its_gpus():
+    from scope_ray.doctor import check_gpus
+
+    # What probe_gpu_node brings back from a GPU worker whose driver is too old for the wheel.
+    bad = check_gpus(8.0, {"ip": "10.0.0.7", "problem": "torch cannot initialise CUDA: ... CUDA 13.0 ...", "name": "?"})
+    assert not bad.ok and "10.0.0.7" in bad.detail and "CUDA 13.0" in bad.detail and "driver" in bad.fix
+    good = check_gpus(8.0, {"ip": "10.0.0.7", "problem": None, "name": "NVIDIA H200"})
+    assert good.ok and "NVIDIA H200 usable" in good.detail and "Ray advertises 8" in good.detail
 
 
 def test_auth_check_uses_the_sweeps_token_rule_and_never_prints_the_token(tmp_path, monkeypatch):

@@ -83,10 +83,11 @@ def actor_backbone(job: JobConfig, torch_threads: int):
     its designated layer on the GPU when the actor has one. Returns (model, device)."""
     import torch
 
+    from scope_ray.devices import granted_device
     from scope_ray.models import build_model
 
     torch.set_num_threads(torch_threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
     model = build_model(job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
                         endpoint_url=job.storage.endpoint_url).to(device)
     return model, device

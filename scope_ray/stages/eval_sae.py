@@ -31,10 +31,11 @@ class SAEEvaluator:
     def __init__(self, job: JobConfig, root: ResultsRoot, tau: float, torch_threads: int):
         import torch
 
+        from scope_ray.devices import granted_device
         from scope_ray.stages.train_sae import load_sae
 
         torch.set_num_threads(torch_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
         self.sae = load_sae(job, root, device=self.device)
         self.tau = tau
 

@@ -69,11 +69,12 @@ def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, group
     import pyarrow.parquet as pq
     import torch
 
+    from scope_ray.devices import granted_device
     from scope_ray.scope import aw_cds, norm_percentile_bins
     from scope_ray.stages.train_sae import load_sae
     from scope_ray.tokens import activations_of
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
     sae = load_sae(job, root, device=device)
     files = root.stage(job.model.name, "extract").part_files("val_tokens")
     sums = {g: {"outlier": 0.0, "normal": 0.0} for g in GROUPS}

@@ -236,6 +236,10 @@ def train_loop(cfg: dict) -> None:
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg["torch_threads"])
     device = get_device()
+    if device.type == "cuda":
+        from scope_ray.devices import cuda_problem, device_for
+
+        device_for([device.index], cuda_problem())  # a granted GPU torch cannot use fails here, with the facts
     sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], k_aux=cfg["k_aux"],
                        dead_after_tokens=cfg["dead_after_tokens"], threshold_ema=cfg["threshold_ema"])
     with torch.no_grad():

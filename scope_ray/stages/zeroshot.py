@@ -187,13 +187,14 @@ def text_embeddings(job: JobConfig, names: list[str], templates: list[str],
     import torch
 
     from scope_ray.models import build_backbone
+    from scope_ray.devices import granted_device
     from scope_ray.zeroshot import (class_embeddings, clip_tokenizer, logit_scale, patch_mean_projection,
                                     removal_invisible)
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     spec = job.model.spec
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
     model = build_backbone(spec, weights=job.model.weights, seed=job.seed, endpoint_url=job.storage.endpoint_url)
     model = model.to(device)
     class_CE = class_embeddings(model, clip_tokenizer(model, spec.arch), names, templates,
