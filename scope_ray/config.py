@@ -308,11 +308,17 @@ class RayConfig(_Section):
     gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="'auto' = 1 when the cluster has GPUs, else 0; a number > 0 fails at once on a GPU-less cluster"
     )
+    gpus_per_sae_worker: float | Literal["auto"] = Field(
+        "auto", description="GPUs per Ray Train SAE worker (DDP rank); 'auto' = 1 when the cluster has GPUs, else 0. "
+        "With sae.num_workers >= 2 it must be 0 or a whole number: NCCL ranks cannot share a GPU")
+    gpus_per_probe_worker: float | Literal["auto"] = Field(
+        "auto", description="GPUs per probe trial (a one-worker Ray Train run); 'auto' = 1 when the cluster has GPUs, "
+        "else 0. A fraction packs several small trials on one GPU")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per actor; default = cpus_per_actor")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per image-decoding task")
     read_cpus: float = Field(0.25, gt=0, description="CPUs per file-reading task (I/O-bound; Ray's default of 1 starves small nodes)")
 
-    @field_validator("gpus_per_actor")
+    @field_validator("gpus_per_actor", "gpus_per_sae_worker", "gpus_per_probe_worker")
     @classmethod
     def _nonneg(cls, v):
         if v != "auto" and v < 0:
@@ -351,6 +357,11 @@ class JobConfig(_Section):
             bad = [s for s in shifts if s > max_shift]
             if bad:
                 raise _KeyError(key, f"{bad[0]} leaves no 2x2 overlap on {spec.name}'s {spec.grid}x{spec.grid} grid; allowed: 1..{max_shift}")
+        sae_gpus = self.ray.gpus_per_sae_worker
+        if self.sae.num_workers > 1 and sae_gpus != "auto" and sae_gpus != int(sae_gpus):
+            raise _KeyError("ray.gpus_per_sae_worker", f"{sae_gpus} would put several of the sae.num_workers="
+                            f"{self.sae.num_workers} DDP ranks on one GPU (NCCL needs one GPU per rank); allowed: "
+                            "0, a whole number, or 'auto'")
         if self.sae.batch_size % self.sae.num_workers:
             raise _KeyError("sae.batch_size", f"{self.sae.batch_size} does not split evenly over sae.num_workers="
                             f"{self.sae.num_workers} (it is the global batch); allowed: a multiple of {self.sae.num_workers}")

@@ -37,6 +37,25 @@ class ActorResources:
     pool_size: int
 
 
+def role_gpus(value: float | str, key: str) -> float:
+    """GPUs for one role's workers (``ray.gpus_per_actor`` / ``gpus_per_sae_worker`` /
+    ``gpus_per_probe_worker``): 'auto' = 1 when the cluster has GPUs, else 0; a number > 0 fails
+    at once on a GPU-less cluster, naming ``key``."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = total.get("GPU", 0.0)
+    if value == "auto":
+        return 1.0 if gpus > 0 else 0.0
+    if float(value) > 0 and gpus == 0:
+        raise ClusterResourceError(
+            f"{key}={value} but the Ray cluster has no GPUs (resources: "
+            f"{ {k: v for k, v in total.items() if not k.startswith('node:')} }); "
+            f"set {key}=auto or 0 to run on CPUs, or add GPU nodes"
+        )
+    return float(value)
+
+
 def actor_resources(cfg: RayConfig, task_cpus: float | None = None) -> ActorResources:
     """What each model actor asks for; fails at once where the cluster cannot satisfy it.
 
@@ -46,16 +65,7 @@ def actor_resources(cfg: RayConfig, task_cpus: float | None = None) -> ActorReso
 
     total = ray.cluster_resources()
     gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
-    if cfg.gpus_per_actor == "auto":
-        num_gpus = 1.0 if gpus > 0 else 0.0
-    else:
-        num_gpus = float(cfg.gpus_per_actor)
-        if num_gpus > 0 and gpus == 0:
-            raise ClusterResourceError(
-                f"ray.gpus_per_actor={num_gpus} but the Ray cluster has no GPUs (resources: "
-                f"{ {k: v for k, v in total.items() if not k.startswith('node:')} }); "
-                "set ray.gpus_per_actor=auto or 0 to run on CPUs, or add GPU nodes"
-            )
+    num_gpus = role_gpus(cfg.gpus_per_actor, "ray.gpus_per_actor")
     if cfg.cpus_per_actor > cpus:
         raise ClusterResourceError(
             f"ray.cpus_per_actor={cfg.cpus_per_actor} exceeds the cluster's {cpus:g} CPUs; allowed: up to {cpus:g}"

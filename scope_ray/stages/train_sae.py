@@ -399,7 +399,7 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     from ray.data import FileShuffleConfig
     from ray.train.torch import TorchTrainer
 
-    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.cluster import role_gpus
 
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job)
@@ -410,9 +410,9 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     spec = job.model.spec
     check_token_width(files, root, spec.width, "train-sae")
     n_rows = extract.manifest()["rows"]["train_tokens"]
-    res = actor_resources(job.ray)
     workers = job.sae.num_workers
-    _check_train_resources(job, workers, res.num_gpus, log)
+    worker_gpus = role_gpus(job.ray.gpus_per_sae_worker, "ray.gpus_per_sae_worker")
+    _check_train_resources(job, workers, worker_gpus, log)
     # sae.batch_size is the global batch, split evenly over the workers: a run's steps, learning
     # rate and tokens per step do not depend on how many workers share it (docs/sae.md).
     steps_per_epoch = n_rows // job.sae.batch_size
@@ -474,8 +474,8 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
         train_loop,
         train_loop_config=cfg,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=res.num_gpus > 0,
-            resources_per_worker={"CPU": job.ray.cpus_per_actor, **({"GPU": res.num_gpus} if res.num_gpus else {})},
+            num_workers=workers, use_gpu=worker_gpus > 0,
+            resources_per_worker={"CPU": job.ray.cpus_per_actor, **({"GPU": worker_gpus} if worker_gpus else {})},
         ),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path,

@@ -28,3 +28,20 @@ def test_stage_with_bigger_tasks_reserves_room_for_them(ray_local):
     assert actor_resources(cfg).pool_size == 1  # read + decode (0.75) still fit beside it
     with pytest.raises(ClusterResourceError, match="tasks that run beside"):
         actor_resources(cfg, task_cpus=1.0)
+
+
+def test_each_role_has_its_own_gpu_setting_and_ddp_ranks_get_whole_gpus(ray_local):
+    from scope_ray.config import ConfigError
+    from scope_ray.stages.cluster import role_gpus
+
+    # A half GPU per model actor is fine with 2 SAE workers: the setting no longer covers them.
+    job = load_config(None, ["ray.gpus_per_actor=0.5", "sae.num_workers=2"])
+    assert job.ray.gpus_per_sae_worker == "auto"
+    load_config(None, ["sae.num_workers=2", "ray.gpus_per_sae_worker=1"])
+    load_config(None, ["ray.gpus_per_sae_worker=0.5"])  # one worker: sharing a GPU is its own business
+    with pytest.raises(ConfigError, match="ray.gpus_per_sae_worker.*one GPU"):
+        load_config(None, ["sae.num_workers=2", "ray.gpus_per_sae_worker=0.5"])
+    # On this GPU-less instance: 'auto' is 0 for every role; a number names its own key.
+    assert role_gpus("auto", "ray.gpus_per_probe_worker") == 0.0
+    with pytest.raises(ClusterResourceError, match="ray.gpus_per_probe_worker=0.25 but the Ray cluster has no GPUs"):
+        role_gpus(0.25, "ray.gpus_per_probe_worker")
