@@ -199,6 +199,33 @@ class ViTWrapper(nn.Module):
         attn_BHNN = self.attention(pixels_B3SS)[:, :, p:, p:]
         return attn_BHNN / attn_BHNN.sum(dim=-1, keepdim=True)
 
+    def patch_attention_and_layer(self, pixels_B3SS: Tensor) -> tuple[Tensor, LayerOutput]:
+        """``patch_attention`` and ``forward_layer`` from one forward through blocks 1…L (the
+        block's input is kept on the way in, its output ends the forward), instead of two."""
+        seen: list[Tensor] = []
+
+        def keep_input(_m: nn.Module, args: tuple) -> None:
+            seen.append(args[0])
+
+        def stop(_m: nn.Module, _args: tuple, output: Tensor) -> None:
+            raise _Stop(output)
+
+        self._check_pixels(pixels_B3SS)
+        with self._hooks((self.block, "pre", keep_input), (self.block, "post", stop)):
+            try:
+                self._run(pixels_B3SS)
+            except _Stop as end:
+                output = end.value
+            else:
+                raise RuntimeError(f"{self.spec.name}: the designated block never ran")
+        x_BTD = self._to_bnd(seen[0])
+        attend = _timm_attention if self.spec.loader == "timm" else _open_clip_attention
+        p = self.num_prefix_tokens
+        attn_BHNN = attend(self.block, x_BTD)[:, :, p:, p:]
+        prefix_BPD, patch_BND = self._split(self._to_bnd(output))
+        layer = LayerOutput(patch_tokens=patch_BND, prefix_tokens=prefix_BPD, norms=patch_BND.float().norm(dim=-1))
+        return attn_BHNN / attn_BHNN.sum(dim=-1, keepdim=True), layer
+
     def final_tokens(self, pixels_B3SS: Tensor, edit: PatchEdit | None = None) -> Tensor:
         """tokens_BTD after the last block and the final norm; ``edit`` rewrites the patch tokens
         at the designated block's output (prefix untouched) before the remaining blocks run."""

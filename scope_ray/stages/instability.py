@@ -251,8 +251,9 @@ class AttentionRows:
         out_ids, out_s, t1, t2, n1, n2, a1, a2 = [], [], [], [], [], [], [], []
         with torch.inference_mode():
             pixels = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(views)).to(self.device))
-            attn_2BHNN = self.model.patch_attention(pixels)
-            norms_2BN = self.model.forward_layer(pixels).norms.float().cpu().numpy()
+            # One forward through blocks 1…L gives both (it used to run them twice).
+            attn_2BHNN, layer = self.model.patch_attention_and_layer(pixels)
+            norms_2BN = layer.norms.float().cpu().numpy()
             for j, r in enumerate(good):
                 s = int(shift_R[r])
                 idx1, idx2 = overlap_indices(spec.grid, s)

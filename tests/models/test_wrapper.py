@@ -194,6 +194,33 @@ def test_patch_attention_drops_prefix_and_renormalises(models, name):
     torch.testing.assert_close(patch, full / full.sum(-1, keepdim=True))
 
 
+def _count_block_calls(model: ViTWrapper) -> tuple[list[int], list]:
+    calls = [0] * len(model.blocks)
+    handles = [b.register_forward_pre_hook(lambda _m, _a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, b in enumerate(model.blocks)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("name", ["demo-vit-reg", "clip-vit-b16"])
+@torch.inference_mode()
+def test_attention_and_layer_come_from_one_forward(models, name):
+    model = models[name]
+    pixels = _pixels(model)
+    calls, handles = _count_block_calls(model)
+    try:
+        attn, layer = model.patch_attention_and_layer(pixels)
+        # Blocks 1…L once each, nothing after L (instability used to run them twice).
+        assert calls == [1] * model.layer + [0] * (len(model.blocks) - model.layer)
+        separate = [model.patch_attention(pixels), model.forward_layer(pixels)]
+        assert calls == [3] * model.layer + [0] * (len(model.blocks) - model.layer)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(attn, separate[0])
+    assert torch.equal(layer.patch_tokens, separate[1].patch_tokens)
+    assert torch.equal(layer.prefix_tokens, separate[1].prefix_tokens)
+
+
 # ---- final_tokens and edits ------------------------------------------------------------------
 @pytest.mark.parametrize("name", TIMM_NAMES)
 @torch.inference_mode()
