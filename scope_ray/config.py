@@ -39,6 +39,11 @@ class ModelConfig(_Section):
     tau: float | Literal["auto"] | None = Field(
         None, description="outlier norm threshold; default: the registry's, 'auto' where the paper gives none"
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="backbone forwards in fp32, or under bf16 autocast (CUDA or CPU; about 2x the images/s "
+        "on recent GPUs); tokens, attention and final tokens are returned and stored as float32 either way")
+    tf32: bool = Field(False, description="let CUDA matmuls in backbone forwards use TF32 (Ampere and later; fp32 "
+                       "range, 10-bit mantissa); no effect on CPUs")
 
     @field_validator("name")
     @classmethod

@@ -139,3 +139,16 @@ def test_the_auto_dead_window_is_a_quarter_of_the_run_capped_at_10m():
     assert load_config(None, ["sae.dead_after_tokens=500"]).sae.resolved_dead_after_tokens(10**9) == 500
     with pytest.raises(ConfigError, match="sae.dead_after_tokens"):
         load_config(None, ["sae.dead_after_tokens=0"])
+
+
+def test_precision_is_part_of_what_tokens_depend_on():
+    from scope_ray.stages.extract import config_hash
+
+    base = load_config(None)
+    assert base.model.precision == "fp32" and base.model.tf32 is False
+    assert config_hash(load_config(None, ["model.precision=bf16"])) != config_hash(base)
+    assert config_hash(load_config(None, ["model.tf32=true"])) != config_hash(base)
+    with pytest.raises(ConfigError, match="model.precision"):
+        load_config(None, ["model.precision=fp16"])
+    with pytest.raises(ConfigError, match="sae.batch_size"):
+        load_config(None, ["sae.num_workers=3", "sae.batch_size=4096"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +73,9 @@ class ViTWrapper(nn.Module):
         if not 1 <= self.layer <= self.depth:
             raise ValueError(f"{spec.name}: layer {self.layer} outside 1..{self.depth}")
         self.num_heads = int(self.block.attn.num_heads)
+        # "fp32", or "bf16": the library's forward runs under bf16 autocast; what this wrapper
+        # returns is float32 either way (callers store and compare float32).
+        self.precision = "fp32"
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -129,10 +132,13 @@ class ViTWrapper(nn.Module):
     def _run(self, pixels_B3SS: Tensor) -> Tensor:
         """The library's own image forward; what it returns depends on the library."""
         self._check_pixels(pixels_B3SS)
-        if self.spec.loader == "timm":
-            # forward_features, not forward: tokens after `norm`, before SigLIP's attn_pool / fc_norm.
-            return self.backbone.forward_features(pixels_B3SS)
-        return self.vision(pixels_B3SS)
+        autocast = (torch.autocast(pixels_B3SS.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+                    else nullcontext())
+        with autocast:
+            if self.spec.loader == "timm":
+                # forward_features, not forward: tokens after `norm`, before SigLIP's attn_pool / fc_norm.
+                return self.backbone.forward_features(pixels_B3SS)
+            return self.vision(pixels_B3SS)
 
     @contextmanager
     def _hooks(self, *pairs: tuple[nn.Module, str, Callable]) -> Iterator[None]:
@@ -174,7 +180,7 @@ class ViTWrapper(nn.Module):
     # ---- the four views --------------------------------------------------------------------
     def forward_layer(self, pixels_B3SS: Tensor) -> LayerOutput:
         """Residual stream at the designated block's output; later blocks do not run."""
-        tokens_BTD = self._to_bnd(self._capture(pixels_B3SS, self.block, "post"))
+        tokens_BTD = self._to_bnd(self._capture(pixels_B3SS, self.block, "post")).float()
         prefix_BPD, patch_BND = self._split(tokens_BTD)
         return LayerOutput(patch_tokens=patch_BND, prefix_tokens=prefix_BPD,
                            norms=patch_BND.float().norm(dim=-1))
@@ -188,7 +194,7 @@ class ViTWrapper(nn.Module):
         The models run fused attention and never materialise probabilities, so they are
         recomputed from the block's own normalised input and q/k projections.
         """
-        x_BTD = self._to_bnd(self._capture(pixels_B3SS, self.block, "pre"))
+        x_BTD = self._to_bnd(self._capture(pixels_B3SS, self.block, "pre")).float()
         if self.spec.loader == "timm":
             return _timm_attention(self.block, x_BTD)
         return _open_clip_attention(self.block, x_BTD)
@@ -218,11 +224,11 @@ class ViTWrapper(nn.Module):
                 output = end.value
             else:
                 raise RuntimeError(f"{self.spec.name}: the designated block never ran")
-        x_BTD = self._to_bnd(seen[0])
+        x_BTD = self._to_bnd(seen[0]).float()
         attend = _timm_attention if self.spec.loader == "timm" else _open_clip_attention
         p = self.num_prefix_tokens
         attn_BHNN = attend(self.block, x_BTD)[:, :, p:, p:]
-        prefix_BPD, patch_BND = self._split(self._to_bnd(output))
+        prefix_BPD, patch_BND = self._split(self._to_bnd(output).float())
         layer = LayerOutput(patch_tokens=patch_BND, prefix_tokens=prefix_BPD, norms=patch_BND.float().norm(dim=-1))
         return attn_BHNN / attn_BHNN.sum(dim=-1, keepdim=True), layer
 
@@ -234,7 +240,7 @@ class ViTWrapper(nn.Module):
             hooks.append((self.block, "post", self._edit_hook(edit)))
         if self.spec.loader == "timm":
             with self._hooks(*hooks):
-                return self._run(pixels_B3SS)
+                return self._run(pixels_B3SS).float()
         vision = self.vision
         if vision.attn_pool is not None or vision.final_ln_after_pool:
             raise NotImplementedError(f"{self.spec.name}: ln_post is not applied per token in this open_clip tower")
@@ -244,7 +250,7 @@ class ViTWrapper(nn.Module):
         hooks.append((vision.ln_post, "post", lambda _m, _a, out: captured.append(out)))
         with self._hooks(*hooks):
             self._run(pixels_B3SS)
-        return captured[0]
+        return captured[0].float()
 
     def _edit_hook(self, edit: PatchEdit) -> Callable:
         def hook(_m: nn.Module, _args: tuple, output: Tensor) -> Tensor:

@@ -100,6 +100,8 @@ def actor_backbone(job: JobConfig, torch_threads: int):
     device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
     model = build_model(job.model.name, weights=job.model.weights, seed=job.seed, layer=job.model.resolved_layer,
                         endpoint_url=job.storage.endpoint_url).to(device)
+    model.precision = job.model.precision
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = job.model.tf32
     return model, device
 
 

@@ -96,7 +96,8 @@ def config_hash(job: JobConfig) -> str:
     """What the extracted tokens depend on (a change here means the stage is redone)."""
     # Only what changes the tokens: not tau (used by eval) nor the batch size (sampling is keyed
     # by image id, not by batch).
-    return job.stage_hash("model.name", "model.weights", "model.layer", "data.imagenet", "data.max_pixels",
+    return job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32",
+                          "data.imagenet", "data.max_pixels",
                           "data.min_side", "extract", exclude=("extract.batch_size",))
 
 
@@ -214,6 +215,7 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
                "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed,
                # What the tokens came from: the report needs it to say whether the paper's numbers compare.
                "weights": job.model.weights, "synthetic_data": job.data.synthetic,
+               "precision": {"dtype": job.model.precision, "tf32": job.model.tf32},
                "nodes": {table: c.nodes for table, c in result.counts.items()}},
     )
     for table, c in result.counts.items():

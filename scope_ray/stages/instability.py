@@ -326,7 +326,7 @@ def config_hash(job: JobConfig, tau: float) -> str:
     the alignment, the resolved shifts and the tau value itself (so a new extract giving another
     auto tau, or another ``scope.instability_alignment``, redoes it)."""
     split = job.scope.instability_split
-    base = job.stage_hash("model.name", "model.weights", "model.layer", f"data.imagenet.{split}", "data.max_pixels",
+    base = job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32", f"data.imagenet.{split}", "data.max_pixels",
                           "data.min_side", "scope.instability_images", "scope.instability_split",
                           "scope.instability_tokens", "scope.instability_alignment")
     blob = json.dumps({"base": base, "tau": float(tau), "shifts": list(job.instability_shifts)}, sort_keys=True)
