@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from scope_ray.tokens import REJECTS_SCHEMA
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # ROOT/<model>/logs/: job logs and sweep state (docs/sweep.md); not a stage, never committed.
@@ -189,20 +191,30 @@ class StageDir:
             if self.root.fs.exists(self.path):
                 self.root.fs.rm(self.path, recursive=True)
 
-    def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None) -> dict:
+    def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None,
+               empty_schemas: dict[str, pa.Schema] | None = None) -> dict:
         """Write the manifest, last: listing every part file of every table makes the stage readable.
         If the store fails part-way, this raises ``StorageUnreachable``; the PUT is all or nothing,
         so the manifest is absent (the stage is redone on the next run) or, when only the answer to
-        the last attempt was lost, whole (the stage is complete) — never partial."""
+        the last attempt was lost, whole (the stage is complete) — never partial.
+
+        A table of ``rows`` that no part was written for gets one zero-row part with its schema
+        from ``empty_schemas`` (``rejects``: ``tokens.REJECTS_SCHEMA`` unless given): readers —
+        the report, pandas, Polars — then see an empty table with its columns, not a table without
+        any (a clean run rejects nothing)."""
+        schemas = {"rejects": REJECTS_SCHEMA, **(empty_schemas or {})}
         with _unreachable_names(self.root, f"committing {self.model}/{self.stage}"):
-            return self._commit(config_hash, inputs, rows, extra)
+            return self._commit(config_hash, inputs, rows, extra, schemas)
 
     def _commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int],
-                extra: dict[str, Any] | None) -> dict:
+                extra: dict[str, Any] | None, schemas: dict[str, pa.Schema]) -> dict:
         tables: dict[str, list[str]] = {}
         for table in rows:
             tdir = self.table_path(table)
             files = sorted(posixpath.basename(p) for p in self.root.fs.glob(posixpath.join(tdir, "*.parquet")))
+            if not files and table in schemas:
+                self.write_part(table, "empty", schemas[table].empty_table())
+                files = ["empty.parquet"]
             tables[table] = files
         manifest = {
             "manifest_version": MANIFEST_VERSION,

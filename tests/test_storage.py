@@ -42,6 +42,26 @@ def test_commit_then_read_lists_only_manifest_files(root):
     assert ResultsRoot(root.uri, root.endpoint_url).stage("m", "extract").manifest()["rows"] == {"tokens": 3}
 
 
+def test_a_table_with_no_rows_is_stored_with_its_columns(root):
+    # A clean run rejects nothing: readers (the report, pandas) still find the table's columns.
+    import pyarrow.dataset as pads
+
+    from scope_ray.tokens import REJECTS_SCHEMA
+
+    stage = root.stage("m", "extract")
+    stage.write_part("tokens", "p0", pa.table({"x": [1]}))
+    other = pa.schema([pa.field("task", pa.string())])
+    manifest = stage.commit("abc", {}, {"tokens": 1, "rejects": 0, "notes": 0, "untyped": 0},
+                            empty_schemas={"notes": other})
+    assert manifest["tables"]["rejects"] == ["empty.parquet"] and manifest["tables"]["untyped"] == []
+    rejects = stage.read_table("rejects")
+    assert rejects.num_rows == 0 and rejects.schema == REJECTS_SCHEMA
+    assert stage.read_table("notes").schema == other
+    files = [root.path + "/m/extract/rejects/empty.parquet"]
+    frame = pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table().to_pandas()
+    assert list(frame.columns) == REJECTS_SCHEMA.names and frame.empty
+
+
 def test_rewriting_a_part_overwrites(root):
     stage = root.stage("m", "s")
     stage.write_part("t", "same", pa.table({"x": [1]}))
