@@ -28,9 +28,10 @@ class Check:
     fix: str = ""
 
 
-def check_ray(address: str | None) -> tuple[Check, dict | None]:
+def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None]:
     """Connect (or start a local instance, as `scope-ray run` would) and list the resources;
-    returns the check and the cluster's resources (None when they could not be read)."""
+    returns the check, the cluster's resources (None when they could not be read) and, when the
+    cluster has GPUs, what torch said on one of them (``probe_gpu_node``, run while connected)."""
     import ray
 
     if address and address.startswith(("http://", "https://")):
@@ -43,9 +44,9 @@ def check_ray(address: str | None) -> tuple[Check, dict | None]:
         except Exception as err:  # connection refused, bad token, wrong port: all one answer
             return Check("ray", False, f"Jobs API at {address} not reachable: {type(err).__name__}: {err}",
                          "check the address (dashboard port, usually 8265) and, with token auth, RAY_AUTH_MODE=token "
-                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)"), None
+                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)"), None, None
         return Check("ray", True, f"Jobs API at {address} answers (submit `scope-ray doctor` as a job to see its "
-                                  "resources)"), None
+                                  "resources)"), None, None
     started_here = not ray.is_initialized()
     try:
         if started_here:
@@ -55,9 +56,10 @@ def check_ray(address: str | None) -> tuple[Check, dict | None]:
                 ray.init(include_dashboard=False, log_to_driver=False)
         total = ray.cluster_resources()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
+        gpu_node = probe_gpu_node() if total.get("GPU", 0) else None
     except Exception as err:
         return Check("ray", False, f"cannot connect to Ray at {address!r}: {type(err).__name__}: {err}",
-                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance"), None
+                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance"), None, None
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
@@ -65,7 +67,7 @@ def check_ray(address: str | None) -> tuple[Check, dict | None]:
     gib = 1024 ** 3
     detail = (f"{where}; {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
               f"{total.get('memory', 0) / gib:.1f} GiB memory, {total.get('object_store_memory', 0) / gib:.1f} GiB object store")
-    return Check("ray", True, detail), total
+    return Check("ray", True, detail), total, gpu_node
 
 
 def check_auth() -> Check:
@@ -137,6 +139,37 @@ def probe_gpu_node(timeout_s: float = 120.0) -> dict | None:
     except Exception:  # noqa: BLE001 - a busy or unplaceable GPU: reported as unchecked, not as a failure
         ray.cancel(ref, force=True)
         return None
+
+
+def check_data(job: JobConfig) -> Check:
+    """Every data source the job names exists (a typo in a path is found here, not hours into a
+    run). Existence only: each stage still checks its source's contents before it starts."""
+    import pyarrow.fs as pafs
+
+    from scope_ray.storage import arrow_filesystem
+
+    named, missing = [], []
+    for dataset in ("imagenet", "ade20k", "nyud"):
+        for split in ("train", "val"):
+            source = getattr(getattr(job.data, dataset), split)
+            if source is None:
+                continue
+            key = f"data.{dataset}.{split}.path"
+            named.append(key)
+            try:
+                fs, path = arrow_filesystem(source.path, job.storage.endpoint_url)
+                found = fs.get_file_info(path).type != pafs.FileType.NotFound
+            except Exception as err:  # noqa: BLE001 - an unreachable store is as fatal as a missing path
+                missing.append(f"{key}={source.path} ({type(err).__name__}: {err})")
+                continue
+            if not found:
+                missing.append(f"{key}={source.path}")
+    if missing:
+        return Check("data", False, f"{len(missing)} of {len(named)} data path(s) do not exist: {'; '.join(missing)}",
+                     "fix the path(s) in the job spec or with --set; docs/data.md shows each layout")
+    if not named:
+        return Check("data", True, "the job names no data source (every stage that reads images would refuse)")
+    return Check("data", True, f"{len(named)} data path(s) exist: {', '.join(named)}")
 
 
 def check_root(job: JobConfig) -> Check:
@@ -221,12 +254,11 @@ def run_doctor(job_path: str | None, overrides: list[str], log=print) -> int:
 
         job = load_config(job_path, overrides)
     address = (job.ray.address if job else None) or os.environ.get("RAY_ADDRESS")
-    ray_check, resources = check_ray(address)
+    ray_check, resources, gpu_node = check_ray(address)
     ray_gpus = None if resources is None else resources.get("GPU", 0.0)
-    gpu_node = probe_gpu_node() if ray_gpus else None
     checks = [check_auth(), ray_check, check_gpus(ray_gpus, gpu_node)]
     if job is not None:
-        checks += [check_root(job), check_weights(job)]
+        checks += [check_data(job), check_root(job), check_weights(job)]
     else:
         log("(no job spec given: the results root and the weights are not checked)")
     width = max(len(c.name) for c in checks)

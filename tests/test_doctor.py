@@ -30,6 +30,22 @@ def test_unwritable_root_fails_with_a_fix(tmp_path):
     assert not check.ok and str(blocker) in check.detail and check.fix
 
 
+def test_a_data_path_that_does_not_exist_fails_naming_the_key(tmp_path, s3_bucket):
+    from scope_ray.doctor import check_data
+
+    (tmp_path / "train").mkdir()
+    bucket, endpoint = s3_bucket
+    job = load_config(None, [f"data.imagenet.train={{format: folder, path: {tmp_path / 'train'}}}",
+                             f"data.imagenet.val={{format: parquet, path: {tmp_path / 'vall'}}}",
+                             f"data.nyud.val={{format: parquet, path: {bucket}/nyud/val}}",
+                             f"storage.endpoint_url={endpoint}"])
+    check = check_data(job)
+    assert not check.ok and "2 of 3" in check.detail and check.fix
+    assert f"data.imagenet.val.path={tmp_path / 'vall'}" in check.detail and f"data.nyud.val.path={bucket}" in check.detail
+    assert "data.imagenet.train" not in check.detail
+    assert check_data(load_config(None, [f"data.imagenet.train={{format: folder, path: {tmp_path / 'train'}}}"])).ok
+
+
 def test_missing_weights_file_fails(tmp_path):
     check = check_weights(load_config(_job(tmp_path, weights=str(tmp_path / "absent.safetensors"))))
     assert not check.ok and "does not exist" in check.detail
