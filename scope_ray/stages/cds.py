@@ -1,10 +1,14 @@
 """The Contextual Dependency Score of every SAE feature (METHOD §5), in two streaming passes.
 
 Pass 1, ``cds-topk``: the analysis pool (``scope.pool_split`` of ImageNet, capped by
-``scope.pool_images``) streams through decoding tasks and a pool of ViT + SAE actors. Each actor
-keeps a running top-(k_CDS + spares) image list per feature (``topk.FeatureTopK``: O(q·k)
-memory, never O(images)) and reports only the entries that enter it; the driver merges the
-reports into the global lists. Table ``topk``: feature, rank, image_id, max_act.
+``scope.pool_images``) streams through the SCC-pair tasks (stages.scc_pairs, at ``scope.shift``)
+and a pool of ViT + SAE actors. An image's selection score for a feature is its max activation
+over the overlap tokens of BOTH views of its SCC pair (``overlap_selection_scores``): the very
+pixels and tokens pass 2 scores, so a selected image has the feature in the overlap of at least
+one view and is never skipped as "both maps empty" (METHOD §5 step 1). Each actor keeps a running
+top-(k_CDS + spares) image list per feature (``topk.FeatureTopK``: O(q·k) memory, never
+O(images)) and reports only the entries that enter it; the driver merges the reports into the
+global lists. Table ``topk``: feature, rank, image_id, max_act (the overlap max).
 
 Pass 2, ``cds``: only the selected images are read again, turned into SCC pairs at
 ``scope.shift`` (stages.scc_pairs) and run through ViT + SAE once each, for all the features that
@@ -42,8 +46,9 @@ PAIRS_SCHEMA = pa.schema([
 def topk_hash(job: JobConfig) -> str:
     from scope_ray.stages.train_sae import config_hash as train_hash
 
+    # scope.shift: the selection reads the overlap of the SCC pair at that shift.
     return job.stage_hash("data.imagenet", "data.max_pixels", "data.min_side", "scope.pool_split",
-                          "scope.pool_images", "scope.k_cds", "scope.spare_images")[:8] + train_hash(job)
+                          "scope.pool_images", "scope.k_cds", "scope.spare_images", "scope.shift")[:8] + train_hash(job)
 
 
 def config_hash(job: JobConfig) -> str:
@@ -87,16 +92,37 @@ class _ModelAndSAE:
 
 
 # ------------------------------------------------------------------------------------ pass 1
+def overlap_selection_scores(z1_BNQ, z2_BNQ, idx1_O, idx2_O):
+    """Pass 1's score of each (image, feature): the max activation over the overlap tokens of the
+    image's SCC pair, both views — ``max(max_o z1[b, idx1[o], f], max_o z2[b, idx2[o], f])`` — from
+    the codes of view 1 and view 2 (``[B, N, q]``, torch tensors or NumPy arrays) and the overlap's
+    token indices (``scc.overlap_indices``). Tokens outside the overlap never count: a feature that
+    fires only there scores 0 and does not select the image (``topk`` ignores values <= 0), while an
+    image with a positive score has a non-empty overlap map in at least one view, so pass 2 can
+    use it (METHOD §5 step 1)."""
+    if hasattr(z1_BNQ, "amax"):  # torch
+        import torch
+
+        i1 = torch.as_tensor(np.asarray(idx1_O), device=z1_BNQ.device)
+        i2 = torch.as_tensor(np.asarray(idx2_O), device=z2_BNQ.device)
+        return torch.maximum(z1_BNQ[:, i1].amax(dim=1), z2_BNQ[:, i2].amax(dim=1))
+    z1_BNQ, z2_BNQ = np.asarray(z1_BNQ), np.asarray(z2_BNQ)
+    return np.maximum(z1_BNQ[:, idx1_O].max(axis=1), z2_BNQ[:, idx2_O].max(axis=1))
+
+
 class TopKCollector(_ModelAndSAE):
-    """Ray Data actor: decoded images in; the (feature, image) entries that entered this actor's
-    running top-k lists out, plus per-batch image counts (on the first row of each batch)."""
+    """Ray Data actor: SCC pairs at ``scope.shift`` in; the (feature, image) entries that entered
+    this actor's running top-k lists out, plus per-batch image counts (on the first row of each
+    batch). The score is ``overlap_selection_scores``."""
 
     def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, keep: int):
+        from scope_ray.scc import overlap_indices
         from scope_ray.topk import FeatureTopK
 
         super().__init__(job, root, torch_threads)
         self.stage = root.stage(job.model.name, TOPK_STAGE)
         self.topk = FeatureTopK(job.dictionary_size, keep)
+        self.idx1, self.idx2 = overlap_indices(job.model.spec.grid, job.scope.shift)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from scope_ray.topk import image_keys
@@ -108,7 +134,10 @@ class TopKCollector(_ModelAndSAE):
         max_BQ = np.zeros((0, self.topk.q))
         good = np.flatnonzero(ok)
         if good.size:
-            max_BQ = self.codes(batch["pixels"][ok]).amax(dim=1).cpu().numpy()
+            b = good.size
+            z_2BNQ = self.codes(np.concatenate([batch["view1"][ok], batch["view2"][ok]]))
+            max_BQ = overlap_selection_scores(z_2BNQ[:b], z_2BNQ[b:], self.idx1, self.idx2).cpu().numpy()
+            del z_2BNQ
             finite_B = np.isfinite(max_BQ).all(axis=1)
             for i in good[~finite_B]:  # a broken backbone output: never let NaN pick an image
                 ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the SAE codes"
@@ -147,7 +176,7 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
 
     from scope_ray.data.sources import read_source
     from scope_ray.stages.cluster import actor_resources
-    from scope_ray.stages.decode import decode_batch
+    from scope_ray.stages.scc_pairs import with_scc_pairs
     from scope_ray.stages.train_sae import load_sae
     from scope_ray.topk import NO_KEY, FeatureTopK
 
@@ -165,11 +194,11 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
     res = actor_resources(job.ray)
     spec = job.model.spec
     log(f"[cds] pass 1: top {keep} images (k_cds {job.scope.k_cds} + {job.scope.spare_images} spares) for each of "
-        f"{q} features over {source.path} ({job.scope.pool_split})")
+        f"{q} features over {source.path} ({job.scope.pool_split}), each image scored on the overlap of its SCC "
+        f"pair at shift {job.scope.shift}")
     ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-    ds = ds.map_batches(decode_batch, fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels,
-                                                     min_side=job.data.min_side),
-                        batch_size=job.scope.batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy")
+    # The same SCC views pass 2 scores (not a centre crop): a top image has the feature in the overlap.
+    ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
     ds = ds.map_batches(
         TopKCollector, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads, keep=keep),
         compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
@@ -207,7 +236,8 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
     stage.commit(chash, {"pool": source.model_dump(mode="json"), "sae": root.stage(job.model.name, "train-sae").uri},
                  {"topk": table.num_rows, "rejects": rejected},
                  extra={"images": images, "features": q, "keep": keep, "features_with_images": fired,
-                        "entries_reported": reported})
+                        "entries_reported": reported, "shift": job.scope.shift,
+                        "selection": "max activation over the overlap tokens of both SCC views"})
     log(f"[cds] pass 1: {images} images ({rejected} rejected); {fired}/{q} features fired on at least one image; "
         f"{reported} entries reported by the actors for {table.num_rows} kept")
     return TopKResult(skipped=False, images=images, rejected=rejected, features_with_images=fired)

@@ -15,7 +15,7 @@ from scope_ray.data.images import bad_image_samples, decode_image, resize_center
 from scope_ray.data.synthetic import write_image_folder, write_synthetic
 from scope_ray.models import build_model
 from scope_ray.sae import BatchTopKSAE
-from scope_ray.scc import overlap_maps, scc_views
+from scope_ray.scc import overlap_indices, overlap_maps, scc_views
 from scope_ray.scope import cds_from_scores, scc_pair_scores
 from scope_ray.stages.cds import run_cds, run_cds_topk
 from scope_ray.stages.extract import config_hash as extract_hash
@@ -104,7 +104,10 @@ def _direct_cds(job, sae, images: dict[str, np.ndarray], keep: int):
             t = model.forward_layer(model.preprocess(pix[None])).patch_tokens[0]
             return sae.encode(t).numpy()
 
-    max_IQ = np.stack([codes(resize_center_crop(img, spec.image_size)).max(axis=0) for img in images.values()])
+    # Pass 1 selects on the overlap of the image's SCC pair (both views), not on a centre crop.
+    idx1, idx2 = overlap_indices(grid, s)
+    max_IQ = np.stack([np.maximum(codes(v1)[idx1].max(axis=0), codes(v2)[idx2].max(axis=0))
+                       for v1, v2 in (scc_views(img, spec.patch, grid, s) for img in images.values())])
     ids = list(images)
     top = {}
     for f in range(job.dictionary_size):
