@@ -63,6 +63,36 @@ def planted_recovery(job, root, cds_Q: np.ndarray) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ calibrated ground truth
+# Thresholds of the calibrated check (models/planted_calibrated.py; tests/test_calibrated_ground_truth.py
+# gives the reasons). MAE: a quarter of the smallest gap between two directions' expected CDS
+# (0.036 at the default geometry), far above the rounding of an exact pipeline (~1e-8).
+# Spearman: 10 directions; one adjacent swap gives 0.988, four 0.952.
+GT_MAX_MAE = 0.01
+GT_MIN_SPEARMAN = 0.95
+
+
+def ground_truth_check(measured: np.ndarray, expected: np.ndarray, *, max_mae: float = GT_MAX_MAE,
+                       min_spearman: float = GT_MIN_SPEARMAN) -> dict:
+    """Measured CDS per planted direction against its expected value: mean absolute error,
+    Spearman rank correlation and the number of directions with no CDS (NaN). ``passed`` only when
+    every direction has a CDS, MAE <= max_mae and Spearman >= min_spearman (a constant or NaN
+    measurement has no rank correlation: it fails)."""
+    from scipy.stats import spearmanr
+
+    m, e = np.asarray(measured, np.float64), np.asarray(expected, np.float64)
+    if m.shape != e.shape or m.ndim != 1:
+        raise ValueError(f"measured and expected must be matching 1-D arrays, got {m.shape} and {e.shape}")
+    ok = np.isfinite(m)
+    mae = float(np.abs(m[ok] - e[ok]).mean()) if ok.any() else float("nan")
+    if ok.sum() >= 2 and np.ptp(m[ok]) > 0:
+        rho = float(spearmanr(m[ok], e[ok]).statistic)
+    else:
+        rho = float("nan")
+    passed = bool(ok.all() and mae <= max_mae and np.isfinite(rho) and rho >= min_spearman)
+    return {"mae": mae, "spearman": rho, "nan": int((~ok).sum()), "passed": passed}
+
+
 # ------------------------------------------------------------------------ removal direction
 REMOVAL_VARIANTS = ("original", "local_removed", "global_removed")
 
