@@ -136,7 +136,6 @@ def test_one_pair_by_hand():
     for j in (4, 8):  # fixed anchor at (11, 4), λ 0.6; mirror, λ 0.8
         d = DIRECTIONS[j]
         m1, m2 = overlap_maps(z1[:, j], z2[:, j], GRID, SHIFT)
-        c = np.argwhere(m1 == m1.max()) if d.lam < 0.5 else None
         content = np.argwhere((m1 > 0) & (m2 > 0) & np.isclose(m1, m2))
         assert len(content) == 1  # the marker's own cell, identical in both views
         (u, v), = content
@@ -150,7 +149,6 @@ def test_one_pair_by_hand():
         assert np.count_nonzero(m1) == np.count_nonzero(m2) == 2
         emd = scc_pair_scores(m1[None], m2[None])[0] * np.sqrt(2) * (GRID - SHIFT - 1)
         assert emd == pytest.approx(d.lam * d.gain * SHIFT * np.sqrt(2), rel=1e-9)
-        del c
 
 
 def test_norm_does_not_separate_scope(pool):

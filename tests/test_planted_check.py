@@ -4,7 +4,7 @@ itself runs through the real stages in tests/test_demo.py, whose default model i
 import numpy as np
 import pytest
 
-from scope_ray.planted_check import aligned_features, auroc
+from scope_ray.planted_check import aligned_features, auroc, ground_truth_check
 
 
 def test_auroc_by_hand():
@@ -32,3 +32,17 @@ def test_every_feature_in_at_most_one_group(threshold):
     rng = np.random.default_rng(0)
     g = aligned_features(rng.normal(size=(50, 8)), rng.normal(size=(3, 8)), rng.normal(size=(2, 8)), threshold)
     assert not set(g["local"]) & set(g["global"])
+
+
+def test_ground_truth_check_by_hand():
+    e = np.array([0.0, 0.1, 0.2, 0.3])
+    ok = ground_truth_check(e + 0.005, e)
+    assert ok["passed"] and ok["mae"] == pytest.approx(0.005) and ok["spearman"] == pytest.approx(1.0)
+    assert not ground_truth_check(e / 2, e)["passed"]  # right order, wrong scale: MAE 0.075
+    assert not ground_truth_check(e[::-1].copy(), e)["passed"]  # right scale, wrong order
+    nan = ground_truth_check(np.array([0.0, 0.1, np.nan, 0.3]), e)
+    assert not nan["passed"] and nan["nan"] == 1 and nan["mae"] == 0.0  # a direction without a CDS fails
+    const = ground_truth_check(np.zeros(4), e)
+    assert not const["passed"] and np.isnan(const["spearman"])  # a constant has no rank correlation
+    with pytest.raises(ValueError):
+        ground_truth_check(np.zeros(3), e)

@@ -209,11 +209,70 @@ class PlantedViT(VisionTransformer):
             return super().forward_intermediates(x, *args, **kwargs)
 
 
-def build_planted(spec, **kwargs) -> PlantedViT:
-    """The backbone of a registry entry with ``builder='planted'``; ``kwargs`` are its builder_kwargs."""
+class CalibratedPlantedViT(PlantedViT):
+    """The calibrated planted ground truth (``scope_ray.models.planted_calibrated``) as a timm ViT:
+    at the output of block ``planted_layer`` every patch token is
+
+        token = √(norm_t² − Σ_j z_j(t)²) · unit(h − Π h) + Σ_j z_j(t) · u_j
+
+    with z_j the calibrated codes of the view's pixels (``calibrated_codes``), u_j orthonormal
+    directions drawn from the build seed (buffer ``planted_calibrated`` [J, D]) and norm_t
+    ``calibrated_token_norms`` (15 where a high-norm direction is active, else 5). So an SAE
+    whose atoms are the u_j returns exactly z, and each u_j's CDS is ``expected_cds``.
+    Registry entry: ``demo-planted-calibrated``."""
+
+    def __init__(self, *, planted_layer: int, pixel_mean, pixel_std, depth: int = 12, **kwargs) -> None:
+        from scope_ray.models.planted_calibrated import DIRECTIONS
+
+        if not 1 <= planted_layer <= depth:
+            raise ValueError(f"planted_layer {planted_layer} outside 1..{depth}")
+        plant_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+
+        def block_fn(*args, depth: int, **kw) -> Block:
+            cls = PlantedBlock if depth == planted_layer - 1 else Block
+            return cls(*args, depth=depth, **kw)
+
+        VisionTransformer.__init__(self, depth=depth, block_fn=block_fn, **kwargs)
+        self.planted_layer = planted_layer
+        dim, k = self.embed_dim, len(DIRECTIONS)
+        if dim < k:
+            raise ValueError(f"width {dim} cannot hold {k} orthogonal planted directions")
+        basis_DK, _ = np.linalg.qr(np.random.default_rng(plant_seed).standard_normal((dim, k)))
+        self.register_buffer("planted_calibrated", torch.tensor(np.ascontiguousarray(basis_DK.T, dtype=np.float32)))
+        for name, value in {"pixel_mean": torch.tensor(pixel_mean).view(1, 3, 1, 1),
+                            "pixel_std": torch.tensor(pixel_std).view(1, 3, 1, 1)}.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @torch.no_grad()
+    def codes(self, pixels_B3SS: Tensor) -> tuple[Tensor, Tensor]:
+        """(z_BNJ, norm_BN) float32 of a batch of normalised pixels: calibrated codes and token norms."""
+        from scope_ray.models.planted_calibrated import calibrated_codes, calibrated_token_norms
+
+        rgb = (pixels_B3SS.detach().float() * self.pixel_std + self.pixel_mean).permute(0, 2, 3, 1)
+        z = calibrated_codes(rgb.cpu().double().numpy(), self.patch_embed.patch_size[0])
+        device = pixels_B3SS.device
+        return (torch.from_numpy(z).float().to(device),
+                torch.from_numpy(calibrated_token_norms(z)).float().to(device))
+
+    def _plant(self, codes: tuple[Tensor, Tensor], tokens_BTD: Tensor) -> Tensor:
+        z_BNJ, norm_BN = codes
+        basis_JD = self.planted_calibrated.float()
+        x = tokens_BTD.float()
+        normal = x - (x @ basis_JD.T) @ basis_JD
+        normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        p = self.num_prefix_tokens
+        room_BN1 = (norm_BN[..., None].square() - z_BNJ.square().sum(dim=-1, keepdim=True)).clamp_min(0.0).sqrt()
+        patch = room_BN1 * normal[:, p:] + z_BNJ @ basis_JD
+        return torch.cat([TOKEN_NORM * normal[:, :p], patch], dim=1).to(tokens_BTD.dtype)
+
+
+def build_planted(spec, calibrated: bool = False, **kwargs) -> PlantedViT:
+    """The backbone of a registry entry with ``builder='planted'``; ``kwargs`` are its builder_kwargs
+    (``calibrated=True``: the calibrated ground truth, ``CalibratedPlantedViT``)."""
     kwargs.setdefault("patch_size", spec.patch)
     kwargs.setdefault("img_size", spec.image_size)
-    return PlantedViT(planted_layer=spec.layer, pixel_mean=spec.mean, pixel_std=spec.std, **kwargs)
+    cls = CalibratedPlantedViT if calibrated else PlantedViT
+    return cls(planted_layer=spec.layer, pixel_mean=spec.mean, pixel_std=spec.std, **kwargs)
 
 
 def _backbone(model: nn.Module) -> PlantedViT:
@@ -227,7 +286,18 @@ def planted_directions(model: nn.Module) -> dict[str, Tensor]:
     """``{"local": [L, D], "global": [G, D]}``: the planted unit directions (copies), orthonormal
     together. Accepts the ``ViTWrapper`` from ``build_model`` or the backbone."""
     backbone = _backbone(model)
+    if isinstance(backbone, CalibratedPlantedViT):
+        raise TypeError("the calibrated planted model has no local/global split; use calibrated_directions "
+                        "and planted_calibrated.expected_cds (planted_check.ground_truth_check)")
     return {"local": backbone.planted_local.detach().clone(), "global": backbone.planted_global.detach().clone()}
+
+
+def calibrated_directions(model: nn.Module) -> Tensor:
+    """[J, D] the calibrated model's planted unit directions (a copy), in DIRECTIONS order."""
+    backbone = _backbone(model)
+    if not isinstance(backbone, CalibratedPlantedViT):
+        raise TypeError(f"not the calibrated planted model: {type(backbone).__name__}")
+    return backbone.planted_calibrated.detach().clone()
 
 
 def planted_codes(model: nn.Module, pixels_B3SS: Tensor) -> PlantedCodes:

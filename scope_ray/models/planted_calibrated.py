@@ -123,14 +123,16 @@ def expected_cds(grid: int = GRID, shift: int = SHIFT, directions=DIRECTIONS) ->
 
 
 def calibrated_codes(views_BSS3: np.ndarray, patch: int = PATCH, directions=DIRECTIONS) -> np.ndarray:
-    """Views (uint8 [B, p·n, p·n, 3]) → z_BNJ float64: each direction's activation on every patch
-    token (row-major, N = p²), as the module docstring defines it. Non-negative."""
+    """Views (uint8 [B, p·n, p·n, 3], or float RGB in [0, 1]) → z_BNJ float64: each direction's
+    activation on every patch token (row-major, N = p²), as the module docstring defines it.
+    Non-negative."""
     v = np.asarray(views_BSS3)
+    scale = 255.0 if v.dtype == np.uint8 else 1.0
     if v.ndim != 4 or v.shape[3] != 3 or v.shape[1] != v.shape[2] or v.shape[1] % patch:
         raise ValueError(f"views must be [B, p·{patch}, p·{patch}, 3], got {list(v.shape)}")
     b, side = v.shape[0], v.shape[1]
     p = side // patch
-    colour_BN3 = (v.reshape(b, p, patch, p, patch, 3).astype(np.float64).mean(axis=(2, 4)) / 255.0).reshape(b, p * p, 3)
+    colour_BN3 = (v.reshape(b, p, patch, p, patch, 3).astype(np.float64).mean(axis=(2, 4)) / scale).reshape(b, p * p, 3)
     kappa_J3 = np.array([d.colour for d in directions], np.float64) / 255.0
     dist_BNJ = np.linalg.norm(colour_BN3[:, :, None, :] - kappa_J3[None, None], axis=-1)
     r_BNJ = np.clip(1.0 - (dist_BNJ / RADIUS) ** 2, 0.0, None)

@@ -146,6 +146,18 @@ DEMO_MODELS: tuple[ModelSpec, ...] = (
         description="demo-vit-tiny + 8 local- and 4 global-scope directions planted at block 3: "
                     "scope ground truth, not a real model",
     ),
+    # Calibrated ground truth: every planted direction has a hand-derived CDS on a 0..0.73 continuum
+    # at shift 4 (scope_ray/models/planted_calibrated.py; docs/scope.md §7). 16x16 grid of 8-px patches.
+    ModelSpec(
+        name="demo-planted-calibrated", family="demo", loader="timm", arch="vit_tiny_patch16_224",
+        pretrained_tag=None, depth=2, width=32, num_heads=2, patch=8, image_size=128,
+        layer=1, tau=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        builder_kwargs=(("calibrated", True), ("depth", 2), ("embed_dim", 32), ("img_size", 128), ("num_heads", 2),
+                        ("patch_size", 8)),
+        builder="planted",
+        description="2-block, 32-wide timm ViT at 128 px (16x16 grid of 8-px patches) whose block 1 writes 10 "
+                    "directions of known CDS (0 to 0.73 at shift 4): calibrated scope ground truth, not a real model",
+    ),
     # A CLIP in miniature: open_clip's own CLIP class (image and text tower, ViT-B-16's config
     # shrunk), so the zero-shot path and the open_clip wrapper run in tests at CPU speed. Its layer
     # (2 of 3) is the penultimate block, as for the real CLIPs, so removal reaches its class token.
