@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,12 +20,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scope_ray.models.registry import REGISTRY, ModelSpec, get_spec
 
 
+def _admits_bool(annotation: Any) -> bool:
+    import typing
+
+    return annotation is bool or annotation is Any or any(_admits_bool(a) for a in typing.get_args(annotation))
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 class ConfigError(ValueError):
     """A job config that cannot run; the message names the key and the allowed values."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `sae.lr: .inf` or `model.tau: .nan` would train to NaN or select nothing.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info) -> Any:  # noqa: ANN001 - pydantic's ValidationInfo
+        """`layer: true` must not read as 1: a YAML boolean is refused where a number is expected."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            if not _admits_bool(annotation):
+                raise ValueError(f"{value!r} is a boolean; expected {_type_name(annotation)}")
+        return value
 
 
 # ---------------------------------------------------------------------------------- model
@@ -157,7 +179,7 @@ class ScopeConfig(_Section):
     min_usable_images: int = Field(
         4, ge=1, description="a feature's CDS enters the partition only when at least this many of its images were "
         "usable (overlap maps not both empty); fewer: 'unscored' (a CDS from 1-2 images sits at the extremes)")
-    gamma: float | Literal["auto"] = Field("auto", description="CDS split threshold; 'auto' = Otsu")
+    gamma: float | Literal["auto"] = Field("auto", description="CDS split threshold in [0, 1]; 'auto' = Otsu")
     instability_images: int = Field(1000, ge=1, description="images for the outlier-instability analysis (one per class)")
     instability_split: Literal["train", "val"] = Field("val", description="ImageNet split the instability images come from")
     instability_tokens: int | None = Field(
@@ -178,6 +200,13 @@ class ScopeConfig(_Section):
     gallery_features: int = Field(6, ge=0, description="lowest- and highest-CDS features drawn in the gallery (each)")
     gallery_images: int = Field(4, ge=1, description="top images per gallery feature")
     batch_size: int = Field(16, ge=1, description="images (or SCC pairs) per forward pass in the scope stages")
+
+    @field_validator("gamma")
+    @classmethod
+    def _in_unit_interval(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 <= v <= 1.0:
+            raise ValueError("must be 'auto' or a number in [0, 1] (CDS lies in [0, 1])")
+        return v
 
     @field_validator("shifts")
     @classmethod
@@ -302,6 +331,10 @@ class StorageConfig(_Section):
     def _scheme(cls, v: str) -> str:
         if "://" in v and not v.startswith(("s3://", "file://")):
             raise ValueError(f"unsupported scheme in {v!r}; allowed: a local path, file://..., s3://...")
+        # `s3:/bucket/x` or `s3//bucket/x` would silently be a local folder named `s3:` / `s3`,
+        # which vanishes with a cluster's pods.
+        if v.lower().startswith(("s3:", "s3//")) and not re.match(r"s3://[^/\s]+(/|$)", v):
+            raise ValueError(f"{v!r} looks like an S3 URI but is not s3://bucket/prefix")
         return v
 
 
@@ -502,14 +535,69 @@ def placeholders(job: "JobConfig") -> list[str]:
     return walk(job.model_dump(mode="json"), "")
 
 
+# A job or sweep spec is a page of settings: anything larger is not one (a 10 MB spec took 42 s
+# and 850 MB to load), and a handful of anchors is all a spec uses (a 601-byte "billion laughs"
+# file expands without bound).
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_ALIASES = 100
+MAX_SPEC_VALUES = 100_000  # scalars, lists and mappings once aliases are expanded (a real spec: < 1,000)
+
+
+def _check_expansion(tree: Any, limit: int = MAX_SPEC_VALUES) -> None:
+    """Count the values ``tree`` holds with every alias expanded (PyYAML shares aliased objects,
+    so the loaded tree is small; hashing or copying it expands them), stopping at ``limit``."""
+    stack, seen = [tree], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise yaml.YAMLError(f"more than {limit:,} values once aliases are expanded: refused as an expansion bomb")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping and more than MAX_SPEC_ALIASES
+    aliases (``*name``) in one document."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_SPEC_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_SPEC_ALIASES} aliases (*name): refused as an expansion bomb")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1}); "
+                    "the first would be silently dropped", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> dict:
     """The mapping a YAML file holds (empty file = {}); ``error`` naming the file when it is
-    missing, not YAML, or not a mapping. ``what`` says which kind of file ("job", "sweep")."""
+    missing, too large, not UTF-8, not YAML (a key twice, too many aliases included), or not a
+    mapping. ``what`` says which kind of file ("job", "sweep")."""
     path = Path(path)
     if not path.exists():
         raise error(f"{what} file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise error(f"{what} file {str(path)!r} is {size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader) or {}
+        _check_expansion(raw)
     except yaml.YAMLError as exc:
         raise error(f"{what} file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

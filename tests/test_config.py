@@ -152,3 +152,53 @@ def test_precision_is_part_of_what_tokens_depend_on():
         load_config(None, ["model.precision=fp16"])
     with pytest.raises(ConfigError, match="sae.batch_size"):
         load_config(None, ["sae.num_workers=3", "sae.batch_size=4096"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sae.lr=.inf", "sae.lr"), ("model.tau=.nan", "model.tau"), ("scope.gamma=-5", "scope.gamma"),
+    ("scope.gamma=1.5", "scope.gamma"), ("model.layer=true", "model.layer"), ("sae.k=false", "sae.k"),
+    ("storage.root=s3:/bucket/x", "storage.root"), ("storage.root=s3//bucket/x", "storage.root"),
+    ("storage.root=s3:///x", "storage.root"),
+])
+def test_values_that_make_garbage_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_booleans_stay_allowed_where_a_boolean_is_meant():
+    assert load_config(None, ["model.tf32=true"]).model.tf32 is True
+    assert load_config(None, ["storage.root=s3://bucket"]).storage.root == "s3://bucket"
+    assert load_config(None, ["scope.gamma=0.2"]).scope.gamma == 0.2
+
+
+def test_spec_files_are_read_strictly_and_errors_name_the_file(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("sae: {k: 8}\nmodel: {name: demo-vit-tiny}\nsae: {k: 16}\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml.*'sae' appears twice.*line 1"):
+        load_config(str(twice))
+    # 'Billion laughs': aliases of aliases. Six levels of ten (10^6 values expanded, ~10 MB if the
+    # guard ever failed: large enough to refuse, small enough never to exhaust memory here) ...
+    laughs = tmp_path / "laughs.yaml"
+    lines = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    laughs.write_text("\n".join(lines) + "\n")
+    assert laughs.stat().st_size < 1000
+    with pytest.raises(ConfigError, match=r"laughs\.yaml.*expansion bomb"):
+        load_config(str(laughs))
+    # ... and a file with more aliases than any spec uses is refused while it is parsed.
+    many = tmp_path / "many.yaml"
+    many.write_text("a: &a 1\nb: [" + ", ".join(["*a"] * 101) + "]\n")
+    with pytest.raises(ConfigError, match=r"many\.yaml.*more than 100 aliases"):
+        load_config(str(many))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 1_000_001 + "\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml.*at most 1,000,000"):
+        load_config(str(big))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin\.yaml.*not UTF-8"):
+        load_config(str(latin))
+    # A few anchors, as a hand-written spec uses them, still load.
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("x: &common {batch_size: 8}\nextract: *common\n")
+    with pytest.raises(ConfigError, match="x"):  # unknown top-level key: the usual error, not a YAML one
+        load_config(str(ok))
