@@ -577,6 +577,14 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
     resumed_from, workers = progress["resumed_from"], progress.get("workers", [])
     if step != total_steps:
         raise RuntimeError(f"train-sae: final checkpoint is at step {step}, expected {total_steps}")
+    bad = [name for name, t in sae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        # A diverged run (too high a learning rate, say) must not become the dictionary every
+        # later stage reads: nothing is committed, and the log says where the loss went.
+        last = history[-1] if history else {}
+        raise RuntimeError(f"train-sae: the trained SAE has non-finite values in {', '.join(bad)} (last logged loss "
+                           f"{last.get('loss', float('nan')):.4g} at step {last.get('step', '?')}); not committing. "
+                           "Lower sae.lr or check the tokens")
     sae.eval()
     sae.save(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url)
     stage.write_part("training_log", "part-0", pa.Table.from_pylist(history))

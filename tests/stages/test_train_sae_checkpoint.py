@@ -123,3 +123,18 @@ def test_worker_resumes_the_exact_optimizer_state(tmp_path, legacy):
         s.loss(x, 1 / 32).total.backward()
         o.step()
     assert torch.equal(sae.W_dec, fresh_sae.W_dec)
+
+
+def test_a_diverged_sae_is_never_committed(tmp_path):
+    sae, opt = _trained()
+    with torch.no_grad():
+        sae.W_enc[0, 0] = float("nan")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    train_sae._save_checkpoint(str(ckpt), sae, opt, 3, 0, [{"step": 3, "loss": float("nan")}], [], [])
+    root = ResultsRoot(str(tmp_path / "root"))
+    job = _job(tmp_path / "root")
+    stage = root.stage(job.model.name, train_sae.STAGE)
+    with pytest.raises(RuntimeError, match="non-finite values in W_enc.*not committing"):
+        train_sae._finish(job, root, stage, "hash", Checkpoint.from_directory(str(ckpt)), 3, 64, log=lambda *_: None)
+    assert not stage.is_complete()
