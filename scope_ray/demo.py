@@ -152,7 +152,8 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                                         ("cs_outlier", "CS_O", ".3f")])))
     log(f"  dead latents {row['dead_latents']}, dense latents (> {row['dense_fraction']:.0%} of tokens) {row['dense_latents']}")
     log("")
-    log(f"  Outlier instability (Tables 7 / 9 layout; mean attention EMD in patches, {instability.images_selected} images)")
+    log(f"  Outlier instability (Tables 7 / 9 layout; mean attention EMD in patches, {instability.images_selected} images, "
+        f"alignment {job.scope.instability_alignment})")
     log(_indent(table_markdown(summary, [("shift", "s", "d"), ("d_non", "D_non", ".3f"), ("d_out", "D_out", ".3f"),
                                          ("n_non", "non-outlier tokens", "d"), ("n_out", "outlier tokens", "d")])))
     log("")
