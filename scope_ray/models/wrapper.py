@@ -232,9 +232,41 @@ class ViTWrapper(nn.Module):
         layer = LayerOutput(patch_tokens=patch_BND, prefix_tokens=prefix_BPD, norms=patch_BND.float().norm(dim=-1))
         return attn_BHNN / attn_BHNN.sum(dim=-1, keepdim=True), layer
 
-    def final_tokens(self, pixels_B3SS: Tensor, edit: PatchEdit | None = None) -> Tensor:
+    def designated_output(self, pixels_B3SS: Tensor) -> Tensor:
+        """The designated block's raw output (the library's layout), later blocks not run: what
+        ``final_tokens(..., start_from=...)`` continues from, once per batch for every edit."""
+        return self._capture(pixels_B3SS, self.block, "post")
+
+    @contextmanager
+    def _resume_from(self, designated_out: Tensor | None) -> Iterator[None]:
+        """Within: blocks 1…L−1 pass their input through and the designated block returns
+        ``designated_out``, so a forward runs only the patch embedding and blocks L+1… (and any
+        post hook on the designated block, e.g. an edit, still applies)."""
+        if designated_out is None:
+            yield
+            return
+        patched: list[nn.Module] = []
+        try:
+            for block in list(self.blocks)[: self.layer - 1]:
+                block.forward = lambda x, *_args, **_kwargs: x
+                patched.append(block)
+            self.block.forward = lambda *_args, **_kwargs: designated_out
+            patched.append(self.block)
+            yield
+        finally:
+            for block in patched:
+                del block.forward  # the class's own forward again
+
+    def final_tokens(self, pixels_B3SS: Tensor, edit: PatchEdit | None = None,
+                     start_from: Tensor | None = None) -> Tensor:
         """tokens_BTD after the last block and the final norm; ``edit`` rewrites the patch tokens
-        at the designated block's output (prefix untouched) before the remaining blocks run."""
+        at the designated block's output (prefix untouched) before the remaining blocks run.
+        ``start_from``: ``designated_output(pixels_B3SS)``, computed once and reused, so blocks
+        1…L are not run again for each edit (same result, bit for bit)."""
+        with self._resume_from(start_from):
+            return self._final_tokens(pixels_B3SS, edit)
+
+    def _final_tokens(self, pixels_B3SS: Tensor, edit: PatchEdit | None) -> Tensor:
         hooks: list[tuple[nn.Module, str, Callable]] = []
         if edit is not None:
             hooks.append((self.block, "post", self._edit_hook(edit)))

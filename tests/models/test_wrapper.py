@@ -323,6 +323,32 @@ def test_zero_edit_at_the_last_block_gives_the_final_norm_of_zeros(models, name)
     torch.testing.assert_close(final[:, :p], model.final_tokens(pixels)[:, :p])
 
 
+@pytest.mark.parametrize("name", ALL_NAMES)
+@torch.inference_mode()
+def test_resuming_from_the_designated_output_is_exact_and_runs_only_the_later_blocks(models, name):
+    base = models[name]
+    model = ViTWrapper(base.backbone, base.spec, layer=max(1, base.depth - 2))
+    pixels = _pixels(model)
+    edits = [None, lambda t: t * 0.5, lambda t: t + 1.0]
+    full = [model.final_tokens(pixels, edit=e) for e in edits]
+    # Real work is counted at the attention modules: a skipped block never reaches its attention.
+    calls = [0]
+    handles = [b.attn.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for b in model.blocks]
+    try:
+        designated = model.designated_output(pixels)
+        assert calls[0] == model.layer
+        resumed = [model.final_tokens(pixels, edit=e, start_from=designated) for e in edits]
+        assert calls[0] == model.layer + len(edits) * (model.depth - model.layer)  # 4 variants: L + 4(depth - L)
+    finally:
+        for h in handles:
+            h.remove()
+    for a, b in zip(full, resumed):
+        assert torch.equal(a, b)  # the same computation, bit for bit
+    # The blocks' own forwards are back: a plain call runs every block again.
+    assert torch.equal(model.final_tokens(pixels), full[0])
+    assert all("forward" not in vars(b) for b in model.blocks)
+
+
 def test_edit_must_keep_the_shape(models):
     model = models["demo-vit-tiny"]
     with pytest.raises(ValueError, match="shape"), torch.inference_mode():

@@ -374,8 +374,8 @@ def test_writer_rejects_an_image_with_nonfinite_tokens(data, tmp_path, monkeypat
     writer = ProbeFeatureWriter(job, root, "classification", "val", groups, torch_threads=torch.get_num_threads())
     real = writer.model.final_tokens
 
-    def broken(pixels, edit=None):
-        tokens = real(pixels, edit=edit).clone()
+    def broken(pixels, edit=None, start_from=None):
+        tokens = real(pixels, edit=edit, start_from=start_from).clone()
         if edit is not None:  # only a removal variant breaks
             tokens[1, 3, 0] = float("nan")
         return tokens
