@@ -44,28 +44,38 @@ def removal_edit(sae, features: Features) -> Callable[[Tensor], Tensor]:
     return edit
 
 
-def random_group(q: int, size: int, exclude: Features | None = None, seed: int = 0) -> Tensor:
-    """``size`` distinct feature ids from ``0..q−1`` (sorted, int64, CPU), fixed by ``seed``.
+def random_group(q: int, size: int, *, pool: Features | None = None, exclude: Features | None = None,
+                 seed: int = 0) -> Tensor:
+    """``size`` distinct feature ids drawn from ``pool`` minus ``exclude`` (sorted, int64, CPU), fixed by ``seed``.
 
     This is the control of METHOD §8 (addition): a random group of the same size as the high-CDS
-    group. The pipeline draws it from *all* q features (``exclude=None``), so it may share
-    features with the high-CDS group; it stands for "any group of that size", not "the rest".
-    ``exclude`` is there for callers who want a disjoint control; excluded ids are never drawn.
+    group. ``pool`` is the eligible ids (default: all of ``0..q−1``; duplicates count once);
+    ``exclude`` ids are never drawn. The pipeline (``stages.probe_features.load_groups``) passes
+    the low-CDS group as the pool and the high group as ``exclude``: the control is drawn from
+    scored, live features outside the high group, so it never holds a dead or unscored feature
+    (which removal would hardly touch) nor a high-CDS one (whose removal is the effect under
+    test). The draw is a permutation of the sorted eligible ids by a generator of its own, so the
+    same pool, size and seed always give the same group. ValueError when ``size`` exceeds the
+    eligible ids, naming both sizes.
     """
     if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 1:
         raise ValueError(f"q must be a positive integer, got {q!r}")
-    pool = torch.arange(int(q))
+    keep = torch.zeros(int(q), dtype=torch.bool)
+    if pool is None:
+        keep[:] = True
+    else:
+        keep[_feature_index(pool, int(q))] = True
+    n_pool = int(keep.sum())
     if exclude is not None:
-        keep = torch.ones(int(q), dtype=torch.bool)
         keep[_feature_index(exclude, int(q))] = False
-        pool = pool[keep]
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 <= size <= pool.numel():
-        raise ValueError(f"size must be an integer in 0..{pool.numel()} (q = {q}, "
-                         f"{int(q) - pool.numel()} excluded), got {size!r}")
+    eligible = torch.arange(int(q))[keep]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 <= size <= eligible.numel():
+        raise ValueError(f"size must be an integer in 0..{eligible.numel()} (the eligible features: a pool of "
+                         f"{n_pool} of q = {q}, {n_pool - eligible.numel()} of them excluded), got {size!r}")
     # A CPU generator of our own: the draw depends on the seed alone, never on global RNG state.
     generator = torch.Generator().manual_seed(int(seed))
-    picked = torch.randperm(pool.numel(), generator=generator)[: int(size)]
-    return pool[picked].sort().values
+    picked = torch.randperm(eligible.numel(), generator=generator)[: int(size)]
+    return eligible[picked].sort().values
 
 
 def _feature_index(features: Features, q: int) -> Tensor:

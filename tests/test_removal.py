@@ -207,6 +207,39 @@ def test_random_group_never_draws_excluded_features(q, data, seed):
     assert g.numel() == size and not set(g.tolist()) & set(exclude)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 120), st.data(), st.integers(0, 2**31 - 1))
+def test_random_group_from_the_low_pool_never_holds_a_high_or_unscored_feature(q, data, seed):
+    """The pipeline's control: pool = the low group (finite CDS <= γ), exclude = the high group
+    (finite CDS > γ); features with CDS NaN (dead / unscored) are in neither. Whatever the
+    partition, the group has |high| members, all from the pool, and the seed fixes it."""
+    cds = np.array(data.draw(st.lists(st.one_of(st.floats(0, 2), st.just(float("nan"))), min_size=q, max_size=q)))
+    gamma = data.draw(st.floats(0, 2))
+    high = np.flatnonzero(np.isfinite(cds) & (cds > gamma))
+    low = np.flatnonzero(np.isfinite(cds) & (cds <= gamma))
+    if low.size < high.size:
+        with pytest.raises(ValueError, match=f"0..{low.size} .*pool of {low.size} of q = {q}"):
+            random_group(q, int(high.size), pool=low, exclude=high, seed=seed)
+        return
+    g = random_group(q, int(high.size), pool=low, exclude=high, seed=seed)
+    assert g.numel() == high.size and g.unique().numel() == g.numel()
+    assert set(g.tolist()) <= set(low.tolist())
+    assert not set(g.tolist()) & set(high.tolist()) and np.isfinite(cds[g.numpy()]).all()
+    assert torch.equal(random_group(q, int(high.size), pool=low, exclude=high, seed=seed), g)
+    # pool and exclude as any 1-D integer collection, unsorted and with duplicates: the same group.
+    shuffled = np.concatenate([low[::-1], low[:1]]).tolist()
+    assert torch.equal(random_group(q, int(high.size), pool=shuffled, exclude=high.tolist(), seed=seed), g)
+
+
+def test_random_group_from_a_pool_is_seeded_and_covers_the_pool():
+    pool = torch.tensor([3, 5, 8, 13, 21, 34])
+    draws = {tuple(random_group(40, 3, pool=pool, seed=s).tolist()) for s in range(200)}
+    assert len(draws) == 20  # every 3-subset of the 6 ids turns up, and nothing else
+    assert all(set(d) <= set(pool.tolist()) for d in draws)
+    with pytest.raises(ValueError, match=r"0\.\.5 \(the eligible features: a pool of 6 of q = 40, 1 of them excluded\)"):
+        random_group(40, 6, pool=pool, exclude=[5], seed=0)
+
+
 def test_random_group_draws_from_all_features_by_default():
     high = torch.arange(10)  # a "high-CDS group"; the control may overlap it
     draws = [random_group(40, high.numel(), seed=s) for s in range(50)]

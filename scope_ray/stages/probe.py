@@ -10,8 +10,9 @@ extras ``width``, ``grid``, ``image_size``, ``variants``); writes ``ROOT/<model>
 
 Shape of the search. For every (task, variant) the search tries ``probes.<task>.trials``
 configurations: lr and weight decay log-uniform in the task's ranges, drawn up front from a
-generator seeded by (job seed, task, variant), so the same job always tries the same
-configurations, however often it is interrupted. One ``Tuner`` runs the trials of every (task,
+generator seeded by (job seed, task), so the same job always tries the same configurations, however
+often it is interrupted, and every variant of a task tries the same ones (common random numbers:
+variant differences are not search noise). One ``Tuner`` runs the trials of every (task,
 variant) pair whose features fit in the object store together (consecutive Tuners beyond that), as
 a grid over those draws, so trials of different pairs run side by side. Each trial is a function
 trainable that builds a one-worker ``TorchTrainer`` (Train V2; ``Tuner(trainer)`` is deprecated) and
@@ -48,7 +49,6 @@ import posixpath
 import signal
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -126,10 +126,20 @@ class WorkerKill:
 
 
 # ============================================================================ pure helpers
-def sample_configs(seed: int, task: str, variant: str, n: int, lr_range: Sequence[float],
+# How the (lr, weight decay) draws are seeded; part of the config hash.
+DRAWS = "per task: every variant of a task tries the same configurations"
+
+
+def sample_configs(seed: int, task: str, n: int, lr_range: Sequence[float],
                    wd_range: Sequence[float]) -> list[dict]:
-    """The ``n`` (lr, weight decay) draws of one search, log-uniform, reproducible from the seed."""
-    rng = np.random.default_rng([seed, TASKS.index(task), zlib.crc32(variant.encode())])
+    """The ``n`` (lr, weight decay) draws of one task's searches, log-uniform, reproducible from the seed.
+
+    Common random numbers: the generator is seeded by (job seed, task) only, so every variant of a
+    task (original, high / low / random removed) tries the very same configurations, and with
+    ``trial_seed`` the same probe initialisation and shuffling per trial. A difference between two
+    variants' best values is then the features', not the luck of separate draws. Trial k's draw
+    does not depend on ``n`` (the first 3 of 5 are the 3 of 3)."""
+    rng = np.random.default_rng([seed, TASKS.index(task)])
 
     def loguniform(lo: float, hi: float) -> float:
         return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
@@ -155,8 +165,19 @@ def max_concurrent_trials(free: Mapping[str, float], worker_cpus: float, worker_
 
 
 def trial_seed(job_seed: int, trial: int) -> int:
-    """The seed of trial ``trial``'s probe (head init and shuffling)."""
+    """The seed of trial ``trial``'s probe (head init and shuffling): per trial index, the same in
+    every variant (and task), so trial k of two variants differs only in the features."""
     return job_seed * 1_000_003 + trial
+
+
+def search_trials(job: JobConfig, task: str, variant: str, trials: int | None = None) -> list[dict]:
+    """Every trial of the (task, variant) search, as the trial runs it: task, variant, trial, lr,
+    weight_decay and seed (the probe's). Everything but ``variant`` is the same for every variant of
+    a task (``sample_configs``, ``trial_seed``); a finished trial is found again by (task, variant,
+    trial), so a resumed search skips exactly the configurations it already ran."""
+    tcfg = getattr(job.probes, task)
+    configs = sample_configs(job.seed, task, trials or tcfg.trials, tcfg.lr_range, tcfg.weight_decay_range)
+    return [{**c, "task": task, "variant": variant, "seed": trial_seed(job.seed, c["trial"])} for c in configs]
 
 
 def best_rows(trials: list[dict]) -> list[dict]:
@@ -250,8 +271,7 @@ def run_trial(config: dict, data: dict | None = None) -> dict:
     hp, spec = config["hp"], config["spec"]
     root = ResultsRoot(spec["root"], spec["endpoint_url"])
     refs = data[f"{hp['task']}/{hp['variant']}"]
-    loop_cfg = {**spec["loops"][hp["task"]], **hp,
-                "seed": trial_seed(spec["seed"], hp["trial"]), "train_ref": refs["train"], "val_ref": refs["val"]}
+    loop_cfg = {**spec["loops"][hp["task"]], **hp, "train_ref": refs["train"], "val_ref": refs["val"]}
     gpus = spec["worker_gpus"]
     trainer = TorchTrainer(
         probe_loop,
@@ -313,7 +333,10 @@ def config_hash(job: JobConfig, features_manifest: dict, tasks: list[str], varia
                 trials: int | None, num_classes: Mapping[str, int] | None) -> str:
     # worker_cpus only decides how many trials run at once and checkpoint_every only where a restarted
     # trial picks up (a resumed fit ends exactly as an uninterrupted one), not what they compute.
-    blob = json.dumps({"probes": job.stage_hash("probes", exclude=("probes.worker_cpus", "probes.checkpoint_every")),
+    # "draws" names how sample_configs seeds its draws: trials drawn per (task, variant) before
+    # 2026-12 are not comparable across variants, so a search of theirs is never resumed or reused.
+    blob = json.dumps({"draws": DRAWS,
+                       "probes": job.stage_hash("probes", exclude=("probes.worker_cpus", "probes.checkpoint_every")),
                        "features": features_manifest.get("config_hash"),
                        "features_at": features_manifest.get("committed_at"), "tasks": tasks, "variants": variants,
                        "trials": trials, "num_classes": dict(num_classes or {})}, sort_keys=True)
@@ -433,12 +456,10 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         run = f"search{number}"
         pending: list[dict] = []
         for task, variant in group:
-            tcfg = getattr(job.probes, task)
-            n_trials = trials or tcfg.trials
             done = _finished(stage, task, variant)
-            configs = sample_configs(job.seed, task, variant, n_trials, tcfg.lr_range, tcfg.weight_decay_range)
-            todo = [{**c, "task": task, "variant": variant} for c in configs if c["trial"] not in done]
-            reused += n_trials - len(todo)
+            configs = search_trials(job, task, variant, trials)
+            todo = [c for c in configs if c["trial"] not in done]
+            reused += len(configs) - len(todo)
             pending += todo
         what = ", ".join(sorted({t for t, _ in group}, key=TASKS.index))
         if not pending:

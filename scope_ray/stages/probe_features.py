@@ -6,7 +6,8 @@ in ``VARIANTS``, images stream through decoding tasks and a pool of ViT + SAE ac
 ``final_tokens(pixels, edit=removal_edit(sae, group))`` (METHOD §8: the group leaves the patch
 tokens at the designated block, the edit propagates through the later blocks, the tokens are read
 after the final norm). Groups come from the committed partition stage's ``features`` table; the
-random control is ``random_group(q, |high|, seed)``.
+random control is ``random_group(q, |high|, pool=low, exclude=high, seed)``: |high| features drawn
+from the scored, live features outside the high group (the low-CDS group), never an unscored one.
 
 Tables under ``ROOT/<model>/probe-features/`` (docs/probes.md is the reference):
 ``classification_<split>``, ``segmentation_<split>``, ``depth_<split>`` and ``rejects``.
@@ -44,6 +45,8 @@ Task = Literal["classification", "segmentation", "depth"]
 TASKS: dict[str, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
 VARIANTS = ("original", "high_removed", "low_removed", "random_removed")
 VARIANT_GROUP = {"high_removed": "high", "low_removed": "low", "random_removed": "random"}
+# Where the random control group is drawn from (load_groups); recorded in the manifest and hashed.
+RANDOM_POOL = "low group: scored features (finite CDS) with CDS <= gamma, i.e. scored features outside the high group"
 SPLITS = ("train", "val")
 IGNORE_INDEX = 255
 # The extraction's rejects columns plus the task: the three datasets may share image ids.
@@ -334,8 +337,10 @@ def config_hash(job: JobConfig) -> str:
     partition's hash) the model, layer, SAE and groups; not batch sizes or Ray settings."""
     from scope_ray.stages.partition import config_hash as partition_hash
 
-    return job.stage_hash("data.imagenet", "data.ade20k", "data.nyud", "data.max_pixels", "data.min_side")[:8] \
-        + partition_hash(job)
+    # RANDOM_POOL is in the hash: features cached with a control drawn from all q (before 2026-12)
+    # are not the same variant and must not be reused.
+    data = job.stage_hash("data.imagenet", "data.ade20k", "data.nyud", "data.max_pixels", "data.min_side")
+    return content_hash([data, RANDOM_POOL])[:8] + partition_hash(job)
 
 
 def task_plan(job: JobConfig) -> list[tuple[str, str, SourceConfig]]:
@@ -351,7 +356,13 @@ def task_plan(job: JobConfig) -> list[tuple[str, str, SourceConfig]]:
 
 
 def load_groups(job: JobConfig, root: ResultsRoot) -> dict[str, np.ndarray]:
-    """Feature ids of the high, low and random groups from the committed partition (sorted int64)."""
+    """Feature ids of the high, low and random groups from the committed partition (sorted int64),
+    and ``random_pool``: the ids the random group was drawn from.
+
+    The random control is drawn from the scored features outside the high group, i.e. the low
+    group with a finite CDS (``RANDOM_POOL``): never a high-CDS feature, and never a feature the
+    partition left unscored (dead, never selected, too few usable images), whatever that bucket is
+    named. RuntimeError, naming both sizes, when that pool is smaller than the high group."""
     from scope_ray.removal import random_group
     from scope_ray.stages.partition import STAGE as PARTITION
     from scope_ray.stages.partition import config_hash as partition_hash
@@ -363,7 +374,7 @@ def load_groups(job: JobConfig, root: ResultsRoot) -> dict[str, np.ndarray]:
         raise RuntimeError(f"{job.model.name}: the partition stage at {part.uri} is {why}; the probe features need its "
                            f"feature groups: {hint}")
     try:
-        t = part.read_table("features", columns=["feature", "group"])
+        t = part.read_table("features", columns=["feature", "cds", "group"])
     except KeyError:
         raise RuntimeError(f"{job.model.name}: the partition at {part.uri} has no `features` table (written by an "
                            f"older version); {hint} after removing it") from None
@@ -374,7 +385,16 @@ def load_groups(job: JobConfig, root: ResultsRoot) -> dict[str, np.ndarray]:
         raise RuntimeError(f"{job.model.name}: the partition's features table lists {feature.size} features, "
                            f"expected each of 0..{q - 1} once; {hint}")
     groups = {g: np.sort(feature[group == g]).astype(np.int64) for g in ("low", "high")}
-    groups["random"] = random_group(q, size=int(groups["high"].size), seed=job.seed).numpy()
+    scored = np.isfinite(np.asarray(t.column("cds").to_numpy(zero_copy_only=False), dtype=np.float64))
+    pool = np.sort(feature[(group == "low") & scored]).astype(np.int64)
+    n_high = int(groups["high"].size)
+    if pool.size < n_high:
+        raise RuntimeError(f"{job.model.name}: the random control group needs |high| = {n_high} features drawn from the "
+                           f"scored features outside the high group (the low-CDS group, finite CDS), but only "
+                           f"{pool.size} exist (partition at {part.uri}); a random group of the high group's size "
+                           "cannot be drawn (a higher scope.gamma moves features from high to low; Table 4 shows the buckets)")
+    groups["random"] = random_group(q, size=n_high, pool=pool, exclude=groups["high"], seed=job.seed).numpy()
+    groups["random_pool"] = pool
     return groups
 
 
@@ -453,6 +473,7 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
         raise ValueError("no probe data configured: set data.imagenet, data.ade20k and/or data.nyud train/val "
                          "(see docs/data.md)")
     groups = load_groups(job, root)
+    pool = groups.pop("random_pool")
     load_sae(job, root)  # fail before any Ray work when the SAE is missing or stale
     sizes = {g: int(v.size) for g, v in groups.items()}
     sizes["random_shared_with_high"] = int(np.intersect1d(groups["random"], groups["high"]).size)
@@ -504,6 +525,8 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                "clip_embedding_dim": spec_clip_dim(spec),
                "num_patches": spec.num_patches, "image_size": spec.image_size, "variants": list(VARIANTS),
                "group_sizes": sizes, "splits": splits, "seed": job.seed,
+               "random_group": {"drawn_from": RANDOM_POOL, "pool": int(pool.size), "size": sizes["random"],
+                                "seed": job.seed},
                "cls_source": "class token" if all(c.class_token for c in result.counts.values())
                else "patch-token mean (the model has no class token)",
                "seconds": round(result.seconds, 3),

@@ -24,6 +24,7 @@ from scope_ray.stages.probe import (
     max_concurrent_trials,
     run_probes,
     sample_configs,
+    search_trials,
     trial_seed,
 )
 from scope_ray.storage import ResultsRoot
@@ -99,18 +100,55 @@ NUM_CLASSES = {"segmentation": SEG_CLASSES}
 
 
 # ------------------------------------------------------------------------------------- pure
-def test_sampled_configs_are_reproducible_log_uniform_and_distinct_per_search():
-    a = sample_configs(0, "depth", "original", 50, (1e-1, 1.0), (1e-5, 1e-4))
-    assert a == sample_configs(0, "depth", "original", 50, (1e-1, 1.0), (1e-5, 1e-4))
+def test_sampled_configs_are_reproducible_log_uniform_and_distinct_per_task_and_seed():
+    a = sample_configs(0, "depth", 50, (1e-1, 1.0), (1e-5, 1e-4))
+    assert a == sample_configs(0, "depth", 50, (1e-1, 1.0), (1e-5, 1e-4))
     assert [c["trial"] for c in a] == list(range(50))
     assert all(1e-1 <= c["lr"] <= 1.0 and 1e-5 <= c["weight_decay"] <= 1e-4 for c in a)
     # Log-uniform: about half the draws fall below the geometric midpoint.
     below = sum(c["lr"] < math.sqrt(1e-1 * 1.0) for c in a)
     assert 15 <= below <= 35
-    assert a != sample_configs(0, "depth", "low_removed", 50, (1e-1, 1.0), (1e-5, 1e-4))
-    assert a != sample_configs(1, "depth", "original", 50, (1e-1, 1.0), (1e-5, 1e-4))
+    pairs = {(c["lr"], c["weight_decay"]) for c in a}
+    for other in (sample_configs(0, "segmentation", 50, (1e-1, 1.0), (1e-5, 1e-4)),
+                  sample_configs(1, "depth", 50, (1e-1, 1.0), (1e-5, 1e-4))):
+        assert not pairs & {(c["lr"], c["weight_decay"]) for c in other}  # no draw shared
     # The first draws do not depend on how many trials are asked for.
-    assert sample_configs(0, "depth", "original", 3, (1e-1, 1.0), (1e-5, 1e-4)) == a[:3]
+    assert sample_configs(0, "depth", 3, (1e-1, 1.0), (1e-5, 1e-4)) == a[:3]
+
+
+def test_every_variant_of_a_task_runs_the_same_trials(tmp_path):
+    """Common random numbers: trial k of every variant has the same lr, weight decay and probe seed
+    (what the search hands each trial), so variant differences are not search noise; other tasks
+    and seeds draw differently, and the trial seeds differ between trials."""
+    job, job1 = _job(tmp_path, "probes.depth.trials=4"), _job(tmp_path, "probes.depth.trials=4", "seed=1")
+    all_variants = ("original", "high_removed", "low_removed", "random_removed")
+
+    def search(j, task, variant):
+        return [{k: v for k, v in c.items() if k != "variant"} for c in search_trials(j, task, variant)]
+
+    base = search(job, "depth", "original")
+    assert [c["trial"] for c in base] == [0, 1, 2, 3] and len({c["seed"] for c in base}) == 4
+    assert all(c["variant"] == v for v in all_variants for c in search_trials(job, "depth", v))
+    assert all(search(job, "depth", v) == base for v in all_variants)
+    hp = [(c["lr"], c["weight_decay"]) for c in base]
+    assert [(c["lr"], c["weight_decay"]) for c in search(job, "segmentation", "original")][:4] != hp
+    assert [(c["lr"], c["weight_decay"]) for c in search(job1, "depth", "original")] != hp
+    assert [c["seed"] for c in search(job1, "depth", "original")] != [c["seed"] for c in base]
+    # The trials argument overrides probes.<task>.trials without changing the first draws.
+    assert search(job, "depth", "high_removed")[:2] == [{k: v for k, v in c.items() if k != "variant"}
+                                                        for c in search_trials(job, "depth", "low_removed", 2)]
+
+
+def test_config_hash_names_how_the_trials_are_drawn(tmp_path, monkeypatch):
+    """A search whose trials were drawn per (task, variant) (before common random numbers) must
+    not be resumed or reused: the draw rule is in the stage's config hash."""
+    import scope_ray.stages.probe as probe
+
+    job = _job(tmp_path)
+    args = (job, {"config_hash": "f", "committed_at": "t"}, ["depth"], ["original"], None, None)
+    now = config_hash(*args)
+    monkeypatch.setattr(probe, "DRAWS", "per (task, variant)")
+    assert config_hash(*args) != now
 
 
 def test_concurrency_counts_the_tune_actor_and_the_train_worker():
@@ -179,7 +217,7 @@ def _uninterrupted(job, root, task: str, variant: str, trial: int):
 
     cache = open_cache(job, root)
     tcfg = getattr(job.probes, task)
-    hp = sample_configs(job.seed, task, variant, trial + 1, tcfg.lr_range, tcfg.weight_decay_range)[trial]
+    hp = sample_configs(job.seed, task, trial + 1, tcfg.lr_range, tcfg.weight_decay_range)[trial]
     classes = class_count(cache, task, NUM_CLASSES)
     spec = ProbeSpec(task=task, width=D, image_size=S, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
                      lr=hp["lr"], weight_decay=hp["weight_decay"], seed=trial_seed(job.seed, trial),
@@ -190,6 +228,21 @@ def _uninterrupted(job, root, task: str, variant: str, trial: int):
         return fit_probe(spec, *(load_split(cache, task, split, variant, classes) for split in ("train", "val")))
     finally:
         torch.set_num_threads(before)
+
+
+def _hand_rmse(job, root, head) -> float:
+    """RMSE in metres of a depth head on depth/original's val rows, pixels pooled, by hand."""
+    import torch
+
+    from scope_ray.stages.probe_cache import load_split, open_cache
+
+    val = load_split(open_cache(job, root), "depth", "val", "original", None)
+    with torch.no_grad():
+        pred = head.eval()(torch.tensor(val["cls"]), torch.tensor(val["tokens"]), (S, S)).double().numpy()
+    truth = val["depth"].astype(np.float64)
+    valid = np.isfinite(truth) & (truth > 0)
+    assert 0 < valid.sum() < valid.size  # the cache's NaN pixel is skipped
+    return math.sqrt(float(np.mean((pred[valid] - truth[valid]) ** 2)))
 
 
 def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_failed_trial(ray_local, tmp_path):
@@ -235,7 +288,7 @@ def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_fail
     for r in trials:
         epochs = getattr(job.probes, r["task"]).epochs
         assert len(r["curve"]) == epochs and r["curve"][-1] == r["value"] and r["epochs"] == epochs
-        cfg = sample_configs(job.seed, r["task"], r["variant"], 1, getattr(job.probes, r["task"]).lr_range, (1e-5, 1e-4))
+        cfg = sample_configs(job.seed, r["task"], 1, getattr(job.probes, r["task"]).lr_range, (1e-5, 1e-4))
         assert (r["lr"], r["weight_decay"]) == (cfg[0]["lr"], cfg[0]["weight_decay"])
         assert r["seconds_train"] > 0 and r["seconds_startup"] > 0 and r["seconds_actor"] >= 0
         assert r["node_id"] == ray_local_node_id()  # which node's worker trained it (one node here)
@@ -251,7 +304,13 @@ def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_fail
                                                                         reference.train_loss)
     by = {(b["task"], b["variant"]): b["value"] for b in best}
     assert by[("classification", "original")] > 0.6  # planted classes: well above chance (1/3)
-    assert 0 < by[("depth", "original")] < 4
+    # Every variant of a task ran the same configuration (common random numbers); the tasks differ.
+    hp = {t: {(r["lr"], r["weight_decay"]) for r in trials if r["task"] == t} for t in tasks}
+    assert all(len(v) == 1 for v in hp.values()) and hp["classification"] != hp["depth"]
+    # Depth RMSE against a hand computation: the same trial fitted in-process, its head run on the
+    # val tokens, RMSE over the valid (finite, > 0) pixels in float64 NumPy, not DepthErrors.
+    ref = _uninterrupted(job, root, "depth", "original", 0)
+    assert by[("depth", "original")] == pytest.approx(_hand_rmse(job, root, ref.head), rel=1e-6)
     again = run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_quiet)
     assert again.skipped and again.best == best
 

@@ -22,9 +22,11 @@ from scope_ray.sae import BatchTopKSAE
 from scope_ray.stages.partition import config_hash as partition_hash
 from scope_ray.stages.probe_features import (
     VARIANTS,
+    RANDOM_POOL,
     ProbeFeatureWriter,
     SplitCounts,
     decode_task_batch,
+    load_groups,
     resize_center_crop_plane,
     run_probe_features,
     table_schema,
@@ -196,17 +198,75 @@ def _commit_upstream(job, root: ResultsRoot, pixels_BSS3: np.ndarray) -> tuple[B
     sae.save(posixpath.join(stage.uri, SAE_FILE))
     stage.commit(train_hash(job), {}, {})
     order = np.argsort(-fires, kind="stable")
-    group = np.full(q, "nan", dtype=object)
+    group = np.full(q, "unscored", dtype=object)
     group[order[:12]] = "high"
     group[order[12:60]] = "low"
-    part = root.stage(job.model.name, "partition")
-    part.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(q), pa.int64()),
-                                                    "cds": pa.array(np.linspace(0, 1, q), pa.float64()),
-                                                    "group": pa.array(group.tolist(), pa.string())}))
-    part.commit(partition_hash(job), {}, {"features": q})
+    cds = np.full(q, np.nan)
+    cds[order[:12]], cds[order[12:60]] = np.linspace(0.6, 1.0, 12), np.linspace(0.0, 0.3, 48)
+    cds[order[60:66]] = 0.1  # unscored with a finite CDS (too few usable images): not in the random pool
+    _commit_partition(job, root, cds, group)
     groups = {"high": np.sort(order[:12]), "low": np.sort(order[12:60])}
-    groups["random"] = random_group(q, 12, seed=job.seed).numpy()
+    groups["random"] = random_group(q, 12, pool=groups["low"], exclude=groups["high"], seed=job.seed).numpy()
     return sae, groups
+
+
+def _commit_partition(job, root: ResultsRoot, cds_Q: np.ndarray, group_Q: np.ndarray) -> None:
+    part = root.stage(job.model.name, "partition")
+    part.write_part("features", "part-0", pa.table({"feature": pa.array(np.arange(cds_Q.size), pa.int64()),
+                                                    "cds": pa.array(cds_Q, pa.float64()),
+                                                    "group": pa.array(group_Q.tolist(), pa.string())}))
+    part.commit(partition_hash(job), {}, {"features": int(cds_Q.size)})
+
+
+def test_config_hash_names_the_random_pool(tmp_path, monkeypatch):
+    """Features cached with the control drawn from all q (before 2026-12) are not reused."""
+    import scope_ray.stages.probe_features as pf
+
+    job = load_config({"storage": {"root": str(tmp_path)}}, ["sae.expansion=1"])
+    now = pf.config_hash(job)
+    monkeypatch.setattr(pf, "RANDOM_POOL", "all q features")
+    assert pf.config_hash(job) != now
+
+
+@pytest.mark.parametrize("unscored", ["unscored", "nan"])
+def test_random_group_comes_from_scored_features_outside_the_high_group(tmp_path, unscored):
+    """load_groups (no Ray): the control has |high| members, all from the low group (finite CDS <= γ),
+    never a high one and never an unscored one, whether its CDS is NaN or finite (too few usable
+    images) and whatever that bucket is called (``nan`` before 2026-12); the job seed fixes it."""
+    def job_at(name, *overrides):
+        return load_config({"storage": {"root": str(tmp_path / name)}}, ["sae.expansion=1", *overrides])
+
+    job = job_at("a")
+    q = job.dictionary_size
+    rng = np.random.default_rng(3)
+    cds = rng.uniform(0, 1, q)
+    group = np.where(cds > 0.7, "high", "low").astype(object)
+    unscored_ids = rng.choice(q, q // 3, replace=False)
+    group[unscored_ids] = unscored
+    cds[unscored_ids[: q // 6]] = np.nan  # dead / never selected; the rest keep a finite CDS
+    high, low = np.flatnonzero(group == "high"), np.flatnonzero(group == "low")
+    assert 0 < high.size <= low.size and np.isfinite(cds[group == unscored]).any()
+    draws = []
+    for name, overrides in (("a", ()), ("b", ()), ("c", ("seed=1",))):
+        j = job_at(name, *overrides)
+        _commit_partition(j, ResultsRoot(str(tmp_path / name)), cds, group)
+        g = load_groups(j, ResultsRoot(str(tmp_path / name)))
+        assert np.array_equal(g["high"], high) and np.array_equal(g["low"], low) and np.array_equal(g["random_pool"], low)
+        r = g["random"]
+        assert r.size == high.size and np.unique(r).size == r.size
+        assert set(r.tolist()) <= set(low.tolist()) and np.isfinite(cds[r]).all() and (group[r] == "low").all()
+        draws.append(r.tolist())
+    assert draws[0] == draws[1] != draws[2]  # the same seed draws the same group, another seed another
+
+    # Fewer eligible features than |high|: a clear error naming both sizes.
+    few = np.where(cds > 0.2, "high", "low").astype(object)
+    few[unscored_ids] = unscored
+    n_high, n_low = int((few == "high").sum()), int(((few == "low") & np.isfinite(cds)).sum())
+    assert n_low < n_high
+    j = job_at("d")
+    _commit_partition(j, ResultsRoot(str(tmp_path / "d")), cds, few)
+    with pytest.raises(RuntimeError, match=rf"needs \|high\| = {n_high} .*only {n_low} exist"):
+        load_groups(j, ResultsRoot(str(tmp_path / "d")))
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +323,8 @@ def test_rows_equal_direct_final_tokens(stage_run, data):
     assert patch_shift > 1e-3
     assert 0 < np.abs(np.subtract(orig["cls"], high["cls"])).max()
     assert result.group_sizes["high"] == 12 and result.group_sizes["low"] == 48 and result.group_sizes["random"] == 12
+    assert result.group_sizes["random_shared_with_high"] == 0
+    assert result.manifest["random_group"] == {"drawn_from": RANDOM_POOL, "pool": 48, "size": 12, "seed": job.seed}
 
 
 @pytest.mark.slow
