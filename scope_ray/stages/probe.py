@@ -212,6 +212,10 @@ def probe_loop(cfg: dict) -> None:
     t0 = time.perf_counter()
     torch.set_num_threads(cfg["torch_threads"])
     device = get_device()
+    if device.type == "cuda":
+        from scope_ray.devices import cuda_problem, device_for
+
+        device_for([device.index], cuda_problem())  # a granted GPU torch cannot use fails here, with the facts
     train, val = ray.get([cfg["train_ref"], cfg["val_ref"]])  # zero-copy from the object store
     if cfg.get("inject_fault"):
         raise InjectedFault(f"injected fault in {cfg['task']}/{cfg['variant']} trial {cfg['trial']}")
@@ -424,9 +428,9 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         from scope_ray.stages.cluster import connect
 
         connect(job.ray)
-    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.cluster import role_gpus
 
-    worker_gpus = actor_resources(job.ray).num_gpus
+    worker_gpus = role_gpus(job.ray.gpus_per_probe_worker, "ray.gpus_per_probe_worker")
     worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
     most = sum(trials or getattr(job.probes, t).trials for t in tasks) * len(variants)  # largest possible search
     concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)

@@ -263,9 +263,10 @@ class ProbeFeatureWriter:
             out["label_min"][0], out["label_max"][0] = labels.min(), labels.max()
         return out
 
-    def _forward(self, pixels_B3SS, edit, designated) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, pixels_B3SS, edit, designated=None) -> tuple[np.ndarray, np.ndarray | None]:
         """(final tokens_BTD, CLIP image embedding_BE or None) with ``edit``, continuing from the
-        designated block's output ``designated`` (``ViTWrapper.designated_output``)."""
+        designated block's output ``designated`` (``ViTWrapper.designated_output``; None: a full
+        forward)."""
         import torch
 
         if self.clip_dim is None:
@@ -531,6 +532,7 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                else "patch-token mean (the model has no class token)",
                "seconds": round(result.seconds, 3),
                "nodes": {t: c.nodes for t, c in result.counts.items()}},
+        empty_schemas={"rejects": REJECTS},  # its rejects carry the task: an empty table keeps that column
     )
     for t, c in result.counts.items():
         log(f"[probe-features] {t}: {c.images} images in, {c.rejected} rejected, {c.rows} rows")
