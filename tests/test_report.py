@@ -61,12 +61,28 @@ def test_cds_histogram_no_data(tmp_path, cds, gamma):
     _check_png(report.cds_histogram(cds, tmp_path / "c.png", title="empty", gamma=gamma, log_y=True))
 
 
+def _colour_rows(arr: np.ndarray, hex_colour: str, min_run: int = 1) -> dict[int, float]:
+    """Column -> mean row of the pixels of one colour (image rows grow downwards)."""
+    mask = _pixels_of(arr, hex_colour)
+    return {int(c): float(np.flatnonzero(mask[:, c]).mean()) for c in np.flatnonzero(mask.sum(axis=0) >= min_run)}
+
+
 def test_awcds_curve(tmp_path):
     centres = np.linspace(0.5, 99.5, 100)
     means = 0.05 + 0.001 * np.exp(centres / 15.0)
     means[[3, 50]] = np.nan
-    _check_png(report.awcds_curve(centres, means, tmp_path / "a.png", title="awCDS",
-                                  outlier_percentile=98.7))
+    arr = _check_png(report.awcds_curve(centres, means, tmp_path / "a.png", title="awCDS",
+                                        outlier_percentile=98.7))
+    # The drawn curve follows the data: it rises to the right (means grow with the percentile), so
+    # its right end sits higher (a smaller row) than its left end; the outlier marker (red, dashed)
+    # stands at the far right, where 98.7 is.
+    blue = _colour_rows(arr, report._BLUE)
+    cols = sorted(blue)
+    assert len(cols) > 100
+    left, right = np.mean([blue[c] for c in cols[:20]]), np.mean([blue[c] for c in cols[-20:]])
+    assert right < left - 50
+    red_cols = np.flatnonzero(_pixels_of(arr, report._RED).sum(axis=0) >= 40)  # the vertical marker
+    assert red_cols.size and red_cols.min() > cols[int(0.9 * len(cols))]
 
 
 def test_awcds_curve_no_data(tmp_path):
@@ -81,7 +97,12 @@ def test_instability_plot(tmp_path):
     s = np.arange(1, 7)
     d_non = np.array([1.49, 1.6, 1.7, 1.8, 1.9, 1.958])
     d_out = np.array([3.1, 3.3, np.nan, 3.5, 3.4, 3.3])
-    _check_png(report.instability_plot(s, d_non, d_out, tmp_path / "i.png", title="Table 9"))
+    arr = _check_png(report.instability_plot(s, d_non, d_out, tmp_path / "i.png", title="Table 9"))
+    # D_out (red) lies above D_non (blue) wherever both are drawn: its rows are smaller.
+    blue, red = _colour_rows(arr, report._BLUE), _colour_rows(arr, report._RED)
+    shared = sorted(set(blue) & set(red))
+    assert len(shared) > 50
+    assert np.mean([red[c] < blue[c] for c in shared]) > 0.9
 
 
 def test_instability_plot_no_data(tmp_path):
