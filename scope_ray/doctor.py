@@ -7,6 +7,7 @@ to do). Nothing here changes the cluster or the results root beyond one probe ob
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.error
 import urllib.request
@@ -18,6 +19,8 @@ from scope_ray.config import JobConfig
 # Seconds to wait for a model hub before calling it unreachable: long enough for a slow link,
 # short enough that an offline cluster gets its answer at once.
 HUB_TIMEOUT_S = 5.0
+# Seconds the token-auth probe waits for the cluster's GCS or dashboard to answer.
+AUTH_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,11 @@ class Check:
     fix: str = ""
 
 
-def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None]:
+def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None, "AuthProbe"]:
     """Connect (or start a local instance, as `scope-ray run` would) and list the resources;
-    returns the check, the cluster's resources (None when they could not be read) and, when the
-    cluster has GPUs, what torch said on one of them (``probe_gpu_node``, run while connected)."""
+    returns the check, the cluster's resources (None when they could not be read), when the
+    cluster has GPUs what torch said on one of them (``probe_gpu_node``, run while connected),
+    and whether the cluster answers a caller without a token (``probe_auth_mode``)."""
     import ray
 
     if address and address.startswith(("http://", "https://")):
@@ -39,14 +43,15 @@ def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None]:
         # resources are visible from inside it: `ray job submit -- scope-ray doctor` shows them.
         from ray.job_submission import JobSubmissionClient
 
+        auth = probe_auth_mode(address)  # asked without a token, whatever this client has
         try:
             JobSubmissionClient(address).list_jobs()
         except Exception as err:  # connection refused, bad token, wrong port: all one answer
             return Check("ray", False, f"Jobs API at {address} not reachable: {type(err).__name__}: {err}",
                          "check the address (dashboard port, usually 8265) and, with token auth, RAY_AUTH_MODE=token "
-                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)"), None, None
+                         "and the token (~/.ray/auth_token or RAY_AUTH_TOKEN)"), None, None, auth
         return Check("ray", True, f"Jobs API at {address} answers (submit `scope-ray doctor` as a job to see its "
-                                  "resources)"), None, None
+                                  "resources)"), None, None, auth
     started_here = not ray.is_initialized()
     try:
         if started_here:
@@ -54,12 +59,18 @@ def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None]:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(include_dashboard=False, log_to_driver=False)
+        # The GCS this process is connected to ("auto" and a local instance resolved): asked
+        # without a token, from outside Ray's own client, which would send this machine's token.
+        auth = probe_auth_mode(ray.get_runtime_context().gcs_address)
         total = ray.cluster_resources()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         gpu_node = probe_gpu_node() if total.get("GPU", 0) else None
     except Exception as err:
+        direct = address and address != "auto" and "://" not in address
+        auth = (probe_auth_mode(address) if direct
+                else AuthProbe(None, address or "a local instance", "Ray was not reached (see the ray check)"))
         return Check("ray", False, f"cannot connect to Ray at {address!r}: {type(err).__name__}: {err}",
-                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance"), None, None
+                     "start the cluster (`ray start --head`) or unset RAY_ADDRESS to run on a local instance"), None, None, auth
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
@@ -67,20 +78,95 @@ def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None]:
     gib = 1024 ** 3
     detail = (f"{where}; {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
               f"{total.get('memory', 0) / gib:.1f} GiB memory, {total.get('object_store_memory', 0) / gib:.1f} GiB object store")
-    return Check("ray", True, detail), total, gpu_node
+    return Check("ray", True, detail), total, gpu_node, auth
 
 
-def check_auth() -> Check:
-    """Whether token authentication is on and a token is at hand (never prints the token); the
-    token is looked up by the same rule the sweep's Jobs API client uses."""
-    from scope_ray.sweep.runner import auth_token_source
+@dataclass(frozen=True)
+class AuthProbe:
+    """What the cluster said to a caller that sent no token: ``mode`` "token" (refused it),
+    "disabled" (answered it) or None (no answer that settles it; ``how`` says why)."""
 
-    mode = os.environ.get("RAY_AUTH_MODE", "")
-    source = auth_token_source()
-    detail = f"RAY_AUTH_MODE={mode or '(unset)'}; token {'from ' + source if source else 'not found'}"
-    if mode.lower() == "token" and source is None:
-        return Check("auth", False, detail, "copy the cluster's token to ~/.ray/auth_token or set RAY_AUTH_TOKEN")
-    return Check("auth", True, detail)
+    mode: str | None
+    where: str
+    how: str
+
+
+def probe_auth_mode(address: str, timeout_s: float = AUTH_PROBE_TIMEOUT_S) -> AuthProbe:
+    """Ask the cluster at ``address``, without a token, whether it requires one.
+
+    * ``http(s)://`` (the dashboard / Jobs API): Ray's public ``/api/authentication_mode``
+      (no token needed, Ray >= 2.52); where that is missing (an older Ray, which has no token auth),
+      whether ``/api/jobs/`` answers without a token.
+    * ``host:port`` (the GCS): one ``GetClusterId`` call on a plain gRPC channel that carries no
+      token. A GCS with token auth answers UNAUTHENTICATED; one without answers the call, which
+      is exactly what lets anyone who reaches the port use the cluster.
+    """
+    if address.startswith(("http://", "https://")):
+        base = address.rstrip("/")
+        try:
+            with urllib.request.urlopen(f"{base}/api/authentication_mode", timeout=timeout_s) as r:
+                mode = json.loads(r.read()).get("authentication_mode")
+            return AuthProbe(mode if mode in ("token", "disabled") else None, address,
+                             f"its dashboard's /api/authentication_mode says {mode!r}")
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                return AuthProbe(None, address, f"/api/authentication_mode answered HTTP {err.code}")
+        except Exception as err:  # noqa: BLE001 - unreachable: no answer that settles it
+            return AuthProbe(None, address, f"its dashboard did not answer ({type(err).__name__}: {err})")
+        try:
+            urllib.request.urlopen(f"{base}/api/jobs/", timeout=timeout_s).close()
+            return AuthProbe("disabled", address, "its Jobs API lists jobs for a request without a token")
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                return AuthProbe("token", address, f"its Jobs API refuses a request without a token (HTTP {err.code})")
+            return AuthProbe(None, address, f"its Jobs API answered HTTP {err.code}")
+        except Exception as err:  # noqa: BLE001
+            return AuthProbe(None, address, f"its Jobs API did not answer ({type(err).__name__}: {err})")
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    if "://" in address:  # ray:// (Ray Client) speaks another protocol
+        return AuthProbe(None, address, "only a GCS address (head:6379) or a dashboard URL (http://head:8265) can be "
+                                        "probed, not a Ray Client address")
+    # No proxy: the GCS is asked directly, as anyone on its network could.
+    channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        return AuthProbe("disabled", address, "its GCS answers a gRPC call that carries no token")
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return AuthProbe("token", address, "its GCS refuses a gRPC call without a token (UNAUTHENTICATED)")
+        return AuthProbe(None, address, f"its GCS did not answer the probe ({err.code().name}: {err.details()})")
+    finally:
+        channel.close()
+
+
+# The fix for a cluster without token auth: the README's and cluster/README.md's start-up.
+NO_AUTH_FIX = ("restart it with token authentication: `ray get-auth-token --generate` once, then "
+               "`RAY_AUTH_MODE=token ray start --head ...` on every node (README, 'Token authentication'; "
+               "cluster/README.md)")
+
+
+def check_auth(probe: AuthProbe, token_source: str | None) -> Check:
+    """The verdict on what the cluster said to a caller without a token (``probe_auth_mode``) and
+    on this machine's token (``token_source``: where it comes from, never the token).
+
+    Fails when the cluster answers without a token (anyone who reaches its ports can run code on
+    it and read what it reads, the results bucket's credentials included), when it could not be
+    told whether it does, and when it wants a token this machine does not have."""
+    mode_here = os.environ.get("RAY_AUTH_MODE", "")
+    here = f"RAY_AUTH_MODE={mode_here or '(unset)'} here, token {'from ' + token_source if token_source else 'not found'}"
+    if probe.mode == "disabled":
+        return Check("auth", False, f"the Ray cluster at {probe.where} runs WITHOUT token authentication "
+                                    f"({probe.how}): anyone who can reach it can run code on it", NO_AUTH_FIX)
+    if probe.mode is None:
+        return Check("auth", False, f"cannot tell whether the Ray cluster at {probe.where} requires a token: {probe.how}",
+                     "make the cluster reachable from here (GCS port or dashboard URL) and run doctor again")
+    if token_source is None or mode_here.lower() != "token":
+        return Check("auth", False, f"the Ray cluster at {probe.where} requires a token ({probe.how}); {here}",
+                     "set RAY_AUTH_MODE=token and copy the cluster's token to ~/.ray/auth_token (or RAY_AUTH_TOKEN)")
+    return Check("auth", True, f"the Ray cluster at {probe.where} requires a token ({probe.how}); {here}")
 
 
 def check_gpus(ray_gpus: float | None = None, gpu_node: dict | None = None) -> Check:
@@ -254,9 +340,11 @@ def run_doctor(job_path: str | None, overrides: list[str], log=print) -> int:
 
         job = load_config(job_path, overrides)
     address = (job.ray.address if job else None) or os.environ.get("RAY_ADDRESS")
-    ray_check, resources, gpu_node = check_ray(address)
+    ray_check, resources, gpu_node, auth = check_ray(address)
     ray_gpus = None if resources is None else resources.get("GPU", 0.0)
-    checks = [check_auth(), ray_check, check_gpus(ray_gpus, gpu_node)]
+    from scope_ray.sweep.runner import auth_token_source
+
+    checks = [check_auth(auth, auth_token_source()), ray_check, check_gpus(ray_gpus, gpu_node)]
     if job is not None:
         checks += [check_data(job), check_root(job), check_weights(job)]
     else:

@@ -1,5 +1,16 @@
 """`scope-ray doctor`: each check passes on what works and fails, with a fix, on what does not."""
 
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -112,14 +123,134 @@ def test_gpu_check_fails_when_a_gpu_node_cannot_use_its_gpus():
     assert good.ok and "NVIDIA H200 usable" in good.detail and "Ray advertises 8" in good.detail
 
 
-def test_auth_check_uses_the_sweeps_token_rule_and_never_prints_the_token(tmp_path, monkeypatch):
-    from scope_ray.doctor import check_auth
+def test_auth_verdict_fails_when_the_cluster_takes_callers_without_a_token(monkeypatch):
+    """The decision on what a cluster told a caller without a token, for every answer: only a
+    cluster that refused it, with a token at hand here, passes; the token is never printed."""
+    from scope_ray.doctor import AuthProbe, check_auth
 
-    monkeypatch.setattr(Path, "home", lambda: tmp_path)  # no ~/.ray/auth_token
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    off = check_auth(AuthProbe("disabled", "10.0.0.1:6379", "its GCS answers a gRPC call that carries no token"),
+                     "~/.ray/auth_token")
+    assert not off.ok and "WITHOUT token authentication" in off.detail and "10.0.0.1:6379" in off.detail
+    assert "ray get-auth-token --generate" in off.fix and "RAY_AUTH_MODE=token ray start --head" in off.fix
+    unknown = check_auth(AuthProbe(None, "http://h:8265", "its dashboard did not answer"), "~/.ray/auth_token")
+    assert not unknown.ok and "cannot tell" in unknown.detail and unknown.fix
+    on = AuthProbe("token", "http://h:8265", "refused")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert not check_auth().ok
+    assert not check_auth(on, None).ok and "RAY_AUTH_TOKEN" in check_auth(on, None).fix  # no token here
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-test-token")
-    ok = check_auth()
+    ok = check_auth(on, "the RAY_AUTH_TOKEN environment variable")
     assert ok.ok and "RAY_AUTH_TOKEN" in ok.detail and "s3cr3t" not in ok.detail
+    monkeypatch.delenv("RAY_AUTH_MODE")  # a token, but this client would not send it
+    assert not check_auth(on, "the RAY_AUTH_TOKEN environment variable").ok
+
+
+# --- against real Ray heads: one started as README users did before (plain `ray start --head` on a
+# home without a token: Ray 2.60 brings it up WITHOUT auth), one with RAY_AUTH_MODE=token ----------
+
+HEAD_PORTS = ("port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port", "min-worker-port")
+HEAD_START_S = 60.0  # a head comes up in ~3 s here; a loaded 2-core CI machine gets room, not forever
+
+
+class _Head:
+    """A private `ray start --head --block` on free ports, its own temp dir and HOME, in its own
+    process group (stopped by group and temp dir: never a bare `ray stop`)."""
+
+    def __init__(self, workdir: Path, token: str | None):
+        socks = [socket.socket() for _ in HEAD_PORTS]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = {k: s.getsockname()[1] for k, s in zip(HEAD_PORTS, socks)}
+        for s in socks:
+            s.close()
+        ports["max-worker-port"] = ports["min-worker-port"] + 10
+        self.gcs, self.url = f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}"
+        self.temp_dir = tempfile.mkdtemp(prefix="srdr-")  # short: Ray's socket paths live under it
+        self.home = workdir / "home"  # no ~/.ray/auth_token: a fresh user
+        self.home.mkdir()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(HOME=str(self.home), PATH=f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}")
+        self.token = None
+        if token is not None:
+            self.token = secrets.token_hex(16)
+            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=1",
+               f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               "--disable-usage-stats", "--include-log-monitor=false", f"--object-store-memory={100 * 2**20}",
+               *(f"--{k}={v}" for k, v in ports.items())]
+        self.log_path = workdir / "head.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + HEAD_START_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                urllib.request.urlopen(f"{self.url}/api/version", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return  # 401: up, with token auth
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"Ray head not up after {HEAD_START_S:g} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # SIGTERM drains for up to 30 s; nothing here to keep
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        for entry in Path("/proc").iterdir():  # anything of ours that left the group
+            try:
+                if entry.name.isdigit() and self.temp_dir.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                continue
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    made = {}
+    try:
+        for kind in ("plain", "token"):  # started together, waited for together
+            made[kind] = _Head(tmp_path_factory.mktemp(f"head-{kind}"), token=None if kind == "plain" else "token")
+        for h in made.values():
+            h.wait_ready()
+        yield made
+    finally:
+        for h in made.values():
+            h.stop()
+
+
+def test_doctor_fails_on_a_cluster_started_without_token_auth(heads, capsys, monkeypatch):
+    """`ray start --head` as the README had it (no RAY_AUTH_MODE, no token in the home) comes up
+    without auth in Ray 2.60; doctor finds that from outside, at its GCS address and at its
+    dashboard URL, and fails with one line and the fix. The token head's probe answers "token" at
+    both addresses (a probe that always said "disabled" fails here); a token cluster passing the
+    whole doctor is test_all_checks_pass_on_a_local_instance_and_writable_root (ray.init's
+    local instance has token auth on in Ray 2.60)."""
+    from scope_ray.doctor import probe_auth_mode
+
+    plain, token = heads["plain"], heads["token"]
+    assert [probe_auth_mode(a).mode for a in (plain.gcs, plain.url)] == ["disabled", "disabled"]
+    assert [probe_auth_mode(a).mode for a in (token.gcs, token.url)] == ["token", "token"]
+
+    def assert_fails_on_auth_only(text: str, code: int) -> None:
+        assert code == 1, text
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("FAIL auth")]
+        assert "WITHOUT token authentication" in line, text
+        assert "-> restart it with token authentication: `ray get-auth-token --generate`" in text
+        assert "ok   ray" in text and "1 check(s) failed: auth" in text, text  # reached; auth the one failure
+
+    # The whole command as a user runs it (ray.init connects to the GCS address), in a process of its own.
+    run = subprocess.run([sys.executable, "-m", "scope_ray.cli", "doctor"], env={**plain.env, "RAY_ADDRESS": plain.gcs},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert_fails_on_auth_only(run.stdout, run.returncode)
+    # The dashboard URL (what `scope-ray sweep` and `ray job submit` use): no ray.init, so in-process.
+    monkeypatch.setenv("RAY_ADDRESS", plain.url)
+    code = main(["doctor"])
+    assert_fails_on_auth_only(capsys.readouterr().out, code)
