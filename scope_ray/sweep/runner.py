@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from scope_ray.config import placeholders
+from scope_ray.shiplist import with_secret_excludes
 from scope_ray.storage import ResultsRoot
 from scope_ray.sweep.plan import (LOGS_DIR, Decision, completed_state, decide, manifest_hashes, read_state,
                                   stage_dirs, write_state, write_text)
@@ -173,6 +174,13 @@ class _Client:
             raise JobsApiError(_first_line(exc)) from None
 
 
+def shipped_runtime_env(sweep: Sweep) -> dict:
+    """The runtime_env each job is submitted with: the sweep's, with the secret-file patterns
+    (scope_ray/shiplist.py) added to its excludes whenever it uploads a working dir or modules,
+    so a ``.env`` or key file beside the job specs never reaches the cluster."""
+    return with_secret_excludes(sweep.runtime_env)
+
+
 def _make_client(address: str):
     from ray.job_submission import JobSubmissionClient
 
@@ -311,7 +319,7 @@ class _Run:
         res = self.sweep.spec.entrypoint_resources
         try:
             self.client.submit(
-                entrypoint=m.job.entrypoint, submission_id=sid, runtime_env=self.sweep.runtime_env or None,
+                entrypoint=m.job.entrypoint, submission_id=sid, runtime_env=shipped_runtime_env(self.sweep) or None,
                 metadata={"scope_ray_sweep": self.sweep.spec.name, "model": m.name, "job_hash": m.job.job_hash},
                 entrypoint_num_cpus=res.num_cpus or None, entrypoint_num_gpus=res.num_gpus or None)
         except JobsApiError as exc:
@@ -473,7 +481,7 @@ def _dry_run(sweep: Sweep, models: list[_Model], out: TextIO) -> int:
             m.row.status, m.row.note = "would run", m.decision.reason
     print(render([m.row for m in models], sweep.spec.stages), file=out)
     print(f"\ncluster: {sweep.address or '(none: set RAY_ADDRESS or --address)'}", file=out)
-    print(f"runtime_env: {json.dumps(sweep.runtime_env)}", file=out)
+    print(f"runtime_env: {json.dumps(shipped_runtime_env(sweep))}", file=out)
     for m in models:
         if not m.decision.skip:
             print(f"{m.name}: {m.job.entrypoint}", file=out)
