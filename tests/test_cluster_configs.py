@@ -320,3 +320,82 @@ def test_credential_scan_catches_planted_credentials():
         assert name in credentials_in(text), name
     assert credentials_in("AWS_SECRET_ACCESS_KEY=$FROM_THE_ENVIRONMENT  s3://PLACEHOLDER-bucket/x") == []
     assert credentials_in("commit " + "0a9eabde" * 5) == []  # a git commit id is not a secret key
+
+
+# --- least-privilege IAM for the launcher's nodes -------------------------------------------
+
+IAM_POLICIES = {"s3": CLUSTER / "iam-s3-policy.json", "head": CLUSTER / "iam-head-autoscaler-policy.json"}
+
+
+def iam_problems(policy: dict) -> list[str]:
+    """Every grant broader than the study needs: a wildcard in an action ("*", "s3:*",
+    "s3:Get*"), a Deny-less policy's "NotAction" / "NotResource", and a resource wildcard that is
+    not inside a PLACEHOLDER prefix (bucket, account, region) — except "*" for EC2 Describe
+    calls, which AWS does not scope by resource."""
+    problems = []
+    for i, st in enumerate(policy["Statement"]):
+        if st.get("Effect") != "Allow":
+            continue
+        if "NotAction" in st or "NotResource" in st:
+            problems.append(f"statement {i}: NotAction / NotResource grants everything else")
+        actions = [st["Action"]] if isinstance(st.get("Action"), str) else st.get("Action", [])
+        resources = [st["Resource"]] if isinstance(st.get("Resource"), str) else st.get("Resource", [])
+        problems += [f"statement {i}: wildcard action {a!r}" for a in actions if "*" in a]
+        for r in resources:
+            if r == "*":
+                if not all(a.startswith("ec2:Describe") for a in actions):
+                    problems.append(f"statement {i}: Resource '*' for {actions}")
+            elif "*" in r and ("PLACEHOLDER" not in r or r.index("*") < r.rindex("PLACEHOLDER")):
+                problems.append(f"statement {i}: wildcard resource {r!r} outside a PLACEHOLDER prefix")
+            elif r.startswith("arn:aws:s3:::") and not r.startswith("arn:aws:s3:::PLACEHOLDER-"):
+                problems.append(f"statement {i}: bucket {r!r} is not a placeholder")
+    return problems
+
+
+def _grants(policy: dict) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for st in policy["Statement"]:
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        for a in actions:
+            out.setdefault(a, set()).update(resources)
+    return out
+
+
+def test_node_roles_are_least_privilege_and_referenced_by_the_launcher():
+    policies = {name: json.loads(path.read_text()) for name, path in IAM_POLICIES.items()}
+    for name, policy in policies.items():
+        assert policy["Version"] == "2012-10-17" and iam_problems(policy) == [], name
+    s3 = _grants(policies["s3"])
+    # Exactly what the study does: results read / write / delete (re-runs replace stages), data read-only,
+    # listing only under those prefixes.
+    assert set(s3) == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    results = "arn:aws:s3:::PLACEHOLDER-bucket/scope-ray/*"
+    assert s3["s3:PutObject"] == s3["s3:DeleteObject"] == {results}
+    assert results in s3["s3:GetObject"] and all(r.startswith("arn:aws:s3:::PLACEHOLDER-bucket/") for r in s3["s3:GetObject"])
+    (listing,) = [st for st in policies["s3"]["Statement"] if st["Action"] == "s3:ListBucket"]
+    assert "scope-ray/*" in listing["Condition"]["StringLike"]["s3:prefix"]
+    head = _grants(policies["head"])
+    assert not any(a.startswith("s3:") for a in head)  # the head's S3 access is the S3 policy's, no more
+    assert head["iam:PassRole"] == {"arn:aws:iam::PLACEHOLDER-account-id:role/PLACEHOLDER-scope-ray-s3"}
+    # Both node types run with a profile of their own (no profile: Ray makes an EC2 + S3 full-access
+    # one for the head), and the launcher names the policy documents those roles hold.
+    launcher = load(LAUNCHER)
+    for name, node_type in launcher["available_node_types"].items():
+        assert "PLACEHOLDER" in node_type["node_config"]["IamInstanceProfile"]["Arn"], name
+    text = LAUNCHER.read_text()
+    assert all(path.name in text for path in IAM_POLICIES.values())
+
+
+def test_the_iam_check_catches_broad_grants():
+    broad = [
+        {"Effect": "Allow", "Action": "*", "Resource": "*"},
+        {"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::PLACEHOLDER-bucket/scope-ray/*"},
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::*"},
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::my-real-bucket/x"},
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"},
+        {"Effect": "Allow", "NotAction": "iam:*", "Resource": "arn:aws:s3:::PLACEHOLDER-bucket/x"},
+    ]
+    for st in broad:
+        assert iam_problems({"Statement": [st]}), st
+    assert iam_problems({"Statement": [{"Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "*"}]}) == []
