@@ -6,7 +6,7 @@ a file or folder of that name at any depth, a trailing ``/`` matches a folder an
 it. They are plain names and ``*`` globs only (no ``!`` negation, no ``/`` inside a pattern
 except the trailing one), so rsync's ``--exclude`` reads them the same way.
 
-Where the list applies (docs/reliability.md S7; tests/test_shiplist.py checks every place):
+Where the list applies (docs/reliability.md S8; tests/test_shiplist.py checks every place):
 
 * every Ray upload of a working dir from the repository root (``ray job submit --working-dir .``,
   ``cluster/runtime_env.yaml``, the shipped sweeps): the repository's ``.rayignore``, which Ray

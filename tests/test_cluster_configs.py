@@ -399,3 +399,23 @@ def test_the_iam_check_catches_broad_grants():
     for st in broad:
         assert iam_problems({"Statement": [st]}), st
     assert iam_problems({"Statement": [{"Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "*"}]}) == []
+
+
+def test_every_documented_ray_start_has_token_auth_with_a_token_made_first():
+    """Wherever the docs tell a user to start Ray (`ray start`), token auth is on for it: the
+    command carries RAY_AUTH_MODE=token or follows `export RAY_AUTH_MODE=token`, and the same
+    file makes the token first (`ray get-auth-token --generate`): without a token, Ray 2.60's
+    `ray start` fails with auth on, and a plain one comes up with no auth at all."""
+    files = [REPO / "README.md", CLUSTER / "README.md", LAUNCHER, *sorted((REPO / "docs").glob("*.md"))]
+    starts = 0
+    for path in files:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            command = line.split("#", 1)[0] if path.suffix == ".md" else line
+            if not re.search(r"(^|[\s;])ray start\b", command) or "`ray start" in line:
+                continue  # prose naming the command, not a command to run
+            starts += 1
+            before = "\n".join(lines[:i + 1])
+            assert ("RAY_AUTH_MODE=token ray start" in line or "export RAY_AUTH_MODE=token" in before), (path, line)
+            assert "ray get-auth-token --generate" in before, (path, line)
+    assert starts >= 3  # README's single-node steps and the launcher's head and worker starts
