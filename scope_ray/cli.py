@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -228,9 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scope-ray: {exc}", file=sys.stderr)
         return 2
     except (PermissionError, FileNotFoundError, ConnectionError, ClusterResourceError, ValueError, RuntimeError) as exc:
-        # Expected failures (missing data, an earlier stage not run, a bad width...) get one clear
-        # line; anything else keeps its traceback.
+        # Expected failures (missing data, an earlier stage not run, a bad width, another run
+        # writing the stage...) get one clear line; anything else keeps its traceback.
         print(f"scope-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # A full or read-only disk: nothing committed was touched (the manifest is written last,
+        # through a temporary name that is removed on failure).
+        print(f"scope-ray: {exc.strerror} ({exc.filename or 'the results root'}); free space and run the same "
+              "command again: committed stages are kept and skipped", file=sys.stderr)
         return 2
     return 1
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from scope_ray.storage import fsspec_filesystem, split_uri
+from scope_ray.storage import fsspec_filesystem, split_uri, temp_name
 
 FORMAT = "scope_ray.BatchTopKSAE"
 FORMAT_VERSION = 1
@@ -295,10 +296,16 @@ class BatchTopKSAE(nn.Module):
         fs, fpath = fsspec_filesystem(str(path), endpoint_url)
         if split_uri(str(path))[0] == "file":
             # Write-then-rename: a crash never leaves a truncated checkpoint under the final name.
+            # The temporary name is unique per writer: two saves at once never share one.
             fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
-            with fs.open(fpath + ".tmp", "wb") as f:
-                f.write(blob)
-            fs.mv(fpath + ".tmp", fpath)
+            tmp = temp_name(fpath)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, fpath)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         else:
             fs.pipe_file(fpath, blob)  # an S3 object appears whole or not at all
 

@@ -20,7 +20,7 @@ import subprocess
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from scope_ray.lease import DEFAULT_LEASE_SECONDS, Lease, acquire
 from scope_ray.tokens import REJECTS_SCHEMA
 
 MANIFEST = "manifest.json"
@@ -40,12 +41,20 @@ LOGS_DIR = "logs"
 def split_uri(uri: str) -> tuple[str, str]:
     """``(scheme, path)`` with scheme ``file`` or ``s3``; a bare path is ``file``."""
     if uri.startswith("s3://"):
-        return "s3", uri[len("s3://"):].rstrip("/")
+        # One spelling per object: "s3://b//x/" and "s3://b/x" are the same prefix.
+        return "s3", "/".join(p for p in uri[len("s3://"):].split("/") if p)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}; use a local path, file:// or s3://")
-    return "file", str(Path(uri).expanduser().absolute())
+    # Normalised ("/r/", "/r/./", "/x/../r" are "/r"): roots are compared as strings.
+    return "file", os.path.normpath(str(Path(uri).expanduser().absolute()))
+
+
+def canonical_uri(uri: str) -> str:
+    """The one name of a root for comparisons: normalised, local symlinks resolved."""
+    scheme, path = split_uri(uri)
+    return f"s3://{path}" if scheme == "s3" else os.path.realpath(path)
 
 
 def fsspec_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -144,11 +153,25 @@ class StageIncomplete(RuntimeError):
 
 @dataclass
 class StageDir:
-    """``ROOT/<model>/<stage>/`` — one stage's outputs and its completion manifest."""
+    """``ROOT/<model>/<stage>/`` — one stage's outputs and its completion manifest.
+
+    A run writes through ``writing(config_hash)``: it holds the stage's lease (one writer,
+    ``scope_ray.lease``), and every file it writes is named ``<config hash>-<name>`` (``run``).
+    The committed stage's files keep their own names until the new manifest lands, so a run that
+    fails — a typo in an input path, a crash, a diverged SAE — leaves the committed stage
+    byte-identical; the files of the run it replaces are deleted only after the new manifest is
+    written (docs/storage.md, "Replacing a stage")."""
 
     root: "ResultsRoot"
     model: str
     stage: str
+    run: str | None = None  # the config hash of the run writing this stage (set by ``writing``)
+    keep: tuple[str, ...] = ()  # sub-directories the writing run manages itself (checkpoints)
+    _lease: Lease | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        # Shipped to Ray actors (which write parts under the run's names); the lease stays here.
+        return {**self.__dict__, "_lease": None}
 
     @property
     def uri(self) -> str:
@@ -160,6 +183,10 @@ class StageDir:
 
     def table_path(self, table: str) -> str:
         return posixpath.join(self.path, table)
+
+    def run_name(self, name: str) -> str:
+        """``name`` as the writing run stores it: prefixed with its config hash."""
+        return f"{self.run}-{name}" if self.run else name
 
     # --- manifest -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any] | None:
@@ -182,7 +209,8 @@ class StageDir:
         return m is not None and (config_hash is None or m.get("config_hash") == config_hash)
 
     def reset(self) -> None:
-        """Remove whatever an earlier, uncommitted or outdated attempt left behind."""
+        """Remove the whole stage, committed or not (by hand only: a run never deletes committed
+        work before its own manifest lands; see ``writing``)."""
         mpath = posixpath.join(self.path, MANIFEST)
         with _unreachable_names(self.root, f"removing {self.model}/{self.stage}"):
             if self.root.fs.exists(mpath):
@@ -190,6 +218,70 @@ class StageDir:
                 self.root.fs.rm(mpath)
             if self.root.fs.exists(self.path):
                 self.root.fs.rm(self.path, recursive=True)
+
+    @contextmanager
+    def writing(self, config_hash: str, *, resume: bool = False, keep: tuple[str, ...] = (),
+                lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        """Hold the stage's lease for a run of ``config_hash`` and clear what earlier, uncommitted
+        attempts left (never the committed stage's files). ``resume`` keeps this config's own
+        earlier files (finished probe trials); ``keep`` names sub-directories left alone (the
+        run manages them: Ray Train checkpoints). Raises ``lease.StageBusy`` naming the holder
+        when another live run writes this stage."""
+        lease = acquire(self.root, self.model, self.stage, config_hash, lease_seconds)
+        try:
+            self.run, self.keep, self._lease = config_hash, tuple(keep), lease
+            with _unreachable_names(self.root, f"clearing {self.model}/{self.stage}"):
+                self._clear(keep_own=resume)
+            yield self
+        finally:
+            lease.release()
+            self.run, self.keep, self._lease = None, (), None
+
+    def _files(self) -> list[str]:
+        """Every file under the stage, relative to it."""
+        if not self.root.fs.exists(self.path):
+            return []
+        base = self.path.rstrip("/") + "/"
+        return sorted(p[len(base):] for p in self.root.fs.find(self.path) if p.startswith(base))
+
+    def _remove(self, rels: list[str]) -> None:
+        for rel in rels:
+            try:
+                self.root.fs.rm(posixpath.join(self.path, rel))
+            except FileNotFoundError:
+                pass
+
+    def _clear(self, keep_own: bool) -> None:
+        """Delete debris: files neither the committed stage's nor (``keep_own``) this run's."""
+        committed = self.manifest()
+        tags = set()
+        if committed is not None and committed.get("file_tag"):
+            tags.add(committed["file_tag"] + "-")
+        if keep_own:
+            tags.add(self.run + "-")
+        legacy = committed is not None and not committed.get("file_tag")
+
+        def debris(rel: str) -> bool:
+            if rel == MANIFEST and committed is not None:
+                return False
+            if rel.split("/", 1)[0] in self.keep:
+                return False
+            name = posixpath.basename(rel)
+            if name.endswith(".tmp"):
+                return True
+            if any(name.startswith(t) for t in tags):
+                return False
+            # A stage committed before files were named by run: its files have plain names.
+            return not (legacy and not _tagged(name))
+
+        self._remove([rel for rel in self._files() if debris(rel)])
+
+    def _drop_superseded(self) -> None:
+        """After this run's manifest landed: delete every file of the run it replaced."""
+        own = self.run + "-"
+        self._remove([rel for rel in self._files()
+                      if rel != MANIFEST and rel.split("/", 1)[0] not in self.keep
+                      and (not posixpath.basename(rel).startswith(own) or rel.endswith(".tmp"))])
 
     def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None,
                empty_schemas: dict[str, pa.Schema] | None = None) -> dict:
@@ -203,24 +295,32 @@ class StageDir:
         the report, pandas, Polars — then see an empty table with its columns, not a table without
         any (a clean run rejects nothing)."""
         schemas = {"rejects": REJECTS_SCHEMA, **(empty_schemas or {})}
+        if self.run is not None and self.run != config_hash:
+            raise ValueError(f"stage {self.model}/{self.stage}: committing config {config_hash} from a run of {self.run}")
+        if self._lease is not None:
+            self._lease.check()  # a run that lost its lease must not commit over the new holder
         with _unreachable_names(self.root, f"committing {self.model}/{self.stage}"):
-            return self._commit(config_hash, inputs, rows, extra, schemas)
+            manifest = self._commit(config_hash, inputs, rows, extra, schemas)
+            if self.run is not None:
+                self._drop_superseded()
+        return manifest
 
     def _commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int],
                 extra: dict[str, Any] | None, schemas: dict[str, pa.Schema]) -> dict:
         tables: dict[str, list[str]] = {}
         for table in rows:
-            tdir = self.table_path(table)
-            files = sorted(posixpath.basename(p) for p in self.root.fs.glob(posixpath.join(tdir, "*.parquet")))
+            files = sorted(posixpath.basename(p) for p in self.run_files(table))
             if not files and table in schemas:
-                self.write_part(table, "empty", schemas[table].empty_table())
-                files = ["empty.parquet"]
+                files = [posixpath.basename(self.write_part(table, "empty", schemas[table].empty_table()))]
             tables[table] = files
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "model": self.model,
             "stage": self.stage,
             "config_hash": config_hash,
+            # Every file this run wrote is named "<file_tag>-..." (files of a stage committed
+            # before runs named their files have no tag, and no such key).
+            **({"file_tag": self.run} if self.run else {}),
             "inputs": inputs,
             "rows": rows,
             "tables": tables,
@@ -235,9 +335,13 @@ class StageDir:
             # Same-directory rename is atomic on POSIX: a reader sees no manifest or the whole one.
             tmp = temp_name(mpath)
             self.root.ensure_dir(self.path)
-            with self.root.fs.open(tmp, "wb") as f:
-                f.write(blob)
-            self.root.fs.mv(tmp, mpath)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, mpath)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)  # a full disk: leave nothing behind
         else:
             # An S3 PUT is atomic per object: the manifest appears whole or not at all.
             self.root.fs.pipe_file(mpath, blob)
@@ -248,7 +352,7 @@ class StageDir:
         """Write one part file; a retried task writing the same part name overwrites, never duplicates."""
         tdir = self.table_path(table)
         self.root.ensure_dir(tdir)
-        fpath = posixpath.join(tdir, f"{part_name}.parquet")
+        fpath = posixpath.join(tdir, f"{self.run_name(part_name)}.parquet")
         with _unreachable_names(self.root, f"writing {self.model}/{self.stage}/{table}/{part_name}.parquet"):
             write_parquet(data, fpath, self.root)
         return fpath
@@ -256,7 +360,7 @@ class StageDir:
     def write_figure(self, local_path: str | Path) -> str:
         """Copy a figure drawn locally to ``<stage>/figures/<name>``; returns its URI. Call before
         ``commit`` (the manifest then names what is there)."""
-        name = Path(local_path).name
+        name = self.run_name(Path(local_path).name)
         fdir = posixpath.join(self.path, "figures")
         self.root.ensure_dir(fdir)
         self.root.fs.put_file(str(local_path), posixpath.join(fdir, name))
@@ -267,11 +371,17 @@ class StageDir:
         its own output before it commits. Empty (with ``schema``) when nothing was written."""
         import pyarrow.dataset as pads
 
-        files = self.root.fs.glob(posixpath.join(self.table_path(table), "*.parquet"))
+        files = self.run_files(table)
         if not files:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
         return pads.dataset(files, filesystem=self.root.arrow_fs, format="parquet", schema=schema).to_table(columns=columns)
+
+    def run_files(self, table: str) -> list[str]:
+        """Full paths of the part files the writing run has written to ``table`` so far (all
+        part files when no run is writing)."""
+        pattern = f"{self.run}-*.parquet" if self.run else "*.parquet"
+        return sorted(self.root.fs.glob(posixpath.join(self.table_path(table), pattern)))
 
     def part_files(self, table: str) -> list[str]:
         """Full paths of a committed table's part files (only those the manifest lists)."""
@@ -292,6 +402,12 @@ class StageDir:
     def table_uris(self, table: str) -> list[str]:
         """Part files as paths for Ray Data (use with ``root.arrow_fs``)."""
         return self.part_files(table)
+
+
+def _tagged(name: str) -> bool:
+    """Named by a run: ``<16 hex digits of a config hash>-...``."""
+    head, sep, _ = name.partition("-")
+    return bool(sep) and len(head) == 16 and all(c in "0123456789abcdef" for c in head)
 
 
 def temp_name(path: str) -> str:
@@ -346,8 +462,9 @@ class ResultsRoot:
         if self.scheme == "file":
             self.fs.makedirs(path, exist_ok=True)
 
-    def stage(self, model: str, stage: str) -> StageDir:
-        return StageDir(self, model, stage)
+    def stage(self, model: str, stage: str, run: str | None = None) -> StageDir:
+        """A stage directory; ``run`` (a config hash) when writing for that run from a worker."""
+        return StageDir(self, model, stage, run=run)
 
     def check_writable(self) -> None:
         """Fail early, before any work, when the root cannot be written."""
@@ -355,9 +472,13 @@ class ResultsRoot:
         try:
             self.ensure_dir(self.path)
             self.fs.pipe_file(probe, b"ok")
-            self.fs.rm(probe)
         except Exception as exc:  # noqa: BLE001 - any failure here means "not writable"
             raise PermissionError(f"results root {self.uri} is not writable: {type(exc).__name__}: {exc}") from None
+        finally:
+            try:  # a full disk may have left an empty probe file behind
+                self.fs.rm(probe)
+            except (FileNotFoundError, OSError):
+                pass
 
     def models(self) -> list[str]:
         if not self.fs.exists(self.path):

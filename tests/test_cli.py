@@ -95,3 +95,27 @@ def test_shipped_specs_are_valid_but_their_placeholders_stop_check_and_run(tmp_p
     err = capsys.readouterr().err
     assert "PLACEHOLDER values at data.imagenet.train.path" in err and "storage.root" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_is_one_clear_line_and_says_what_is_kept(tmp_path, capsys, monkeypatch):
+    """ENOSPC at commit (tests/test_storage.py shows nothing is left behind): no traceback, one
+    line naming the file and what to do."""
+    import errno
+
+    import scope_ray.stages.cluster as cluster
+    import scope_ray.stages.extract as extract
+
+    def full(job, root):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results" / "manifest.json"))
+
+    monkeypatch.setattr(cluster, "connect", lambda *_: None)
+    monkeypatch.setattr(extract, "run_extract", full)  # run imports it at call time
+    data = tmp_path / "train"
+    data.mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(f"storage: {{root: {tmp_path / 'results'}}}\nray: {{gpus_per_actor: 0}}\n"
+                   f"data: {{imagenet: {{train: {{format: folder, path: {data}}}}}}}\n")
+    assert main(["run", str(job), "--stages", "extract"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "manifest.json" in err and "committed stages are kept" in err
+    assert "Traceback" not in err

@@ -240,3 +240,39 @@ def test_a_typo_in_a_data_path_leaves_the_committed_extraction_byte_identical(ra
     assert proc.returncode != 0 and typo in out and "does not exist" in out, out
     assert _snapshot(stage_dir / "extract") == before
     assert job_file["root"].stage(MODEL, "extract").is_complete(extract_hash(job_file["job"]))
+
+
+def test_a_second_run_on_a_stage_being_written_is_refused_and_the_first_commits(ray_local, job_file, killed, rerun):
+    """Two runs on one results root (the SAE of one config being trained; a second job, another
+    learning rate, started on the same stage): the second stops at once with an error naming the
+    first, deletes and writes nothing; the first, frozen meanwhile (SIGSTOP) so the second surely
+    meets it mid-stage, then commits normally."""
+    from scope_ray.stages.train_sae import config_hash as train_hash
+
+    root = job_file["root"]
+    stage_dir = Path(root.path) / MODEL / "train-sae"
+    lease = Path(root.path) / MODEL / ".leases" / "train-sae.json"
+    cmd = _driver_cmd(job_file["path"])[:-2] + ["--stages", "train-sae", "--set", "sae.batch_size=8"]
+    log_path = job_file["work"] / "first-writer.log"
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(cmd, env=_driver_env(ray_local), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while first.poll() is None and not lease.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert first.poll() is None and lease.exists(), log_path.read_text()
+            os.kill(first.pid, signal.SIGSTOP)
+            before = _snapshot(stage_dir)
+            second = subprocess.run(cmd + ["--set", "sae.lr=0.001"], env=_driver_env(ray_local),
+                                    capture_output=True, text=True, timeout=240)
+            out = second.stdout + second.stderr
+            assert second.returncode != 0 and "is being written by another run" in out, out
+            assert f"pid {first.pid}" in out and "Traceback" not in out, out
+            assert _snapshot(stage_dir) == before  # the second run deleted and wrote nothing
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        first.wait(timeout=300)
+    assert first.returncode == 0, log_path.read_text()
+    job = load_config(str(job_file["path"]), overrides=["sae.batch_size=8"])
+    assert root.stage(MODEL, "train-sae").is_complete(train_hash(job))
+    assert not lease.exists()  # released at the end

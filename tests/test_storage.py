@@ -142,3 +142,117 @@ def test_unwritable_s3_bucket_fails_early(s3_server):
         ResultsRoot("s3://no-such-bucket-here/x", endpoint_url=s3_server).check_writable()
 
 
+
+
+# --- replacing a committed stage (StageDir.writing) -------------------------------------------
+def _snapshot(root, stage) -> dict[str, bytes]:
+    base = stage.path.rstrip("/") + "/"
+    return {p[len(base):]: root.fs.cat_file(p) for p in root.fs.find(stage.path)}
+
+
+def _commit_run(stage, chash: str, values: list[int]) -> None:
+    with stage.writing(chash):
+        stage.write_part("t", "a", pa.table({"x": values}))
+        stage.commit(chash, {}, {"t": len(values)})
+
+
+def test_a_run_that_fails_leaves_the_committed_stage_byte_identical(root, tmp_path):
+    stage = root.stage("m", "s")
+    _commit_run(stage, "a" * 16, [1, 2])
+    fig = tmp_path / "fig.png"
+    fig.write_bytes(b"png-a")
+    before = _snapshot(root, stage)
+    with pytest.raises(RuntimeError, match="typo"):
+        with stage.writing("b" * 16):
+            stage.write_part("t", "a", pa.table({"x": [9]}))
+            stage.write_figure(fig)
+            raise RuntimeError("a typo in a data path")
+    after = _snapshot(root, stage)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing committed changed
+    assert stage.is_complete("a" * 16) and stage.read_table("t").column("x").to_pylist() == [1, 2]
+    # The next run clears the failed attempt's files and, once its manifest lands, the old run's.
+    _commit_run(stage, "c" * 16, [3])
+    assert stage.read_table("t").column("x").to_pylist() == [3]
+    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{'c' * 16}-a.parquet"]
+    assert root.fs.exists(stage.path) and not root.fs.exists(lease_file(root))
+
+
+def lease_file(root):
+    from scope_ray.lease import lease_path
+
+    return lease_path(root, "m", "s")
+
+
+def test_a_run_only_commits_its_own_parts_and_resume_keeps_them(root):
+    stage = root.stage("m", "s")
+    with pytest.raises(KeyboardInterrupt):
+        with stage.writing("a" * 16):
+            stage.write_part("t", "p0", pa.table({"x": [1]}))
+            raise KeyboardInterrupt  # interrupted
+    with stage.writing("a" * 16, resume=True):
+        assert [p.rsplit("/", 1)[1] for p in stage.run_files("t")] == [f"{'a' * 16}-p0.parquet"]
+        stage.write_part("t", "p1", pa.table({"x": [2]}))
+        assert stage.commit("a" * 16, {}, {"t": 2})["tables"]["t"] == [f"{'a' * 16}-p0.parquet", f"{'a' * 16}-p1.parquet"]
+    with stage.writing("b" * 16):  # another config: nothing of run a is resumed
+        assert stage.run_files("t") == []
+        assert stage.read_table("t").num_rows == 2  # the committed stage still reads
+
+
+def test_a_stage_committed_before_runs_named_their_files_is_kept_until_replaced(root):
+    stage = root.stage("m", "s")
+    stage.write_part("t", "old", pa.table({"x": [7]}))
+    stage.commit("o" * 16, {}, {"t": 1})  # no run: plain names, no file_tag
+    with pytest.raises(RuntimeError):
+        with stage.writing("b" * 16):
+            raise RuntimeError("failed")
+    assert stage.read_table("t").column("x").to_pylist() == [7]
+    _commit_run(stage, "b" * 16, [8])
+    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{'b' * 16}-a.parquet"]
+
+
+def test_a_second_run_on_the_same_stage_is_refused_and_deletes_nothing(root):
+    from scope_ray.lease import StageBusy
+
+    stage = root.stage("m", "s")
+    _commit_run(stage, "a" * 16, [1])
+    with stage.writing("b" * 16):
+        stage.write_part("t", "a", pa.table({"x": [2]}))
+        before = _snapshot(root, stage)
+        other = root.stage("m", "s")
+        with pytest.raises(StageBusy, match="being written by another run"):
+            with other.writing("c" * 16):
+                pass
+        assert _snapshot(root, stage) == before
+        stage.commit("b" * 16, {}, {"t": 1})
+    assert stage.read_table("t").column("x").to_pylist() == [2]
+
+
+def test_a_full_disk_at_commit_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import scope_ray.storage as storage
+
+    root = ResultsRoot(str(tmp_path / "r"))
+    stage = root.stage("m", "s")
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", full)
+    with pytest.raises(OSError, match="No space"):
+        _commit_run(stage, "a" * 16, [1])
+    assert not [p for p in root.fs.find(str(tmp_path)) if p.endswith(".tmp")]
+    assert not stage.is_complete()
+
+    def no_space(path, data, **k):
+        open(path, "wb").close()  # the file is created, its data does not fit
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(root.fs, "pipe_file", no_space)
+    with pytest.raises(PermissionError, match="not writable"):
+        root.check_writable()
+    assert not [p for p in os.listdir(tmp_path / "r") if p.startswith(".write-probe")]

@@ -115,12 +115,12 @@ class TopKCollector(_ModelAndSAE):
     this actor's running top-k lists out, plus per-batch image counts (on the first row of each
     batch). The score is ``overlap_selection_scores``."""
 
-    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, keep: int):
+    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, keep: int, run: str | None = None):
         from scope_ray.scc import overlap_indices
         from scope_ray.topk import FeatureTopK
 
         super().__init__(job, root, torch_threads)
-        self.stage = root.stage(job.model.name, TOPK_STAGE)
+        self.stage = root.stage(job.model.name, TOPK_STAGE, run=run)
         self.topk = FeatureTopK(job.dictionary_size, keep)
         self.idx1, self.idx2 = overlap_indices(job.model.spec.grid, job.scope.shift)
 
@@ -189,58 +189,59 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
                           features_with_images=m["features_with_images"])
     load_sae(job, root)  # fail before any Ray work when the SAE is missing or stale
     source = pool_source(job)
-    stage.reset()
-    q, keep = job.dictionary_size, job.scope.k_cds + job.scope.spare_images
-    res = actor_resources(job.ray)
-    spec = job.model.spec
-    log(f"[cds] pass 1: top {keep} images (k_cds {job.scope.k_cds} + {job.scope.spare_images} spares) for each of "
-        f"{q} features over {source.path} ({job.scope.pool_split}), each image scored on the overlap of its SCC "
-        f"pair at shift {job.scope.shift}")
-    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-    # The same SCC views pass 2 scores (not a centre crop): a top image has the feature in the overlap.
-    ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
-    ds = ds.map_batches(
-        TopKCollector, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads, keep=keep),
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-        batch_size=job.scope.batch_size, batch_format="numpy",
-    )
-    merged = FeatureTopK(q, keep)
-    key_to_id: dict[int, str] = {}
-    images = rejected = reported = 0
-    bar = tqdm(desc="cds pass 1", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        real = part["feature"] >= 0
-        merged.offer(part["feature"][real], part["key"][real], part["value"][real])
-        key_to_id.update(zip(part["key"][real].tolist(), part["image_id"][real].tolist()))
-        reported += int(real.sum())
-        images += int(part["images"].sum())
-        rejected += int(part["rejected"].sum())
-        bar.update(int(part["images"].sum()))
-        bar.set_postfix(rejected=rejected)
-        if len(key_to_id) > 4 * q * keep:  # keep the id map O(q·k) too
-            held = set(merged.keys[merged.keys != NO_KEY].tolist())
-            key_to_id = {k: v for k, v in key_to_id.items() if k in held}
-    bar.close()
-    if images - rejected == 0:
-        raise RuntimeError(f"[cds] pass 1: none of the {images} pool images could be used; not committing")
-    feat_QK = np.broadcast_to(np.arange(q)[:, None], merged.keys.shape)
-    rank_QK = np.broadcast_to(np.arange(keep)[None, :], merged.keys.shape)
-    held = merged.keys != NO_KEY
-    table = pa.table({
-        "feature": pa.array(feat_QK[held], pa.int64()), "rank": pa.array(rank_QK[held], pa.int32()),
-        "image_id": pa.array([key_to_id[int(k)] for k in merged.keys[held]], pa.string()),
-        "max_act": pa.array(merged.values[held], pa.float64()),
-    })
-    stage.write_part("topk", "part-0", table)
-    fired = int(held.any(axis=1).sum())
-    stage.commit(chash, {"pool": source.model_dump(mode="json"), "sae": root.stage(job.model.name, "train-sae").uri},
-                 {"topk": table.num_rows, "rejects": rejected},
-                 extra={"images": images, "features": q, "keep": keep, "features_with_images": fired,
-                        "entries_reported": reported, "shift": job.scope.shift,
-                        "selection": "max activation over the overlap tokens of both SCC views"})
-    log(f"[cds] pass 1: {images} images ({rejected} rejected); {fired}/{q} features fired on at least one image; "
-        f"{reported} entries reported by the actors for {table.num_rows} kept")
-    return TopKResult(skipped=False, images=images, rejected=rejected, features_with_images=fired)
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        q, keep = job.dictionary_size, job.scope.k_cds + job.scope.spare_images
+        res = actor_resources(job.ray)
+        spec = job.model.spec
+        log(f"[cds] pass 1: top {keep} images (k_cds {job.scope.k_cds} + {job.scope.spare_images} spares) for each of "
+            f"{q} features over {source.path} ({job.scope.pool_split}), each image scored on the overlap of its SCC "
+            f"pair at shift {job.scope.shift}")
+        ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+        # The same SCC views pass 2 scores (not a centre crop): a top image has the feature in the overlap.
+        ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
+        ds = ds.map_batches(
+            TopKCollector, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads, keep=keep,
+                                                   run=chash),
+            compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            batch_size=job.scope.batch_size, batch_format="numpy",
+        )
+        merged = FeatureTopK(q, keep)
+        key_to_id: dict[int, str] = {}
+        images = rejected = reported = 0
+        bar = tqdm(desc="cds pass 1", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            real = part["feature"] >= 0
+            merged.offer(part["feature"][real], part["key"][real], part["value"][real])
+            key_to_id.update(zip(part["key"][real].tolist(), part["image_id"][real].tolist()))
+            reported += int(real.sum())
+            images += int(part["images"].sum())
+            rejected += int(part["rejected"].sum())
+            bar.update(int(part["images"].sum()))
+            bar.set_postfix(rejected=rejected)
+            if len(key_to_id) > 4 * q * keep:  # keep the id map O(q·k) too
+                held = set(merged.keys[merged.keys != NO_KEY].tolist())
+                key_to_id = {k: v for k, v in key_to_id.items() if k in held}
+        bar.close()
+        if images - rejected == 0:
+            raise RuntimeError(f"[cds] pass 1: none of the {images} pool images could be used; not committing")
+        feat_QK = np.broadcast_to(np.arange(q)[:, None], merged.keys.shape)
+        rank_QK = np.broadcast_to(np.arange(keep)[None, :], merged.keys.shape)
+        held = merged.keys != NO_KEY
+        table = pa.table({
+            "feature": pa.array(feat_QK[held], pa.int64()), "rank": pa.array(rank_QK[held], pa.int32()),
+            "image_id": pa.array([key_to_id[int(k)] for k in merged.keys[held]], pa.string()),
+            "max_act": pa.array(merged.values[held], pa.float64()),
+        })
+        stage.write_part("topk", "part-0", table)
+        fired = int(held.any(axis=1).sum())
+        stage.commit(chash, {"pool": source.model_dump(mode="json"), "sae": root.stage(job.model.name, "train-sae").uri},
+                     {"topk": table.num_rows, "rejects": rejected},
+                     extra={"images": images, "features": q, "keep": keep, "features_with_images": fired,
+                            "entries_reported": reported, "shift": job.scope.shift,
+                            "selection": "max activation over the overlap tokens of both SCC views"})
+        log(f"[cds] pass 1: {images} images ({rejected} rejected); {fired}/{q} features fired on at least one image; "
+            f"{reported} entries reported by the actors for {table.num_rows} kept")
+        return TopKResult(skipped=False, images=images, rejected=rejected, features_with_images=fired)
 
 
 # ------------------------------------------------------------------------------------ pass 2
@@ -260,13 +261,13 @@ class PairScorer(_ModelAndSAE):
     """Ray Data actor: SCC pairs of selected images in; one scored row per (feature, image) written
     as a part file; counts out."""
 
-    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, selection_ref):
+    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, selection_ref, run: str | None = None):
         import ray
 
         from scope_ray.scc import overlap_indices
 
         super().__init__(job, root, torch_threads)
-        self.stage = root.stage(job.model.name, STAGE)
+        self.stage = root.stage(job.model.name, STAGE, run=run)
         # (image key, feature, rank) sorted by key: each image finds its features by binary search.
         self.sel_key, self.sel_feature, self.sel_rank = ray.get(selection_ref)
         self.idx1, self.idx2 = overlap_indices(job.model.spec.grid, job.scope.shift)
@@ -396,60 +397,60 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
                          nan_features=int(np.isnan(table.column("cds").to_numpy()).sum()))
     topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
     q, k = job.dictionary_size, job.scope.k_cds
-    stage.reset()
-    held = np.bincount(topk.column("feature").to_numpy(), minlength=q)
-    if topk.num_rows == 0:  # no feature fires on any pool image: every feature is listed, none scored
-        log("[cds] pass 2: no feature fired on any pool image; every feature gets CDS NaN ('never fired')")
-        table = cds_table(PAIRS_SCHEMA.empty_table(), q, k, held)
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        held = np.bincount(topk.column("feature").to_numpy(), minlength=q)
+        if topk.num_rows == 0:  # no feature fires on any pool image: every feature is listed, none scored
+            log("[cds] pass 2: no feature fired on any pool image; every feature gets CDS NaN ('never fired')")
+            table = cds_table(PAIRS_SCHEMA.empty_table(), q, k, held)
+            stage.write_part("cds", "part-0", table)
+            stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri}, {"pairs": 0, "cds": q, "rejects": 0},
+                         extra={"shift": job.scope.shift, "k_cds": k, "grid": job.model.spec.grid, "nan_features": q})
+            return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=q)
+        keys = image_keys(topk.column("image_id").to_pylist())
+        order = np.argsort(keys, kind="stable")
+        selection = (keys[order], topk.column("feature").to_numpy()[order], topk.column("rank").to_numpy()[order])
+        keys_sorted = np.unique(keys)
+        spec = job.model.spec
+        log(f"[cds] pass 2: {keys_sorted.size} selected images -> SCC pairs at shift {job.scope.shift} -> "
+            f"{topk.num_rows} (feature, image) scores")
+        res = actor_resources(job.ray)
+        ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+        ds = ds.map_batches(_selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
+                            num_cpus=job.ray.read_cpus, batch_format="numpy")
+        ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
+        ds = ds.map_batches(
+            PairScorer, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
+                                                   selection_ref=ray.put(selection), run=chash),
+            compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            batch_size=job.scope.batch_size, batch_format="numpy",
+        )
+        images = rejected = scored = 0
+        bar = tqdm(desc="cds pass 2", unit="img", total=int(keys_sorted.size), disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            images += int(part["images"].sum())
+            rejected += int(part["rejected"].sum())
+            scored += int(part["pairs"].sum())
+            bar.update(int(part["images"].sum()))
+        bar.close()
+        pairs = stage.written_table("pairs", PAIRS_SCHEMA)
+        # Nothing lost, nothing doubled: every (feature, image) of a usable selected image exactly once.
+        rejected_ids = set(stage.written_table("rejects", REJECTS_SCHEMA).column("image_id").to_pylist())
+        held_rejected = np.array([i in rejected_ids for i in topk.column("image_id").to_pylist()], dtype=bool)
+        expected = int((~held_rejected).sum())
+        unique = len(set(zip(pairs.column("feature").to_pylist(), pairs.column("image_id").to_pylist())))
+        if pairs.num_rows != expected or unique != expected or images != keys_sorted.size:
+            raise RuntimeError(f"[cds] pass 2: {pairs.num_rows} scored pairs ({unique} distinct) for {images} images on "
+                               f"storage, expected {expected} pairs for {keys_sorted.size} images; not committing")
+        rejected_Q = np.bincount(topk.column("feature").to_numpy()[held_rejected], minlength=q)
+        table = cds_table(pairs, q, k, held, rejected_Q)
         stage.write_part("cds", "part-0", table)
-        stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri}, {"pairs": 0, "cds": q, "rejects": 0},
-                     extra={"shift": job.scope.shift, "k_cds": k, "grid": job.model.spec.grid, "nan_features": q})
-        return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=q)
-    keys = image_keys(topk.column("image_id").to_pylist())
-    order = np.argsort(keys, kind="stable")
-    selection = (keys[order], topk.column("feature").to_numpy()[order], topk.column("rank").to_numpy()[order])
-    keys_sorted = np.unique(keys)
-    spec = job.model.spec
-    log(f"[cds] pass 2: {keys_sorted.size} selected images -> SCC pairs at shift {job.scope.shift} -> "
-        f"{topk.num_rows} (feature, image) scores")
-    res = actor_resources(job.ray)
-    ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-    ds = ds.map_batches(_selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
-                        num_cpus=job.ray.read_cpus, batch_format="numpy")
-    ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
-    ds = ds.map_batches(
-        PairScorer, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
-                                               selection_ref=ray.put(selection)),
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-        batch_size=job.scope.batch_size, batch_format="numpy",
-    )
-    images = rejected = scored = 0
-    bar = tqdm(desc="cds pass 2", unit="img", total=int(keys_sorted.size), disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        images += int(part["images"].sum())
-        rejected += int(part["rejected"].sum())
-        scored += int(part["pairs"].sum())
-        bar.update(int(part["images"].sum()))
-    bar.close()
-    pairs = stage.written_table("pairs", PAIRS_SCHEMA)
-    # Nothing lost, nothing doubled: every (feature, image) of a usable selected image exactly once.
-    rejected_ids = set(stage.written_table("rejects", REJECTS_SCHEMA).column("image_id").to_pylist())
-    held_rejected = np.array([i in rejected_ids for i in topk.column("image_id").to_pylist()], dtype=bool)
-    expected = int((~held_rejected).sum())
-    unique = len(set(zip(pairs.column("feature").to_pylist(), pairs.column("image_id").to_pylist())))
-    if pairs.num_rows != expected or unique != expected or images != keys_sorted.size:
-        raise RuntimeError(f"[cds] pass 2: {pairs.num_rows} scored pairs ({unique} distinct) for {images} images on "
-                           f"storage, expected {expected} pairs for {keys_sorted.size} images; not committing")
-    rejected_Q = np.bincount(topk.column("feature").to_numpy()[held_rejected], minlength=q)
-    table = cds_table(pairs, q, k, held, rejected_Q)
-    stage.write_part("cds", "part-0", table)
-    nan_features = int(np.isnan(table.column("cds").to_numpy()).sum())
-    stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri},
-                 {"pairs": pairs.num_rows, "cds": q, "rejects": rejected},
-                 extra={"shift": job.scope.shift, "k_cds": k, "grid": spec.grid, "nan_features": nan_features})
-    cds = table.column("cds").to_numpy()
-    log(f"[cds] pass 2: {images} images ({rejected} rejected), {pairs.num_rows} scored pairs; CDS median "
-        f"{np.nanmedian(cds) if nan_features < q else float('nan'):.3f}; {nan_features} features with CDS NaN "
-        "(listed in the cds table with their status)")
-    return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=nan_features)
+        nan_features = int(np.isnan(table.column("cds").to_numpy()).sum())
+        stage.commit(chash, {"topk": root.stage(job.model.name, TOPK_STAGE).uri},
+                     {"pairs": pairs.num_rows, "cds": q, "rejects": rejected},
+                     extra={"shift": job.scope.shift, "k_cds": k, "grid": spec.grid, "nan_features": nan_features})
+        cds = table.column("cds").to_numpy()
+        log(f"[cds] pass 2: {images} images ({rejected} rejected), {pairs.num_rows} scored pairs; CDS median "
+            f"{np.nanmedian(cds) if nan_features < q else float('nan'):.3f}; {nan_features} features with CDS NaN "
+            "(listed in the cds table with their status)")
+        return CDSResult(skipped=False, topk=topk_result, table=table, nan_features=nan_features)

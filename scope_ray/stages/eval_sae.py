@@ -125,36 +125,36 @@ def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> EvalResult:
         load_sae(job, root)  # raises with the reason (missing, or trained with another config)
     files = extract.part_files("val_tokens")
     check_token_width(files, root, job.model.spec.width, "eval-sae")
-    stage.reset()
-    tau, tau_source = resolve_tau(job, root)
-    res = actor_resources(job.ray)
-    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus).select_columns(["activation", "norm"])
-    ds = ds.map_batches(
-        SAEEvaluator, fn_constructor_kwargs=dict(job=job, root=root, tau=tau, torch_threads=res.torch_threads),
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-        batch_size=4096, batch_format="pyarrow",
-    )
-    all_acc, out_acc, nonfinite = MetricAccumulator(), MetricAccumulator(), 0
-    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(part["nonfinite"])):
-            all_acc.merge(_unpack(part, i, "all_"))
-            out_acc.merge(_unpack(part, i, "out_"))
-        nonfinite += int(part["nonfinite"].sum())
-    a = all_acc.result()
-    o = out_acc.result() if out_acc.n_tokens else {"fvu": float("nan"), "l0": float("nan"), "cs": float("nan")}
-    rate = all_acc.firing_rate()
-    row = {
-        "model": job.model.name, "layer": job.model.resolved_layer,
-        "fvu_all": a["fvu"], "fvu_outlier": o["fvu"], "l0_all": a["l0"], "l0_outlier": o["l0"],
-        "cs_all": a["cs"], "cs_outlier": o["cs"], "tau": tau, "tau_source": tau_source,
-        "tokens": all_acc.n_tokens, "outlier_tokens": out_acc.n_tokens, "nonfinite_rows": nonfinite,
-        "d_sae": int(rate.size), "dead_latents": int((rate == 0).sum()),
-        "dense_latents": int((rate > job.sae.dense_fraction).sum()), "dense_fraction": job.sae.dense_fraction,
-    }
-    stage.write_part("sae_eval", "part-0", pa.Table.from_pylist([row]))
-    stage.commit(chash, {"val_tokens": extract.uri}, {"sae_eval": 1}, extra={"tau": tau, "tau_source": tau_source})
-    log(f"[eval-sae] {job.model.name}: FVU_A {row['fvu_all']:.3f} FVU_O {row['fvu_outlier']:.3f} "
-        f"L0_A {row['l0_all']:.2f} L0_O {row['l0_outlier']:.2f} CS_A {row['cs_all']:.3f} CS_O {row['cs_outlier']:.3f} "
-        f"(tau {tau:.3g}, {tau_source}; {row['outlier_tokens']}/{row['tokens']} outlier tokens; "
-        f"{row['dead_latents']} dead, {row['dense_latents']} dense latents)")
-    return EvalResult(skipped=False, row=row)
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        tau, tau_source = resolve_tau(job, root)
+        res = actor_resources(job.ray)
+        ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus).select_columns(["activation", "norm"])
+        ds = ds.map_batches(
+            SAEEvaluator, fn_constructor_kwargs=dict(job=job, root=root, tau=tau, torch_threads=res.torch_threads),
+            compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            batch_size=4096, batch_format="pyarrow",
+        )
+        all_acc, out_acc, nonfinite = MetricAccumulator(), MetricAccumulator(), 0
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(part["nonfinite"])):
+                all_acc.merge(_unpack(part, i, "all_"))
+                out_acc.merge(_unpack(part, i, "out_"))
+            nonfinite += int(part["nonfinite"].sum())
+        a = all_acc.result()
+        o = out_acc.result() if out_acc.n_tokens else {"fvu": float("nan"), "l0": float("nan"), "cs": float("nan")}
+        rate = all_acc.firing_rate()
+        row = {
+            "model": job.model.name, "layer": job.model.resolved_layer,
+            "fvu_all": a["fvu"], "fvu_outlier": o["fvu"], "l0_all": a["l0"], "l0_outlier": o["l0"],
+            "cs_all": a["cs"], "cs_outlier": o["cs"], "tau": tau, "tau_source": tau_source,
+            "tokens": all_acc.n_tokens, "outlier_tokens": out_acc.n_tokens, "nonfinite_rows": nonfinite,
+            "d_sae": int(rate.size), "dead_latents": int((rate == 0).sum()),
+            "dense_latents": int((rate > job.sae.dense_fraction).sum()), "dense_fraction": job.sae.dense_fraction,
+        }
+        stage.write_part("sae_eval", "part-0", pa.Table.from_pylist([row]))
+        stage.commit(chash, {"val_tokens": extract.uri}, {"sae_eval": 1}, extra={"tau": tau, "tau_source": tau_source})
+        log(f"[eval-sae] {job.model.name}: FVU_A {row['fvu_all']:.3f} FVU_O {row['fvu_outlier']:.3f} "
+            f"L0_A {row['l0_all']:.2f} L0_O {row['l0_outlier']:.2f} CS_A {row['cs_all']:.3f} CS_O {row['cs_outlier']:.3f} "
+            f"(tau {tau:.3g}, {tau_source}; {row['outlier_tokens']}/{row['tokens']} outlier tokens; "
+            f"{row['dead_latents']} dead, {row['dense_latents']} dense latents)")
+        return EvalResult(skipped=False, row=row)

@@ -32,12 +32,13 @@ Mode = Literal["sample", "all"]
 class TokenExtractor:
     """A Ray Data actor: decoded pixels in, token part files out, a one-row count summary returned."""
 
-    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, table: str, mode: Mode, torch_threads: int):
+    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, table: str, mode: Mode, torch_threads: int,
+                 run: str | None = None):
         from scope_ray.stages.cluster import actor_backbone, this_node
 
         self.job, self.split, self.table, self.mode = job, split, table, mode
         self.node = this_node()  # an actor never moves; a restarted one runs __init__ again
-        self.stage = root.stage(job.model.name, STAGE)
+        self.stage = root.stage(job.model.name, STAGE, run=run)
         self.model, self.device = actor_backbone(job, torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,7 +103,7 @@ def config_hash(job: JobConfig) -> str:
 
 
 def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str, mode: Mode,
-                  progress: bool) -> SplitCounts:
+                  progress: bool, run: str) -> SplitCounts:
     """Decode and extract the opened source ``ds`` (``read_source``) into ``table``."""
     import ray.data
     from tqdm import tqdm
@@ -120,7 +121,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str,
     ds = ds.map_batches(
         TokenExtractor,
         fn_constructor_kwargs=dict(job=job, root=root, split=split, table=table, mode=mode,
-                                   torch_threads=res.torch_threads),
+                                   torch_threads=res.torch_threads, run=run),
         # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1, max_task_retries=-1)
         # and its tasks (max_retries=-1): a killed actor or a lost node's is restarted and its batches
         # rerun, which the content-named part files make idempotent. tests/stages/test_multinode.py
@@ -146,7 +147,7 @@ def _verify(stage: StageDir, root: ResultsRoot, table: str, counts: SplitCounts,
     """Nothing lost, nothing doubled: rows = used images x tokens per image, each (image, position) once."""
     import pyarrow.dataset as pads
 
-    files = [f for f in root.fs.glob(f"{stage.table_path(table)}/*.parquet")]
+    files = stage.run_files(table)
     if not files:
         got = 0
         unique_images = 0
@@ -185,41 +186,41 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
 
     opened = {table: read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
               for _, table, _, source in plan}
-    stage.reset()
-    spec = job.model.spec
-    result = ExtractResult(skipped=False)
-    for split, table, mode, source in plan:
-        log(f"[extract] {job.model.name} layer {job.model.resolved_layer}: {split} split from {source.path} -> {table}")
-        counts = _stream_split(job, root, opened[table], split, table, mode, progress)
-        per_image = job.extract.tokens_per_image if mode == "sample" else spec.num_patches
-        _verify(stage, root, table, counts, per_image)
-        result.counts[table] = counts
-    rejects = root.fs.glob(f"{stage.table_path('rejects')}/*.parquet")
-    if rejects:
-        import pyarrow.dataset as pads
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        spec = job.model.spec
+        result = ExtractResult(skipped=False)
+        for split, table, mode, source in plan:
+            log(f"[extract] {job.model.name} layer {job.model.resolved_layer}: {split} split from {source.path} -> {table}")
+            counts = _stream_split(job, root, opened[table], split, table, mode, progress, run=chash)
+            per_image = job.extract.tokens_per_image if mode == "sample" else spec.num_patches
+            _verify(stage, root, table, counts, per_image)
+            result.counts[table] = counts
+        rejects = stage.run_files("rejects")
+        if rejects:
+            import pyarrow.dataset as pads
 
-        reasons = pads.dataset(rejects, filesystem=root.arrow_fs, format="parquet").to_table(columns=["reason"])
-        for r in reasons.column("reason").to_pylist():
-            key = r.split(":")[0]
-            result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
-    rows = {table: c.rows for table, c in result.counts.items()}
-    rows["rejects"] = sum(c.rejected for c in result.counts.values())
-    inputs = {
-        table: {"split": split, "source": source.model_dump(mode="json"), "images": result.counts[table].images,
-                "rejected": result.counts[table].rejected}
-        for split, table, _, source in plan
-    }
-    result.manifest = stage.commit(
-        chash, inputs, rows,
-        extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
-               "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed,
-               # What the tokens came from: the report needs it to say whether the paper's numbers compare.
-               "weights": job.model.weights, "synthetic_data": job.data.synthetic,
-               "precision": {"dtype": job.model.precision, "tf32": job.model.tf32},
-               "nodes": {table: c.nodes for table, c in result.counts.items()}},
-    )
-    for table, c in result.counts.items():
-        log(f"[extract] {table}: {c.images} images in, {c.rejected} rejected, {c.rows} token rows")
-    if result.reject_reasons:
-        log("[extract] rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
-    return result
+            reasons = pads.dataset(rejects, filesystem=root.arrow_fs, format="parquet").to_table(columns=["reason"])
+            for r in reasons.column("reason").to_pylist():
+                key = r.split(":")[0]
+                result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
+        rows = {table: c.rows for table, c in result.counts.items()}
+        rows["rejects"] = sum(c.rejected for c in result.counts.values())
+        inputs = {
+            table: {"split": split, "source": source.model_dump(mode="json"), "images": result.counts[table].images,
+                    "rejected": result.counts[table].rejected}
+            for split, table, _, source in plan
+        }
+        result.manifest = stage.commit(
+            chash, inputs, rows,
+            extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
+                   "tokens_per_image": job.extract.tokens_per_image, "seed": job.seed,
+                   # What the tokens came from: the report needs it to say whether the paper's numbers compare.
+                   "weights": job.model.weights, "synthetic_data": job.data.synthetic,
+                   "precision": {"dtype": job.model.precision, "tf32": job.model.tf32},
+                   "nodes": {table: c.nodes for table, c in result.counts.items()}},
+        )
+        for table, c in result.counts.items():
+            log(f"[extract] {table}: {c.images} images in, {c.rejected} rejected, {c.rows} token rows")
+        if result.reject_reasons:
+            log("[extract] rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
+        return result

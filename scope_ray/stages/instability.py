@@ -220,11 +220,12 @@ class AttentionRows:
     """Ray Data actor: SCC pair rows in, one row per sampled overlap token out (its attention rows
     over each view's patches, every head, and its norm in each view). Records rejected images."""
 
-    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, first_shift: int, torch_threads: int):
+    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, first_shift: int, torch_threads: int,
+                 run: str | None = None):
         from scope_ray.stages.cluster import actor_backbone
 
         self.job, self.split, self.first_shift = job, split, first_shift
-        self.stage = root.stage(job.model.name, STAGE)
+        self.stage = root.stage(job.model.name, STAGE, run=run)
         self.model, self.device = actor_backbone(job, torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -283,7 +284,7 @@ def _token_rows(ids, shift, token1, token2, norm1, norm2, attn1_THN, attn2_THN) 
 
 
 def emd_batch(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, grid: int, tau: float,
-              alignment: str) -> dict[str, np.ndarray]:
+              alignment: str, run: str | None = None) -> dict[str, np.ndarray]:
     """Ray Data task: token rows with attention → EMD (under ``alignment``) and outlier flag → a
     ``tokens`` part file (named by the batch's (image, shift, token) keys, so a retry overwrites);
     returns counts."""
@@ -302,7 +303,7 @@ def emd_batch(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, gr
         pa.array(norm1_T), pa.array(norm2_T), pa.array((norm1_T > tau) | (norm2_T > tau)), pa.array(emd_T),
     ], schema=TOKENS_SCHEMA)
     keys = (f"{i}\0{s}\0{t}" for i, s, t in zip(ids, shift_T, batch["token1"]))
-    root.stage(model, STAGE).write_part("tokens", content_hash(keys), table)
+    root.stage(model, STAGE, run=run).write_part("tokens", content_hash(keys), table)
     return {"rows": np.array([len(ids)]), "undefined": np.array([int(np.isnan(emd_T).sum())])}
 
 
@@ -378,7 +379,7 @@ def analysis_image_ids(job: JobConfig, root: ResultsRoot, tau: float, progress: 
 
 
 def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: list[str], scan_rows: int, tau: float,
-            progress: bool) -> int:
+            progress: bool, run: str) -> int:
     import ray.data
     from tqdm import tqdm
 
@@ -394,12 +395,13 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
     ds = with_scc_pairs(ds, spec, shifts, job)
     ds = ds.map_batches(
         AttentionRows,
-        fn_constructor_kwargs=dict(job=job, root=root, split=split, first_shift=shifts[0], torch_threads=res.torch_threads),
+        fn_constructor_kwargs=dict(job=job, root=root, split=split, first_shift=shifts[0], torch_threads=res.torch_threads,
+                                   run=run),
         compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.scope.batch_size, batch_format="numpy",
     )
     ds = ds.map_batches(emd_batch, fn_kwargs=dict(root=root, model=job.model.name, grid=spec.grid, tau=tau,
-                                                  alignment=job.scope.instability_alignment),
+                                                  alignment=job.scope.instability_alignment, run=run),
                         batch_size=EMD_BATCH_TOKENS, num_cpus=EMD_TASK_CPUS, batch_format="numpy")
     total = len(ids) * sum(tokens_per_image(spec.grid, s, job.scope.instability_tokens) for s in shifts)
     rows = 0
@@ -465,48 +467,48 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
     # A GPU request on a GPU-less cluster fails here, before any work; the pool leaves room for a
     # 1-CPU EMD task (or the read and decode tasks, if larger) so the stage can never starve itself.
     res = actor_resources(job.ray, task_cpus=max(EMD_TASK_CPUS, job.ray.read_cpus + job.ray.decode_cpus))
-    stage.reset()
-    spec, shifts = job.model.spec, job.instability_shifts
-    log(f"[instability] {job.model.name} layer {job.model.resolved_layer}: selecting "
-        f"{job.scope.instability_images} images (one per class) from {split} at {source.path}")
-    picker, chosen = _select(job, source, progress)
-    if len(chosen) < job.scope.instability_images:
-        log(f"[instability] only {len(chosen)} images available ({len(picker.labelled)} classes, "
-            f"{len(picker.unlabelled)} unlabelled) of {job.scope.instability_images} requested")
-    if not chosen:
-        raise ValueError(f"data.imagenet.{split} at {source.path} has no images to analyse")
-    ids = [c[0] for c in chosen]
-    stage.write_part("images", "part-0", pa.table({"image_id": ids, "label": [c[1] for c in chosen]}, schema=IMAGES_SCHEMA))
-    scan_rows = max(c[2] for c in chosen) + 1
-    log(f"[instability] {len(ids)} images x shifts {list(shifts)}, tau {tau:.4g} ({tau_source}), tokens per image "
-        f"and shift: {job.scope.instability_tokens or 'all'}, alignment {job.scope.instability_alignment}")
-    _stream(job, root, res, source, split, ids, scan_rows, tau, progress)
-    tokens = stage.written_table("tokens", TOKENS_SCHEMA, ["image_id", "shift", "token1", "outlier", "emd"])
-    rejects = stage.written_table("rejects", REJECTS_SCHEMA, ["image_id", "reason"])
-    used, rejected = _verify(job, tokens, rejects, set(ids))
-    summary = summarize(tokens, shifts, len(used), tau)
-    for row in summary:
-        row.update(model=job.model.name, layer=job.model.resolved_layer, alignment=job.scope.instability_alignment)
-    stage.write_part("summary", "part-0", pa.Table.from_pylist(summary))
-    unlabelled = sum(1 for c in chosen if c[1] < 0)
-    figure = _draw_summary(job, stage, summary)
-    result = InstabilityResult(skipped=False, summary=summary, images_selected=len(ids), rejected=len(rejected), tau=tau)
-    result.manifest = stage.commit(
-        chash, {"images": {"split": split, "source": source.model_dump(mode="json"), "selected": len(ids),
-                           "rejected": len(rejected), "unlabelled": unlabelled, "rows_scanned": picker.scanned}},
-        {"images": len(ids), "tokens": tokens.num_rows, "summary": len(summary), "rejects": len(rejected)},
-        extra={"tau": tau, "tau_source": tau_source, "shifts": list(shifts), "layer": job.model.resolved_layer,
-               "grid": spec.grid, "heads": spec.num_heads, "instability_tokens": job.scope.instability_tokens,
-               "images_requested": job.scope.instability_images, "selection_rule": SELECTION_RULE, "seed": job.seed,
-               "alignment": job.scope.instability_alignment,
-               "figures": {"instability": figure}},
-    )
-    for row in summary:
-        log(f"[instability] s={row['shift']}: D_non {row['d_non']:.4f} ({row['n_non']} tokens)  "
-            f"D_out {row['d_out']:.4f} ({row['n_out']} tokens)  over {row['images']} images")
-    if rejected:
-        log(f"[instability] {len(rejected)} selected images rejected (see the rejects table)")
-    return result
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        spec, shifts = job.model.spec, job.instability_shifts
+        log(f"[instability] {job.model.name} layer {job.model.resolved_layer}: selecting "
+            f"{job.scope.instability_images} images (one per class) from {split} at {source.path}")
+        picker, chosen = _select(job, source, progress)
+        if len(chosen) < job.scope.instability_images:
+            log(f"[instability] only {len(chosen)} images available ({len(picker.labelled)} classes, "
+                f"{len(picker.unlabelled)} unlabelled) of {job.scope.instability_images} requested")
+        if not chosen:
+            raise ValueError(f"data.imagenet.{split} at {source.path} has no images to analyse")
+        ids = [c[0] for c in chosen]
+        stage.write_part("images", "part-0", pa.table({"image_id": ids, "label": [c[1] for c in chosen]}, schema=IMAGES_SCHEMA))
+        scan_rows = max(c[2] for c in chosen) + 1
+        log(f"[instability] {len(ids)} images x shifts {list(shifts)}, tau {tau:.4g} ({tau_source}), tokens per image "
+            f"and shift: {job.scope.instability_tokens or 'all'}, alignment {job.scope.instability_alignment}")
+        _stream(job, root, res, source, split, ids, scan_rows, tau, progress, run=chash)
+        tokens = stage.written_table("tokens", TOKENS_SCHEMA, ["image_id", "shift", "token1", "outlier", "emd"])
+        rejects = stage.written_table("rejects", REJECTS_SCHEMA, ["image_id", "reason"])
+        used, rejected = _verify(job, tokens, rejects, set(ids))
+        summary = summarize(tokens, shifts, len(used), tau)
+        for row in summary:
+            row.update(model=job.model.name, layer=job.model.resolved_layer, alignment=job.scope.instability_alignment)
+        stage.write_part("summary", "part-0", pa.Table.from_pylist(summary))
+        unlabelled = sum(1 for c in chosen if c[1] < 0)
+        figure = _draw_summary(job, stage, summary)
+        result = InstabilityResult(skipped=False, summary=summary, images_selected=len(ids), rejected=len(rejected), tau=tau)
+        result.manifest = stage.commit(
+            chash, {"images": {"split": split, "source": source.model_dump(mode="json"), "selected": len(ids),
+                               "rejected": len(rejected), "unlabelled": unlabelled, "rows_scanned": picker.scanned}},
+            {"images": len(ids), "tokens": tokens.num_rows, "summary": len(summary), "rejects": len(rejected)},
+            extra={"tau": tau, "tau_source": tau_source, "shifts": list(shifts), "layer": job.model.resolved_layer,
+                   "grid": spec.grid, "heads": spec.num_heads, "instability_tokens": job.scope.instability_tokens,
+                   "images_requested": job.scope.instability_images, "selection_rule": SELECTION_RULE, "seed": job.seed,
+                   "alignment": job.scope.instability_alignment,
+                   "figures": {"instability": figure}},
+        )
+        for row in summary:
+            log(f"[instability] s={row['shift']}: D_non {row['d_non']:.4f} ({row['n_non']} tokens)  "
+                f"D_out {row['d_out']:.4f} ({row['n_out']} tokens)  over {row['images']} images")
+        if rejected:
+            log(f"[instability] {len(rejected)} selected images rejected (see the rejects table)")
+        return result
 
 
 def _draw_summary(job: JobConfig, stage: StageDir, summary: list[dict[str, Any]]) -> str:

@@ -227,75 +227,75 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
     if not cds_stage.is_complete(cds_hash(job)):
         raise RuntimeError(f"{job.model.name}: the cds stage at {cds_stage.uri} is missing or from another config; "
                            "run `scope-ray stage cds` first")
-    stage.reset()
-    cds = cds_stage.read_table("cds")
-    cds_Q = cds.column("cds").to_numpy()
-    q = cds_Q.size
-    reason_Q = unscored_reasons(cds.column("status").to_numpy(zero_copy_only=False),
-                                cds.column("images_used").to_numpy(), job.scope.min_usable_images)
-    scored_Q = reason_Q == ""
-    gamma, gamma_source = resolve_gamma(job, cds_Q, scored_Q)
-    buckets = split_by_gamma(cds_Q, scored_Q, gamma)
-    groups = {g: buckets[g] for g in GROUPS}
-    sensitivity = gamma_sensitivity(cds_Q, scored_Q, gamma)
-    tau, tau_source = resolve_tau(job, root)
-    res = actor_resources(job.ray)
-    from scope_ray.stages.instability import analysis_image_ids
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        cds = cds_stage.read_table("cds")
+        cds_Q = cds.column("cds").to_numpy()
+        q = cds_Q.size
+        reason_Q = unscored_reasons(cds.column("status").to_numpy(zero_copy_only=False),
+                                    cds.column("images_used").to_numpy(), job.scope.min_usable_images)
+        scored_Q = reason_Q == ""
+        gamma, gamma_source = resolve_gamma(job, cds_Q, scored_Q)
+        buckets = split_by_gamma(cds_Q, scored_Q, gamma)
+        groups = {g: buckets[g] for g in GROUPS}
+        sensitivity = gamma_sensitivity(cds_Q, scored_Q, gamma)
+        tau, tau_source = resolve_tau(job, root)
+        res = actor_resources(job.ray)
+        from scope_ray.stages.instability import analysis_image_ids
 
-    image_ids = analysis_image_ids(job, root, tau, progress=progress)
-    stats = ray.get(ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(token_statistics).remote(
-        job, root, cds_Q, groups, tau, image_ids))
-    if stats["images"] < len(image_ids):
-        log(f"[partition] {len(image_ids) - stats['images']} of the {len(image_ids)} analysis images have no stored "
-            "val tokens (extract.val_split differs from scope.instability_split?); statistics use the rest")
-    row = table4_row(job, q, gamma, gamma_source, buckets, reason_Q)
-    stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
-    stage.write_part("gamma_sensitivity", "part-0", pa.Table.from_pylist(sensitivity))
-    stage.write_part("groups", "part-0", pa.Table.from_pylist(stats["groups"]))
-    membership = np.full(q, "unscored", dtype=object)
-    for g in GROUPS:
-        membership[groups[g]] = g
-    stage.write_part("features", "part-0", pa.table({
-        "feature": pa.array(np.arange(q), pa.int64()), "cds": pa.array(cds_Q, pa.float64()),
-        "group": pa.array(membership.tolist(), pa.string()),
-        "unscored_reason": pa.array([r or None for r in reason_Q.tolist()], pa.string())}))
-    stage.write_part("awcds", "part-0", pa.table({"norm_percentile": stats["centres"], "awcds": stats["means"],
-                                                  "tokens": stats["counts"].astype(np.int64)}))  # tokens averaged
-    topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
-    gallery_rows = gallery_choice(cds, topk, job.scope.gallery_features, job.scope.gallery_images)
-    pixels, maps = gallery_maps(job, root, gallery_rows)
-    stage.write_part("gallery", "part-0", pa.Table.from_pylist(
-        gallery_rows, schema=pa.schema([("group", pa.string()), ("feature", pa.int64()), ("cds", pa.float64()),
-                                        ("rank", pa.int64()), ("image_id", pa.string())])))
-    with tempfile.TemporaryDirectory() as tmp:
-        name = f"{job.model.name} layer {job.model.resolved_layer}"
-        local = {
-            "cds_histogram": cds_histogram(
-                np.where(scored_Q, cds_Q, np.nan), Path(tmp) / "cds_histogram.png", gamma=gamma,
-                unscored_cds=cds_Q[~scored_Q], sensitivity=sensitivity,
-                title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
-            "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
-                                 outlier_percentile=stats["tau_percentile"],
-                                 title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
-        }
-        for g, label in (("low", "lowest"), ("high", "highest")):
-            local[f"gallery_{g}"] = _draw_gallery(
-                [r for r in gallery_rows if r["group"] == g], pixels, maps, job, Path(tmp) / f"gallery_{g}.png",
-                title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
-        figures = {key: stage.write_figure(path) for key, path in local.items()}
-    stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
-                 {"partition": 1, "gamma_sensitivity": len(sensitivity), "groups": len(stats["groups"]), "features": q,
-                  "awcds": len(stats["centres"]),
-                  "gallery": len(gallery_rows)},
-                 extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
-                        "tokens": stats["tokens"], "outlier_tokens": stats["outlier_tokens"],
-                        "images": stats["images"], "images_requested": stats["images_requested"],
-                        "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})
-    lo, hi = sensitivity[0], sensitivity[-1]
-    log(f"[partition] gamma {gamma:.3g} ({gamma_source}): {row['low_cds']} low-CDS, {row['high_cds']} high-CDS, "
-        f"{row['unscored']} unscored of {q} ({_reasons_text(row)}); at gamma -/+ 0.05: {lo['high']} / {hi['high']} "
-        f"high-CDS; figures under {posixpath.join(stage.uri, 'figures')}")
-    return PartitionResult(skipped=False, row=row, groups=stats["groups"], figures=figures, sensitivity=sensitivity)
+        image_ids = analysis_image_ids(job, root, tau, progress=progress)
+        stats = ray.get(ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(token_statistics).remote(
+            job, root, cds_Q, groups, tau, image_ids))
+        if stats["images"] < len(image_ids):
+            log(f"[partition] {len(image_ids) - stats['images']} of the {len(image_ids)} analysis images have no stored "
+                "val tokens (extract.val_split differs from scope.instability_split?); statistics use the rest")
+        row = table4_row(job, q, gamma, gamma_source, buckets, reason_Q)
+        stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
+        stage.write_part("gamma_sensitivity", "part-0", pa.Table.from_pylist(sensitivity))
+        stage.write_part("groups", "part-0", pa.Table.from_pylist(stats["groups"]))
+        membership = np.full(q, "unscored", dtype=object)
+        for g in GROUPS:
+            membership[groups[g]] = g
+        stage.write_part("features", "part-0", pa.table({
+            "feature": pa.array(np.arange(q), pa.int64()), "cds": pa.array(cds_Q, pa.float64()),
+            "group": pa.array(membership.tolist(), pa.string()),
+            "unscored_reason": pa.array([r or None for r in reason_Q.tolist()], pa.string())}))
+        stage.write_part("awcds", "part-0", pa.table({"norm_percentile": stats["centres"], "awcds": stats["means"],
+                                                      "tokens": stats["counts"].astype(np.int64)}))  # tokens averaged
+        topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
+        gallery_rows = gallery_choice(cds, topk, job.scope.gallery_features, job.scope.gallery_images)
+        pixels, maps = gallery_maps(job, root, gallery_rows)
+        stage.write_part("gallery", "part-0", pa.Table.from_pylist(
+            gallery_rows, schema=pa.schema([("group", pa.string()), ("feature", pa.int64()), ("cds", pa.float64()),
+                                            ("rank", pa.int64()), ("image_id", pa.string())])))
+        with tempfile.TemporaryDirectory() as tmp:
+            name = f"{job.model.name} layer {job.model.resolved_layer}"
+            local = {
+                "cds_histogram": cds_histogram(
+                    np.where(scored_Q, cds_Q, np.nan), Path(tmp) / "cds_histogram.png", gamma=gamma,
+                    unscored_cds=cds_Q[~scored_Q], sensitivity=sensitivity,
+                    title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
+                "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
+                                     outlier_percentile=stats["tau_percentile"],
+                                     title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
+            }
+            for g, label in (("low", "lowest"), ("high", "highest")):
+                local[f"gallery_{g}"] = _draw_gallery(
+                    [r for r in gallery_rows if r["group"] == g], pixels, maps, job, Path(tmp) / f"gallery_{g}.png",
+                    title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
+            figures = {key: stage.write_figure(path) for key, path in local.items()}
+        stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
+                     {"partition": 1, "gamma_sensitivity": len(sensitivity), "groups": len(stats["groups"]), "features": q,
+                      "awcds": len(stats["centres"]),
+                      "gallery": len(gallery_rows)},
+                     extra={"gamma": gamma, "gamma_source": gamma_source, "tau": tau, "tau_source": tau_source,
+                            "tokens": stats["tokens"], "outlier_tokens": stats["outlier_tokens"],
+                            "images": stats["images"], "images_requested": stats["images_requested"],
+                            "nonfinite_rows": stats["nonfinite_rows"], "figures": figures})
+        lo, hi = sensitivity[0], sensitivity[-1]
+        log(f"[partition] gamma {gamma:.3g} ({gamma_source}): {row['low_cds']} low-CDS, {row['high_cds']} high-CDS, "
+            f"{row['unscored']} unscored of {q} ({_reasons_text(row)}); at gamma -/+ 0.05: {lo['high']} / {hi['high']} "
+            f"high-CDS; figures under {posixpath.join(stage.uri, 'figures')}")
+        return PartitionResult(skipped=False, row=row, groups=stats["groups"], figures=figures, sensitivity=sensitivity)
 
 
 def table4_row(job: JobConfig, q: int, gamma: float, gamma_source: str, buckets: dict[str, np.ndarray],

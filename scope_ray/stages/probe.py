@@ -353,7 +353,7 @@ def _part_name(task: str, variant: str, trial: int) -> str:
 
 def _finished(stage: StageDir, task: str, variant: str) -> set[int]:
     fs, tdir = stage.root.fs, stage.table_path("trials")
-    prefix = f"{task}__{variant}__t"
+    prefix = stage.run_name(f"{task}__{variant}__t")
     done = set()
     for p in fs.glob(posixpath.join(tdir, f"{prefix}*.parquet")):
         name = posixpath.basename(p)[len(prefix):-len(".parquet")]
@@ -362,18 +362,18 @@ def _finished(stage: StageDir, task: str, variant: str) -> set[int]:
     return done
 
 
-def _prepare(stage: StageDir, chash: str) -> None:
-    """Keep an interrupted attempt's finished trials only when it ran this very config."""
-    fs = stage.root.fs
-    marker = posixpath.join(stage.path, ATTEMPT)
+def _resumable(stage: StageDir, chash: str) -> bool:
+    """Whether an interrupted attempt of this very config left finished trials (and Tune / Train
+    state) to keep; any other attempt's are deleted when the run starts."""
     try:
-        same = json.loads(fs.cat_file(marker)).get("config_hash") == chash
+        return json.loads(stage.root.fs.cat_file(posixpath.join(stage.path, ATTEMPT))).get("config_hash") == chash
     except (FileNotFoundError, ValueError):
-        same = False
-    if not same:
-        stage.reset()
-        stage.root.ensure_dir(stage.path)
-        fs.pipe_file(marker, json.dumps({"config_hash": chash}).encode())
+        return False
+
+
+def _mark_attempt(stage: StageDir, chash: str) -> None:
+    stage.root.ensure_dir(stage.path)
+    stage.root.fs.pipe_file(posixpath.join(stage.path, ATTEMPT), json.dumps({"config_hash": chash}).encode())
 
 
 def _free_resources(want_cpus: float, wait_s: float = 15.0) -> dict[str, float]:
@@ -422,125 +422,128 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         log(f"[probe] {job.model.name}: already complete at {stage.uri} (config {chash}); skipping")
         return ProbeResult(skipped=True, trials=stage.read_table("trials").to_pylist(),
                            best=stage.read_table("best").to_pylist(), manifest=stage.manifest())
-    _prepare(stage, chash)
+    same = _resumable(stage, chash)
+    with stage.writing(chash, resume=same, keep=(TUNE_DIR, TRAIN_DIR, ATTEMPT) if same else (),
+                       lease_seconds=job.storage.lease_seconds):
+        _mark_attempt(stage, chash)
 
-    if not ray.is_initialized():
-        from scope_ray.stages.cluster import connect
+        if not ray.is_initialized():
+            from scope_ray.stages.cluster import connect
 
-        connect(job.ray)
-    from scope_ray.stages.cluster import role_gpus
+            connect(job.ray)
+        from scope_ray.stages.cluster import role_gpus
 
-    worker_gpus = role_gpus(job.ray.gpus_per_probe_worker, "ray.gpus_per_probe_worker")
-    worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
-    most = sum(trials or getattr(job.probes, t).trials for t in tasks) * len(variants)  # largest possible search
-    concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
-    fs_arrow = None if root.scheme == "file" else root.arrow_fs
-    tune_storage = posixpath.join(stage.path, TUNE_DIR)
-    train_storage = posixpath.join(stage.path, TRAIN_DIR)
-    for d in (tune_storage, train_storage):
-        root.ensure_dir(d)
-    ran, reused, searches = 0, 0, []
-    # Train run names are per attempt: a trial that starts over must not pick up an old run's state.
-    attempt = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    # As few Tune searches as the object store allows: the (task, variant) pairs whose features fit
-    # in it together share one Tuner, so their trials run side by side (a pair alone has only
-    # `trials` of them) and each Tuner's set-up is paid once; each pair's features sit in the
-    # object store once, shared by all its trials. Pairs too big to sit there together go to
-    # consecutive searches (pack_units).
-    store = ray.cluster_resources().get("object_store_memory", 0.0) * OBJECT_STORE_SHARE
-    units = [(t, v) for t in tasks for v in variants]
-    unit_bytes = {u: variant_bytes(cache, u[0]) for u in units}
-    classes = {t: class_count(cache, t, num_classes) for t in tasks}
-    loops = {t: {"task": t, "width": cache.width, "image_size": cache.image_size, "num_classes": classes[t],
-                 "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
-                 "epochs": getattr(job.probes, t).epochs, "batch_size": getattr(job.probes, t).batch_size,
-                 "checkpoint_every": job.probes.checkpoint_every,
-                 "torch_threads": job.ray.torch_threads or max(1, int(worker_cpus))} for t in tasks}
-    for number, group in enumerate(pack_units(units, unit_bytes, store or float("inf")), start=1):
-        run = f"search{number}"
-        pending: list[dict] = []
-        for task, variant in group:
-            done = _finished(stage, task, variant)
-            configs = search_trials(job, task, variant, trials)
-            todo = [c for c in configs if c["trial"] not in done]
-            reused += len(configs) - len(todo)
-            pending += todo
-        what = ", ".join(sorted({t for t, _ in group}, key=TASKS.index))
-        if not pending:
-            log(f"[probe] {run} ({what}): every trial already finished")
-            continue
-        t0 = time.perf_counter()
-        refs, sizes = {}, {}
-        for task, variant in sorted({(c["task"], c["variant"]) for c in pending}):
-            train = load_split(cache, task, "train", variant, classes[task])
-            val = load_split(cache, task, "val", variant, classes[task])
-            key = f"{task}/{variant}"
-            sizes[key] = {"n_train": len(next(iter(train.values()))), "n_val": len(next(iter(val.values())))}
-            refs[key] = {"train": ray.put(train), "val": ray.put(val)}
-            del train, val
-        for c in pending:
-            key = (c["task"], c["variant"], c["trial"])
-            c["inject_fault"] = key in (_inject_fault or set())
-            k = _kill_worker
-            c["kill_worker"] = (dataclasses.asdict(k) if k and (k.task, k.variant, k.trial) == key else None)
-        spec = {"root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
-                "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
-                "loops": loops}
+        worker_gpus = role_gpus(job.ray.gpus_per_probe_worker, "ray.gpus_per_probe_worker")
+        worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
+        most = sum(trials or getattr(job.probes, t).trials for t in tasks) * len(variants)  # largest possible search
+        concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
+        fs_arrow = None if root.scheme == "file" else root.arrow_fs
+        tune_storage = posixpath.join(stage.path, TUNE_DIR)
+        train_storage = posixpath.join(stage.path, TRAIN_DIR)
+        for d in (tune_storage, train_storage):
+            root.ensure_dir(d)
+        ran, reused, searches = 0, 0, []
+        # Train run names are per attempt: a trial that starts over must not pick up an old run's state.
+        attempt = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        # As few Tune searches as the object store allows: the (task, variant) pairs whose features fit
+        # in it together share one Tuner, so their trials run side by side (a pair alone has only
+        # `trials` of them) and each Tuner's set-up is paid once; each pair's features sit in the
+        # object store once, shared by all its trials. Pairs too big to sit there together go to
+        # consecutive searches (pack_units).
+        store = ray.cluster_resources().get("object_store_memory", 0.0) * OBJECT_STORE_SHARE
+        units = [(t, v) for t in tasks for v in variants]
+        unit_bytes = {u: variant_bytes(cache, u[0]) for u in units}
+        classes = {t: class_count(cache, t, num_classes) for t in tasks}
+        loops = {t: {"task": t, "width": cache.width, "image_size": cache.image_size, "num_classes": classes[t],
+                     "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
+                     "epochs": getattr(job.probes, t).epochs, "batch_size": getattr(job.probes, t).batch_size,
+                     "checkpoint_every": job.probes.checkpoint_every,
+                     "torch_threads": job.ray.torch_threads or max(1, int(worker_cpus))} for t in tasks}
+        for number, group in enumerate(pack_units(units, unit_bytes, store or float("inf")), start=1):
+            run = f"search{number}"
+            pending: list[dict] = []
+            for task, variant in group:
+                done = _finished(stage, task, variant)
+                configs = search_trials(job, task, variant, trials)
+                todo = [c for c in configs if c["trial"] not in done]
+                reused += len(configs) - len(todo)
+                pending += todo
+            what = ", ".join(sorted({t for t, _ in group}, key=TASKS.index))
+            if not pending:
+                log(f"[probe] {run} ({what}): every trial already finished")
+                continue
+            t0 = time.perf_counter()
+            refs, sizes = {}, {}
+            for task, variant in sorted({(c["task"], c["variant"]) for c in pending}):
+                train = load_split(cache, task, "train", variant, classes[task])
+                val = load_split(cache, task, "val", variant, classes[task])
+                key = f"{task}/{variant}"
+                sizes[key] = {"n_train": len(next(iter(train.values()))), "n_val": len(next(iter(val.values())))}
+                refs[key] = {"train": ray.put(train), "val": ray.put(val)}
+                del train, val
+            for c in pending:
+                key = (c["task"], c["variant"], c["trial"])
+                c["inject_fault"] = key in (_inject_fault or set())
+                k = _kill_worker
+                c["kill_worker"] = (dataclasses.asdict(k) if k and (k.task, k.variant, k.trial) == key else None)
+            spec = {"root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
+                    "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
+                    "loops": loops}
 
-        def write(hp, result, actor_s, sizes=sizes):
-            task, tcfg = hp["task"], getattr(job.probes, hp["task"])
-            row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
-                   "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
-                   "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
-                   "curve": list(result["curve"]), "train_loss": result["train_loss"],
-                   **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
-                   "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
-                   "seconds_actor": actor_s,
-                   "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
-                   "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
-            stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
-                             pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
+            def write(hp, result, actor_s, sizes=sizes):
+                task, tcfg = hp["task"], getattr(job.probes, hp["task"])
+                row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
+                       "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
+                       "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
+                       "curve": list(result["curve"]), "train_loss": result["train_loss"],
+                       **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
+                       "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
+                       "seconds_actor": actor_s,
+                       "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
+                       "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
+                stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
+                                 pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
 
-        if root.fs.exists(posixpath.join(tune_storage, run)):
-            root.fs.rm(posixpath.join(tune_storage, run), recursive=True)  # a fresh attempt, not a restore
-        log(f"[probe] {run} ({what}): {len(pending)} trials over {len(group)} (task, variant) pairs, "
-            f"up to {concurrent} at once")
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(run_trial, data=refs), {"CPU": TRIAL_CPUS}),
-            param_space={"hp": tune.grid_search(pending), "spec": spec},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name=run, storage_path=tune_storage, storage_filesystem=fs_arrow,
-                                      verbose=0, callbacks=[_record_callback(write)]),
-        )
-        grid = tuner.fit()
-        del refs, tuner
-        failed = [(r.config["hp"], r.error) for r in grid if r.error is not None]
-        # Every trial that did not fail must have left its part file: the commit below counts on it.
-        failed_keys = {(hp["task"], hp["variant"], hp["trial"]) for hp, _ in failed}
-        recorded = {(t, v): _finished(stage, t, v) for t, v in group}
-        unrecorded = [c for c in pending if c["trial"] not in recorded[(c["task"], c["variant"])]
-                      and (c["task"], c["variant"], c["trial"]) not in failed_keys]
-        if unrecorded:
-            c = unrecorded[0]
-            raise RuntimeError(f"probe search {c['task']}/{c['variant']}: trial {c['trial']} ended without being "
-                               f"recorded ({len(unrecorded)} such); re-run to run it again")
-        ran += len(pending) - len(failed)
-        searches.append({"search": run, "units": [f"{t}/{v}" for t, v in group], "trials_run": len(pending),
-                         "failed": len(failed), "wall_seconds": time.perf_counter() - t0,
-                         "max_concurrent": concurrent})
-        log(f"[probe] {run}: {len(pending) - len(failed)} trials in {time.perf_counter() - t0:.1f} s")
-        if failed:
-            hp, err = failed[0]
-            raise RuntimeError(f"probe search {hp['task']}/{hp['variant']}: trial {hp['trial']} failed ({len(failed)} "
-                               f"of {len(pending)} failed); finished trials are kept, re-run to resume. "
-                               f"Cause: {type(err).__name__}: {err}") from err
-    return _commit(job, stage, chash, cache, tasks, variants, ran, reused, concurrent, searches, log)
+            if root.fs.exists(posixpath.join(tune_storage, run)):
+                root.fs.rm(posixpath.join(tune_storage, run), recursive=True)  # a fresh attempt, not a restore
+            log(f"[probe] {run} ({what}): {len(pending)} trials over {len(group)} (task, variant) pairs, "
+                f"up to {concurrent} at once")
+            tuner = tune.Tuner(
+                tune.with_resources(tune.with_parameters(run_trial, data=refs), {"CPU": TRIAL_CPUS}),
+                param_space={"hp": tune.grid_search(pending), "spec": spec},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
+                                            trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(name=run, storage_path=tune_storage, storage_filesystem=fs_arrow,
+                                          verbose=0, callbacks=[_record_callback(write)]),
+            )
+            grid = tuner.fit()
+            del refs, tuner
+            failed = [(r.config["hp"], r.error) for r in grid if r.error is not None]
+            # Every trial that did not fail must have left its part file: the commit below counts on it.
+            failed_keys = {(hp["task"], hp["variant"], hp["trial"]) for hp, _ in failed}
+            recorded = {(t, v): _finished(stage, t, v) for t, v in group}
+            unrecorded = [c for c in pending if c["trial"] not in recorded[(c["task"], c["variant"])]
+                          and (c["task"], c["variant"], c["trial"]) not in failed_keys]
+            if unrecorded:
+                c = unrecorded[0]
+                raise RuntimeError(f"probe search {c['task']}/{c['variant']}: trial {c['trial']} ended without being "
+                                   f"recorded ({len(unrecorded)} such); re-run to run it again")
+            ran += len(pending) - len(failed)
+            searches.append({"search": run, "units": [f"{t}/{v}" for t, v in group], "trials_run": len(pending),
+                             "failed": len(failed), "wall_seconds": time.perf_counter() - t0,
+                             "max_concurrent": concurrent})
+            log(f"[probe] {run}: {len(pending) - len(failed)} trials in {time.perf_counter() - t0:.1f} s")
+            if failed:
+                hp, err = failed[0]
+                raise RuntimeError(f"probe search {hp['task']}/{hp['variant']}: trial {hp['trial']} failed ({len(failed)} "
+                                   f"of {len(pending)} failed); finished trials are kept, re-run to resume. "
+                                   f"Cause: {type(err).__name__}: {err}") from err
+        return _commit(job, stage, chash, cache, tasks, variants, ran, reused, concurrent, searches, log)
 
 
 def _commit(job, stage: StageDir, chash: str, cache: FeatureCache, tasks, variants, ran: int, reused: int,
             concurrent: int, searches: list[dict], log) -> ProbeResult:
-    files = sorted(stage.root.fs.glob(posixpath.join(stage.table_path("trials"), "*.parquet")))
+    files = stage.run_files("trials")
     rows = [r for f in files for r in pq.read_table(f, filesystem=stage.root.arrow_fs).to_pylist()
             if r["task"] in tasks and r["variant"] in variants]
     rows.sort(key=lambda r: (TASKS.index(r["task"]), r["variant"], r["trial"]))

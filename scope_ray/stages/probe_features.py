@@ -197,14 +197,14 @@ class ProbeFeatureWriter:
     """Ray Data actor: decoded images in; one part file of every variant's rows out; counts returned."""
 
     def __init__(self, job: JobConfig, root: ResultsRoot, task: str, split: str, groups: dict[str, np.ndarray],
-                 torch_threads: int):
+                 torch_threads: int, run: str | None = None):
         from scope_ray.removal import removal_edit
         from scope_ray.stages.cluster import actor_backbone, this_node
         from scope_ray.stages.train_sae import load_sae
 
         self.task, self.split, self.table = task, split, table_name(task, split)
         self.node = this_node()
-        self.stage = root.stage(job.model.name, STAGE)
+        self.stage = root.stage(job.model.name, STAGE, run=run)
         self.model, self.device = actor_backbone(job, torch_threads)
         sae = load_sae(job, root, device=self.device)
         self.edits = {"original": None}
@@ -400,7 +400,7 @@ def load_groups(job: JobConfig, root: ResultsRoot) -> dict[str, np.ndarray]:
 
 
 def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, source: SourceConfig,
-                  groups: dict[str, np.ndarray], progress: bool) -> SplitCounts:
+                  groups: dict[str, np.ndarray], progress: bool, run: str) -> SplitCounts:
     import ray.data
     from tqdm import tqdm
 
@@ -419,7 +419,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
     ds = ds.map_batches(
         ProbeFeatureWriter,
         fn_constructor_kwargs=dict(job=job, root=root, task=task, split=split, groups=groups,
-                                   torch_threads=res.torch_threads),
+                                   torch_threads=res.torch_threads, run=run),
         compute=ray.data.ActorPoolStrategy(size=res.pool_size),
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_size=batch_size, batch_format="numpy",
     )
@@ -480,64 +480,64 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
     sizes["random_shared_with_high"] = int(np.intersect1d(groups["random"], groups["high"]).size)
     if sizes["high"] == 0:
         log("[probe-features] warning: the high-CDS group is empty; high_removed and random_removed equal original")
-    stage.reset()
-    spec = job.model.spec
-    result = ProbeFeaturesResult(skipped=False, group_sizes=sizes)
-    start = time.perf_counter()
-    for task, split, source in plan:
-        table = table_name(task, split)
-        log(f"[probe-features] {job.model.name} layer {job.model.resolved_layer}: {task} {split} from {source.path} "
-            f"-> {table} ({len(VARIANTS)} variants)")
-        counts = _stream_split(job, root, task, split, source, groups, progress)
-        if counts.used == 0:
-            raise RuntimeError(f"[probe-features] {table}: none of the {counts.images} images could be used "
-                               "(see the rejects table); not committing")
-        verify_table(stage, table, counts)
-        result.counts[table] = counts
-    reasons = stage.written_table("rejects", REJECTS, columns=["reason"]).column("reason").to_pylist()
-    n_rejects = len(reasons)
-    for r in reasons:
-        key = r.split(":")[0]
-        result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
-    if n_rejects != sum(c.rejected for c in result.counts.values()):
-        raise RuntimeError(f"[probe-features] {n_rejects} reject rows on storage, "
-                           f"{sum(c.rejected for c in result.counts.values())} rejected images counted; not committing")
-    result.seconds = time.perf_counter() - start
-    rows = {t: c.rows for t, c in result.counts.items()}
-    rows["rejects"] = n_rejects
-    inputs = {t: {"task": task, "split": split, "source": source.model_dump(mode="json"),
-                  "images": result.counts[t].images, "rejected": result.counts[t].rejected}
-              for task, split, source in plan for t in [table_name(task, split)]}
-    inputs["partition"] = root.stage(job.model.name, "partition").uri
-    inputs["sae"] = root.stage(job.model.name, "train-sae").uri
-    splits = {}
-    for task, split, _ in plan:
-        c = result.counts[table_name(task, split)]
-        entry = {"images": c.images, "rejected": c.rejected, "used": c.used, "rows": c.rows}
-        if task == "classification":
-            entry.update(label_min=c.label_min, label_max=c.label_max)
-        if task == "depth":
-            entry.update(invalid_depth_pixels=c.invalid_depth_pixels,
-                         depth_pixels=c.used * spec.image_size * spec.image_size)
-        splits.setdefault(task, {})[split] = entry
-    result.manifest = stage.commit(
-        chash, inputs, rows,
-        extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
-               "clip_embedding_dim": spec_clip_dim(spec),
-               "num_patches": spec.num_patches, "image_size": spec.image_size, "variants": list(VARIANTS),
-               "group_sizes": sizes, "splits": splits, "seed": job.seed,
-               "random_group": {"drawn_from": RANDOM_POOL, "pool": int(pool.size), "size": sizes["random"],
-                                "seed": job.seed},
-               "cls_source": "class token" if all(c.class_token for c in result.counts.values())
-               else "patch-token mean (the model has no class token)",
-               "seconds": round(result.seconds, 3),
-               "nodes": {t: c.nodes for t, c in result.counts.items()}},
-        empty_schemas={"rejects": REJECTS},  # its rejects carry the task: an empty table keeps that column
-    )
-    for t, c in result.counts.items():
-        log(f"[probe-features] {t}: {c.images} images in, {c.rejected} rejected, {c.rows} rows")
-    if result.reject_reasons:
-        log("[probe-features] rejects by reason: "
-            + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
-    return result
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        spec = job.model.spec
+        result = ProbeFeaturesResult(skipped=False, group_sizes=sizes)
+        start = time.perf_counter()
+        for task, split, source in plan:
+            table = table_name(task, split)
+            log(f"[probe-features] {job.model.name} layer {job.model.resolved_layer}: {task} {split} from {source.path} "
+                f"-> {table} ({len(VARIANTS)} variants)")
+            counts = _stream_split(job, root, task, split, source, groups, progress, run=chash)
+            if counts.used == 0:
+                raise RuntimeError(f"[probe-features] {table}: none of the {counts.images} images could be used "
+                                   "(see the rejects table); not committing")
+            verify_table(stage, table, counts)
+            result.counts[table] = counts
+        reasons = stage.written_table("rejects", REJECTS, columns=["reason"]).column("reason").to_pylist()
+        n_rejects = len(reasons)
+        for r in reasons:
+            key = r.split(":")[0]
+            result.reject_reasons[key] = result.reject_reasons.get(key, 0) + 1
+        if n_rejects != sum(c.rejected for c in result.counts.values()):
+            raise RuntimeError(f"[probe-features] {n_rejects} reject rows on storage, "
+                               f"{sum(c.rejected for c in result.counts.values())} rejected images counted; not committing")
+        result.seconds = time.perf_counter() - start
+        rows = {t: c.rows for t, c in result.counts.items()}
+        rows["rejects"] = n_rejects
+        inputs = {t: {"task": task, "split": split, "source": source.model_dump(mode="json"),
+                      "images": result.counts[t].images, "rejected": result.counts[t].rejected}
+                  for task, split, source in plan for t in [table_name(task, split)]}
+        inputs["partition"] = root.stage(job.model.name, "partition").uri
+        inputs["sae"] = root.stage(job.model.name, "train-sae").uri
+        splits = {}
+        for task, split, _ in plan:
+            c = result.counts[table_name(task, split)]
+            entry = {"images": c.images, "rejected": c.rejected, "used": c.used, "rows": c.rows}
+            if task == "classification":
+                entry.update(label_min=c.label_min, label_max=c.label_max)
+            if task == "depth":
+                entry.update(invalid_depth_pixels=c.invalid_depth_pixels,
+                             depth_pixels=c.used * spec.image_size * spec.image_size)
+            splits.setdefault(task, {})[split] = entry
+        result.manifest = stage.commit(
+            chash, inputs, rows,
+            extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,
+                   "clip_embedding_dim": spec_clip_dim(spec),
+                   "num_patches": spec.num_patches, "image_size": spec.image_size, "variants": list(VARIANTS),
+                   "group_sizes": sizes, "splits": splits, "seed": job.seed,
+                   "random_group": {"drawn_from": RANDOM_POOL, "pool": int(pool.size), "size": sizes["random"],
+                                    "seed": job.seed},
+                   "cls_source": "class token" if all(c.class_token for c in result.counts.values())
+                   else "patch-token mean (the model has no class token)",
+                   "seconds": round(result.seconds, 3),
+                   "nodes": {t: c.nodes for t, c in result.counts.items()}},
+            empty_schemas={"rejects": REJECTS},  # its rejects carry the task: an empty table keeps that column
+        )
+        for t, c in result.counts.items():
+            log(f"[probe-features] {t}: {c.images} images in, {c.rejected} rejected, {c.rows} rows")
+        if result.reject_reasons:
+            log("[probe-features] rejects by reason: "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
+        return result
 

@@ -422,74 +422,68 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
     total_steps = steps_per_epoch * job.sae.epochs
     dead_after = _dead_window(job, total_steps * job.sae.batch_size, log)
     run_name = f"sae-{chash}"
-    # Keep this config's checkpoints (they are how an interrupted run resumes); drop anything else.
-    if root.fs.exists(stage.path):
-        # The manifest goes first (as in StageDir.reset): a reader must never find a manifest
-        # whose files are being deleted.
-        old = sorted(root.fs.ls(stage.path, detail=False), key=lambda p: posixpath.basename(p.rstrip("/")) != MANIFEST)
-        for p in old:
-            if posixpath.basename(p.rstrip("/")) != TRAIN_DIR:
-                root.fs.rm(p, recursive=True)
-    sample = _scale_sample(files, root, job.sae.scale_sample)
-    mean_sq = float((sample.astype(np.float64) ** 2).sum(axis=1).mean())
-    input_scale = math.sqrt(spec.width / mean_sq)
-    cfg = {
-        "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
-        "dead_after_tokens": dead_after, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
-        "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size // workers,
-        # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
-        "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
-        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "log_every": job.sae.log_every,
-        "checkpoint_every": job.sae.checkpoint_every, "input_scale": input_scale,
-        "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
-    }
-    if fault_at_step is not None:
-        cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker, "kind": fault_kind}
-    # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
-    # (randomize_block_order would be all-to-all: every token block in the object store first.)
-    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
-                               shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
-    ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
-    # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the
-    # data in the same order. Ray Train runs the split with its own execution options (not the
-    # dataset's context), so the ordering has to be asked for there.
-    with warnings.catch_warnings():
-        # Ray 2.60's own default options touch a deprecated field; nothing for a user to act on.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True
-    storage_path = posixpath.join(stage.path, TRAIN_DIR)
-    if root.scheme == "file":
-        os.makedirs(storage_path, exist_ok=True)
-    resume = _latest_checkpoint(root, posixpath.join(storage_path, run_name))
-    if resume is not None:
-        log(f"[train-sae] resuming the interrupted run from {resume.path}")
-        # Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=); the loop loads it itself
-        # whenever Ray Train has no newer checkpoint of this fit to hand.
-        cfg["resume_from"] = resume
-    log(f"[train-sae] {job.model.name}: {n_rows} tokens, d={spec.width} -> q={cfg['d_sae']}, K={job.sae.k}, "
-        f"{workers} worker(s), {total_steps} steps of {job.sae.batch_size} tokens"
-        + (f" ({job.sae.batch_size // workers} per worker)" if workers > 1 else ""))
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=cfg,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=worker_gpus > 0,
-            resources_per_worker={"CPU": job.ray.cpus_per_actor, **({"GPU": worker_gpus} if worker_gpus else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path,
-            storage_filesystem=None if root.scheme == "file" else root.arrow_fs,
-            failure_config=ray.train.FailureConfig(max_failures=job.sae.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"train-sae: Ray Train finished without a checkpoint ({result.error})")
-    return _finish(job, root, stage, chash, result.checkpoint, total_steps, dead_after, log)
+    # Checkpoints of this config (under TRAIN_DIR) are how an interrupted run resumes: kept.
+    with stage.writing(chash, keep=(TRAIN_DIR,), lease_seconds=job.storage.lease_seconds):
+        sample = _scale_sample(files, root, job.sae.scale_sample)
+        mean_sq = float((sample.astype(np.float64) ** 2).sum(axis=1).mean())
+        input_scale = math.sqrt(spec.width / mean_sq)
+        cfg = {
+            "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
+            "dead_after_tokens": dead_after, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
+            "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size // workers,
+            # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
+            "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "log_every": job.sae.log_every,
+            "checkpoint_every": job.sae.checkpoint_every, "input_scale": input_scale,
+            "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
+        }
+        if fault_at_step is not None:
+            cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker, "kind": fault_kind}
+        # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
+        # (randomize_block_order would be all-to-all: every token block in the object store first.)
+        ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
+                                   shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
+        ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
+        # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the
+        # data in the same order. Ray Train runs the split with its own execution options (not the
+        # dataset's context), so the ordering has to be asked for there.
+        with warnings.catch_warnings():
+            # Ray 2.60's own default options touch a deprecated field; nothing for a user to act on.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True
+        storage_path = posixpath.join(stage.path, TRAIN_DIR)
+        if root.scheme == "file":
+            os.makedirs(storage_path, exist_ok=True)
+        resume = _latest_checkpoint(root, posixpath.join(storage_path, run_name))
+        if resume is not None:
+            log(f"[train-sae] resuming the interrupted run from {resume.path}")
+            # Ray 2.60 deprecates TorchTrainer(resume_from_checkpoint=); the loop loads it itself
+            # whenever Ray Train has no newer checkpoint of this fit to hand.
+            cfg["resume_from"] = resume
+        log(f"[train-sae] {job.model.name}: {n_rows} tokens, d={spec.width} -> q={cfg['d_sae']}, K={job.sae.k}, "
+            f"{workers} worker(s), {total_steps} steps of {job.sae.batch_size} tokens"
+            + (f" ({job.sae.batch_size // workers} per worker)" if workers > 1 else ""))
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=cfg,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=worker_gpus > 0,
+                resources_per_worker={"CPU": job.ray.cpus_per_actor, **({"GPU": worker_gpus} if worker_gpus else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage_path,
+                storage_filesystem=None if root.scheme == "file" else root.arrow_fs,
+                failure_config=ray.train.FailureConfig(max_failures=job.sae.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": ds},
+            dataset_config=ray.train.DataConfig(execution_options=ingest),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"train-sae: Ray Train finished without a checkpoint ({result.error})")
+        return _finish(job, root, stage, chash, result.checkpoint, total_steps, dead_after, log)
 
 
 def _dead_window(job: JobConfig, run_tokens: int, log=print) -> int:
@@ -586,12 +580,14 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
                            f"{last.get('loss', float('nan')):.4g} at step {last.get('step', '?')}); not committing. "
                            "Lower sae.lr or check the tokens")
     sae.eval()
-    sae.save(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url)
+    # Named by the run like every file it writes: the committed SAE stays until this manifest lands.
+    sae_file = stage.run_name(SAE_FILE)
+    sae.save(posixpath.join(stage.uri, sae_file), endpoint_url=root.endpoint_url)
     stage.write_part("training_log", "part-0", pa.Table.from_pylist(history))
     final = history[-1] if history else {}
     manifest = stage.commit(
         chash, {"train_tokens": root.stage(job.model.name, "extract").uri}, {"training_log": len(history)},
-        extra={"sae_file": SAE_FILE, "steps": step, "nonfinite_rows": nonfinite, "d_in": spec.width,
+        extra={"sae_file": sae_file, "steps": step, "nonfinite_rows": nonfinite, "d_in": spec.width,
                "d_sae": sae.d_sae, "k": sae.k, "final": final, "resumed_from_steps": resumed_from,
                "workers": workers, "dead_after_tokens": dead_after,
                "revived_latents": int(sum(r.get("revived", 0) for r in history))},
@@ -611,4 +607,6 @@ def load_sae(job: JobConfig, root: ResultsRoot, device: str = "cpu"):
     if not stage.is_complete(config_hash(job)):
         why = "no trained SAE" if not stage.is_complete() else "the SAE there was trained with another config"
         raise RuntimeError(f"{job.model.name}: {why} at {stage.uri}; run `scope-ray stage train-sae` first")
-    return BatchTopKSAE.load(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url, device=device)
+    # A stage committed before files were named by run has no file name in its manifest.
+    name = stage.manifest().get("sae_file", SAE_FILE)
+    return BatchTopKSAE.load(posixpath.join(stage.uri, name), endpoint_url=root.endpoint_url, device=device)

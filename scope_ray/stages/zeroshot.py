@@ -290,24 +290,24 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
              "mean_confidence": t.mean_confidence, "top1_delta": t.top1 - base.top1,
              "mean_confidence_delta": t.mean_confidence - base.mean_confidence, "n_classes": len(names),
              "templates": templates, "logit_scale": scale, "image_embedding": which} for v, t in tallies.items()]
-    stage.reset()
-    stage.write_part("zeroshot", "part-0", pa.Table.from_pylist(rows, schema=ZEROSHOT_SCHEMA))
-    emb_flat = pa.array(class_CE.astype(np.float32).reshape(-1), pa.float32())
-    stage.write_part("classes", "part-0", pa.table({
-        "label": pa.array(np.arange(len(names)), pa.int64()), "name": pa.array(names, pa.string()),
-        "text_embedding": pa.FixedSizeListArray.from_arrays(emb_flat, dim)}))
-    seconds = time.perf_counter() - start
-    manifest = stage.commit(
-        chash, {"probe_features": features.uri, "table": SOURCE_TABLE,
-                "probe_features_config_hash": fm.get("config_hash")},
-        {"zeroshot": len(rows), "classes": len(names)},
-        extra={"templates": templates, "class_names_source": names_from, "n_classes": len(names),
-               "logit_scale": scale, "clip_embedding_dim": dim, "image_embedding": which,
-               "image_embedding_column": column, "variants": list(VARIANTS),
-               "weights": job.model.weights, "variants_equal_original_by_construction": blind,
-               "seconds": round(seconds, 3)},
-    )
-    for r in rows:
-        log(f"[zeroshot] {r['variant']:>15}: top-1 {r['top1']:.4f} ({r['top1_delta']:+.4f}), mean confidence "
-            f"{r['mean_confidence']:.4f} ({r['mean_confidence_delta']:+.4f}) over {r['n_images']} images")
-    return ZeroShotResult(skipped=False, rows=rows, seconds=seconds, manifest=manifest)
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        stage.write_part("zeroshot", "part-0", pa.Table.from_pylist(rows, schema=ZEROSHOT_SCHEMA))
+        emb_flat = pa.array(class_CE.astype(np.float32).reshape(-1), pa.float32())
+        stage.write_part("classes", "part-0", pa.table({
+            "label": pa.array(np.arange(len(names)), pa.int64()), "name": pa.array(names, pa.string()),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(emb_flat, dim)}))
+        seconds = time.perf_counter() - start
+        manifest = stage.commit(
+            chash, {"probe_features": features.uri, "table": SOURCE_TABLE,
+                    "probe_features_config_hash": fm.get("config_hash")},
+            {"zeroshot": len(rows), "classes": len(names)},
+            extra={"templates": templates, "class_names_source": names_from, "n_classes": len(names),
+                   "logit_scale": scale, "clip_embedding_dim": dim, "image_embedding": which,
+                   "image_embedding_column": column, "variants": list(VARIANTS),
+                   "weights": job.model.weights, "variants_equal_original_by_construction": blind,
+                   "seconds": round(seconds, 3)},
+        )
+        for r in rows:
+            log(f"[zeroshot] {r['variant']:>15}: top-1 {r['top1']:.4f} ({r['top1_delta']:+.4f}), mean confidence "
+                f"{r['mean_confidence']:.4f} ({r['mean_confidence_delta']:+.4f}) over {r['n_images']} images")
+        return ZeroShotResult(skipped=False, rows=rows, seconds=seconds, manifest=manifest)

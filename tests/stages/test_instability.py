@@ -434,7 +434,7 @@ def test_alignment_is_config_hashed_recorded_and_named(tmp_path, monkeypatch):
              "token1": np.array([8, 24, 9]), "token2": np.array([0, 0, 1]), "norm1": np.array([1.0, 9.0, 1.0]),
              "norm2": np.array([1.0, 1.0, 1.0]), "attn1": a1.astype(np.float32), "attn2": a2.astype(np.float32)}
     root = ResultsRoot(str(tmp_path / "r"))
-    emd_batch(batch, root=root, model="m", grid=GRID, tau=5.0, alignment="overlap")
+    emd_batch(batch, root=root, model="m", grid=GRID, tau=5.0, alignment="overlap", run=None)
     written = root.stage("m", "instability").written_table("tokens", inst.TOKENS_SCHEMA)
     want = [aligned_token_emd(a1[t].astype(np.float32), a2[t].astype(np.float32), GRID, s, "overlap")
             for t, s in enumerate(batch["shift"])]
