@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from scope_ray.models.registry import REGISTRY, ModelSpec, get_spec
 
@@ -325,6 +326,9 @@ class StorageConfig(_Section):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, Ceph, ...); credentials always come from the AWS chain"
     )
+    lease_seconds: float = Field(
+        120.0, ge=5, le=3600, description="a run holds each stage it writes by a lease renewed every third of this; "
+        "a run that died on another host blocks the stage this long at most (docs/storage.md)")
 
     @field_validator("root")
     @classmethod
@@ -377,6 +381,9 @@ class JobConfig(_Section):
     zeroshot: ZeroShotConfig = ZeroShotConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    # Input digests (scope_ray.identity), computed once per job where first asked (the driver)
+    # and shipped with the job to the Ray workers.
+    _identities: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
@@ -444,8 +451,40 @@ class JobConfig(_Section):
             for part in s.split("."):
                 node = node[part]
             picked[s] = node
+            # What the files are, not only where: a dataset or weights replaced in place reruns
+            # the stages that read them (scope_ray/identity.py).
+            identity = self._input_identities(s)
+            if identity:
+                picked[f"{s}@content"] = identity
         blob = json.dumps(picked, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+    def _input_identities(self, section: str) -> dict[str, str]:
+        """Digests of the files behind ``section`` (``model.weights``, a dataset, or one split)."""
+        uris = []
+        if section == "model.weights" and self.model.weights not in ("none", "pretrained"):
+            uris.append(self.model.weights)
+        parts = section.split(".")
+        if parts[0] == "data" and len(parts) >= 2 and parts[1] in ("imagenet", "ade20k", "nyud"):
+            dataset = getattr(self.data, parts[1])
+            for split in ([parts[2]] if len(parts) > 2 else ["train", "val"]):
+                source = getattr(dataset, split, None)
+                if source is not None:
+                    uris.append(posixpath.dirname(source.path.rstrip("/")) if source.format == "manifest"
+                                else source.path)
+        try:
+            cache = self._identities
+        except (AttributeError, TypeError):  # a job built without its private state: no cache
+            cache = {}
+        out = {}
+        for uri in uris:
+            if uri not in cache:
+                from scope_ray.identity import input_identity
+
+                cache[uri] = input_identity(uri, self.storage.endpoint_url)
+            out[uri] = cache[uri]
+        return out
 
 
 class _KeyError(ValueError):

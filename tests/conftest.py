@@ -7,7 +7,6 @@ S3 tests talk HTTP to moto's server on loopback through the same s3fs/pyarrow co
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
@@ -36,12 +35,6 @@ if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray instance shared by every test in the session (2 CPUs, as on CI)."""
@@ -58,9 +51,11 @@ def s3_server():
     """Endpoint URL of a moto S3 server on 127.0.0.1 (a real HTTP S3 protocol peer)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the OS picks a free port as the server binds it (no probe-then-bind race with
+    # another process taking the port in between).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    _, port = server.get_host_and_port()
     yield f"http://127.0.0.1:{port}"
     server.stop()
 

@@ -365,6 +365,12 @@ def test_every_job_spec_is_validated_before_anything_is_submitted(tmp_path):
     same = {"a.yaml": {"model": {"name": "demo-vit-tiny"}}, "b.yaml": {"model": {"name": "demo-vit-tiny"}}}
     with pytest.raises(SweepSpecError, match="two jobs would write the same stage directories"):
         load_sweep(_spec_files(tmp_path, {}, same))
+    # ... also when the root is spelled two ways ("/r" and "/r/", "s3://b/x" and "s3://b//x/").
+    for roots in ((str(tmp_path / "r"), str(tmp_path / "r") + "/"), ("s3://b/x", "s3://b//x/")):
+        spelled = {"a.yaml": {"model": {"name": "demo-vit-tiny"}, "storage": {"root": roots[0]}},
+                   "b.yaml": {"model": {"name": "demo-vit-tiny"}, "storage": {"root": roots[1]}}}
+        with pytest.raises(SweepSpecError, match="two jobs would write the same stage directories"):
+            load_sweep(_spec_files(tmp_path, {}, spelled))
     # With a working_dir the job reads its spec there, so the spec must lie inside it.
     (tmp_path / "wd").mkdir()
     with pytest.raises(SweepSpecError, match="lies outside runtime_env.working_dir"):

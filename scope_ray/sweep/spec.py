@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scope_ray.cli import STAGES
 from scope_ray.config import ConfigError, JobConfig, load_config, parse_override, read_yaml_mapping
+from scope_ray.storage import canonical_uri
 
 
 class SweepSpecError(ConfigError):
@@ -227,7 +228,8 @@ def load_sweep(path: str | Path, *, address: str | None = None, max_concurrent: 
                 continue
         else:
             spec_arg = str(spec_path)
-        where = (config.storage.root, config.model.name)
+        # "/r", "/r/" and "s3://b//r" name one root: compare the canonical spelling.
+        where = (canonical_uri(config.storage.root), config.model.name)
         if where in seen:
             errors.append(f"{entry}: model {config.model.name} with results root {config.storage.root} is also "
                           f"{seen[where]}'s: two jobs would write the same stage directories")
