@@ -184,9 +184,15 @@ class StageDir:
     def table_path(self, table: str) -> str:
         return posixpath.join(self.path, table)
 
+    @property
+    def file_tag(self) -> str | None:
+        """What the writing run's files are named after: a short digest of its config hash
+        (downstream hashes are long; the digest keeps file names short and still one per config)."""
+        return file_tag(self.run) if self.run else None
+
     def run_name(self, name: str) -> str:
-        """``name`` as the writing run stores it: prefixed with its config hash."""
-        return f"{self.run}-{name}" if self.run else name
+        """``name`` as the writing run stores it: prefixed with its file tag."""
+        return f"{self.file_tag}-{name}" if self.run else name
 
     # --- manifest -------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any] | None:
@@ -258,7 +264,7 @@ class StageDir:
         if committed is not None and committed.get("file_tag"):
             tags.add(committed["file_tag"] + "-")
         if keep_own:
-            tags.add(self.run + "-")
+            tags.add(self.file_tag + "-")
         legacy = committed is not None and not committed.get("file_tag")
 
         def debris(rel: str) -> bool:
@@ -278,7 +284,7 @@ class StageDir:
 
     def _drop_superseded(self) -> None:
         """After this run's manifest landed: delete every file of the run it replaced."""
-        own = self.run + "-"
+        own = self.file_tag + "-"
         self._remove([rel for rel in self._files()
                       if rel != MANIFEST and rel.split("/", 1)[0] not in self.keep
                       and (not posixpath.basename(rel).startswith(own) or rel.endswith(".tmp"))])
@@ -320,7 +326,7 @@ class StageDir:
             "config_hash": config_hash,
             # Every file this run wrote is named "<file_tag>-..." (files of a stage committed
             # before runs named their files have no tag, and no such key).
-            **({"file_tag": self.run} if self.run else {}),
+            **({"file_tag": self.file_tag} if self.run else {}),
             "inputs": inputs,
             "rows": rows,
             "tables": tables,
@@ -380,7 +386,7 @@ class StageDir:
     def run_files(self, table: str) -> list[str]:
         """Full paths of the part files the writing run has written to ``table`` so far (all
         part files when no run is writing)."""
-        pattern = f"{self.run}-*.parquet" if self.run else "*.parquet"
+        pattern = f"{self.file_tag}-*.parquet" if self.run else "*.parquet"
         return sorted(self.root.fs.glob(posixpath.join(self.table_path(table), pattern)))
 
     def part_files(self, table: str) -> list[str]:
@@ -404,10 +410,18 @@ class StageDir:
         return self.part_files(table)
 
 
+FILE_TAG_LENGTH = 12
+
+
+def file_tag(config_hash: str) -> str:
+    """The tag a run of ``config_hash`` names its files with."""
+    return hashlib.sha256(config_hash.encode()).hexdigest()[:FILE_TAG_LENGTH]
+
+
 def _tagged(name: str) -> bool:
-    """Named by a run: ``<16 hex digits of a config hash>-...``."""
+    """Named by a run: ``<file tag>-...``."""
     head, sep, _ = name.partition("-")
-    return bool(sep) and len(head) == 16 and all(c in "0123456789abcdef" for c in head)
+    return bool(sep) and len(head) == FILE_TAG_LENGTH and all(c in "0123456789abcdef" for c in head)
 
 
 def temp_name(path: str) -> str:

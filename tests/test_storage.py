@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from scope_ray.storage import ResultsRoot, StageIncomplete, split_uri
+from scope_ray.storage import ResultsRoot, StageIncomplete, file_tag, split_uri
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -173,7 +173,7 @@ def test_a_run_that_fails_leaves_the_committed_stage_byte_identical(root, tmp_pa
     # The next run clears the failed attempt's files and, once its manifest lands, the old run's.
     _commit_run(stage, "c" * 16, [3])
     assert stage.read_table("t").column("x").to_pylist() == [3]
-    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{'c' * 16}-a.parquet"]
+    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{file_tag('c' * 16)}-a.parquet"]
     assert root.fs.exists(stage.path) and not root.fs.exists(lease_file(root))
 
 
@@ -190,9 +190,10 @@ def test_a_run_only_commits_its_own_parts_and_resume_keeps_them(root):
             stage.write_part("t", "p0", pa.table({"x": [1]}))
             raise KeyboardInterrupt  # interrupted
     with stage.writing("a" * 16, resume=True):
-        assert [p.rsplit("/", 1)[1] for p in stage.run_files("t")] == [f"{'a' * 16}-p0.parquet"]
+        tag = file_tag("a" * 16)
+        assert [p.rsplit("/", 1)[1] for p in stage.run_files("t")] == [f"{tag}-p0.parquet"]
         stage.write_part("t", "p1", pa.table({"x": [2]}))
-        assert stage.commit("a" * 16, {}, {"t": 2})["tables"]["t"] == [f"{'a' * 16}-p0.parquet", f"{'a' * 16}-p1.parquet"]
+        assert stage.commit("a" * 16, {}, {"t": 2})["tables"]["t"] == [f"{tag}-p0.parquet", f"{tag}-p1.parquet"]
     with stage.writing("b" * 16):  # another config: nothing of run a is resumed
         assert stage.run_files("t") == []
         assert stage.read_table("t").num_rows == 2  # the committed stage still reads
@@ -207,7 +208,7 @@ def test_a_stage_committed_before_runs_named_their_files_is_kept_until_replaced(
             raise RuntimeError("failed")
     assert stage.read_table("t").column("x").to_pylist() == [7]
     _commit_run(stage, "b" * 16, [8])
-    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{'b' * 16}-a.parquet"]
+    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{file_tag('b' * 16)}-a.parquet"]
 
 
 def test_a_second_run_on_the_same_stage_is_refused_and_deletes_nothing(root):
