@@ -8,11 +8,8 @@ import os
 import sys
 import textwrap
 
-# Pipeline order; `run` runs them all. `cds` runs both CDS passes and then the partition
-# (gamma, Table 4, awCDS, figures); `probe` caches the probe features of every removal variant
-# and then runs the probe search (Tables 3 / 8); `zeroshot` needs a text tower (CLIP) and says
-# so and does nothing for other models.
-STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds", "probe", "zeroshot")
+# The stages, their order and what each commits are declared once, in scope_ray/pipeline.py.
+from scope_ray.pipeline import STAGES
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -132,16 +129,8 @@ def _stage_list(text: str) -> tuple[str, ...]:
 
 def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) -> int:
     from scope_ray.config import load_config, placeholders
-    from scope_ray.stages.cds import run_cds
+    from scope_ray.pipeline import runner
     from scope_ray.stages.cluster import connect
-    from scope_ray.stages.eval_sae import run_eval_sae
-    from scope_ray.stages.extract import run_extract
-    from scope_ray.stages.instability import run_instability
-    from scope_ray.stages.partition import run_partition
-    from scope_ray.stages.probe import run_probes
-    from scope_ray.stages.probe_features import run_probe_features
-    from scope_ray.stages.train_sae import run_train_sae
-    from scope_ray.stages.zeroshot import run_zeroshot
     from scope_ray.storage import ResultsRoot
 
     job = load_config(job_path, overrides)  # every config error surfaces here, before Ray starts
@@ -154,25 +143,8 @@ def _run_stages(job_path: str, overrides: list[str], stages: tuple[str, ...]) ->
     root = ResultsRoot(job.storage.root, job.storage.endpoint_url)
     root.check_writable()
     connect(job.ray)
-
-    def cds_and_partition(job, root):
-        run_cds(job, root)
-        run_partition(job, root)
-
-    def features_and_search(job, root):
-        run_probe_features(job, root)
-        run_probes(job, root)
-
-    def zeroshot(job, root):
-        result = run_zeroshot(job, root)
-        if result.skipped and result.reason:
-            print(f"[zeroshot] skipped: {result.reason}")
-
-    runners = {"extract": run_extract, "train-sae": run_train_sae, "eval-sae": run_eval_sae,
-               "instability": run_instability, "cds": cds_and_partition, "probe": features_and_search,
-               "zeroshot": zeroshot}
     for name in stages:
-        runners[name](job, root)
+        runner(name)(job, root)
     return 0
 
 

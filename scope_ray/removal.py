@@ -18,6 +18,10 @@ from torch import Tensor
 
 Features = Tensor | np.ndarray | Sequence[int]
 
+# The variants the probes and zero-shot compare (Tables 3, 8): nothing removed, then each group.
+VARIANTS = ("original", "high_removed", "low_removed", "random_removed")
+VARIANT_GROUP = {"high_removed": "high", "low_removed": "low", "random_removed": "random"}
+
 
 def remove_features(x: Tensor, sae, features: Features) -> Tensor:
     """x_TD with the group's contributions removed; same shape, dtype and device as ``x``.

@@ -24,11 +24,12 @@ from scope_ray import published
 from scope_ray import probe_report as pr
 from scope_ray.models.registry import REGISTRY
 from scope_ray.report_document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
+from scope_ray.pipeline import RESULT_DIRS
 from scope_ray.storage import LOGS_DIR, ResultsRoot, code_version, join_uri, temp_name
 
-# Pipeline order; a stage directory with another name is still listed (after these).
-STAGES = ("extract", "train-sae", "eval-sae", "instability", "cds-topk", "cds", "partition",
-          "probe-features", "probe", "zeroshot")
+# Result directories in pipeline order (scope_ray/pipeline.py); one with another name is still
+# listed (after these).
+STAGES = RESULT_DIRS
 MODEL_FIGURES = "figures"  # ROOT/<model>/figures/: figures drawn outside a stage (e.g. the demo's token norms)
 REPORT_DIR = "report"  # the default output, ROOT/report/
 REPORT_MARKER = "report.md"  # a top-level folder holding one is a report, not a model

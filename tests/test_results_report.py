@@ -33,7 +33,7 @@ def write_eval(root: ResultsRoot, model: str, fvu_all: float, extra: dict | None
 
 def write_instability(root: ResultsRoot, model: str, tmp: Path, *, commit: bool = True) -> None:
     from scope_ray.report import instability_plot
-    from scope_ray.stages.instability import summarize
+    from scope_ray.instability import summarize
 
     rng = np.random.default_rng(0)
     tokens = pa.table({"shift": np.repeat([1, 2], 50), "outlier": np.tile([True] + [False] * 9, 10),

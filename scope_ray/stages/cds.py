@@ -29,12 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from scope_ray.config import JobConfig, SourceConfig
+from scope_ray.config import JobConfig
 from scope_ray.storage import ResultsRoot, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
+from scope_ray.pipeline import CDS as STAGE
+from scope_ray.pipeline import CDS_TOPK as TOPK_STAGE
+from scope_ray.pipeline import cds_hash as config_hash
+from scope_ray.pipeline import cds_topk_hash as topk_hash
+from scope_ray.stages.common import ModelAndSAE, load_sae, pool_source, selected_only
 
-TOPK_STAGE = "cds-topk"
-STAGE = "cds"
 
 PAIRS_SCHEMA = pa.schema([
     pa.field("feature", pa.int64()), pa.field("rank", pa.int32()), pa.field("image_id", pa.string()),
@@ -43,52 +46,6 @@ PAIRS_SCHEMA = pa.schema([
 
 
 # ------------------------------------------------------------------------------ config hashes
-def topk_hash(job: JobConfig) -> str:
-    from scope_ray.stages.train_sae import config_hash as train_hash
-
-    # scope.shift: the selection reads the overlap of the SCC pair at that shift.
-    return job.stage_hash("data.imagenet", "data.max_pixels", "data.min_side", "scope.pool_split",
-                          "scope.pool_images", "scope.k_cds", "scope.spare_images", "scope.shift")[:8] + train_hash(job)
-
-
-def config_hash(job: JobConfig) -> str:
-    return job.stage_hash("scope.shift")[:8] + topk_hash(job)
-
-
-def pool_source(job: JobConfig) -> SourceConfig:
-    """The analysis pool: the configured ImageNet split, capped at ``scope.pool_images``."""
-    split = job.scope.pool_split
-    source = getattr(job.data.imagenet, split)
-    if source is None:
-        raise ValueError(f"data.imagenet.{split} is not set: the CDS analysis pool (scope.pool_split) needs it")
-    cap = job.scope.pool_images
-    if cap is not None and (source.max_images is None or cap < source.max_images):
-        source = source.model_copy(update={"max_images": cap})
-    return source
-
-
-class _ModelAndSAE:
-    """What both passes' actors hold: the backbone at its designated layer and the trained SAE."""
-
-    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int):
-        from scope_ray.stages.cluster import actor_backbone
-        from scope_ray.stages.train_sae import load_sae
-
-        self.job = job
-        self.model, self.device = actor_backbone(job, torch_threads)
-        self.sae = load_sae(job, root, device=self.device)
-
-    def codes(self, pixels_BSS3: np.ndarray):
-        """SAE codes (JumpReLU at the trained threshold) of every patch token, z_BNQ as a float32
-        tensor on the actor's device: callers reduce or gather there, so only what they keep
-        crosses to the host (the full [B, N, q] is hundreds of MB at paper scale)."""
-        import torch
-
-        with torch.inference_mode():
-            pixels = torch.from_numpy(np.require(pixels_BSS3, requirements=["C", "W"])).to(self.device)
-            tokens_BND = self.model.forward_layer(self.model.preprocess(pixels)).patch_tokens.float()
-            b, n, d = tokens_BND.shape
-            return self.sae.encode(tokens_BND.reshape(b * n, d), use_threshold=True).float().reshape(b, n, -1)
 
 
 # ------------------------------------------------------------------------------------ pass 1
@@ -110,7 +67,7 @@ def overlap_selection_scores(z1_BNQ, z2_BNQ, idx1_O, idx2_O):
     return np.maximum(z1_BNQ[:, idx1_O].max(axis=1), z2_BNQ[:, idx2_O].max(axis=1))
 
 
-class TopKCollector(_ModelAndSAE):
+class TopKCollector(ModelAndSAE):
     """Ray Data actor: SCC pairs at ``scope.shift`` in; the (feature, image) entries that entered
     this actor's running top-k lists out, plus per-batch image counts (on the first row of each
     batch). The score is ``overlap_selection_scores``."""
@@ -177,7 +134,6 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
     from scope_ray.data.sources import read_source
     from scope_ray.stages.cluster import actor_resources
     from scope_ray.stages.scc_pairs import with_scc_pairs
-    from scope_ray.stages.train_sae import load_sae
     from scope_ray.topk import NO_KEY, FeatureTopK
 
     stage = root.stage(job.model.name, TOPK_STAGE)
@@ -245,19 +201,9 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
 
 
 # ------------------------------------------------------------------------------------ pass 2
-def _selected_only(batch: dict[str, np.ndarray], *, keys_sorted: np.ndarray) -> dict[str, np.ndarray]:
-    """Ray Data batch filter: keep the rows whose image some feature selected."""
-    from scope_ray.topk import image_keys
-
-    keys = image_keys([str(i) for i in batch["image_id"]])
-    if keys_sorted.size == 0:
-        return {k: v[:0] for k, v in batch.items()}
-    pos = np.minimum(np.searchsorted(keys_sorted, keys), keys_sorted.size - 1)
-    keep = keys_sorted[pos] == keys
-    return {k: v[keep] for k, v in batch.items()}
 
 
-class PairScorer(_ModelAndSAE):
+class PairScorer(ModelAndSAE):
     """Ray Data actor: SCC pairs of selected images in; one scored row per (feature, image) written
     as a part file; counts out."""
 
@@ -415,7 +361,7 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
             f"{topk.num_rows} (feature, image) scores")
         res = actor_resources(job.ray)
         ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-        ds = ds.map_batches(_selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
+        ds = ds.map_batches(selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
                             num_cpus=job.ray.read_cpus, batch_format="numpy")
         ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
         ds = ds.map_batches(

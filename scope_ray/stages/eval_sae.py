@@ -11,18 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from scope_ray.config import JobConfig
 from scope_ray.storage import ResultsRoot
+from scope_ray.pipeline import EVAL_SAE as STAGE
+from scope_ray.pipeline import eval_sae_hash as config_hash
+from scope_ray.pipeline import extract_hash, train_sae_hash
+from scope_ray.stages.common import check_token_width, load_sae, resolve_tau  # noqa: F401 (resolve_tau: the stage's reader)
 
-STAGE = "eval-sae"
-
-
-def config_hash(job: JobConfig) -> str:
-    from scope_ray.stages.train_sae import config_hash as train_hash
-
-    return job.stage_hash("model.tau", "sae.dense_fraction")[:8] + train_hash(job)
 
 
 class SAEEvaluator:
@@ -32,7 +28,6 @@ class SAEEvaluator:
         import torch
 
         from scope_ray.devices import granted_device
-        from scope_ray.stages.train_sae import load_sae
 
         torch.set_num_threads(torch_threads)
         self.device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
@@ -89,39 +84,23 @@ class EvalResult:
     row: dict | None = None
 
 
-def resolve_tau(job: JobConfig, root: ResultsRoot) -> tuple[float, str]:
-    """tau from the config, or 'auto' = Otsu on log norms of the validation tokens."""
-    from scope_ray.scope import auto_tau
-
-    tau = job.model.resolved_tau
-    if tau != "auto":
-        return float(tau), "config"
-    files = root.stage(job.model.name, "extract").part_files("val_tokens")
-    norms = np.concatenate([pq.read_table(f, columns=["norm"], filesystem=root.arrow_fs).column("norm").to_numpy()
-                            for f in files])
-    return auto_tau(norms), "auto (Otsu on log norms of val tokens)"
-
-
 def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> EvalResult:
     import ray.data
 
     from scope_ray.metrics import MetricAccumulator
     from scope_ray.stages.cluster import actor_resources
-    from scope_ray.stages.train_sae import check_token_width, load_sae
 
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job)
     if stage.is_complete(chash):
         log(f"[eval-sae] {job.model.name}: already complete (config {chash}); skipping")
         return EvalResult(skipped=True, row=stage.read_table("sae_eval").to_pylist()[0])
-    from scope_ray.stages.extract import config_hash as extract_hash
-    from scope_ray.stages.train_sae import config_hash as train_hash
 
     extract = root.stage(job.model.name, "extract")
     if not extract.is_complete(extract_hash(job)):
         raise RuntimeError(f"{job.model.name}: the extract stage at {extract.uri} is missing or from another config; "
                            "run `scope-ray stage extract` first")
-    if not root.stage(job.model.name, "train-sae").is_complete(train_hash(job)):
+    if not root.stage(job.model.name, "train-sae").is_complete(train_sae_hash(job)):
         load_sae(job, root)  # raises with the reason (missing, or trained with another config)
     files = extract.part_files("val_tokens")
     check_token_width(files, root, job.model.spec.width, "eval-sae")

@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 from scope_ray.config import JobConfig, SourceConfig
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import rejects_table, sample_positions, token_table
+from scope_ray.pipeline import EXTRACT as STAGE
+from scope_ray.pipeline import extract_hash as config_hash
 
-STAGE = "extract"
 Mode = Literal["sample", "all"]
 
 
@@ -91,15 +92,6 @@ class ExtractResult:
     counts: dict[str, SplitCounts] = field(default_factory=dict)
     reject_reasons: dict[str, int] = field(default_factory=dict)
     manifest: dict | None = None
-
-
-def config_hash(job: JobConfig) -> str:
-    """What the extracted tokens depend on (a change here means the stage is redone)."""
-    # Only what changes the tokens: not tau (used by eval) nor the batch size (sampling is keyed
-    # by image id, not by batch).
-    return job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32",
-                          "data.imagenet", "data.max_pixels",
-                          "data.min_side", "extract", exclude=("extract.batch_size",))
 
 
 def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str, mode: Mode,

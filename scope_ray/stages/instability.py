@@ -25,10 +25,7 @@ Pipeline (docs/instability.md has the picture, the selection rule and the costs)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +34,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scope_ray.config import JobConfig
+from scope_ray.instability import (
+    SELECTION_RULE,
+    aligned_token_emd,
+    alignment_supports,
+    overlap_sample,
+    summarize,
+    tokens_per_image,
+)
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
+from scope_ray.pipeline import INSTABILITY as STAGE
+from scope_ray.pipeline import instability_hash as config_hash
+from scope_ray.stages.common import analysis_image_ids, select_one_per_class, tau_for_analysis  # noqa: F401
 
-STAGE = "instability"
 # Tokens per EMD task. One token costs heads x one dense EMD (CLIP-B/16: 12 x ~1.7 ms on one core),
 # so a task runs for seconds: long enough to amortise scheduling, short enough to spread the work.
 EMD_BATCH_TOKENS = 256
 EMD_TASK_CPUS = 1.0  # an EMD task is single-threaded NumPy/POT
-SELECTION_RULE = ("first image of each label in source order, up to scope.instability_images; unlabelled "
-                  "images (label < 0) fill the remainder, in source order, only when the split has fewer labelled classes")
-
 IMAGES_SCHEMA = pa.schema([pa.field("image_id", pa.string(), nullable=False),
                            pa.field("label", pa.int64(), nullable=False)])
 TOKENS_SCHEMA = pa.schema([
@@ -62,160 +66,6 @@ TOKENS_SCHEMA = pa.schema([
 ])
 
 
-# ===================================================================================== pure core
-def overlap_sample(image_id: str, shift: int, n_overlap: int, cap: int | None, seed: int) -> np.ndarray:
-    """Positions (sorted, in 0 … n_overlap−1) of the overlap tokens whose EMD is computed: all of
-    them, or ``cap`` drawn by a generator seeded with (seed, crc32(image id), shift), so a re-run,
-    another batching or a retry picks the same tokens."""
-    if cap is None or cap >= n_overlap:
-        return np.arange(n_overlap)
-    rng = np.random.default_rng([seed, zlib.crc32(image_id.encode()), shift])
-    return np.sort(rng.choice(n_overlap, size=cap, replace=False))
-
-
-def tokens_per_image(grid: int, shift: int, cap: int | None) -> int:
-    """Token rows one used image contributes at ``shift``."""
-    n = (grid - shift) ** 2
-    return n if cap is None else min(cap, n)
-
-
-def _usable(w_N: np.ndarray) -> bool:
-    return bool(np.all(np.isfinite(w_N)) and w_N.sum() > 0)
-
-
-def head_attention_emds(attn1_HN: np.ndarray, attn2_HN: np.ndarray, coords1_N2: np.ndarray,
-                        coords2_N2: np.ndarray) -> np.ndarray:
-    """emd_H: per head, the exact EMD (``emd.points_emd``; Euclidean, patch units) between one
-    token's attention row in view 1 (weights on ``coords1``) and in view 2 (on ``coords2``).
-    NaN for a head whose row in either view is not a distribution (NaN, or no mass on the patches,
-    which happens only if all attention underflowed onto prefix tokens)."""
-    from scope_ray.emd import points_emd
-
-    attn1_HN, attn2_HN = np.asarray(attn1_HN), np.asarray(attn2_HN)
-    if attn1_HN.shape != attn2_HN.shape or attn1_HN.ndim != 2:
-        raise ValueError(f"attention rows must both be [H, N], got {list(attn1_HN.shape)} and {list(attn2_HN.shape)}")
-    out_H = np.full(attn1_HN.shape[0], np.nan)
-    for h in range(attn1_HN.shape[0]):
-        if _usable(attn1_HN[h]) and _usable(attn2_HN[h]):
-            out_H[h] = points_emd(attn1_HN[h], coords1_N2, attn2_HN[h], coords2_N2)
-    return out_H
-
-
-def token_attention_emd(attn1_HN: np.ndarray, attn2_HN: np.ndarray, coords1_N2: np.ndarray,
-                        coords2_N2: np.ndarray) -> float:
-    """METHOD §4 for one overlap token: the head-mean of ``head_attention_emds``; NaN when any head
-    is undefined (such a token is counted, never averaged: summary column ``n_undefined``)."""
-    return float(np.mean(head_attention_emds(attn1_HN, attn2_HN, coords1_N2, coords2_N2)))
-
-
-# Where the two views' attention rows are placed before the EMD (scope.instability_alignment;
-# docs/instability.md "Alignment" has the analytic values on known geometries).
-ALIGNMENTS = ("canvas", "view", "overlap")
-
-
-def alignment_supports(grid: int, shift: int, alignment: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(keep1_M, coords1_M2, keep2_M, coords2_M2): which patch tokens of view 1 / view 2 a row keeps
-    (flat row-major indices) and the (row, col) points, in patch units, its kept weights sit on.
-
-    - ``canvas``: every patch; view 1 at offset 0, view 2 at offset ``shift`` on the common
-      ``(p+s)²`` canvas (``scc.canvas_coordinates``): the same pixels land on the same point.
-    - ``view``: every patch, each view in its own ``p × p`` frame (no offset): the same position
-      within the view lands on the same point.
-    - ``overlap``: only the ``(p−s)²`` overlap patches (``scc.overlap_indices``), both on their
-      common canvas points; the EMD normalises each cut row to sum 1 (``emd.points_emd``)."""
-    from scope_ray.scc import canvas_coordinates, overlap_indices
-
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    coords1_N2, coords2_N2 = canvas_coordinates(grid, shift)
-    all_N = np.arange(grid * grid)
-    if alignment == "canvas":
-        return all_N, coords1_N2, all_N, coords2_N2
-    if alignment == "view":
-        return all_N, coords1_N2, all_N, coords1_N2.copy()
-    idx1, idx2 = overlap_indices(grid, shift)
-    return idx1, coords1_N2[idx1], idx2, coords2_N2[idx2]
-
-
-def aligned_head_emds(attn1_HN: np.ndarray, attn2_HN: np.ndarray, grid: int, shift: int, alignment: str,
-                      supports: tuple | None = None) -> np.ndarray:
-    """emd_H for one overlap token under ``alignment`` (``alignment_supports``; pass ``supports``
-    to reuse them across tokens). A head is undefined (NaN) when either full row is not a
-    distribution (``_usable``: as ``head_attention_emds``) or, for ``overlap``, when either row has no
-    mass on the overlap patches: it is never given a value, and the token then counts in
-    ``n_undefined``."""
-    attn1_HN, attn2_HN = np.asarray(attn1_HN), np.asarray(attn2_HN)
-    keep1, c1, keep2, c2 = supports if supports is not None else alignment_supports(grid, shift, alignment)
-    if attn1_HN.shape != attn2_HN.shape or attn1_HN.ndim != 2 or attn1_HN.shape[1] != grid * grid:
-        raise ValueError(f"attention rows must both be [H, {grid * grid}], got {list(attn1_HN.shape)} and "
-                         f"{list(attn2_HN.shape)}")
-    out_H = head_attention_emds(attn1_HN[:, keep1], attn2_HN[:, keep2], c1, c2)
-    whole_H = np.array([_usable(a) and _usable(b) for a, b in zip(attn1_HN, attn2_HN)], dtype=bool)
-    out_H[~whole_H] = np.nan  # a NaN outside the overlap still makes the row unusable
-    return out_H
-
-
-def aligned_token_emd(attn1_HN: np.ndarray, attn2_HN: np.ndarray, grid: int, shift: int, alignment: str,
-                      supports: tuple | None = None) -> float:
-    """The token value under ``alignment``: the head-mean of ``aligned_head_emds`` (NaN if any head is)."""
-    return float(np.mean(aligned_head_emds(attn1_HN, attn2_HN, grid, shift, alignment, supports)))
-
-
-class ClassPicker:
-    """Streaming one-per-class selection (docs/instability.md): feed (id, label) in source order."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.labelled: list[tuple[str, int, int]] = []  # (id, label, source position)
-        self.unlabelled: list[tuple[str, int, int]] = []
-        self._seen: set[int] = set()
-        self.scanned = 0
-
-    @property
-    def done(self) -> bool:
-        """n labelled classes found: nothing later in the source can change the selection."""
-        return len(self.labelled) >= self.n
-
-    def add(self, ids: list[str], labels: list[int]) -> bool:
-        for image_id, label in zip(ids, labels):
-            if self.done:
-                break
-            pos, self.scanned = self.scanned, self.scanned + 1
-            if label is None or label < 0:
-                if len(self.unlabelled) < self.n:
-                    self.unlabelled.append((image_id, -1, pos))
-            elif label not in self._seen:
-                self._seen.add(label)
-                self.labelled.append((image_id, int(label), pos))
-        return self.done
-
-    def selection(self) -> list[tuple[str, int, int]]:
-        """Chosen (id, label, position): every first-of-class image, then unlabelled ones if short."""
-        return self.labelled + self.unlabelled[: self.n - len(self.labelled)]
-
-
-def summarize(tokens: pa.Table, shifts: tuple[int, ...], images: int, tau: float) -> list[dict[str, Any]]:
-    """Table 9 rows (Table 7 is the s = 1 row) from the token table: per shift the mean EMD over
-    non-outlier and outlier tokens (NaN tokens excluded from the means, counted in n_undefined)."""
-    shift_T = tokens.column("shift").to_numpy()
-    out_T = tokens.column("outlier").to_numpy().astype(bool)
-    emd_T = tokens.column("emd").to_numpy()
-    rows = []
-    for s in shifts:
-        at = shift_T == s
-        non, out = at & ~out_T, at & out_T
-        defined = np.isfinite(emd_T)
-        rows.append({
-            "shift": int(s),
-            "d_non": float(emd_T[non & defined].mean()) if (non & defined).any() else float("nan"),
-            "d_out": float(emd_T[out & defined].mean()) if (out & defined).any() else float("nan"),
-            "n_non": int(non.sum()), "n_out": int(out.sum()), "n_undefined": int((at & ~defined).sum()),
-            "images": int(images), "tau": float(tau),
-        })
-    return rows
-
-
-# ===================================================================================== Ray shell
 class AttentionRows:
     """Ray Data actor: SCC pair rows in, one row per sampled overlap token out (its attention rows
     over each view's patches, every head, and its norm in each view). Records rejected images."""
@@ -322,62 +172,6 @@ class InstabilityResult:
     manifest: dict | None = None
 
 
-def config_hash(job: JobConfig, tau: float) -> str:
-    """What the instability tables depend on: the model, the split, the selection and token cap,
-    the alignment, the resolved shifts and the tau value itself (so a new extract giving another
-    auto tau, or another ``scope.instability_alignment``, redoes it)."""
-    split = job.scope.instability_split
-    base = job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32", f"data.imagenet.{split}", "data.max_pixels",
-                          "data.min_side", "scope.instability_images", "scope.instability_split",
-                          "scope.instability_tokens", "scope.instability_alignment")
-    blob = json.dumps({"base": base, "tau": float(tau), "shifts": list(job.instability_shifts)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _resolve_tau(job: JobConfig, root: ResultsRoot) -> tuple[float, str]:
-    from scope_ray.stages.eval_sae import resolve_tau
-    from scope_ray.stages.extract import config_hash as extract_hash
-
-    if job.model.resolved_tau == "auto":
-        extract = root.stage(job.model.name, "extract")
-        if not extract.is_complete(extract_hash(job)):
-            raise RuntimeError(
-                f"{job.model.name}: tau is 'auto', which is computed from the extract stage's val tokens, and the "
-                f"extract stage at {extract.uri} is missing or from another config; run `scope-ray stage extract` "
-                "first (or set model.tau to a number)")
-    return resolve_tau(job, root)
-
-
-def _select(job: JobConfig, source, progress: bool) -> tuple[ClassPicker, list[tuple[str, int, int]]]:
-    from tqdm import tqdm
-
-    from scope_ray.data.sources import read_source
-
-    picker = ClassPicker(job.scope.instability_images)
-    ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-    bar = tqdm(desc="instability: select", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for b in ds.select_columns(["image_id", "label"]).iter_batches(batch_size=4096, batch_format="pyarrow"):
-        bar.update(b.num_rows)
-        if picker.add(b.column("image_id").to_pylist(), b.column("label").to_pylist()):
-            break  # n classes found: the rest of the split cannot change the choice
-    bar.close()
-    return picker, picker.selection()
-
-
-def analysis_image_ids(job: JobConfig, root: ResultsRoot, tau: float, progress: bool = False) -> list[str]:
-    """The instability image set (one per class, SELECTION_RULE): read from this stage when it is
-    complete for this job, chosen again by the same rule otherwise. The partition stage uses it
-    as the paper's "same set of 1,000 images" for the awCDS curve and the group statistics."""
-    stage = root.stage(job.model.name, STAGE)
-    if stage.is_complete(config_hash(job, tau)):
-        return stage.read_table("images", columns=["image_id"]).column("image_id").to_pylist()
-    source = getattr(job.data.imagenet, job.scope.instability_split)
-    if source is None:
-        raise ValueError(f"data.imagenet.{job.scope.instability_split} is not set: the analysis image set "
-                         "(scope.instability_split) needs it")
-    return [c[0] for c in _select(job, source, progress)[1]]
-
-
 def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: list[str], scan_rows: int, tau: float,
             progress: bool, run: str) -> int:
     import ray.data
@@ -453,7 +247,7 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
     if source is None:
         raise ValueError(f"data.imagenet.{split} is not set: the instability stage (scope.instability_split={split!r}) "
                          "needs it (see docs/data.md)")
-    tau, tau_source = _resolve_tau(job, root)
+    tau, tau_source = tau_for_analysis(job, root)
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job, tau)
     if stage.is_complete(chash):
@@ -471,7 +265,7 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
         spec, shifts = job.model.spec, job.instability_shifts
         log(f"[instability] {job.model.name} layer {job.model.resolved_layer}: selecting "
             f"{job.scope.instability_images} images (one per class) from {split} at {source.path}")
-        picker, chosen = _select(job, source, progress)
+        picker, chosen = select_one_per_class(job, source, progress)
         if len(chosen) < job.scope.instability_images:
             log(f"[instability] only {len(chosen)} images available ({len(picker.labelled)} classes, "
                 f"{len(picker.unlabelled)} unlabelled) of {job.scope.instability_images} requested")

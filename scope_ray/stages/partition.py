@@ -35,17 +35,14 @@ import pyarrow as pa
 from scope_ray.config import JobConfig
 from scope_ray.scope import UNSCORED_REASONS, gamma_sensitivity, split_by_gamma, unscored_reasons
 from scope_ray.storage import ResultsRoot
+from scope_ray.pipeline import CDS as CDS_STAGE
+from scope_ray.pipeline import CDS_TOPK as TOPK_STAGE
+from scope_ray.pipeline import PARTITION as STAGE
+from scope_ray.pipeline import cds_hash
+from scope_ray.pipeline import partition_hash as config_hash
+from scope_ray.stages.common import ModelAndSAE, analysis_image_ids, load_sae, pool_source, resolve_tau, selected_only
 
-STAGE = "partition"
 GROUPS = ("low", "high")
-
-
-def config_hash(job: JobConfig) -> str:
-    from scope_ray.stages.cds import config_hash as cds_hash
-
-    return job.stage_hash("scope.gamma", "scope.min_usable_images", "scope.awcds_bins", "scope.gallery_features", "scope.gallery_images",
-                          "scope.instability_images", "scope.instability_split", f"data.imagenet.{job.scope.instability_split}",
-                          "model.tau")[:8] + cds_hash(job)
 
 
 def resolve_gamma(job: JobConfig, cds_Q: np.ndarray, scored_Q: np.ndarray) -> tuple[float, str]:
@@ -71,7 +68,6 @@ def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, group
 
     from scope_ray.devices import granted_device
     from scope_ray.scope import aw_cds, norm_percentile_bins
-    from scope_ray.stages.train_sae import load_sae
     from scope_ray.tokens import activations_of
 
     device = granted_device()  # the GPU Ray granted, else the CPU (scope_ray.devices)
@@ -152,7 +148,6 @@ def gallery_maps(job: JobConfig, root: ResultsRoot, rows: list[dict]) -> tuple[d
     import ray.data
 
     from scope_ray.data.sources import read_source
-    from scope_ray.stages.cds import _ModelAndSAE, _selected_only, pool_source
     from scope_ray.stages.decode import decode_batch
     from scope_ray.topk import image_keys
 
@@ -161,7 +156,7 @@ def gallery_maps(job: JobConfig, root: ResultsRoot, rows: list[dict]) -> tuple[d
     if not wanted:
         return {}, {}
     ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-    ds = ds.map_batches(_selected_only, fn_kwargs=dict(keys_sorted=np.unique(image_keys(wanted))), batch_size=256,
+    ds = ds.map_batches(selected_only, fn_kwargs=dict(keys_sorted=np.unique(image_keys(wanted))), batch_size=256,
                         num_cpus=job.ray.read_cpus, batch_format="numpy")
     ds = ds.map_batches(decode_batch, fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels,
                                                      min_side=job.data.min_side), batch_size=16,
@@ -187,7 +182,7 @@ def gallery_maps(job: JobConfig, root: ResultsRoot, rows: list[dict]) -> tuple[d
         @ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
         def _maps(job, root, images, image_index, feature_index):
             # Only the [rows, N] maps leave the task, not the codes of every gallery image.
-            z_BNQ = _ModelAndSAE(job, root, res.torch_threads).codes(images)
+            z_BNQ = ModelAndSAE(job, root, res.torch_threads).codes(images)
             return z_BNQ[image_index, :, feature_index].cpu().numpy()
 
         maps_RN = ray.get(_maps.remote(job, root, np.stack([pixels[i] for i in ids]), image_index, feature_index))
@@ -209,11 +204,7 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
     import ray
 
     from scope_ray.report import awcds_curve, cds_histogram, feature_gallery
-    from scope_ray.stages.cds import STAGE as CDS_STAGE
-    from scope_ray.stages.cds import TOPK_STAGE
-    from scope_ray.stages.cds import config_hash as cds_hash
     from scope_ray.stages.cluster import actor_resources
-    from scope_ray.stages.eval_sae import resolve_tau
 
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job)
@@ -240,7 +231,6 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
         sensitivity = gamma_sensitivity(cds_Q, scored_Q, gamma)
         tau, tau_source = resolve_tau(job, root)
         res = actor_resources(job.ray)
-        from scope_ray.stages.instability import analysis_image_ids
 
         image_ids = analysis_image_ids(job, root, tau, progress=progress)
         stats = ray.get(ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus)(token_statistics).remote(

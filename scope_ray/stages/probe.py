@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from scope_ray.pipeline import PROBE as STAGE
 from scope_ray.config import JobConfig
 from scope_ray.probes.train import METRICS, FitState, ProbeSpec, fit_probe
 from scope_ray.stages.cluster import ClusterResourceError
@@ -73,7 +74,6 @@ from scope_ray.stages.probe_cache import (
 )
 from scope_ray.storage import ResultsRoot, StageDir
 
-STAGE = "probe"
 # A Tune trial here only drives a Train run and waits; the Train worker does the work. Its small
 # CPU share is what lets a trial and its worker fit beside each other on a small node.
 TRIAL_CPUS = 0.25

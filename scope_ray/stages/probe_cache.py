@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from scope_ray.pipeline import PROBE_FEATURES as FEATURES_STAGE
+from scope_ray.pipeline import run_hint
 from scope_ray.config import JobConfig
 from scope_ray.probes.metrics import IGNORE_INDEX
 from scope_ray.storage import ResultsRoot, StageDir
 
-FEATURES_STAGE = "probe-features"
 TASKS = ("classification", "segmentation", "depth")
 
 
@@ -41,7 +42,7 @@ def open_cache(job: JobConfig, root: ResultsRoot) -> FeatureCache:
     stage = root.stage(job.model.name, FEATURES_STAGE)
     m = stage.manifest()
     if m is None:
-        raise RuntimeError(f"{job.model.name}: no probe features at {stage.uri}; run `scope-ray stage probe-features` first")
+        raise RuntimeError(f"{job.model.name}: no probe features at {stage.uri}; run `{run_hint(FEATURES_STAGE)}` first")
     missing = [k for k in ("width", "grid", "image_size") if k not in m]
     if missing:
         raise ValueError(f"{stage.uri}/manifest.json lacks {missing}; the probe search needs width, grid and image_size")

@@ -39,14 +39,17 @@ from scope_ray.config import JobConfig, SourceConfig
 from scope_ray.data.images import RejectedImage, decode_depth, decode_image, decode_mask, resize_center_crop
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA
+from scope_ray.pipeline import PARTITION
+from scope_ray.pipeline import PROBE_FEATURES as STAGE
+# RANDOM_POOL: where the random control group is drawn from (load_groups); recorded and hashed.
+from scope_ray.pipeline import RANDOM_POOL
+from scope_ray.pipeline import partition_hash
+from scope_ray.pipeline import probe_features_hash as config_hash
+from scope_ray.removal import VARIANT_GROUP, VARIANTS
+from scope_ray.stages.common import load_sae
 
-STAGE = "probe-features"
 Task = Literal["classification", "segmentation", "depth"]
 TASKS: dict[str, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
-VARIANTS = ("original", "high_removed", "low_removed", "random_removed")
-VARIANT_GROUP = {"high_removed": "high", "low_removed": "low", "random_removed": "random"}
-# Where the random control group is drawn from (load_groups); recorded in the manifest and hashed.
-RANDOM_POOL = "low group: scored features (finite CDS) with CDS <= gamma, i.e. scored features outside the high group"
 SPLITS = ("train", "val")
 IGNORE_INDEX = 255
 # The extraction's rejects columns plus the task: the three datasets may share image ids.
@@ -200,7 +203,6 @@ class ProbeFeatureWriter:
                  torch_threads: int, run: str | None = None):
         from scope_ray.removal import removal_edit
         from scope_ray.stages.cluster import actor_backbone, this_node
-        from scope_ray.stages.train_sae import load_sae
 
         self.task, self.split, self.table = task, split, table_name(task, split)
         self.node = this_node()
@@ -333,17 +335,6 @@ class ProbeFeaturesResult:
     manifest: dict | None = None
 
 
-def config_hash(job: JobConfig) -> str:
-    """What the probe features depend on: the task data, the decoding limits and (through the
-    partition's hash) the model, layer, SAE and groups; not batch sizes or Ray settings."""
-    from scope_ray.stages.partition import config_hash as partition_hash
-
-    # RANDOM_POOL is in the hash: features cached with a control drawn from all q (before 2026-12)
-    # are not the same variant and must not be reused.
-    data = job.stage_hash("data.imagenet", "data.ade20k", "data.nyud", "data.max_pixels", "data.min_side")
-    return content_hash([data, RANDOM_POOL])[:8] + partition_hash(job)
-
-
 def task_plan(job: JobConfig) -> list[tuple[str, str, SourceConfig]]:
     """(task, split, source) for every configured split of every probe dataset."""
     plan = []
@@ -365,8 +356,6 @@ def load_groups(job: JobConfig, root: ResultsRoot) -> dict[str, np.ndarray]:
     partition left unscored (dead, never selected, too few usable images), whatever that bucket is
     named. RuntimeError, naming both sizes, when that pool is smaller than the high group."""
     from scope_ray.removal import random_group
-    from scope_ray.stages.partition import STAGE as PARTITION
-    from scope_ray.stages.partition import config_hash as partition_hash
 
     part = root.stage(job.model.name, PARTITION)
     hint = "run `scope-ray stage cds` first (it computes CDS and the partition)"
@@ -461,7 +450,6 @@ def verify_table(stage: StageDir, table: str, counts: SplitCounts) -> None:
 
 def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> ProbeFeaturesResult:
     """Run (or skip, when committed with this config) the probe-features stage for ``job``."""
-    from scope_ray.stages.train_sae import load_sae
 
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job)

@@ -31,11 +31,13 @@ import torch
 
 from scope_ray.config import JobConfig
 from scope_ray.stages.cluster import ClusterResourceError
-from scope_ray.storage import MANIFEST, ResultsRoot, StageDir
+from scope_ray.storage import ResultsRoot, StageDir
 from scope_ray.tokens import activations_of
+from scope_ray.pipeline import TRAIN_SAE as STAGE
+from scope_ray.pipeline import extract_hash
+from scope_ray.pipeline import train_sae_hash as config_hash
+from scope_ray.stages.common import SAE_FILE, check_token_width, load_sae  # noqa: F401 (load_sae: the stage's reader)
 
-STAGE = "train-sae"
-SAE_FILE = "sae.safetensors"
 TRAIN_DIR = "_ray_train"
 
 
@@ -64,15 +66,6 @@ def _inject_fault(fault: dict, step: int, rank: int, world: int) -> None:
     with open(fault["marker"], "w") as f:
         json.dump({"pid": os.getpid(), "rank": rank, "step": step, **this_node()}, f)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def config_hash(job: JobConfig) -> str:
-    from scope_ray.stages.extract import config_hash as extract_hash
-
-    # Retries, logging and checkpoint cadence do not change the dictionary: a re-run that only
-    # changes them resumes the same run.
-    operational = ("sae.max_failures", "sae.log_every", "sae.checkpoint_every", "sae.dense_fraction")
-    return job.stage_hash("sae", exclude=operational) + extract_hash(job)[:8]
 
 
 # ------------------------------------------------------------------------- worker side
@@ -350,7 +343,6 @@ class TrainResult:
 
 
 def _token_files(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, list[str]]:
-    from scope_ray.stages.extract import config_hash as extract_hash
 
     extract = root.stage(job.model.name, "extract")
     if not extract.is_complete(extract_hash(job)):
@@ -360,16 +352,6 @@ def _token_files(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, list[str]
     if not files:
         raise RuntimeError(f"{job.model.name}: extraction produced no training tokens")
     return extract, files
-
-
-def check_token_width(files: list[str], root: ResultsRoot, expected: int, what: str) -> None:
-    """Fail clearly when the stored activations do not have the width the SAE config implies."""
-    schema = pq.read_schema(files[0], filesystem=root.arrow_fs)
-    field = schema.field("activation") if "activation" in schema.names else None
-    width = getattr(field.type, "list_size", None) if field is not None else None
-    if width != expected:
-        raise ValueError(f"{what}: token parquet {files[0]} has activation width {width}, but the SAE for "
-                         f"this job expects {expected} (model width); was it extracted with another model?")
 
 
 def _scale_sample(files: list[str], root: ResultsRoot, n: int) -> np.ndarray:
@@ -599,14 +581,3 @@ def _finish(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, chec
                        resumed_from=resumed_from)
 
 
-def load_sae(job: JobConfig, root: ResultsRoot, device: str = "cpu"):
-    """The committed SAE of ``job``'s model."""
-    from scope_ray.sae import BatchTopKSAE
-
-    stage = root.stage(job.model.name, STAGE)
-    if not stage.is_complete(config_hash(job)):
-        why = "no trained SAE" if not stage.is_complete() else "the SAE there was trained with another config"
-        raise RuntimeError(f"{job.model.name}: {why} at {stage.uri}; run `scope-ray stage train-sae` first")
-    # A stage committed before files were named by run has no file name in its manifest.
-    name = stage.manifest().get("sae_file", SAE_FILE)
-    return BatchTopKSAE.load(posixpath.join(stage.uri, name), endpoint_url=root.endpoint_url, device=device)

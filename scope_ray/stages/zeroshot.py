@@ -27,13 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scope_ray.pipeline import ZEROSHOT as STAGE
 from scope_ray.config import JobConfig
-from scope_ray.stages.probe_features import STAGE as FEATURES_STAGE
-from scope_ray.stages.probe_features import VARIANTS
-from scope_ray.stages.probe_features import config_hash as features_hash
+from scope_ray.pipeline import PROBE_FEATURES as FEATURES_STAGE
+from scope_ray.pipeline import probe_features_hash as features_hash
+from scope_ray.pipeline import run_hint
+from scope_ray.removal import VARIANTS
 from scope_ray.storage import ResultsRoot, StageDir
 
-STAGE = "zeroshot"
 SOURCE_TABLE = "classification_val"
 ZEROSHOT_SCHEMA = pa.schema([
     pa.field("variant", pa.string()),
@@ -147,7 +148,7 @@ def config_hash(job: JobConfig, class_names: list[str], features_manifest: dict)
 
 def _features(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, dict]:
     stage = root.stage(job.model.name, FEATURES_STAGE)
-    hint = "run `scope-ray stage probe-features` first"
+    hint = f"run `{run_hint(FEATURES_STAGE)}` first"
     if not stage.is_complete(features_hash(job)):
         why = "missing" if not stage.is_complete() else "from another config"
         raise RuntimeError(f"{job.model.name}: the probe-features stage at {stage.uri} is {why}; zero-shot reads its "

@@ -14,32 +14,24 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 
-from scope_ray.stages import cds, eval_sae, extract, instability, partition, probe, probe_features, train_sae, zeroshot
+from scope_ray.pipeline import BY_NAME
 from scope_ray.storage import LOGS_DIR, ResultsRoot
 
 STATE_FILE = "sweep-state.json"
 
-# The result directories (ROOT/<model>/<dir>/manifest.json) each CLI stage commits, named by
-# the stage modules themselves so a renamed directory cannot leave the sweep looking elsewhere.
-STAGE_DIRS: dict[str, tuple[str, ...]] = {
-    "extract": (extract.STAGE,),
-    "train-sae": (train_sae.STAGE,),
-    "eval-sae": (eval_sae.STAGE,),
-    "instability": (instability.STAGE,),
-    "cds": (cds.TOPK_STAGE, cds.STAGE, partition.STAGE),
-    "probe": (probe_features.STAGE, probe.STAGE),
-    "zeroshot": (zeroshot.STAGE,),
-}
-
 
 def stage_dirs(stage: str, has_text_tower: bool) -> tuple[str, ...]:
-    # Zero-shot needs a text tower; for other models it succeeds without writing anything.
-    if stage == "zeroshot" and not has_text_tower:
+    """The result directories (ROOT/<model>/<dir>/manifest.json) CLI stage ``stage`` commits, as
+    the pipeline declares them; zero-shot needs a text tower and, for other models, succeeds
+    without writing anything."""
+    declared = BY_NAME[stage]
+    if declared.needs_text_tower and not has_text_tower:
         return ()
-    return STAGE_DIRS[stage]
+    return declared.dirs
 
 
 def manifest_hashes(root: ResultsRoot, model: str, dirs: list[str] | tuple[str, ...]) -> dict[str, str | None]:
@@ -60,6 +52,22 @@ def read_state(root: ResultsRoot, model: str) -> dict | None:
         return None
     except (ValueError, UnicodeDecodeError):
         return None  # a damaged state skips nothing: the model runs again
+
+
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9])")
+
+
+def clean_log(text: str) -> str:
+    """A job's console output as a file should hold it: no colour or cursor codes (Ray's worker
+    prefixes, tqdm), and of a progress bar redrawn with carriage returns only its last state."""
+    text = _ANSI.sub("", text)
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            parts = [p for p in line.split("\r") if p.strip()]
+            line = parts[-1] if parts else ""
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def write_text(root: ResultsRoot, relpath: str, text: str) -> str:

@@ -22,20 +22,18 @@ from scope_ray.emd import points_emd
 from scope_ray.models import build_model
 from scope_ray.scc import canvas_coordinates, overlap_indices, scc_views
 from scope_ray.stages.extract import config_hash as extract_hash
-from scope_ray.stages.instability import (
+from scope_ray.instability import (
     ALIGNMENTS,
     ClassPicker,
     aligned_head_emds,
     aligned_token_emd,
     alignment_supports,
-    config_hash,
-    emd_batch,
     head_attention_emds,
     overlap_sample,
-    run_instability,
     token_attention_emd,
     tokens_per_image,
 )
+from scope_ray.stages.instability import config_hash, emd_batch, run_instability
 from scope_ray.storage import ResultsRoot
 from scope_ray.tokens import token_table
 
@@ -450,7 +448,7 @@ def test_alignment_is_config_hashed_recorded_and_named(tmp_path, monkeypatch):
 def test_report_names_the_alignment_behind_the_instability_table(tmp_path):
     from scope_ray.report_document import Document, render_markdown
     from scope_ray.results_report import NO_PUBLISHED, collect, comparability, has_published, instability_section
-    from scope_ray.stages.instability import summarize
+    from scope_ray.instability import summarize
 
     root = ResultsRoot(str(tmp_path / "results"))
     tokens = pa.table({"shift": np.repeat([1, 2], 10), "outlier": np.tile([True] + [False] * 4, 4),

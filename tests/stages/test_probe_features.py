@@ -220,12 +220,12 @@ def _commit_partition(job, root: ResultsRoot, cds_Q: np.ndarray, group_Q: np.nda
 
 def test_config_hash_names_the_random_pool(tmp_path, monkeypatch):
     """Features cached with the control drawn from all q (before 2026-12) are not reused."""
-    import scope_ray.stages.probe_features as pf
+    from scope_ray import pipeline
 
     job = load_config({"storage": {"root": str(tmp_path)}}, ["sae.expansion=1"])
-    now = pf.config_hash(job)
-    monkeypatch.setattr(pf, "RANDOM_POOL", "all q features")
-    assert pf.config_hash(job) != now
+    now = pipeline.probe_features_hash(job)
+    monkeypatch.setattr(pipeline, "RANDOM_POOL", "all q features")
+    assert pipeline.probe_features_hash(job) != now
 
 
 @pytest.mark.parametrize("unscored", ["unscored", "nan"])

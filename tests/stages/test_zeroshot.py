@@ -156,7 +156,7 @@ def test_missing_or_old_features_say_what_to_run(tmp_path, cache):
     emb, labels, *_ = cache
     job = _job(tmp_path)
     root = ResultsRoot(job.storage.root)
-    with pytest.raises(RuntimeError, match="probe-features stage .* is missing.*scope-ray stage probe-features"):
+    with pytest.raises(RuntimeError, match="probe-features stage .* is missing.*run `scope-ray stage probe` first"):
         run_zeroshot(job, root, **QUIET)
     _commit_features(job, root, emb, labels, clip_dim=None)
     with pytest.raises(RuntimeError, match="carry no clip_embedding.*remove that directory"):
