@@ -134,16 +134,34 @@ def join_uri(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
 
 
+# Where a run has no git checkout (a Ray job's uploaded working dir drops .git; the image has
+# none), the commit comes from here: the sweep sets it from the submitting checkout, the image
+# from its build argument, a user's `ray job submit` from `--runtime-env-json` (README).
+COMMIT_ENV = "SCOPE_RAY_COMMIT"
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The short commit of the checkout at ``cwd`` (this package's by default), with ``-dirty``
+    when it has uncommitted changes; "" outside a checkout."""
+    where = cwd or Path(__file__).parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if not sha:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"{sha}-dirty" if dirty else sha
+
+
 def code_version() -> str:
-    """Package version plus the git commit when running from a checkout (recorded in manifests)."""
+    """Package version plus the commit (recorded in manifests): from the checkout when there is
+    one, else from ``SCOPE_RAY_COMMIT``."""
     from scope_ray import __version__
 
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
+    sha = git_commit() or os.environ.get(COMMIT_ENV, "").strip()
     return f"{__version__}+{sha}" if sha else __version__
 
 

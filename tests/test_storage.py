@@ -257,3 +257,41 @@ def test_a_full_disk_at_commit_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="not writable"):
         root.check_writable()
     assert not [p for p in os.listdir(tmp_path / "r") if p.startswith(".write-probe")]
+
+
+def test_code_version_names_the_commit_with_or_without_a_checkout(tmp_path, monkeypatch):
+    """A Ray job's uploaded working dir has no .git: the commit then comes from SCOPE_RAY_COMMIT,
+    which the sweep sets from the submitting checkout."""
+    import subprocess
+
+    import scope_ray.storage as storage
+    from scope_ray import __version__
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, timeout=30)
+    (repo / "f").write_text("1")
+    subprocess.run(git + ["add", "f"], check=True, timeout=30)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True, timeout=30)
+    sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         timeout=30).stdout.strip()
+    assert storage.git_commit(repo) == sha
+    (repo / "f").write_text("2")
+    assert storage.git_commit(repo) == f"{sha}-dirty"
+    assert storage.git_commit(tmp_path) == ""  # no checkout
+    monkeypatch.setattr(storage, "git_commit", lambda cwd=None: "")  # as in an uploaded working dir
+    monkeypatch.setenv("SCOPE_RAY_COMMIT", "abc1234")
+    assert storage.code_version() == f"{__version__}+abc1234"
+    monkeypatch.delenv("SCOPE_RAY_COMMIT")
+    assert storage.code_version() == __version__
+
+
+def test_the_sweep_ships_the_submitting_checkouts_commit(monkeypatch):
+    import scope_ray.sweep.runner as runner
+
+    monkeypatch.setattr(runner, "git_commit", lambda cwd=None: "abc1234")
+    sweep = type("S", (), {"runtime_env": {"working_dir": "."}})()
+    assert runner.shipped_runtime_env(sweep)["env_vars"] == {"SCOPE_RAY_COMMIT": "abc1234"}
+    sweep.runtime_env = {"working_dir": ".", "env_vars": {"SCOPE_RAY_COMMIT": "given"}}
+    assert runner.shipped_runtime_env(sweep)["env_vars"] == {"SCOPE_RAY_COMMIT": "given"}

@@ -691,27 +691,6 @@ def test_auth_token_source_names_where_the_token_comes_from_never_the_token(tmp_
     assert runner.auth_token_source() == "the RAY_AUTH_TOKEN environment variable"
 
 
-def test_stage_dirs_cover_every_folder_a_pipeline_stage_commits():
-    import importlib
-    import pkgutil
-
-    import scope_ray.stages
-    from scope_ray.cli import STAGES as CLI_STAGES
-    from scope_ray.results_report import STAGES as REPORT_DIRS
-    from scope_ray.sweep.plan import STAGE_DIRS
-
-    # Every stage directory a stage module names (its STAGE, and cds's TOPK_STAGE) belongs to
-    # exactly one CLI stage, so a new or renamed stage directory cannot escape the skip rule.
-    named = set()
-    for info in pkgutil.iter_modules(scope_ray.stages.__path__):
-        module = importlib.import_module(f"scope_ray.stages.{info.name}")
-        named |= {v for k, v in vars(module).items() if k.endswith("STAGE") and isinstance(v, str)}
-    flat = [d for dirs in STAGE_DIRS.values() for d in dirs]
-    assert tuple(STAGE_DIRS) == CLI_STAGES
-    assert len(flat) == len(set(flat)) and set(flat) == named
-    assert tuple(flat) == REPORT_DIRS  # the same folders, in pipeline order, as the report reads
-
-
 def test_concurrent_writers_of_one_file_do_not_collide(tmp_path):
     import threading
 
@@ -743,7 +722,25 @@ def test_a_shipped_sweep_with_placeholders_is_refused_before_anything_runs(tmp_p
     # Only the results root pointed somewhere real: the job specs' data paths are still PLACEHOLDER.
     code = main(["sweep", str(shipped), "--dry-run", "--address", "http://127.0.0.1:1",
                  "--set", f"storage.root={tmp_path / 'r'}"])
-    err = capsys.readouterr().err
-    assert code == 2 and "PLACEHOLDER values left" in err and "clip-vit-l14-336: " in err
-    assert "data.imagenet.train.path" in err and "storage.root" not in err and "nothing submitted" in err
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert code == 2 and "PLACEHOLDER values left" in err and "nothing submitted" in err
+    # One line for the keys every job leaves open (not the same list once per job), the root not among them.
+    (common,) = [ln for ln in err.splitlines() if ln.strip().startswith("every job (3): ")]
+    assert "data.imagenet.train.path" in common and "storage.root" not in err
+    assert err.count("data.imagenet.train.path") == 1
+    # The dry run still shows the plan: each job, what it would run, its command.
+    for model in ("clip-vit-b16", "clip-vit-l14", "clip-vit-l14-336"):
+        assert f"{model}: python jobs/entrypoint.py jobs/{model}.yaml" in out
+    assert out.count("would run") == 3
     assert not (tmp_path / "r").exists()
+
+
+def test_saved_job_logs_hold_no_colour_codes_and_one_line_per_progress_bar():
+    from scope_ray.sweep.plan import clean_log
+
+    raw = ("\x1b[36m(RayTrainWorker pid=1)\x1b[0m [train-sae] step 10/20 loss 0.5\n"
+           "extract train: 0img [00:00, ?img/s]\rextract train: 8img [00:01, 6img/s]\rextract train: 16img [00:02]\n"
+           "\x1b[2K\x1b[1Adone\n")
+    assert clean_log(raw) == ("(RayTrainWorker pid=1) [train-sae] step 10/20 loss 0.5\n"
+                              "extract train: 16img [00:02]\ndone\n")

@@ -22,8 +22,8 @@ from typing import TextIO
 
 from scope_ray.config import placeholders
 from scope_ray.shiplist import with_secret_excludes
-from scope_ray.storage import ResultsRoot
-from scope_ray.sweep.plan import (LOGS_DIR, Decision, completed_state, decide, manifest_hashes, read_state,
+from scope_ray.storage import COMMIT_ENV, ResultsRoot, git_commit
+from scope_ray.sweep.plan import (LOGS_DIR, Decision, clean_log, completed_state, decide, manifest_hashes, read_state,
                                   stage_dirs, write_state, write_text)
 from scope_ray.sweep.spec import Sweep, SweepJob, SweepSpecError, load_sweep
 from scope_ray.sweep.table import Row, render
@@ -178,7 +178,13 @@ def shipped_runtime_env(sweep: Sweep) -> dict:
     """The runtime_env each job is submitted with: the sweep's, with the secret-file patterns
     (scope_ray/shiplist.py) added to its excludes whenever it uploads a working dir or modules,
     so a ``.env`` or key file beside the job specs never reaches the cluster."""
-    return with_secret_excludes(sweep.runtime_env)
+    env = with_secret_excludes(sweep.runtime_env)
+    # The uploaded working dir has no .git: the jobs' manifests name the commit through this.
+    commit = git_commit(sweep.runtime_env.get("working_dir") or None) if sweep.runtime_env.get("working_dir") \
+        else git_commit()
+    if commit and COMMIT_ENV not in (env.get("env_vars") or {}):
+        env = {**env, "env_vars": {**(env.get("env_vars") or {}), COMMIT_ENV: commit}}
+    return env
 
 
 def _make_client(address: str):
@@ -216,8 +222,22 @@ class _Model:
         return current
 
 
-def _plan(sweep: Sweep, dry_run: bool) -> list[_Model]:
-    """Decide per model: skip or run (reads each model's manifests and sweep state)."""
+def placeholder_summary(left: dict[str, list[str]]) -> str:
+    """The keys still PLACEHOLDER, one line per group: those every job shares first, then each
+    job's own (a shipped sweep leaves the same data paths open in every job)."""
+    jobs = [m for m, keys in left.items() if keys]
+    common = [k for k in left[jobs[0]] if all(k in left[m] for m in jobs)] if jobs else []
+    lines = [f"  every job ({len(jobs)}): {', '.join(common)}"] if len(jobs) > 1 and common else []
+    for m in jobs:
+        own = [k for k in left[m] if k not in common or len(jobs) == 1]
+        if own:
+            lines.append(f"  {m}: {', '.join(own)}")
+    return "\n".join(lines)
+
+
+def _plan(sweep: Sweep, dry_run: bool, read_roots: bool = True) -> list[_Model]:
+    """Decide per model: skip or run (reads each model's manifests and sweep state; not when
+    ``read_roots`` is false: a PLACEHOLDER root names nothing to read)."""
     roots: dict[tuple[str, str | None], ResultsRoot] = {}
     models = []
     for job in sweep.jobs:
@@ -226,6 +246,10 @@ def _plan(sweep: Sweep, dry_run: bool) -> list[_Model]:
         has_text = job.config.model.spec.has_text_tower
         m = _Model(job=job, root=root, row=Row(job.model),
                    dirs_of={s: stage_dirs(s, has_text) for s in sweep.spec.stages})
+        if not read_roots:
+            m.decision = Decision(False, "spec not complete (PLACEHOLDER values)")
+            models.append(m)
+            continue
         try:
             current = m.refresh_stages()
             m.state = read_state(root, m.name)
@@ -351,7 +375,7 @@ class _Run:
         except JobsApiError:
             pass  # only the duration and Ray's message are missing
         try:
-            logs = self.client.logs(m.job_id)
+            logs = clean_log(self.client.logs(m.job_id))
             m.log_uri = write_text(m.root, posixpath.join(m.name, LOGS_DIR, f"{m.job_id}.log"), logs)
         except Exception as exc:  # noqa: BLE001 - a log that cannot be saved must not lose the sweep
             m.row.note = f"log not saved: {_first_line(exc)}"
@@ -476,6 +500,7 @@ class _Run:
 
 # ------------------------------------------------------------------------------------ entry
 def _dry_run(sweep: Sweep, models: list[_Model], out: TextIO) -> int:
+    """The plan: the status table, the cluster, what is shipped, and each job's command."""
     for m in models:
         if not m.decision.skip:
             m.row.status, m.row.note = "would run", m.decision.reason
@@ -500,13 +525,19 @@ def run_sweep(sweep_path: str, *, address: str | None = None, max_concurrent: in
     sweep = load_sweep(sweep_path, address=address, max_concurrent=max_concurrent, overrides=overrides)
     # The shipped specs carry PLACEHOLDER paths: each job would fail at once on the cluster.
     left = {job.model: placeholders(job.config) for job in sweep.jobs}
+    refusal = None
     if any(left.values()):
-        lines = "; ".join(f"{model}: {', '.join(keys)}" for model, keys in left.items() if keys)
-        raise SweepSpecError(f"{sweep.path}: PLACEHOLDER values left ({lines}); point them at your data and results "
-                             "root (edit the job specs, the sweep's overrides, or --set KEY=VALUE); nothing submitted")
-    models = _plan(sweep, dry_run)
+        refusal = SweepSpecError(f"{sweep.path}: PLACEHOLDER values left; point them at your data and results root "
+                                 "(edit the job specs, the sweep's overrides, or --set KEY=VALUE); nothing submitted\n"
+                                 + placeholder_summary(left))
+        if not dry_run:
+            raise refusal
+    models = _plan(sweep, dry_run, read_roots=refusal is None)
     if dry_run:
-        return _dry_run(sweep, models, out)
+        _dry_run(sweep, models, out)
+        if refusal is not None:
+            raise refusal  # the plan is shown; what must be set first is the error
+        return 0
     for root in {m.root.uri: m.root for m in models}.values():
         root.check_writable()  # logs and the sweep record go there: fail before submitting anything
     client = _Client(sweep.address)
