@@ -36,6 +36,20 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[i])
 
 
+def choose_gamma(cds_Q: np.ndarray, scored_Q: np.ndarray, gamma: float | str,
+                 min_usable_images: int) -> tuple[float, str]:
+    """γ and where it came from (METHOD §6): ``gamma`` when it is a number, else ('auto') the Otsu
+    threshold of the *scored* features' finite CDS: unscored features (a CDS from fewer than
+    ``min_usable_images`` images piles up at 1) never move γ."""
+    if gamma != "auto":
+        return float(gamma), "config"
+    values = cds_Q[scored_Q & np.isfinite(cds_Q)]
+    if values.size == 0:
+        raise RuntimeError(f"no feature has a CDS from at least scope.min_usable_images={min_usable_images} "
+                           "usable images: gamma cannot be chosen; see the cds table's status column")
+    return otsu_threshold(values), "auto (Otsu on scored CDS)"
+
+
 def auto_tau(norms: np.ndarray) -> float:
     """tau: 'auto' (METHOD §1): the Otsu threshold of log token norms, back in norm units."""
     norms = np.asarray(norms, dtype=np.float64)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from scope_ray.emd import grid_emd
-from scope_ray.scope import aw_cds, cds_from_scores, cds_score, norm_percentile_bins, otsu_threshold, scc_pair_scores
+from scope_ray.scope import (aw_cds, cds_from_scores, cds_score, choose_gamma, norm_percentile_bins, otsu_threshold,
+                             scc_pair_scores)
 
 nonneg = st.floats(0, 100, allow_nan=False, allow_infinity=False)
 map_pairs = st.tuples(st.integers(1, 4), st.integers(2, 6)).flatmap(
@@ -172,3 +173,19 @@ def test_scc_pair_scores_reject_bad_maps(bad):
         scc_pair_scores(m, broken)
     with pytest.raises(ValueError, match="K, H, W"):
         scc_pair_scores(m, m[:, :2])
+
+
+def test_gamma_is_the_configured_value_or_otsu_on_the_scored_cds_only():
+    """A pile of unscored features at CDS 1 (one-empty-map rule, too few images) does not move an
+    automatic γ; a configured γ is taken as it is; no scored feature is a clear error."""
+    rng = np.random.default_rng(0)
+    scored = np.concatenate([rng.normal(0.1, 0.03, 800), rng.normal(0.5, 0.05, 200)])
+    cds = np.concatenate([scored, np.ones(1000), [np.nan] * 5])
+    is_scored = np.concatenate([np.ones(1000, bool), np.zeros(1005, bool)])
+    gamma, source = choose_gamma(cds, is_scored, "auto", 4)
+    assert gamma == otsu_threshold(scored) and source.startswith("auto")
+    assert 0.1 < gamma < 0.5  # between the two modes of the scored features
+    assert otsu_threshold(cds[np.isfinite(cds)]) > gamma + 0.1  # the pile would have moved it
+    assert choose_gamma(cds, is_scored, 0.13, 4) == (0.13, "config")
+    with pytest.raises(RuntimeError, match="min_usable_images=4"):
+        choose_gamma(cds, np.zeros_like(is_scored), "auto", 4)

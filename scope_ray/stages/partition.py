@@ -46,17 +46,10 @@ GROUPS = ("low", "high")
 
 
 def resolve_gamma(job: JobConfig, cds_Q: np.ndarray, scored_Q: np.ndarray) -> tuple[float, str]:
-    """γ from the config, or 'auto' = the Otsu threshold of the scored features' CDS (METHOD §6):
-    unscored features (a CDS from too few images piles up at 1) never move γ."""
-    from scope_ray.scope import otsu_threshold
+    """γ for ``job`` (``scope.choose_gamma``: the configured value or Otsu on the scored CDS)."""
+    from scope_ray.scope import choose_gamma
 
-    if job.scope.gamma != "auto":
-        return float(job.scope.gamma), "config"
-    values = cds_Q[scored_Q & np.isfinite(cds_Q)]
-    if values.size == 0:
-        raise RuntimeError(f"no feature has a CDS from at least scope.min_usable_images={job.scope.min_usable_images} "
-                           "usable images: gamma cannot be chosen; see the cds table's status column")
-    return otsu_threshold(values), "auto (Otsu on scored CDS)"
+    return choose_gamma(cds_Q, scored_Q, job.scope.gamma, job.scope.min_usable_images)
 
 
 def token_statistics(job: JobConfig, root: ResultsRoot, cds_Q: np.ndarray, groups: dict[str, np.ndarray],
