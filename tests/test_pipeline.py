@@ -102,3 +102,31 @@ def test_the_stage_of_every_hint_built_from_a_directory_is_accepted():
     for d in pipeline.RESULT_DIRS:
         name = pipeline.run_hint(d).split()[-1]
         assert parser.parse_args(["stage", name, "job.yaml"]).name == name
+
+
+def test_stage_functions_take_only_what_a_user_passes():
+    """Fault injection lives in scope_ray.faults (an environment plan), not in run_* signatures."""
+    import inspect
+
+    user_params = {"job", "root", "log", "progress", "tasks", "variants", "trials", "num_classes"}
+    for info in pkgutil.iter_modules(scope_ray.stages.__path__):
+        module = importlib.import_module(f"scope_ray.stages.{info.name}")
+        for name, fn in vars(module).items():
+            if name.startswith("run_") and inspect.isfunction(fn) and fn.__module__ == module.__name__:
+                params = list(inspect.signature(fn).parameters)
+                if params[:2] != ["job", "root"]:
+                    continue  # not a stage entry point (e.g. run_trial, Tune's trainable)
+                extra = set(params) - user_params
+                assert not extra, f"{module.__name__}.{name} takes {sorted(extra)}"
+
+
+def test_a_fault_plan_is_scoped_to_its_block():
+    from scope_ray import faults
+
+    assert faults.plan("train-sae") is None
+    with faults.injected("train-sae", step=3, marker="/m"):
+        with faults.injected("probe", kill={"trial": 0}):
+            assert faults.plan("train-sae") == {"step": 3, "marker": "/m"}
+            assert faults.plan("probe") == {"kill": {"trial": 0}}
+        assert faults.plan("probe") is None
+    assert faults.plan("train-sae") is None

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from scope_ray import faults
 from scope_ray.pipeline import PROBE as STAGE
 from scope_ray.config import JobConfig
 from scope_ray.probes.train import METRICS, FitState, ProbeSpec, fit_probe
@@ -109,20 +110,10 @@ BEST_SCHEMA = pa.schema([
 
 
 class InjectedFault(RuntimeError):
-    """Raised inside a trial's worker by tests (``_inject_fault``) to interrupt a search."""
-
-
-@dataclass(frozen=True)
-class WorkerKill:
-    """Test-only (``run_probes(_kill_worker=...)``): the Train worker of trial ``trial`` of
-    ``task``/``variant`` SIGKILLs its own process once, right after reporting epoch ``after_epoch``;
-    ``marker`` (a path on the worker's node) records that it did, so the restarted worker goes on."""
-
-    task: str
-    variant: str
-    trial: int
-    after_epoch: int
-    marker: str
+    """Raised inside a trial's worker by tests (``scope_ray.faults`` plan ``probe``: ``raise``) to
+    interrupt a search. (Its ``kill``: that trial's Train worker SIGKILLs its own process once,
+    right after reporting epoch ``after_epoch``; ``marker``, a path on the worker's node, records
+    that it did, so the restarted worker goes on.)"""
 
 
 # ============================================================================ pure helpers
@@ -393,9 +384,7 @@ def _free_resources(want_cpus: float, wait_s: float = 15.0) -> dict[str, float]:
 
 def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None = None,
                variants: Sequence[str] | None = None, trials: int | None = None,
-               num_classes: Mapping[str, int] | None = None, log=print,
-               _inject_fault: set[tuple[str, str, int]] | None = None,
-               _kill_worker: WorkerKill | None = None) -> ProbeResult:
+               num_classes: Mapping[str, int] | None = None, log=print) -> ProbeResult:
     """Run (or resume, or skip) the probe search over the cached features of ``job``'s model.
 
     ``tasks`` / ``variants`` restrict the search (default: all in the cache); ``trials`` overrides
@@ -443,6 +432,8 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         for d in (tune_storage, train_storage):
             root.ensure_dir(d)
         ran, reused, searches = 0, 0, []
+        fault = faults.plan(STAGE) or {}  # tests only: trials that raise, a worker that dies
+        raising, kill = [list(k) for k in fault.get("raise", [])], fault.get("kill")
         # Train run names are per attempt: a trial that starts over must not pick up an old run's state.
         attempt = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         # As few Tune searches as the object store allows: the (task, variant) pairs whose features fit
@@ -483,9 +474,8 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
                 del train, val
             for c in pending:
                 key = (c["task"], c["variant"], c["trial"])
-                c["inject_fault"] = key in (_inject_fault or set())
-                k = _kill_worker
-                c["kill_worker"] = (dataclasses.asdict(k) if k and (k.task, k.variant, k.trial) == key else None)
+                c["inject_fault"] = list(key) in raising
+                c["kill_worker"] = kill if kill and (kill["task"], kill["variant"], kill["trial"]) == key else None
             spec = {"root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
                     "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
                     "loops": loops}

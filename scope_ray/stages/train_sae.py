@@ -22,7 +22,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +32,7 @@ from scope_ray.config import JobConfig
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.storage import ResultsRoot, StageDir
 from scope_ray.tokens import activations_of
+from scope_ray import faults
 from scope_ray.pipeline import TRAIN_SAE as STAGE
 from scope_ray.pipeline import extract_hash
 from scope_ray.pipeline import train_sae_hash as config_hash
@@ -42,17 +42,14 @@ TRAIN_DIR = "_ray_train"
 
 
 class InjectedFault(RuntimeError):
-    """Raised once inside the training loop by tests (``fault_at_step``, kind "raise") to exercise recovery."""
-
-
-# How a test's injected fault fails the worker: "raise" an InjectedFault (an error the driver can
-# recognise by its message), or "kill" the worker process with SIGKILL (a crash Ray only sees as a
-# dead actor, as on an OOM kill or a lost machine).
-FaultKind = Literal["raise", "kill"]
+    """Raised once inside the training loop by tests (``scope_ray.faults``, kind "raise") to exercise recovery."""
 
 
 def _inject_fault(fault: dict, step: int, rank: int, world: int) -> None:
-    """Fail this worker once at ``fault["step"]``; the marker file makes it once per test, across restarts."""
+    """Fail this worker once at ``fault["step"]``; the marker file makes it once per test, across
+    restarts. ``fault["kind"]``: "raise" an InjectedFault (an error the driver can recognise by its
+    message), or "kill" the worker process with SIGKILL (a crash Ray only sees as a dead actor, as
+    on an OOM kill or a lost machine)."""
     if step != fault["step"] or os.path.exists(fault["marker"]):
         return
     if fault["kind"] == "raise":
@@ -370,12 +367,9 @@ def _scale_sample(files: list[str], root: ResultsRoot, n: int) -> np.ndarray:
     return sample
 
 
-def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step: int | None = None,
-                  fault_marker: str | None = None, fault_kind: FaultKind = "raise") -> TrainResult:
-    """Train (or skip, or resume) the SAE for ``job``.
-
-    ``fault_at_step`` / ``fault_marker`` / ``fault_kind`` are for tests only: fail one worker once at
-    that step (``_inject_fault``)."""
+def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResult:
+    """Train (or skip, or resume) the SAE for ``job``. (Tests break one worker through
+    ``scope_ray.faults``: plan ``train-sae``.)"""
     import ray.data
     import ray.train
     from ray.data import FileShuffleConfig
@@ -419,8 +413,9 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print, fault_at_step
             "checkpoint_every": job.sae.checkpoint_every, "input_scale": input_scale,
             "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
         }
-        if fault_at_step is not None:
-            cfg["fault_at_step"] = {"step": fault_at_step, "marker": fault_marker, "kind": fault_kind}
+        fault = faults.plan(STAGE)
+        if fault is not None:
+            cfg["fault_at_step"] = {"step": fault["step"], "marker": fault["marker"], "kind": fault.get("kind", "raise")}
         # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
         # (randomize_block_order would be all-to-all: every token block in the object store first.)
         ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,

@@ -22,7 +22,7 @@ Why the work must spread, rather than merely may:
   hold them; none can, so the placement group's two bundles land on the two worker nodes (by
   then worker node 0 and the replacement for the lost node 1).
 
-Faults (``_inject_extraction_faults``, ``run_train_sae(fault_kind="kill")``): during extraction the
+Faults (``_inject_extraction_faults``, a ``scope_ray.faults`` plan of kind "kill" for train-sae): during extraction the
 driver SIGKILLs one pool actor's process, then removes the other worker node and adds a
 replacement; during SAE training the last Train worker SIGKILLs itself at step 13. Each batch of
 the extraction is paced (``PacedExtractor``, test-only) so that the faults, triggered by part files
@@ -215,6 +215,7 @@ def _run(workdir: Path) -> dict:
 
         import scope_ray.stages.extract as extract_stage
         from scope_ray.stages.extract import run_extract
+        from scope_ray import faults
         from scope_ray.stages.train_sae import run_train_sae
         from scope_ray.storage import ResultsRoot
 
@@ -248,8 +249,8 @@ def _run(workdir: Path) -> dict:
         # The last Train worker SIGKILLs itself at step 13 (once: the marker file): Ray Train restarts
         # the group on the two live worker nodes from the step-9 checkpoint.
         train_fault = workdir / "train-fault.json"
-        run_train_sae(job, root, log=lambda *_: None, fault_at_step=FAULT_STEP, fault_marker=str(train_fault),
-                      fault_kind="kill")
+        with faults.injected("train-sae", step=FAULT_STEP, marker=str(train_fault), kind="kill"):
+            run_train_sae(job, root, log=lambda *_: None)
         seconds["train_sae"] = time.perf_counter() - t
         killed = json.loads(train_fault.read_text()) if train_fault.exists() else None
         if killed:

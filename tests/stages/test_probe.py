@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from scope_ray import faults
 from scope_ray.config import ConfigError, load_config
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.stages.probe import (
     METRICS,
     FEATURES_STAGE,
-    WorkerKill,
     best_rows,
     config_hash,
     max_concurrent_trials,
@@ -263,10 +263,10 @@ def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_fail
     job = _job(tmp_path / "r", "probes.worker_cpus=0.5", "probes.checkpoint_every=3", "probes.classification.epochs=6")
     marker = tmp_path / "killed"
     # low_removed: its weak signal keeps the val curve moving to the end (original saturates at 1.0).
-    kill = WorkerKill("classification", "low_removed", 0, after_epoch=5, marker=str(marker))
+    kill = {"task": "classification", "variant": "low_removed", "trial": 0, "after_epoch": 5, "marker": str(marker)}
     with pytest.raises(RuntimeError, match=r"(?s)depth/low_removed: trial 0 failed.*InjectedFault"):
-        run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_quiet,
-                   _inject_fault={("depth", "low_removed", 0)}, _kill_worker=kill)
+        with faults.injected("probe", kill=kill, **{"raise": [["depth", "low_removed", 0]]}):
+            run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_quiet)
     assert marker.read_text() == "killed after epoch 5\n"  # the worker process really died there
     stage = root.stage("demo-vit-tiny", "probe")
     assert not stage.is_complete()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from scope_ray import faults
 from scope_ray.config import load_config
 from scope_ray.metrics import sae_metrics
 from scope_ray.stages.eval_sae import run_eval_sae
@@ -125,8 +126,8 @@ def test_interrupted_stage_resumes_and_matches_an_uninterrupted_run(reference, t
     # The default fault kind, "raise": with max_failures=0 the error reaches this driver, and its
     # message tells it from any other failure. (tests/stages/test_multinode.py kills the process.)
     with pytest.raises(Exception, match="injected fault at step 13"):
-        run_train_sae(_job(tmp_path / "r", "sae.max_failures=0", *SETTINGS), root, log=_quiet,
-                      fault_at_step=13, fault_marker=str(tmp_path / "fault"))
+        with faults.injected("train-sae", step=13, marker=str(tmp_path / "fault")):
+            run_train_sae(_job(tmp_path / "r", "sae.max_failures=0", *SETTINGS), root, log=_quiet)
     stage = root.stage("demo-vit-tiny", "train-sae")
     assert not stage.is_complete()
     # max_failures is not part of what the SAE depends on: same run, resumed from its checkpoint.
