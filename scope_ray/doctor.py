@@ -53,6 +53,9 @@ def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None, "Au
         return Check("ray", True, f"Jobs API at {address} answers (submit `scope-ray doctor` as a job to see its "
                                   "resources)"), None, None, auth
     started_here = not ray.is_initialized()
+    # With no address, ray.init() joins an instance already running on this machine when there is
+    # one (Ray records it in its temp dir) and starts one otherwise: say which happened.
+    existing = _running_here() if not address else ""
     try:
         if started_here:
             if address:
@@ -61,7 +64,8 @@ def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None, "Au
                 ray.init(include_dashboard=False, log_to_driver=False)
         # The GCS this process is connected to ("auto" and a local instance resolved): asked
         # without a token, from outside Ray's own client, which would send this machine's token.
-        auth = probe_auth_mode(ray.get_runtime_context().gcs_address)
+        gcs = ray.get_runtime_context().gcs_address
+        auth = probe_auth_mode(gcs)
         total = ray.cluster_resources()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         gpu_node = probe_gpu_node() if total.get("GPU", 0) else None
@@ -74,11 +78,34 @@ def check_ray(address: str | None) -> tuple[Check, dict | None, dict | None, "Au
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
-    where = f"cluster at {address}" if address else "no RAY_ADDRESS: a local single-node instance (what `scope-ray run` starts)"
+    where = where_ray_is(address, started_here, existing, gcs)
     gib = 1024 ** 3
     detail = (f"{where}; {len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs, "
               f"{total.get('memory', 0) / gib:.1f} GiB memory, {total.get('object_store_memory', 0) / gib:.1f} GiB object store")
     return Check("ray", True, detail), total, gpu_node, auth
+
+
+def where_ray_is(address: str | None, started_here: bool, existing: str, gcs: str) -> str:
+    """Which Ray the checks ran on, in words: the one asked for, the one this process was already
+    connected to, one already running on this machine (what ``ray.init()`` joins without an
+    address), or a new local instance."""
+    if address:
+        return f"cluster at {address}"
+    if not started_here:
+        return f"the Ray instance this process is already connected to ({gcs})"
+    if existing and gcs == existing:
+        return f"no RAY_ADDRESS: joined the Ray instance already running on this machine ({gcs}), as `scope-ray run` would"
+    return "no RAY_ADDRESS: a new local single-node instance (what `scope-ray run` starts when none is running)"
+
+
+def _running_here() -> str:
+    """The GCS address of a Ray instance this machine's Ray temp dir names, or ""."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address() or ""
+    except Exception:  # noqa: BLE001 - a private helper: any failure means "none known"
+        return ""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,19 @@ def test_all_checks_pass_on_a_local_instance_and_writable_root(ray_local, tmp_pa
     assert main(["doctor", str(_job(tmp_path))]) == 0
     out = capsys.readouterr().out
     assert "ok   ray" in out and "CPUs" in out and "is writable" in out and "all checks passed" in out
+    assert "the Ray instance this process is already connected to" in out  # the session's ray_local
+
+
+def test_doctor_says_which_ray_it_checked():
+    """Before: "a local single-node instance" even when ray.init() joined one already running."""
+    from scope_ray.doctor import where_ray_is
+
+    assert where_ray_is("10.0.0.1:6379", True, "", "10.0.0.1:6379") == "cluster at 10.0.0.1:6379"
+    assert "already connected" in where_ray_is(None, False, "", "1.2.3.4:6379")
+    assert "joined the Ray instance already running on this machine (1.2.3.4:6379)" in where_ray_is(
+        None, True, "1.2.3.4:6379", "1.2.3.4:6379")
+    assert "a new local single-node instance" in where_ray_is(None, True, "", "5.6.7.8:6379")
+    assert "a new local single-node instance" in where_ray_is(None, True, "1.2.3.4:6379", "5.6.7.8:6379")
 
 
 def test_unwritable_root_fails_with_a_fix(tmp_path):
