@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_sweep(args.sweep, address=args.address, max_concurrent=args.max_concurrent,
                              overrides=args.overrides, dry_run=args.dry_run)
         if args.command == "report":
-            from scope_ray.results_report import write_report
+            from scope_ray.report.content import write_report
 
             paths = write_report(args.root, out=args.out, endpoint_url=args.endpoint_url)
             print(f"report: {paths.markdown}\nreport: {paths.html}")

@@ -76,7 +76,7 @@ def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
 
 
 def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None = None, log=print) -> dict:
-    from scope_ray.report import norm_histogram, table_markdown
+    from scope_ray.report.figures import norm_histogram, table_markdown
     from scope_ray.stages.cds import run_cds
     from scope_ray.stages.cluster import connect
     from scope_ray.stages.eval_sae import run_eval_sae
@@ -167,7 +167,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                                                   ("mean_act_normal", "mean act. on normal tokens", ".3f"),
                                                   ("outlier_share", "share on outliers", ".3f")])))
     log("")
-    from scope_ray.probe_report import collect_probe_results, probe_markdown, probe_table
+    from scope_ray.report.probes import collect_probe_results, probe_markdown, probe_table
 
     probe_rows = collect_probe_results(root)
     cfg = job.probes
@@ -205,7 +205,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
         log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
         log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
         log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
-    from scope_ray.results_report import accounting_rows, collect, write_report
+    from scope_ray.report.content import accounting_rows, collect, write_report
 
     # What was kept out and what was survived, stage by stage (the report's "Data accounting").
     log("")

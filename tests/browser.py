@@ -2,7 +2,7 @@
 what it rendered.
 
 The report marks each ``<img>`` after the page's ``load`` event (``data-state`` = loaded/broken,
-``data-natural-width``; scope_ray/report_document.py); ``--dump-dom`` prints the DOM after load,
+``data-natural-width``; scope_ray/report/document.py); ``--dump-dom`` prints the DOM after load,
 so the marks prove every embedded figure decoded. Network is switched off as far as flags allow
 (no QUIC, no background or component traffic), and each run gets a fresh profile directory.
 """

@@ -30,7 +30,7 @@ import yaml
 
 from scope_ray.config import load_config
 from scope_ray.data.synthetic import write_synthetic
-from scope_ray.results_report import INCOMPLETE, collect
+from scope_ray.report.content import INCOMPLETE, collect
 from scope_ray.stages.extract import config_hash as extract_hash
 from scope_ray.instability import tokens_per_image
 from scope_ray.stages.instability import EMD_BATCH_TOKENS, TOKENS_SCHEMA

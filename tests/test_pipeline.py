@@ -21,7 +21,7 @@ SHARED = {"common", "cluster", "decode", "scc_pairs", "probe_cache"}
 
 def test_every_reader_of_the_pipeline_sees_the_same_stages_and_directories():
     from scope_ray.cli import STAGES as CLI_STAGES
-    from scope_ray.results_report import STAGES as REPORT_DIRS
+    from scope_ray.report.content import STAGES as REPORT_DIRS
     from scope_ray.sweep.plan import stage_dirs
     from scope_ray.sweep.spec import SweepSpec
 

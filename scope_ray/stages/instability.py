@@ -310,7 +310,7 @@ def _draw_summary(job: JobConfig, stage: StageDir, summary: list[dict[str, Any]]
     import tempfile
     from pathlib import Path
 
-    from scope_ray.report import instability_plot
+    from scope_ray.report.figures import instability_plot
 
     with tempfile.TemporaryDirectory() as tmp:
         path = instability_plot(np.array([r["shift"] for r in summary]), np.array([r["d_non"] for r in summary]),

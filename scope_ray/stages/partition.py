@@ -196,7 +196,7 @@ class PartitionResult:
 def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> PartitionResult:
     import ray
 
-    from scope_ray.report import awcds_curve, cds_histogram, feature_gallery
+    from scope_ray.report.figures import awcds_curve, cds_histogram, feature_gallery
     from scope_ray.stages.cluster import actor_resources
 
     stage = root.stage(job.model.name, STAGE)

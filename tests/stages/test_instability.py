@@ -416,7 +416,7 @@ def test_overlap_alignment_undefined_rule_and_supports():
 
 
 def test_alignment_is_config_hashed_recorded_and_named(tmp_path, monkeypatch):
-    import scope_ray.report as report
+    import scope_ray.report.figures as report
     from scope_ray.stages import instability as inst
 
     base = {"storage": {"root": str(tmp_path / "r")}}
@@ -446,8 +446,8 @@ def test_alignment_is_config_hashed_recorded_and_named(tmp_path, monkeypatch):
 
 
 def test_report_names_the_alignment_behind_the_instability_table(tmp_path):
-    from scope_ray.report_document import Document, render_markdown
-    from scope_ray.results_report import NO_PUBLISHED, collect, comparability, has_published, instability_section
+    from scope_ray.report.document import Document, render_markdown
+    from scope_ray.report.content import NO_PUBLISHED, collect, comparability, has_published, instability_section
     from scope_ray.instability import summarize
 
     root = ResultsRoot(str(tmp_path / "results"))

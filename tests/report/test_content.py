@@ -1,4 +1,4 @@
-"""``scope-ray report``: the Markdown / HTML report of a results root (scope_ray.results_report).
+"""``scope-ray report``: the Markdown / HTML report of a results root (scope_ray.report.content).
 
 Stage outputs are written the way the stages write them (their schemas, their summary and figure
 functions, ``StageDir.commit``), without running the pipeline: the report only reads storage.
@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from scope_ray import published
+from scope_ray.report import published
 from scope_ray.models.registry import REGISTRY
-from scope_ray.results_report import comparability, write_report, zeroshot_effect
+from scope_ray.report.content import comparability, write_report, zeroshot_effect
 from scope_ray.storage import ResultsRoot
 from tests.browser import chromium_or_skip, render
-from tests.test_probe_report import ALL_VARIANTS, write_probe
+from tests.report.test_probes import ALL_VARIANTS, write_probe
 
 
 def write_eval(root: ResultsRoot, model: str, fvu_all: float, extra: dict | None = None) -> None:
@@ -32,7 +32,7 @@ def write_eval(root: ResultsRoot, model: str, fvu_all: float, extra: dict | None
 
 
 def write_instability(root: ResultsRoot, model: str, tmp: Path, *, commit: bool = True) -> None:
-    from scope_ray.report import instability_plot
+    from scope_ray.report.figures import instability_plot
     from scope_ray.instability import summarize
 
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def write_instability(root: ResultsRoot, model: str, tmp: Path, *, commit: bool 
 
 
 def write_partition(root: ResultsRoot, model: str, tmp: Path) -> None:
-    from scope_ray.report import awcds_curve, cds_histogram
+    from scope_ray.report.figures import awcds_curve, cds_histogram
 
     cds = np.random.default_rng(1).uniform(0, 1, 384)
     stage = root.stage(model, "partition")
@@ -163,7 +163,9 @@ def test_markdown_holds_every_table_with_the_published_rows_of_matching_models(r
     probes = _section(md, "## Linear probes")
     published_cls = [r for r in _rows(probes, "clip-vit-b16") if r[1].startswith("paper")][0]
     assert published_cls[2:5] == ["74.82", "75.54", "64.86"]
-    assert published.PROBES is __import__("scope_ray.probe_report").probe_report.PUBLISHED  # one copy
+    from scope_ray.report import probes as probe_module
+
+    assert published.PROBES is probe_module.PUBLISHED  # one copy
     zs = _section(md, "## CLIP zero-shot")
     assert [r[2] for r in _rows(zs, "clip-vit-b16")] == [
         "original", "high-CDS removed", "low-CDS removed", "random removed"]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from scope_ray.models.registry import REGISTRY
-from scope_ray.report import _GREY, _BLUE, _RED, _no_data, _prepare, _pyplot, _save, table_markdown
+from scope_ray.report.figures import GREY, BLUE, RED, no_data, prepare_output, pyplot, save_figure, table_markdown
 from scope_ray.storage import ResultsRoot
 
 STAGE = "probe"
@@ -101,8 +101,8 @@ _GREEN = "#228833"
 _DARK_GREY = "#777777"
 VARIANT_STYLE = {
     "original": dict(color=_GREEN, linestyle="-", marker="o"),
-    "high_removed": dict(color=_BLUE, linestyle="-", marker="s"),
-    "low_removed": dict(color=_RED, linestyle="-", marker="v"),
+    "high_removed": dict(color=BLUE, linestyle="-", marker="s"),
+    "low_removed": dict(color=RED, linestyle="-", marker="v"),
     "random_removed": dict(color=_DARK_GREY, linestyle="--", marker="x"),
 }
 
@@ -250,13 +250,13 @@ def figure8(rows: list[dict], out_path: str | Path, *, title: str | None = None,
     (:data:`PUBLISHED`; only CLIP has published top-1) are drawn as hollow markers of the same
     colour. No classification rows: one panel saying "no data". Returns the PNG path.
     """
-    plt = _pyplot()
-    path = _prepare(out_path)
+    plt = pyplot()
+    path = prepare_output(out_path)
     panels = figure8_panels(rows)
     n = max(len(panels), 1)
     fig, axes = plt.subplots(1, n, figsize=(1.0 + 3.4 * n, 3.6), dpi=120, squeeze=False)
     if not panels:
-        _no_data(axes[0, 0], "no classification probe results")
+        no_data(axes[0, 0], "no classification probe results")
         axes[0, 0].set_axis_off()
     for ax, panel in zip(axes[0], panels):
         models = panel["models"]
@@ -264,7 +264,7 @@ def figure8(rows: list[dict], out_path: str | Path, *, title: str | None = None,
         any_point = False
         for variant, values in panel["top1"].items():
             y = np.asarray(values, dtype=np.float64)
-            style = VARIANT_STYLE.get(variant, dict(color=_GREY, linestyle=":", marker="."))
+            style = VARIANT_STYLE.get(variant, dict(color=GREY, linestyle=":", marker="."))
             ax.plot(x, y, label=VARIANT_LABEL.get(variant, variant), markersize=5, **style)
             any_point |= bool(np.isfinite(y).any())
         if show_published:
@@ -277,7 +277,7 @@ def figure8(rows: list[dict], out_path: str | Path, *, title: str | None = None,
                             label=f"{VARIANT_LABEL[variant]} (paper)")
                     any_point = True
         if not any_point:
-            _no_data(ax, "all trials diverged")
+            no_data(ax, "all trials diverged")
         ax.set_xticks(x)
         ax.set_xticklabels(models, rotation=20, ha="right", fontsize=7)
         ax.set_xlim(-0.5, len(models) - 0.5)
@@ -287,4 +287,4 @@ def figure8(rows: list[dict], out_path: str | Path, *, title: str | None = None,
         ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -19,13 +19,13 @@ from scope_ray.storage import temp_name
 
 NAN_CELL = "–"  # what table_markdown prints for NaN / None / missing values
 
-_BLUE = "#4477aa"
-_RED = "#cc3311"
+BLUE = "#4477aa"
+RED = "#cc3311"
 _ORANGE = "#ee7733"
-_GREY = "#bbbbbb"
+GREY = "#bbbbbb"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,14 +34,14 @@ def _pyplot():
     return plt
 
 
-def _prepare(path: str | Path) -> Path:
+def prepare_output(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: Path) -> Path:
+    plt = pyplot()
     try:
         fig.tight_layout()
     except Exception:  # tight_layout can fail on degenerate layouts; the figure is still valid
@@ -58,11 +58,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _no_data(ax, message: str = "no data") -> None:
+def no_data(ax, message: str = "no data") -> None:
     ax.text(
         0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center",
         fontsize=11, color="#777777",
-        bbox=dict(boxstyle="round", facecolor="#f4f4f4", edgecolor=_GREY),
+        bbox=dict(boxstyle="round", facecolor="#f4f4f4", edgecolor=GREY),
     )
 
 
@@ -75,25 +75,25 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def norm_histogram(norms, path: str | Path, *, title: str, tau: float | None = None) -> Path:
     """Histogram of token norms on a log axis (outlier tokens sit far right), tau marked if known."""
-    plt = _pyplot()
-    path = _prepare(path)
+    plt = pyplot()
+    path = prepare_output(path)
     norms = np.asarray(norms, dtype=np.float64).ravel()
     norms = norms[np.isfinite(norms) & (norms > 0)]
     tau = _finite_or_none(tau)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if norms.size:
         bins = np.geomspace(norms.min(), norms.max(), 60) if norms.min() < norms.max() else 30
-        ax.hist(norms, bins=bins, color=_BLUE)
+        ax.hist(norms, bins=bins, color=BLUE)
         ax.set_xscale("log")
     else:
-        _no_data(ax, "no finite positive norms")
+        no_data(ax, "no finite positive norms")
     ax.set_xlabel("token L2 norm")
     ax.set_ylabel("tokens")
     ax.set_title(title, fontsize=9)
     if tau is not None and (norms.size or tau > 0):
-        ax.axvline(tau, color=_RED, linestyle="--", label=f"τ = {tau:g}")
+        ax.axvline(tau, color=RED, linestyle="--", label=f"τ = {tau:g}")
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cds_histogram(
@@ -123,8 +123,8 @@ def cds_histogram(
     """
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
-    path = _prepare(path)
+    plt = pyplot()
+    path = prepare_output(path)
     cds = np.asarray(cds, dtype=np.float64).ravel()
     finite = cds[np.isfinite(cds)]
     unscored = np.asarray([] if unscored_cds is None else unscored_cds, dtype=np.float64).ravel()
@@ -143,14 +143,14 @@ def cds_histogram(
         n_low, n_high = int(low.sum()), int((~low).sum())
         if finite.size:
             ax.hist(
-                [shown[low], shown[~low]], bins=edges, stacked=True, color=[_BLUE, _RED],
+                [shown[low], shown[~low]], bins=edges, stacked=True, color=[BLUE, RED],
                 label=[f"low-CDS (≤ γ): {n_low}", f"high-CDS (> γ): {n_high}"],
             )
             handles = list(ax.get_legend_handles_labels()[0])
         else:
             handles = [
-                Patch(color=_BLUE, label=f"low-CDS (≤ γ): {n_low}"),
-                Patch(color=_RED, label=f"high-CDS (> γ): {n_high}"),
+                Patch(color=BLUE, label=f"low-CDS (≤ γ): {n_low}"),
+                Patch(color=RED, label=f"high-CDS (> γ): {n_high}"),
             ]
         handles.append(ax.axvline(gamma, color="black", linestyle="--", label=f"γ = {gamma:.3g}"))
         if sensitivity:
@@ -159,20 +159,20 @@ def cds_histogram(
                                       label=f"γ {lo['gamma']:.3g}…{hi['gamma']:.3g}: high-CDS {lo['high']}…{hi['high']}"))
     else:
         if finite.size:
-            ax.hist(shown, bins=edges, color=_BLUE, label=f"features: {finite.size}")
+            ax.hist(shown, bins=edges, color=BLUE, label=f"features: {finite.size}")
             handles = list(ax.get_legend_handles_labels()[0])
     if unscored_cds is None:
-        handles.append(Patch(color=_GREY, label=f"NaN CDS (no usable image): {n_nan}"))
+        handles.append(Patch(color=GREY, label=f"NaN CDS (no usable image): {n_nan}"))
     else:
         if unscored_shown.size:
             # Stacked on what is already drawn: the bars' bottoms are the scored counts per bin.
             below = np.histogram(shown, bins=edges)[0]
             ax.bar(edges[:-1], np.histogram(unscored_shown, bins=edges)[0], width=np.diff(edges), bottom=below,
-                   align="edge", color=_GREY)
-        handles.append(Patch(color=_GREY, label=f"unscored: {n_nan} ({unscored_shown.size} with a CDS from too "
+                   align="edge", color=GREY)
+        handles.append(Patch(color=GREY, label=f"unscored: {n_nan} ({unscored_shown.size} with a CDS from too "
                                                 f"few images, drawn)"))
     if not finite.size:
-        _no_data(ax, "no finite CDS values")
+        no_data(ax, "no finite CDS values")
     if log_y and finite.size:
         ax.set_yscale("log")
     ax.set_xlim(0.0, 1.0)
@@ -180,7 +180,7 @@ def cds_histogram(
     ax.set_ylabel("features")
     ax.set_title(title, fontsize=9)
     ax.legend(handles=handles, fontsize=7, loc="best")  # "best": clear of a pile at CDS 1
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def awcds_curve(
@@ -198,8 +198,8 @@ def awcds_curve(
     are skipped. ``outlier_percentile`` (the norm percentile of τ) adds a dashed vertical marker
     with the outlier side shaded.
     """
-    plt = _pyplot()
-    path = _prepare(path)
+    plt = pyplot()
+    path = prepare_output(path)
     centres = np.asarray(centres, dtype=np.float64).ravel()
     means = np.asarray(means, dtype=np.float64).ravel()
     if centres.shape != means.shape:
@@ -210,21 +210,21 @@ def awcds_curve(
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if ok.any():
         order = np.argsort(centres[ok])
-        ax.plot(centres[ok][order], means[ok][order], color=_BLUE, marker="o", markersize=3,
+        ax.plot(centres[ok][order], means[ok][order], color=BLUE, marker="o", markersize=3,
                 label="mean awCDS")
     else:
-        _no_data(ax, "no finite awCDS bins")
+        no_data(ax, "no finite awCDS bins")
     if outlier_percentile is not None:
-        ax.axvline(outlier_percentile, color=_RED, linestyle="--",
+        ax.axvline(outlier_percentile, color=RED, linestyle="--",
                    label=f"outliers (norm > τ) from p{outlier_percentile:.4g}")
-        ax.axvspan(outlier_percentile, 100.0, color=_RED, alpha=0.08, lw=0)
+        ax.axvspan(outlier_percentile, 100.0, color=RED, alpha=0.08, lw=0)
     ax.set_xlim(0.0, 100.0)
     ax.set_xlabel("token norm percentile")
     ax.set_ylabel("mean awCDS")
     ax.set_title(title, fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def instability_plot(shifts, d_non, d_out, path: str | Path, *, title: str) -> Path:
@@ -234,8 +234,8 @@ def instability_plot(shifts, d_non, d_out, path: str | Path, *, title: str) -> P
     annotated with its value. NaN entries (a group with no token at that shift) are left out;
     a group with no value at all is marked "(no tokens)" in the legend.
     """
-    plt = _pyplot()
-    path = _prepare(path)
+    plt = pyplot()
+    path = prepare_output(path)
     shifts = np.asarray(shifts, dtype=np.float64).ravel()
     d_non = np.asarray(d_non, dtype=np.float64).ravel()
     d_out = np.asarray(d_out, dtype=np.float64).ravel()
@@ -245,8 +245,8 @@ def instability_plot(shifts, d_non, d_out, path: str | Path, *, title: str) -> P
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     any_point = False
     for values, name, colour, marker in (
-        (d_non, "non-outlier tokens", _BLUE, "o"),
-        (d_out, "outlier tokens", _RED, "s"),
+        (d_non, "non-outlier tokens", BLUE, "o"),
+        (d_out, "outlier tokens", RED, "s"),
     ):
         has_s = np.isfinite(shifts)
         if not (has_s & np.isfinite(values)).any():
@@ -264,7 +264,7 @@ def instability_plot(shifts, d_non, d_out, path: str | Path, *, title: str) -> P
     if any_point:
         ax.margins(y=0.15)  # room for the value labels above the top points
     else:
-        _no_data(ax, "no finite EMD values")
+        no_data(ax, "no finite EMD values")
     finite_s = shifts[np.isfinite(shifts)]
     if finite_s.size:
         ticks = np.unique(finite_s)
@@ -277,7 +277,7 @@ def instability_plot(shifts, d_non, d_out, path: str | Path, *, title: str) -> P
     ax.set_ylabel("mean attention EMD")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _upsample_nearest(m: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -346,8 +346,8 @@ def feature_gallery(
     caller with an all-zero image and an all-NaN map — is drawn as a blank cell with "—".
     ``row_labels`` (one per feature, e.g. "feature 17 · CDS 0.03") go left of each row.
     """
-    plt = _pyplot()
-    path = _prepare(path)
+    plt = pyplot()
+    path = prepare_output(path)
     images = np.asarray(images)
     maps = np.asarray(maps, dtype=np.float64)
     row_labels = list(row_labels)
@@ -361,9 +361,9 @@ def feature_gallery(
     if empty:
         fig, ax = plt.subplots(figsize=(4, 2), dpi=120)
         ax.set_axis_off()
-        _no_data(ax, "no features to show")
+        no_data(ax, "no features to show")
         fig.suptitle(title, fontsize=9)
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     n_f, n_m = images.shape[:2]
     cell = 1.25
@@ -385,14 +385,14 @@ def feature_gallery(
                 ax.text(0.5, 0.5, "—", ha="center", va="center", fontsize=14, color="#777777")
                 for spine in ax.spines.values():
                     spine.set_visible(True)
-                    spine.set_color(_GREY)
+                    spine.set_color(GREY)
             else:
                 ax.imshow(overlay_map(images[f, m], maps[f, m], max_alpha=max_alpha),
                           interpolation="nearest")
             if m == 0:
                 ax.set_ylabel(row_labels[f], rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _is_blank(value: Any) -> bool:
@@ -404,7 +404,7 @@ def _is_blank(value: Any) -> bool:
         return False
 
 
-def _format_cell(value: Any, spec: str) -> str:
+def format_cell(value: Any, spec: str) -> str:
     if _is_blank(value):
         return NAN_CELL
     if isinstance(value, np.generic):
@@ -428,7 +428,7 @@ def table_markdown(rows: list[dict], columns: list[tuple[str, str, str]], *, ali
     if not columns:
         return ""
     header = [h.replace("|", "\\|") for _, h, _ in columns]
-    body = [[_format_cell(row.get(k), spec) for k, _, spec in columns] for row in rows]
+    body = [[format_cell(row.get(k), spec) for k, _, spec in columns] for row in rows]
     right = [bool(spec) for _, _, spec in columns]
     if not aligned:
         widths = [0] * len(columns)

@@ -1,4 +1,4 @@
-"""Plotting helpers in scope_ray.report: each writes a real, non-blank PNG and survives NaN/empty input."""
+"""Plotting helpers in scope_ray.report.figures: each writes a real, non-blank PNG and survives NaN/empty input."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scope_ray import report
+from scope_ray.report import figures as report
 
 
 def _check_png(path):
@@ -43,8 +43,8 @@ def test_cds_histogram_draws_the_unscored_pile_in_grey_where_it_is(tmp_path):
                                           sensitivity=[{"gamma": 0.15, "low": 1, "high": 2},
                                                        {"gamma": 0.25, "low": 3, "high": 4}]))
     # A bar is a column with a tall run of its colour (text and legend patches are short).
-    grey_bar_cols = np.flatnonzero(_pixels_of(arr, report._GREY).sum(axis=0) >= 60)
-    scored_cols = np.flatnonzero((_pixels_of(arr, report._BLUE) | _pixels_of(arr, report._RED)).sum(axis=0) >= 20)
+    grey_bar_cols = np.flatnonzero(_pixels_of(arr, report.GREY).sum(axis=0) >= 60)
+    scored_cols = np.flatnonzero((_pixels_of(arr, report.BLUE) | _pixels_of(arr, report.RED)).sum(axis=0) >= 20)
     assert grey_bar_cols.size and scored_cols.size
     # The pile's bar stands right of every scored bar, in the last bin: within the last 3% of the x range.
     assert grey_bar_cols.min() > scored_cols.max()
@@ -52,7 +52,7 @@ def test_cds_histogram_draws_the_unscored_pile_in_grey_where_it_is(tmp_path):
     assert grey_bar_cols.min() >= x0 + 0.97 * (x1 - x0)
     # Without the unscored set no grey bar is drawn.
     arr2 = _check_png(report.cds_histogram(scored, tmp_path / "h2.png", title="CDS", gamma=0.2))
-    assert not (_pixels_of(arr2, report._GREY).sum(axis=0) >= 60).any()
+    assert not (_pixels_of(arr2, report.GREY).sum(axis=0) >= 60).any()
 
 
 @pytest.mark.parametrize("gamma", [None, float("nan"), 0.2])
@@ -76,12 +76,12 @@ def test_awcds_curve(tmp_path):
     # The drawn curve follows the data: it rises to the right (means grow with the percentile), so
     # its right end sits higher (a smaller row) than its left end; the outlier marker (red, dashed)
     # stands at the far right, where 98.7 is.
-    blue = _colour_rows(arr, report._BLUE)
+    blue = _colour_rows(arr, report.BLUE)
     cols = sorted(blue)
     assert len(cols) > 100
     left, right = np.mean([blue[c] for c in cols[:20]]), np.mean([blue[c] for c in cols[-20:]])
     assert right < left - 50
-    red_cols = np.flatnonzero(_pixels_of(arr, report._RED).sum(axis=0) >= 40)  # the vertical marker
+    red_cols = np.flatnonzero(_pixels_of(arr, report.RED).sum(axis=0) >= 40)  # the vertical marker
     assert red_cols.size and red_cols.min() > cols[int(0.9 * len(cols))]
 
 
@@ -99,7 +99,7 @@ def test_instability_plot(tmp_path):
     d_out = np.array([3.1, 3.3, np.nan, 3.5, 3.4, 3.3])
     arr = _check_png(report.instability_plot(s, d_non, d_out, tmp_path / "i.png", title="Table 9"))
     # D_out (red) lies above D_non (blue) wherever both are drawn: its rows are smaller.
-    blue, red = _colour_rows(arr, report._BLUE), _colour_rows(arr, report._RED)
+    blue, red = _colour_rows(arr, report.BLUE), _colour_rows(arr, report.RED)
     shared = sorted(set(blue) & set(red))
     assert len(shared) > 50
     assert np.mean([red[c] < blue[c] for c in shared]) > 0.9

@@ -4,7 +4,7 @@ self-contained HTML report, beside the paper's published numbers where the model
 Reads only what manifests mark complete (a stage directory without ``manifest.json`` is listed as
 incomplete and never opened) through :class:`scope_ray.storage.ResultsRoot`, so local, ``file://``
 and ``s3://`` roots read the same way. What goes in the report is decided here; the layout is
-:mod:`scope_ray.report_document`'s. Reference: docs/report.md. Pure: no Ray.
+:mod:`scope_ray.report.document`'s. Reference: docs/report.md. Pure: no Ray.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scope_ray import published
-from scope_ray import probe_report as pr
+from scope_ray.report import published
+from scope_ray.report import probes as pr
 from scope_ray.models.registry import REGISTRY
-from scope_ray.report_document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
+from scope_ray.report.document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
 from scope_ray.pipeline import RESULT_DIRS
 from scope_ray.storage import LOGS_DIR, ResultsRoot, code_version, join_uri, temp_name
 

@@ -1,4 +1,4 @@
-"""Probe results as Table 3/8 and Figure 8 (scope_ray.probe_report), from results roots whose
+"""Probe results as Table 3/8 and Figure 8 (scope_ray.report.probes), from results roots whose
 ``probe`` stages are written and committed the way ``probe._commit`` does it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from scope_ray import probe_report as pr
+from scope_ray.report import probes as pr
 from scope_ray.models.registry import REGISTRY
 from scope_ray.storage import ResultsRoot
 
@@ -184,9 +184,9 @@ def test_all_diverged_is_nan_everywhere(tmp_path):
 
 @pytest.fixture
 def drawn(monkeypatch):
-    """Records the axes of every figure probe_report saves (titles, tick labels, lines)."""
+    """Records the axes of every figure report.probes saves (titles, tick labels, lines)."""
     seen: list[list] = []
-    real_save = pr._save
+    real_save = pr.save_figure
 
     def spy(fig, path):
         seen.append([{"title": ax.get_title(), "ticks": [t.get_text() for t in ax.get_xticklabels()],
@@ -194,7 +194,7 @@ def drawn(monkeypatch):
                                 for ln in ax.get_lines()}} for ax in fig.axes])
         return real_save(fig, path)
 
-    monkeypatch.setattr(pr, "_save", spy)
+    monkeypatch.setattr(pr, "save_figure", spy)
     return seen
 
 
@@ -216,8 +216,8 @@ def test_figure8_one_panel_per_family(local_root, tmp_path, drawn):
     assert [a["title"] for a in axes] == ["clip", "deit3", "unknown"]
     assert axes[1]["ticks"] == ["deit3-s", "deit3-b", "deit3-l"]
     lines = axes[1]["lines"]
-    assert lines["original"][0] == "#228833" and lines["high-CDS removed"][0] == pr._BLUE
-    assert lines["low-CDS removed"][0] == pr._RED and lines["random removed"][1] == "--"
+    assert lines["original"][0] == "#228833" and lines["high-CDS removed"][0] == pr.BLUE
+    assert lines["low-CDS removed"][0] == pr.RED and lines["random removed"][1] == "--"
     assert lines["original"][2] == pytest.approx([100 * _value(m, "classification", "original")
                                                   for m in ("deit3-s", "deit3-b", "deit3-l")])
     # CLIP-B/16 carries its published top-1 as extra markers; DeiT3 has none.

@@ -1,6 +1,6 @@
 """A report as plain data (sections of text, tables and figures) and its two renderings.
 
-:mod:`scope_ray.results_report` decides what the report says; this module only lays it out, the
+:mod:`scope_ray.report.content` decides what the report says; this module only lays it out, the
 same content twice: Markdown that reads well in a terminal (aligned pipe tables, figures as
 relative links, no HTML) and one self-contained HTML file (inline CSS, figures as base64
 ``data:`` URIs; nothing is fetched, so it opens offline). Pure: no Ray, no storage.
@@ -13,7 +13,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-from scope_ray.report import _format_cell, table_markdown
+from scope_ray.report.figures import format_cell, table_markdown
 
 
 @dataclass
@@ -106,8 +106,8 @@ def _html_table(t: Table) -> str:
     for row in t.rows:
         cls = ' class="paper"' if str(row.get("_kind", "")) == "paper" else ""
         cells = "".join(
-            f'<td class="num">{html.escape(_format_cell(row.get(k), spec))}</td>' if spec
-            else f"<td>{html.escape(_format_cell(row.get(k), spec))}</td>"
+            f'<td class="num">{html.escape(format_cell(row.get(k), spec))}</td>' if spec
+            else f"<td>{html.escape(format_cell(row.get(k), spec))}</td>"
             for k, _, spec in t.columns)
         body.append(f"<tr{cls}>{cells}</tr>")
     parts = []

@@ -2,15 +2,15 @@
 
 Sources: the supplementary material (``/work/shared/paper/supplementary.txt``: Tables 4, 6, 7, 8,
 9) and, for the main paper's Table 3, METHOD.md §12. The linear-probe numbers (Table 3 and supp.
-Table 8) live in :data:`scope_ray.probe_report.PUBLISHED` and are re-exported here, not copied.
+Table 8) live in :data:`scope_ray.report.probes.PUBLISHED` and are re-exported here, not copied.
 
 They are comparable with a run only when it used the pretrained weights and the paper's data
-(ImageNet-1K, ADE20K, NYUd); see :func:`scope_ray.results_report.comparability`.
+(ImageNet-1K, ADE20K, NYUd); see :func:`scope_ray.report.content.comparability`.
 """
 
 from __future__ import annotations
 
-from scope_ray.probe_report import PUBLISHED as PROBES  # Table 3 (main) and supp. Table 8
+from scope_ray.report.probes import PUBLISHED as PROBES  # Table 3 (main) and supp. Table 8
 
 # How the paper names each registry model (its row labels).
 PAPER_NAME: dict[str, str] = {
