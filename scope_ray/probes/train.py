@@ -10,11 +10,8 @@ position, the epoch, the val curve so far and the shuffling generator's state â€
 uninterrupted fit gives. On disk a state is ``head.safetensors`` + ``optimizer.safetensors``
 (tensors) + ``state.json`` (scalars): no pickle.
 
-Arrays (NumPy, what ``stages/probe_cache.load_split`` returns):
-- classification: ``x`` [B, D] float32 pooled embeddings, ``y`` [B] int64 labels;
-- segmentation: ``tokens`` [B, N, D] float32, ``mask`` [B, S, S] uint8 (255 = ignore);
-- depth: ``cls`` [B, D] float32, ``tokens`` [B, N, D] float32, ``depth`` [B, S, S] float32 metres
-  (0 / NaN = invalid pixel, masked in the loss and the metric).
+What differs between tasks (the arrays, head, loss and metric) is ``probes/tasks.py``'s; this
+module fits any of them the same way.
 """
 
 from __future__ import annotations
@@ -25,20 +22,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from scope_ray.probes.heads import ClassificationProbe, DepthProbe, SegmentationProbe
-from scope_ray.probes.losses import scale_invariant_loss, segmentation_loss
-from scope_ray.probes.metrics import IGNORE_INDEX, Accuracy, ConfusionMatrix, DepthErrors
+from scope_ray.probes.tasks import TASKS, Task
 
-Task = Literal["classification", "segmentation", "depth"]
 # Val metric per task and whether larger is better.
-METRICS: dict[str, tuple[str, str]] = {"classification": ("top1", "max"), "segmentation": ("miou", "max"),
-                                       "depth": ("rmse", "min")}
+METRICS: dict[str, tuple[str, str]] = {name: (t.metric, t.better) for name, t in TASKS.items()}
 
 
 @dataclass(frozen=True)
@@ -60,7 +52,7 @@ class ProbeSpec:
     def __post_init__(self) -> None:
         if self.task not in METRICS:
             raise ValueError(f"unknown probe task {self.task!r}; allowed: {list(METRICS)}")
-        if self.task != "depth" and not (self.num_classes and self.num_classes >= 2):
+        if TASKS[self.task].needs_classes and not (self.num_classes and self.num_classes >= 2):
             raise ValueError(f"{self.task} probe needs num_classes >= 2, got {self.num_classes}")
 
 
@@ -76,28 +68,15 @@ class ProbeFit:
 
 
 def build_head(spec: ProbeSpec) -> torch.nn.Module:
-    if spec.task == "classification":
-        return ClassificationProbe(spec.width, spec.num_classes)
-    if spec.task == "segmentation":
-        return SegmentationProbe(spec.width, spec.num_classes)
-    return DepthProbe(spec.width, bins=spec.depth_bins, max_depth=spec.max_depth)
+    return TASKS[spec.task].build_head(spec)
 
 
 def _forward(spec: ProbeSpec, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    size = (spec.image_size, spec.image_size)
-    if spec.task == "classification":
-        return head(batch["x"])
-    if spec.task == "segmentation":
-        return head(batch["tokens"], size)
-    return head(batch["cls"], batch["tokens"], size)
+    return TASKS[spec.task].forward(spec, head, batch)
 
 
 def _loss(spec: ProbeSpec, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if spec.task == "classification":
-        return F.cross_entropy(out, batch["y"])
-    if spec.task == "segmentation":
-        return segmentation_loss(out, batch["mask"].long())
-    return scale_invariant_loss(out, batch["depth"])
+    return TASKS[spec.task].loss(out, batch)
 
 
 def _batches(arrays: dict[str, np.ndarray], order: np.ndarray, batch_size: int, device) -> Iterator[dict]:
@@ -114,24 +93,12 @@ def num_rows(arrays: dict[str, np.ndarray]) -> int:
 def evaluate(spec: ProbeSpec, head: torch.nn.Module, val: dict[str, np.ndarray], device="cpu") -> float:
     """The task's val metric: top-1 (fraction), mIoU (fraction, ignore 255) or RMSE (metres,
     valid pixels only)."""
-    if spec.task == "classification":
-        acc = Accuracy()
-    elif spec.task == "segmentation":
-        acc = ConfusionMatrix(spec.num_classes, IGNORE_INDEX)
-    else:
-        acc = DepthErrors()
+    task = TASKS[spec.task]
+    meter = task.meter(spec)
     head.eval()
     for batch in _batches(val, np.arange(num_rows(val)), spec.batch_size, device):
-        out = _forward(spec, head, batch)
-        if spec.task == "classification":
-            acc.update(out, batch["y"])
-        elif spec.task == "segmentation":
-            acc.update(out.argmax(1), batch["mask"].long())
-        else:
-            acc.update(out, batch["depth"])
-    if spec.task == "classification":
-        return acc.value()
-    return acc.miou() if spec.task == "segmentation" else acc.rmse()
+        task.update(meter, task.forward(spec, head, batch), batch)
+    return task.value(meter)
 
 
 HEAD_FILE, OPTIMIZER_FILE, STATE_FILE = "head.safetensors", "optimizer.safetensors", "state.json"
