@@ -12,7 +12,9 @@ global lists. Table ``topk``: feature, rank, image_id, max_act (the overlap max)
 
 Pass 2, ``cds``: only the selected images are read again, turned into SCC pairs at
 ``scope.shift`` (stages.scc_pairs) and run through ViT + SAE once each, for all the features that
-selected them. Each (feature, image) gives a score (scope.scc_pair_scores: EMD / D_grid, 1 when
+selected them (``PairMaps``, the model actors: they only compute the two overlap maps). CPU tasks
+after them (``score_pairs``) run the exact EMD and write the part files, so a GPU never waits on
+either. Each (feature, image) gives a score (scope.scc_pair_scores: EMD / D_grid, 1 when
 the feature left the overlap, NaN when both maps are empty); each feature's CDS is the mean of
 its first k_CDS usable scores in rank order (scope.cds_from_scores). Tables ``pairs`` and ``cds``;
 a feature with no usable image keeps a row with CDS NaN and a status saying why.
@@ -203,17 +205,27 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
 # ------------------------------------------------------------------------------------ pass 2
 
 
-class PairScorer(ModelAndSAE):
-    """Ray Data actor: SCC pairs of selected images in; one scored row per (feature, image) written
-    as a part file; counts out."""
+# Pair rows per EMD task: a pair costs one exact EMD on the (p-s)^2 overlap (CLIP-B/16, s = 1:
+# 196 cells, ~1-2 ms on one core), so a task of this many runs for a second or two.
+EMD_BATCH_PAIRS = 1024
+EMD_TASK_CPUS = 1.0  # single-threaded NumPy/POT
+# Row kinds PairMaps emits: one COUNTS row per batch (its image and reject counts, so a batch with
+# neither pair nor reject still reports them), a REJECT row per rejected image, a PAIR row per
+# (feature, selected image) with both overlap maps.
+COUNTS, REJECT, PAIR = 0, 1, 2
 
-    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, selection_ref, run: str | None = None):
+
+class PairMaps(ModelAndSAE):
+    """Ray Data actor (the GPU when there is one): SCC pairs of selected images in; per (feature,
+    image) the feature's two overlap maps out, flattened. It only computes: the exact EMD and the
+    Parquet writing run in CPU tasks after it (``score_pairs``), so a GPU never waits on either."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, torch_threads: int, selection_ref):
         import ray
 
         from scope_ray.scc import overlap_indices
 
         super().__init__(job, root, torch_threads)
-        self.stage = root.stage(job.model.name, STAGE, run=run)
         # (image key, feature, rank) sorted by key: each image finds its features by binary search.
         self.sel_key, self.sel_feature, self.sel_rank = ray.get(selection_ref)
         self.idx1, self.idx2 = overlap_indices(job.model.spec.grid, job.scope.shift)
@@ -222,14 +234,14 @@ class PairScorer(ModelAndSAE):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from scope_ray.scope import scc_pair_scores
         from scope_ray.topk import image_keys
 
         ids = [str(i) for i in batch["image_id"]]
         ok = np.asarray(batch["ok"], dtype=bool).copy()
         reasons = [str(r) for r in batch["reason"]]
         good = np.flatnonzero(ok)
-        maps1, maps2, rows = [], [], []  # per usable image: [F_m, H, W] twice and (feature, rank, id)
+        cells = self.side * self.side
+        maps1, maps2, feats_all, ranks_all, pair_ids = [], [], [], [], []
         if good.size:
             z_2BNQ = self.codes(np.concatenate([batch["view1"][ok], batch["view2"][ok]]))
             b = good.size
@@ -240,33 +252,65 @@ class PairScorer(ModelAndSAE):
                 feats, ranks = self.sel_feature[lo:hi], self.sel_rank[lo:hi]
                 f = torch.from_numpy(feats).to(z_2BNQ.device)
                 # Only the overlap tokens x this image's features leave the device.
-                m1 = z_2BNQ[j][idx1][:, f].T.cpu().numpy().reshape(-1, self.side, self.side)
-                m2 = z_2BNQ[b + j][idx2][:, f].T.cpu().numpy().reshape(-1, self.side, self.side)
+                m1 = z_2BNQ[j][idx1][:, f].T.float().cpu().numpy()
+                m2 = z_2BNQ[b + j][idx2][:, f].T.float().cpu().numpy()
                 if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
                     ok[i], reasons[i] = False, "nonfinite_activations: NaN or Inf in the SAE codes"
                     continue
                 maps1.append(m1)
                 maps2.append(m2)
-                rows.append((feats, ranks, ids[i]))
-        part = f"pairs-{content_hash(ids)}"
-        if (~ok).any():
-            bad = np.flatnonzero(~ok)
-            self.stage.write_part("rejects", part, rejects_table(self.job.scope.pool_split, [ids[i] for i in bad],
-                                                                 [reasons[i] for i in bad]))
-        n_pairs = 0
-        if rows:
-            m1_PHW, m2_PHW = np.concatenate(maps1), np.concatenate(maps2)
-            scores = scc_pair_scores(m1_PHW, m2_PHW)  # one batched exact-EMD call for the whole batch
-            n_pairs = len(scores)
-            self.stage.write_part("pairs", part, pa.table({
-                "feature": pa.array(np.concatenate([r[0] for r in rows]), pa.int64()),
-                "rank": pa.array(np.concatenate([r[1] for r in rows]), pa.int32()),
-                "image_id": pa.array([r[2] for r in rows for _ in range(len(r[0]))], pa.string()),
-                "score": pa.array(scores, pa.float64()),
-                "empty_view1": pa.array(~m1_PHW.reshape(n_pairs, -1).any(axis=1)),
-                "empty_view2": pa.array(~m2_PHW.reshape(n_pairs, -1).any(axis=1)),
-            }, schema=PAIRS_SCHEMA))
-        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]), "pairs": np.array([n_pairs])}
+                feats_all.append(feats)
+                ranks_all.append(ranks)
+                pair_ids += [ids[i]] * len(feats)
+        bad = np.flatnonzero(~ok)
+        n_pairs, n_bad = len(pair_ids), bad.size
+        n = 1 + n_bad + n_pairs
+        empty = np.zeros((0, cells), np.float32)
+        zeros = np.zeros((1 + n_bad, cells), np.float32)
+        return {
+            "kind": np.concatenate([[COUNTS], np.full(n_bad, REJECT), np.full(n_pairs, PAIR)]).astype(np.int8),
+            "image_id": np.array([""] + [ids[i] for i in bad] + pair_ids, dtype=object),
+            "reason": np.array([""] + [reasons[i] for i in bad] + [""] * n_pairs, dtype=object),
+            "feature": np.concatenate([np.full(1 + n_bad, -1), *feats_all]).astype(np.int64),
+            "rank": np.concatenate([np.full(1 + n_bad, -1), *ranks_all]).astype(np.int32),
+            "map1": np.concatenate([zeros, *(maps1 or [empty])]),
+            "map2": np.concatenate([zeros, *(maps2 or [empty])]),
+            "images": np.concatenate([[len(ids)], np.zeros(n - 1, np.int64)]),
+        }
+
+
+def score_pairs(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, split: str, side: int,
+                run: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): ``PairMaps`` rows in; the exact EMD of every pair (one batched call)
+    and the ``pairs`` / ``rejects`` part files written, named by their content so a retried task
+    overwrites; counts out."""
+    from scope_ray.scope import scc_pair_scores
+
+    stage = root.stage(model, STAGE, run=run)
+    kind = np.asarray(batch["kind"])
+    ids = [str(i) for i in batch["image_id"]]
+    rej = np.flatnonzero(kind == REJECT)
+    if rej.size:
+        rej_ids = [ids[r] for r in rej]
+        stage.write_part("rejects", f"pairs-{content_hash(rej_ids)}",
+                         rejects_table(split, rej_ids, [str(batch["reason"][r]) for r in rej]))
+    pair = np.flatnonzero(kind == PAIR)
+    if pair.size:
+        m1_PHW = np.asarray(batch["map1"])[pair].reshape(-1, side, side)
+        m2_PHW = np.asarray(batch["map2"])[pair].reshape(-1, side, side)
+        feature = np.asarray(batch["feature"])[pair]
+        scores = scc_pair_scores(m1_PHW, m2_PHW)  # one batched exact-EMD call for the whole batch
+        keys = (f"{ids[p]}\0{f}" for p, f in zip(pair, feature))
+        stage.write_part("pairs", f"pairs-{content_hash(keys)}", pa.table({
+            "feature": pa.array(feature, pa.int64()),
+            "rank": pa.array(np.asarray(batch["rank"])[pair], pa.int32()),
+            "image_id": pa.array([ids[p] for p in pair], pa.string()),
+            "score": pa.array(scores, pa.float64()),
+            "empty_view1": pa.array(~m1_PHW.reshape(pair.size, -1).any(axis=1)),
+            "empty_view2": pa.array(~m2_PHW.reshape(pair.size, -1).any(axis=1)),
+        }, schema=PAIRS_SCHEMA))
+    return {"images": np.array([int(np.asarray(batch["images"]).sum())]), "rejected": np.array([int(rej.size)]),
+            "pairs": np.array([int(pair.size)])}
 
 
 def cds_table(pairs: pa.Table, q: int, k: int, held_Q: np.ndarray, rejected_Q: np.ndarray | None = None) -> pa.Table:
@@ -359,17 +403,21 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
         spec = job.model.spec
         log(f"[cds] pass 2: {keys_sorted.size} selected images -> SCC pairs at shift {job.scope.shift} -> "
             f"{topk.num_rows} (feature, image) scores")
-        res = actor_resources(job.ray)
+        # 1-CPU EMD tasks (or the read and decode tasks, if larger) beside the actors.
+        res = actor_resources(job.ray, task_cpus=max(EMD_TASK_CPUS, job.ray.read_cpus + job.ray.decode_cpus))
         ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
         ds = ds.map_batches(selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
                             num_cpus=job.ray.read_cpus, batch_format="numpy")
         ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
         ds = ds.map_batches(
-            PairScorer, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
-                                                   selection_ref=ray.put(selection), run=chash),
+            PairMaps, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
+                                                 selection_ref=ray.put(selection)),
             compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
             batch_size=job.scope.batch_size, batch_format="numpy",
         )
+        ds = ds.map_batches(score_pairs, fn_kwargs=dict(root=root, model=job.model.name, split=job.scope.pool_split,
+                                                        side=spec.grid - job.scope.shift, run=chash),
+                            batch_size=EMD_BATCH_PAIRS, num_cpus=EMD_TASK_CPUS, batch_format="numpy")
         images = rejected = scored = 0
         bar = tqdm(desc="cds pass 2", unit="img", total=int(keys_sorted.size), disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)

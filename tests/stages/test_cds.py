@@ -17,13 +17,14 @@ from scope_ray.models import build_model
 from scope_ray.sae import BatchTopKSAE
 from scope_ray.scc import overlap_indices, overlap_maps, scc_views
 from scope_ray.scope import cds_from_scores, scc_pair_scores
-from scope_ray.stages.cds import run_cds, run_cds_topk
+from scope_ray.stages.cds import PAIRS_SCHEMA, run_cds, run_cds_topk
 from scope_ray.stages.extract import config_hash as extract_hash
 from scope_ray.stages.instability import analysis_image_ids
 from scope_ray.stages.partition import run_partition
 from scope_ray.stages.train_sae import SAE_FILE
 from scope_ray.stages.train_sae import config_hash as train_hash
 from scope_ray.storage import ResultsRoot
+from scope_ray.tokens import REJECTS_SCHEMA
 from scope_ray.tokens import token_table
 from scope_ray.topk import image_key
 
@@ -250,3 +251,33 @@ def test_cds_and_partition_on_s3(ray_local, s3_bucket, pool, tmp_path):
     assert run_cds(job, ResultsRoot(job.storage.root, endpoint), progress=False, log=lambda *_: None).skipped
     for obj in root.fs.find(root.path):
         assert TEST_AWS_SECRET.encode() not in root.fs.cat_file(obj), obj
+
+
+def test_score_pairs_scores_and_writes_off_the_model_actor(tmp_path):
+    """The CPU task after the model actor: exact EMD per pair row (as scc_pair_scores gives it),
+    one pairs part and one rejects part, counts from the batch's counts row; a retried batch
+    rewrites the same part names."""
+    from scope_ray.scope import scc_pair_scores
+    from scope_ray.stages.cds import COUNTS, PAIR, REJECT, score_pairs
+
+    side, rng = 3, np.random.default_rng(0)
+    m1, m2 = rng.random((2, side * side)).astype(np.float32), rng.random((2, side * side)).astype(np.float32)
+    m2[1] = 0  # an empty second view
+    zero = np.zeros(side * side, np.float32)
+    batch = {"kind": np.array([COUNTS, REJECT, PAIR, PAIR], np.int8),
+             "image_id": np.array(["", "bad", "a", "a"], dtype=object),
+             "reason": np.array(["", "corrupt", "", ""], dtype=object),
+             "feature": np.array([-1, -1, 7, 9]), "rank": np.array([-1, -1, 0, 1], np.int32),
+             "map1": np.stack([zero, zero, m1[0], m1[1]]), "map2": np.stack([zero, zero, m2[0], m2[1]]),
+             "images": np.array([3, 0, 0, 0])}
+    root = ResultsRoot(str(tmp_path))
+    for _ in range(2):  # a retry
+        out = score_pairs(batch, root=root, model="m", split="val", side=side, run="h" * 16)
+    assert {k: int(v[0]) for k, v in out.items()} == {"images": 3, "rejected": 1, "pairs": 2}
+    stage = root.stage("m", "cds", run="h" * 16)
+    assert len(stage.run_files("pairs")) == len(stage.run_files("rejects")) == 1
+    pairs = stage.written_table("pairs", PAIRS_SCHEMA).to_pydict()
+    want = scc_pair_scores(m1.reshape(-1, side, side), m2.reshape(-1, side, side))
+    assert pairs["feature"] == [7, 9] and np.allclose(pairs["score"], want, rtol=0, atol=1e-12)
+    assert pairs["empty_view2"] == [False, True]
+    assert stage.written_table("rejects", REJECTS_SCHEMA).column("reason").to_pylist() == ["corrupt"]
