@@ -5,10 +5,11 @@ Two tables per model, both under ``ROOT/<model>/extract/`` (docs/storage.md):
 - ``val_tokens``: every patch token of the validation split (SAE evaluation, tau);
 plus ``rejects`` (split, image id, reason) for every image that could not be used.
 
-Ray Data streams the source through decoding tasks and a pool of model actors. Each actor writes
-its own part files (named by the content of its batch, so a retried batch overwrites rather than
-duplicates) and returns only counts and the Ray node it ran on, so the driver never holds
-activations; the manifest's ``nodes`` records which node produced how many rows.
+Ray Data streams the source through decoding tasks, a pool of model actors that only compute the
+tokens (``TokenExtractor``), and CPU tasks that write them (``write_tokens``: part files named by
+their rows, so a retried block overwrites rather than duplicates). The writers return only counts
+and the Ray node whose actor ran the model, so the driver never holds activations; the
+manifest's ``nodes`` records which node produced how many rows.
 """
 
 from __future__ import annotations
@@ -30,29 +31,32 @@ from scope_ray.pipeline import extract_hash as config_hash
 Mode = Literal["sample", "all"]
 
 
-class TokenExtractor:
-    """A Ray Data actor: decoded pixels in, token part files out, a one-row count summary returned."""
+# Row kinds TokenExtractor emits: one COUNTS row per batch (its image count and the node that ran
+# it, so a batch of rejects only still reports them), a REJECT row per unusable image, a TOKEN row
+# per stored token.
+COUNTS, REJECT, TOKEN = 0, 1, 2
 
-    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, table: str, mode: Mode, torch_threads: int,
-                 run: str | None = None):
+
+class TokenExtractor:
+    """A Ray Data actor (the GPU when there is one): decoded pixels in, token rows out. It only
+    computes: building and writing the Parquet part files runs in CPU tasks after it
+    (``write_tokens``), so a GPU never waits on them."""
+
+    def __init__(self, job: JobConfig, root: ResultsRoot, split: str, table: str, mode: Mode, torch_threads: int):
         from scope_ray.stages.cluster import actor_backbone, this_node
 
         self.job, self.split, self.table, self.mode = job, split, table, mode
         self.node = this_node()  # an actor never moves; a restarted one runs __init__ again
-        self.stage = root.stage(job.model.name, STAGE, run=run)
         self.model, self.device = actor_backbone(job, torch_threads)
+        self.width = job.model.spec.width
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         ids = [str(i) for i in batch["image_id"]]
         ok = np.asarray(batch["ok"], dtype=bool)
-        part = f"{self.split}-{content_hash(ids)}"
-        if (~ok).any():
-            bad = np.flatnonzero(~ok)
-            self.stage.write_part("rejects", part, rejects_table(self.split, [ids[i] for i in bad],
-                                                                 [batch["reason"][i] for i in bad]))
-        n_rows = 0
+        bad = np.flatnonzero(~ok)
+        token_ids, pos, norms, acts = [], np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, self.width), np.float32)
         if ok.any():
             good_ids = [i for i, good in zip(ids, ok) if good]
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
@@ -60,18 +64,60 @@ class TokenExtractor:
                 out = self.model.forward_layer(self.model.preprocess(pixels))
             tokens_BND = out.patch_tokens.float().cpu().numpy()
             norms_BN = out.norms.float().cpu().numpy()
-            b, n, _ = tokens_BND.shape
+            b, n, d = tokens_BND.shape
             if self.mode == "sample":
                 k = self.job.extract.tokens_per_image
                 pos_BK = np.stack([sample_positions(i, n, k, self.job.seed) for i in good_ids])
             else:
                 pos_BK = np.broadcast_to(np.arange(n), (b, n))
             rows = np.arange(b)[:, None]
-            table = token_table(good_ids, pos_BK, tokens_BND[rows, pos_BK], norms_BN[rows, pos_BK])
-            self.stage.write_part(self.table, part, table)
-            n_rows = table.num_rows
-        return {"images": np.array([len(ids)]), "rejected": np.array([int((~ok).sum())]), "rows": np.array([n_rows]),
-                "node_id": np.array([self.node["node_id"]]), "node_ip": np.array([self.node["ip"]])}
+            token_ids = list(np.repeat(np.asarray(good_ids, dtype=object), pos_BK.shape[1]))
+            pos = pos_BK.reshape(-1).astype(np.int32)
+            norms = norms_BN[rows, pos_BK].reshape(-1).astype(np.float32)
+            acts = np.ascontiguousarray(tokens_BND[rows, pos_BK].reshape(-1, d), dtype=np.float32)
+        n_bad, n_tok = bad.size, len(token_ids)
+        head = 1 + n_bad
+        return {
+            "kind": np.concatenate([[COUNTS], np.full(n_bad, REJECT), np.full(n_tok, TOKEN)]).astype(np.int8),
+            "image_id": np.array([""] + [ids[i] for i in bad] + token_ids, dtype=object),
+            "reason": np.array([""] + [str(batch["reason"][i]) for i in bad] + [""] * n_tok, dtype=object),
+            "position": np.concatenate([np.full(head, -1, np.int32), pos]),
+            "norm": np.concatenate([np.zeros(head, np.float32), norms]),
+            "activation": np.concatenate([np.zeros((head, self.width), np.float32), acts]),
+            "images": np.concatenate([[len(ids)], np.zeros(n_bad + n_tok, np.int64)]),
+            "node_id": np.array([self.node["node_id"]] * (head + n_tok), dtype=object),
+            "node_ip": np.array([self.node["ip"]] * (head + n_tok), dtype=object),
+        }
+
+
+def write_tokens(batch: dict[str, np.ndarray], *, root: ResultsRoot, model: str, split: str, table: str,
+                 run: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): ``TokenExtractor`` rows in; the ``table`` and ``rejects`` part files
+    written (named by their content, so a retried task overwrites rather than duplicates); per
+    node that ran the model, its image, reject and token-row counts out."""
+    stage = root.stage(model, STAGE, run=run)
+    kind = np.asarray(batch["kind"])
+    ids = [str(i) for i in batch["image_id"]]
+    rej, tok = np.flatnonzero(kind == REJECT), np.flatnonzero(kind == TOKEN)
+    if rej.size:
+        rej_ids = [ids[r] for r in rej]
+        stage.write_part("rejects", f"{split}-{content_hash(rej_ids)}",
+                         rejects_table(split, rej_ids, [str(batch["reason"][r]) for r in rej]))
+    if tok.size:
+        position = np.asarray(batch["position"])[tok]
+        keys = (f"{ids[t]}\0{p}" for t, p in zip(tok, position))
+        acts = np.asarray(batch["activation"])[tok]
+        stage.write_part(table, f"{split}-{content_hash(keys)}",
+                         token_table([ids[t] for t in tok], position[:, None], acts[:, None, :],
+                                     np.asarray(batch["norm"])[tok][:, None]))
+    node_id = np.asarray(batch["node_id"]).astype(str)
+    nodes = sorted(set(node_id))
+    ip = {n: str(batch["node_ip"][int(np.flatnonzero(node_id == n)[0])]) for n in nodes}
+    images = np.asarray(batch["images"])
+    return {"images": np.array([int(images[node_id == n].sum()) for n in nodes]),
+            "rejected": np.array([int(((kind == REJECT) & (node_id == n)).sum()) for n in nodes]),
+            "rows": np.array([int(((kind == TOKEN) & (node_id == n)).sum()) for n in nodes]),
+            "node_id": np.array(nodes), "node_ip": np.array([ip[n] for n in nodes])}
 
 
 @dataclass
@@ -113,7 +159,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str,
     ds = ds.map_batches(
         TokenExtractor,
         fn_constructor_kwargs=dict(job=job, root=root, split=split, table=table, mode=mode,
-                                   torch_threads=res.torch_threads, run=run),
+                                   torch_threads=res.torch_threads),
         # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1, max_task_retries=-1)
         # and its tasks (max_retries=-1): a killed actor or a lost node's is restarted and its batches
         # rerun, which the content-named part files make idempotent. tests/stages/test_multinode.py
@@ -122,6 +168,11 @@ def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str,
         num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.extract.batch_size, batch_format="numpy",
     )
+    # One actor output block per writer task (batch_size=None): the same block, retried, gives
+    # the same rows and so the same part names.
+    ds = ds.map_batches(write_tokens, fn_kwargs=dict(root=root, model=job.model.name, split=split, table=table,
+                                                     run=run),
+                        batch_size=None, num_cpus=job.ray.read_cpus, batch_format="numpy")
     counts = SplitCounts()
     bar = tqdm(desc=f"extract {split}", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):

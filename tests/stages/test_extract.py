@@ -16,7 +16,7 @@ from scope_ray.models import build_model
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.stages.extract import run_extract
 from scope_ray.storage import ResultsRoot
-from scope_ray.tokens import activations_of
+from scope_ray.tokens import activations_of, token_schema
 from tests.secrets_scan import dir_files, find_credentials, plant, ray_logs_dir, root_objects, scan_dir, scan_root
 
 pytestmark = pytest.mark.slow
@@ -183,3 +183,32 @@ def test_missing_split_is_a_clear_error(ray_local, tmp_path):
     job = load_config({"storage": {"root": str(tmp_path)}})
     with pytest.raises(ValueError, match="data.imagenet.train is not set"):
         run_extract(job, ResultsRoot(job.storage.root), progress=False, log=_quiet)
+
+
+def test_write_tokens_writes_off_the_model_actor_and_counts_per_node(tmp_path):
+    """The CPU task after the model actor: the token and rejects parts (content-named: a retry
+    rewrites the same names), and per node that ran the model its images, rejects and rows."""
+    from scope_ray.stages.extract import COUNTS, REJECT, TOKEN, write_tokens
+
+    d = 3
+    acts = np.arange(4 * d, dtype=np.float32).reshape(4, d)
+    batch = {"kind": np.array([COUNTS, REJECT, TOKEN, TOKEN, COUNTS, TOKEN], np.int8),
+             "image_id": np.array(["", "bad", "a", "a", "", "b"], dtype=object),
+             "reason": np.array(["", "corrupt", "", "", "", ""], dtype=object),
+             "position": np.array([-1, -1, 3, 5, -1, 0], np.int32),
+             "norm": np.array([0, 0, 1.5, 2.5, 0, 3.5], np.float32),
+             "activation": np.concatenate([np.zeros((2, d), np.float32), acts[:2], np.zeros((1, d), np.float32),
+                                           acts[2:3]]),
+             "images": np.array([2, 0, 0, 0, 1, 0]),
+             "node_id": np.array(["n1"] * 4 + ["n2"] * 2, dtype=object),
+             "node_ip": np.array(["1.1.1.1"] * 4 + ["2.2.2.2"] * 2, dtype=object)}
+    root = ResultsRoot(str(tmp_path))
+    for _ in range(2):  # a retry
+        out = write_tokens(batch, root=root, model="m", split="train", table="train_tokens", run="h" * 16)
+    assert {k: list(v) for k, v in out.items()} == {
+        "images": [2, 1], "rejected": [1, 0], "rows": [2, 1], "node_id": ["n1", "n2"], "node_ip": ["1.1.1.1", "2.2.2.2"]}
+    stage = root.stage("m", "extract", run="h" * 16)
+    assert len(stage.run_files("train_tokens")) == len(stage.run_files("rejects")) == 1
+    t = stage.written_table("train_tokens", token_schema(d)).to_pydict()
+    assert t["image_id"] == ["a", "a", "b"] and t["position"] == [3, 5, 0] and t["norm"] == [1.5, 2.5, 3.5]
+    assert np.array_equal(np.array(t["activation"], np.float32), acts[:3])
