@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from scope_ray.storage import fsspec_filesystem, split_uri, temp_name
+from scope_ray.storage import fsspec_filesystem, split_uri, write_local_atomically
 
 FORMAT = "scope_ray.BatchTopKSAE"
 FORMAT_VERSION = 1
@@ -296,16 +295,8 @@ class BatchTopKSAE(nn.Module):
         fs, fpath = fsspec_filesystem(str(path), endpoint_url)
         if split_uri(str(path))[0] == "file":
             # Write-then-rename: a crash never leaves a truncated checkpoint under the final name.
-            # The temporary name is unique per writer: two saves at once never share one.
             fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
-            tmp = temp_name(fpath)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(blob)
-                os.replace(tmp, fpath)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            write_local_atomically(fpath, blob)
         else:
             fs.pipe_file(fpath, blob)  # an S3 object appears whole or not at all
 

@@ -357,15 +357,8 @@ class StageDir:
         mpath = posixpath.join(self.path, MANIFEST)
         if self.root.scheme == "file":
             # Same-directory rename is atomic on POSIX: a reader sees no manifest or the whole one.
-            tmp = temp_name(mpath)
             self.root.ensure_dir(self.path)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(blob)
-                os.replace(tmp, mpath)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)  # a full disk: leave nothing behind
+            write_local_atomically(mpath, blob)
         else:
             # An S3 PUT is atomic per object: the manifest appears whole or not at all.
             self.root.fs.pipe_file(mpath, blob)
@@ -448,6 +441,20 @@ def temp_name(path: str) -> str:
     ``*.parquet`` / ``manifest.json`` / ``*.png`` names readers look for. Everything written
     locally goes through one (parts, manifests, figures, the report), then ``os.replace``."""
     return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+
+
+def write_local_atomically(path: str, blob: bytes) -> None:
+    """Write ``blob`` to the local file ``path`` through a temporary name unique to this writer,
+    then rename: a reader sees the old file or the whole new one, two writers never share a
+    temporary file, and a failed write (a full disk) leaves nothing behind under either name."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_parquet(data: pa.Table, path: str, root: "ResultsRoot") -> None:
