@@ -98,6 +98,18 @@ class SourceConfig(_Section):
     path: str = Field(description="local path or s3:// URI of the split (for `manifest`: of the CSV file)")
     split: str | None = Field(None, description="ADE20K folder layout only: sub-folder under images/ and annotations/")
     max_images: int | None = Field(None, ge=1, description="read at most this many images (in source order)")
+    # 256 MiB = an 8-bit RGB image of the default max_pixels stored uncompressed (PPM, BMP): no
+    # image the decoder would accept needs more, and a read task holds at most one such file.
+    max_file_bytes: int = Field(
+        256 * 2**20, ge=1, description="largest image or annotation file (folder, manifest) or tar member (webdataset) "
+        "read; a bigger one is rejected from its size (stat or tar header) before it is read")
+    # Bounds the work a gzip bomb of many members under max_file_bytes can cost one read task.
+    max_archive_bytes: int = Field(
+        64 * 2**30, ge=1, description="webdataset only: members of one .tar are read until their declared sizes "
+        "pass this; the rest of that archive becomes one reject")
+    allow_links_outside_root: bool = Field(
+        False, description="local folder / manifest sources: read files whose resolved path (symlinks followed) lies "
+        "outside the dataset root (link farms); off: such a file is a reject, never read")
 
 
 class DatasetConfig(_Section):
@@ -113,6 +125,11 @@ class DataConfig(_Section):
         89_478_485, ge=1, description="images with more pixels are rejected unread (decompression-bomb guard)"
     )
     min_side: int = Field(8, ge=1, description="images with a shorter side are rejected (too small to resize meaningfully)")
+    # Why a limit at all: a 1:32 strip's centre crop keeps 1/32 of it, and an 8 x 11,000,000
+    # bilevel PNG (10 KB, under max_pixels) is a crop of nothing whose resize would need 48 GiB.
+    max_aspect_ratio: float = Field(
+        32.0, ge=1.0, description="images whose longer side exceeds this many times the shorter are rejected from the "
+        "header, before decoding (no photo or panorama comes close)")
     synthetic: bool = Field(
         False, description="the data was made by scope_ray.data.synthetic (the demo sets it); recorded in the extract "
                            "manifest so the report never sets synthetic results beside the paper's as comparable")

@@ -5,9 +5,10 @@ kind or raises ``RejectedImage`` with a short, stable reason; no other exception
 bytes, so a Ray task can record a reject and go on instead of failing the job.
 
 Order of checks in ``decode_image`` (docs/data.md lists every outcome):
-  missing / empty → identify from the header → size guards (before any pixel is decoded) →
-  full load (truncated files fail here; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set) →
-  EXIF orientation → conversion of the colour mode to RGB uint8.
+  missing / empty / rejected by the source → identify from the header → size and aspect-ratio
+  guards (before any pixel is decoded) → full load (truncated files fail here;
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set) → EXIF orientation → conversion of the colour
+  mode to RGB uint8. A ``MemoryError`` anywhere in decoding or resizing is a reject too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold; DataConfig.max_pixels defaults to it too
 DEFAULT_MIN_SIDE = 8
+# Longer side / shorter side. The centre crop of a 1:32 strip keeps 1/32 of it, upscaled: no
+# photo or panorama in the datasets we read comes close, while an 8 x 11,000,000 sliver (under
+# max_pixels) does. DataConfig.max_aspect_ratio defaults to it too.
+DEFAULT_MAX_ASPECT_RATIO = 32.0
+# A source that could not read a file safely (too big, outside the dataset root, a name that is
+# not UTF-8) puts these bytes plus the reason where the image bytes would be, so every decoder
+# (and every stage that calls one) records that reason as the reject without a schema change.
+# No image format starts with a NUL byte.
+SOURCE_REJECT = b"\x00scope-ray:rejected-by-source\x00"
 
 # Leading bytes of formats PIL reads: bytes that start like an image but do not open are
 # "corrupt", not "not an image" (a broken JPEG and a stray text file need different fixes).
@@ -34,6 +44,11 @@ _MAGIC = {
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
 }
+
+
+def source_reject(reason: str) -> bytes:
+    """The bytes a source stores for a file it rejected unread; decoders raise ``reason``."""
+    return SOURCE_REJECT + reason.encode("utf-8", "backslashreplace")
 
 
 class RejectedImage(Exception):
@@ -54,7 +69,8 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def _open_checked(data: bytes | None, *, max_pixels: int, min_side: int, corrupt: str, missing: str) -> Image.Image:
+def _open_checked(data: bytes | None, *, max_pixels: int, min_side: int, corrupt: str, missing: str,
+                  max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> Image.Image:
     """Open lazily and apply the size guards from the header; pixels are not decoded yet.
 
     ``corrupt`` prefixes the reason for unreadable bytes ("corrupt or truncated image", "corrupt mask").
@@ -63,6 +79,8 @@ def _open_checked(data: bytes | None, *, max_pixels: int, min_side: int, corrupt
         raise RejectedImage(missing)
     if len(data) == 0:
         raise RejectedImage("empty file")
+    if data.startswith(SOURCE_REJECT):
+        raise RejectedImage(data[len(SOURCE_REJECT):].decode("utf-8", "replace").strip() or "rejected by the source")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the authority; PIL's warning would otherwise
@@ -83,6 +101,9 @@ def _open_checked(data: bytes | None, *, max_pixels: int, min_side: int, corrupt
         raise RejectedImage(f"too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
     if min(w, h) < min_side:
         raise RejectedImage(f"too small: {w}x{h} < min side {min_side}")
+    if max(w, h) > max_aspect_ratio * min(w, h):
+        raise RejectedImage(f"too elongated: {w}x{h}, aspect ratio {max(w, h) / min(w, h):.4g} > "
+                            f"max_aspect_ratio {max_aspect_ratio:g}")
     return im
 
 
@@ -92,6 +113,8 @@ def _load(im: Image.Image, corrupt: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", "Truncated File Read" chatter
             im.load()
+    except MemoryError:
+        raise RejectedImage(f"out of memory decoding a {im.size[0]}x{im.size[1]} {im.mode} image") from None
     except Exception as exc:
         raise RejectedImage(f"{corrupt}: {type(exc).__name__}: {exc}") from None
     return im
@@ -127,18 +150,24 @@ def _to_rgb_HW3(im: Image.Image) -> np.ndarray:
 
 # -------------------------------------------------------------------------------- decoders
 def decode_image(
-    data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+    data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> np.ndarray:
     """Encoded image bytes → img_HW3 uint8 RGB, EXIF orientation applied; else ``RejectedImage``."""
     corrupt = "corrupt or truncated image"
-    im = _open_checked(data, max_pixels=max_pixels, min_side=min_side, corrupt=corrupt, missing="missing image")
+    im = _open_checked(data, max_pixels=max_pixels, min_side=min_side, corrupt=corrupt, missing="missing image",
+                       max_aspect_ratio=max_aspect_ratio)
     im = _load(im, corrupt)
     try:
         im = ImageOps.exif_transpose(im)
+    except MemoryError:
+        raise RejectedImage(f"out of memory rotating a {im.size[0]}x{im.size[1]} image") from None
     except Exception:
         pass  # unreadable EXIF: the pixels are fine, keep them as stored (documented in docs/data.md)
     try:
         return _to_rgb_HW3(im)
+    except MemoryError:
+        raise RejectedImage(f"out of memory converting a {im.size[0]}x{im.size[1]} {im.mode} image to RGB") from None
     except Exception as exc:
         raise RejectedImage(f"unsupported image mode {im.mode}: {type(exc).__name__}: {exc}") from None
 
@@ -154,8 +183,11 @@ def decode_mask(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         # 'P' would be read as its raw indices, which is how some tools save label maps.
         raise RejectedImage(f"corrupt mask: expected a single-channel class-index PNG, got mode {im.mode}")
-    raw_HW = np.asarray(im).astype(np.int64)
-    return np.where((raw_HW >= 1) & (raw_HW <= 150), raw_HW - 1, 255).astype(np.uint8)
+    try:
+        raw_HW = np.asarray(im).astype(np.int64)
+        return np.where((raw_HW >= 1) & (raw_HW <= 150), raw_HW - 1, 255).astype(np.uint8)
+    except MemoryError:
+        raise RejectedImage(f"out of memory reading a {im.size[0]}x{im.size[1]} mask") from None
 
 
 def decode_depth(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -165,9 +197,12 @@ def decode_depth(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     if not (im.mode.startswith("I;16") or im.mode == "I"):
         # 8-bit depth in mm would top out at 0.255 m: certainly the wrong file, never guess a scale.
         raise RejectedImage(f"corrupt depth: expected a 16-bit PNG in millimetres, got mode {im.mode}")
-    mm_HW = np.asarray(im).astype(np.float32)
-    mm_HW[mm_HW <= 0] = np.nan
-    return mm_HW / np.float32(1000.0)
+    try:
+        mm_HW = np.asarray(im).astype(np.float32)
+        mm_HW[mm_HW <= 0] = np.nan
+        return mm_HW / np.float32(1000.0)
+    except MemoryError:
+        raise RejectedImage(f"out of memory reading a {im.size[0]}x{im.size[1]} depth map") from None
 
 
 # ---------------------------------------------------------------------------------- resizing
@@ -178,11 +213,14 @@ def _check_HW3(img_HW3: np.ndarray, size: int) -> None:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {list(img_HW3.shape)}")
 
 
-def resize_center_crop(img_HW3: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bicubic resize of the shorter side to ``size``, then the central size x size crop.
 
     Rounding follows torchvision's Resize + CenterCrop (the preprocessing the models were trained
     with): the long side is ``int(size * long / short)``, the crop offset ``round((L - size) / 2)``.
+    The resized image is a real intermediate, so the pixel budget applies to it too: an
+    8 x 11,000,000 strip resized to a 224 short side would be 224 x 308,000,000 x 3 bytes. Over
+    ``max_pixels`` (or out of memory anyway) it is a ``RejectedImage`` with the reason.
     """
     _check_HW3(img_HW3, size)
     h, w = img_HW3.shape[:2]
@@ -190,18 +228,27 @@ def resize_center_crop(img_HW3: np.ndarray, size: int) -> np.ndarray:
         new_h, new_w = size, max(size, int(size * w / h))
     else:
         new_h, new_w = max(size, int(size * h / w)), size
-    im = Image.fromarray(np.ascontiguousarray(img_HW3, dtype=np.uint8))
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
+    if new_w * new_h > max_pixels:
+        raise RejectedImage(f"too large to resize: {w}x{h} → {new_w}x{new_h} = {new_w * new_h} pixels > "
+                            f"max_pixels {max_pixels}")
+    try:
+        im = Image.fromarray(np.ascontiguousarray(img_HW3, dtype=np.uint8))
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
+    except MemoryError:
+        raise RejectedImage(f"out of memory resizing a {w}x{h} image to {size}") from None
 
 
 def resize_square(img_HW3: np.ndarray, size: int) -> np.ndarray:
     """Bicubic resize to size x size, aspect ratio not kept (SCC cuts its own square views)."""
     _check_HW3(img_HW3, size)
-    im = Image.fromarray(np.ascontiguousarray(img_HW3, dtype=np.uint8))
-    return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8).copy()
+    try:
+        im = Image.fromarray(np.ascontiguousarray(img_HW3, dtype=np.uint8))
+        return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8).copy()
+    except MemoryError:
+        raise RejectedImage(f"out of memory resizing a {img_HW3.shape[1]}x{img_HW3.shape[0]} image to {size}") from None
 
 
 # ------------------------------------------------------------------------- bad-input catalogue

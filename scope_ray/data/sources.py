@@ -8,7 +8,10 @@ Every source yields the same columns (docs/data.md is the reference):
     depth     binary   nyud only; 16-bit PNG in millimetres, null = missing
 Nothing is decoded or filtered by file extension here: a stray file must reach the decoder and
 become a recorded reject, not vanish. Nothing is materialised either: the driver only lists files
-(and reads one Parquet footer or ``classes.txt``); the rest runs in Ray tasks as rows stream.
+(and reads Parquet footers or ``classes.txt``); the rest runs in Ray tasks as rows stream.
+Every file and tar member is read within bounds (scope_ray/data/reading.py): its size is checked
+before it is read, a local file's resolved path must stay under the dataset root, and a name that
+is not UTF-8 is a reject; each of these reaches the decoder as a reject with its reason.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scope_ray.config import SourceConfig
+from scope_ray.data.images import source_reject
+from scope_ray.data.reading import is_local, read_bounded, readable_name, tar_samples
 from scope_ray.storage import arrow_filesystem, fsspec_filesystem, join_uri, split_uri
 
 DatasetName = Literal["imagenet", "ade20k", "nyud"]
@@ -134,12 +139,52 @@ def imagenet_class_index(image_root: str, endpoint_url: str | None = None) -> di
     names = sorted(
         posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(root, detail=True) if e.get("type") == "directory"
     )
-    return {n: i for i, n in enumerate(n for n in names if not n.startswith((".", "_")))}
+    # "_"-prefixed folders are classes like any other (they used to vanish uncounted); only
+    # hidden "." folders are not, as they are not listed for reading either.
+    return {n: i for i, n in enumerate(n for n in names if not n.startswith("."))}
 
 
-def _skipped(rel: str) -> bool:
-    parts = rel.split("/")
-    return parts[-1] == CLASSES_FILE or any(p.startswith(".") for p in parts)
+def _skipped(name: str) -> bool:
+    """Hidden files and folders ('.DS_Store', '.ipynb_checkpoints') and the class list are not images."""
+    return name.startswith(".") or name == CLASSES_FILE
+
+
+def _list_folder(fs, root: str) -> list[tuple[str, str | None]]:
+    """Sorted ``(image id = path under root, reject reason or None)`` of every file under ``root``.
+
+    Listed here rather than by Ray so that a name that is not UTF-8 is a reject (pyarrow's
+    listing raised UnicodeDecodeError, which stopped the whole split) and "_"-prefixed names are
+    read (Ray skips them). Local listing follows links to folders, once per resolved folder (a
+    link cycle ends); where a file resolves to is checked when it is read.
+    """
+    import os
+
+    out: list[tuple[str, str | None]] = []
+    if is_local(fs):
+        base = os.fsencode(root.rstrip("/"))
+        visited: set[bytes] = set()
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in visited:
+                dirnames[:] = []
+                continue
+            visited.add(real)
+            dirnames[:] = [d for d in dirnames if not d.startswith(b".")]
+            rel_dir = os.path.relpath(dirpath, base)
+            for name in filenames:
+                if name.startswith(b"."):
+                    continue
+                rel, reason = readable_name(name if rel_dir == b"." else rel_dir + b"/" + name)
+                if reason is None and _skipped(posixpath.basename(rel)):
+                    continue
+                out.append((rel, reason))
+    else:
+        prefix = root.rstrip("/") + "/"
+        for path in fs.find(root):
+            rel = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+            if not any(_skipped(p) for p in rel.split("/")):
+                out.append((rel, None))
+    return sorted(out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,30 +192,32 @@ def _cached_fs(uri: str, endpoint_url: str | None):
     return fsspec_filesystem(uri, endpoint_url)
 
 
-def _read_or_none(fs, path: str) -> bytes | None:
-    try:
-        return fs.cat_file(path)
-    except (FileNotFoundError, IsADirectoryError):
-        # A missing annotation (or image a manifest lists) is data, not an error: it becomes a
-        # recorded reject. A listed directory is no file either.
-        return None
+def _reader(source: SourceConfig, root: str, endpoint_url: str | None):
+    """``path → bytes | None | source_reject`` for files of ``source`` under the dataset ``root``."""
+    fs, froot = _cached_fs(root, endpoint_url)
+    confine = None if source.allow_links_outside_root else froot
+    return functools.partial(_read_file, fs, max_bytes=source.max_file_bytes, root=confine)
 
 
-def _folder_batch(batch: pa.Table, *, dataset: str, root: str, class_index: dict[str, int],
+def _read_file(fs, path: str, *, max_bytes: int, root: str | None) -> bytes | None:
+    return read_bounded(fs, path, max_bytes=max_bytes, root=root)
+
+
+def _folder_batch(batch: pa.Table, *, dataset: str, source: SourceConfig, image_root: str, class_index: dict[str, int],
                   target_root: str | None, endpoint_url: str | None) -> pa.Table:
-    prefix = root.rstrip("/") + "/"
-    paths = batch.column("path").to_pylist()
-    rels = [p[len(prefix):] if p.startswith(prefix) else posixpath.basename(p) for p in paths]
-    keep = [i for i, rel in enumerate(rels) if not _skipped(rel)]
-    rels = [rels[i] for i in keep]
-    images = batch.column("bytes").take(pa.array(keep, pa.int64()))
-    if dataset == "imagenet":
-        target: Any = [class_index.get(rel.split("/")[0], -1) if "/" in rel else -1 for rel in rels]
-    else:
-        fs, troot = _cached_fs(target_root, endpoint_url)
-        paths = [posixpath.join(troot, posixpath.splitext(rel)[0] + ".png") for rel in rels]
-        with ThreadPoolExecutor(min(_ANNOTATION_READ_THREADS, max(len(paths), 1))) as pool:
-            target = list(pool.map(functools.partial(_read_or_none, fs), paths))
+    rels = batch.column("image_id").to_pylist()
+    reasons = batch.column("reason").to_pylist()
+    read = _reader(source, source.path, endpoint_url)
+    _, iroot = _cached_fs(image_root, endpoint_url)
+    with ThreadPoolExecutor(min(_ANNOTATION_READ_THREADS, max(len(rels), 1))) as pool:
+        images = list(pool.map(lambda r, why: source_reject(why) if why else read(posixpath.join(iroot, r)),
+                               rels, reasons))
+        if dataset == "imagenet":
+            target: Any = [class_index.get(rel.split("/")[0], -1) if "/" in rel else -1 for rel in rels]
+        else:
+            _, troot = _cached_fs(target_root, endpoint_url)
+            paths = [posixpath.join(troot, posixpath.splitext(rel)[0] + ".png") for rel in rels]
+            target = list(pool.map(read, paths))
     return _table(dataset, rels, images, target)
 
 
@@ -179,14 +226,17 @@ def _read_folder(source: SourceConfig, dataset: str, endpoint_url: str | None, n
 
     image_root, target_root = _folder_roots(source, dataset)
     class_index = imagenet_class_index(image_root, endpoint_url) if dataset == "imagenet" else {}
-    fs, path = arrow_filesystem(image_root, endpoint_url)
-    # No file_extensions filter on purpose (module docstring). Ray sorts the listed paths and
-    # skips names starting with "." or "_" directly under `path`.
-    ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True, **_remote(num_cpus))
-    return ds.map_batches(
+    fs, path = _cached_fs(image_root, endpoint_url)
+    # No file_extensions filter on purpose (module docstring).
+    listed = _list_folder(fs, path)
+    rows = pa.table({"image_id": pa.array([r for r, _ in listed], pa.string()),
+                     "reason": pa.array([why for _, why in listed], pa.string())})
+    # Many small blocks, so that reading the files spreads over tasks as the rows stream.
+    blocks = [rows.slice(i, _MANIFEST_BLOCK_ROWS) for i in range(0, rows.num_rows, _MANIFEST_BLOCK_ROWS)] or [rows]
+    return ray.data.from_arrow(blocks).map_batches(
         _folder_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **_remote(num_cpus),
-        fn_kwargs=dict(dataset=dataset, root=path, class_index=class_index, target_root=target_root,
-                       endpoint_url=endpoint_url),
+        fn_kwargs=dict(dataset=dataset, source=source, image_root=image_root, class_index=class_index,
+                       target_root=target_root, endpoint_url=endpoint_url),
     )
 
 
@@ -250,10 +300,11 @@ def _checked_parquet_schema(uri: str, path: str, fs) -> pa.Schema:
     if not files:
         raise ValueError(f"parquet source {uri!r} holds no .parquet files")
 
-    def footer(f: str) -> str | Exception:
+    def footer(f: str) -> tuple[pa.Schema, int] | Exception:
         try:
             with fs.open_input_file(f) as fh:
-                return pq.ParquetFile(fh).schema_arrow
+                pf = pq.ParquetFile(fh)
+                return pf.schema_arrow, pf.metadata.num_rows
         except Exception as exc:  # noqa: BLE001 - any unreadable footer is reported by name below
             return exc
 
@@ -266,7 +317,29 @@ def _checked_parquet_schema(uri: str, path: str, fs) -> pa.Schema:
             f"parquet source {uri!r}: {len(bad)} of {len(files)} shard(s) cannot be read (truncated or not Parquet), "
             f"nothing was processed: {listed}{' ...' if len(bad) > 5 else ''}. Re-write or remove them"
         )
-    return footers[0]
+    if sum(rows for _, rows in footers) == 0:
+        raise ValueError(f"parquet source {uri!r}: its {len(files)} shard(s) hold no rows; nothing to process")
+    # Every shard's columns, not only the first's: a later shard without `image`, or with a
+    # string label, would otherwise fail inside a read task deep into the stage.
+    for i, (f, (schema, _)) in enumerate(zip(files, footers)):
+        # The first shard's missing columns are reported by the caller, with what it has.
+        problems = [f"no column {c!r}" for c in ("key", "image") if i and c not in schema.names]
+        if "image" in schema.names and not _binary_like(schema.field("image").type):
+            problems.append(f"image is {schema.field('image').type}, not binary")
+        if "label" in schema.names and not pa.types.is_integer(schema.field("label").type) \
+                and not pa.types.is_null(schema.field("label").type):
+            problems.append(f"label is {schema.field('label').type}, not an integer")
+        if problems:
+            raise ValueError(f"parquet source {uri!r}: shard {posixpath.basename(f)!r}: {'; '.join(problems)}; "
+                             "nothing was processed (see docs/data.md for the columns)")
+    return footers[0][0]
+
+
+def _binary_like(t: pa.DataType) -> bool:
+    """Binary bytes, or the Hugging Face ``struct<bytes, path>`` image."""
+    if pa.types.is_struct(t):
+        return t.get_field_index("bytes") >= 0 and _binary_like(t.field("bytes").type)
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -334,17 +407,21 @@ def read_manifest(source: SourceConfig, dataset: str, endpoint_url: str | None =
     return pa.table({"image_id": pa.array(ids, pa.string()), "target": tcol}), f"s3://{root}" if scheme == "s3" else root
 
 
-def _manifest_batch(batch: pa.Table, *, dataset: str, root: str, endpoint_url: str | None) -> pa.Table:
-    fs, froot = _cached_fs(root, endpoint_url)
+def _manifest_batch(batch: pa.Table, *, dataset: str, source: SourceConfig, root: str,
+                    endpoint_url: str | None) -> pa.Table:
+    _, froot = _cached_fs(root, endpoint_url)
+    # The manifest's checks are lexical; this one follows links (a listed path through a
+    # symlinked folder must not read /etc/hostname).
+    read = _reader(source, root, endpoint_url)
     ids = batch.column("image_id").to_pylist()
     with ThreadPoolExecutor(min(_ANNOTATION_READ_THREADS, max(len(ids), 1))) as pool:
         # A listed file that is missing becomes a null image: a recorded reject, not an error.
-        images = list(pool.map(functools.partial(_read_or_none, fs), [posixpath.join(froot, i) for i in ids]))
+        images = list(pool.map(read, [posixpath.join(froot, i) for i in ids]))
         if dataset == "imagenet":
             target: Any = batch.column("target")
         else:
             rels = batch.column("target").to_pylist()
-            target = list(pool.map(lambda r: None if r is None else _read_or_none(fs, posixpath.join(froot, r)), rels))
+            target = list(pool.map(lambda r: None if r is None else read(posixpath.join(froot, r)), rels))
     return _table(dataset, ids, images, target)
 
 
@@ -356,17 +433,24 @@ def _read_manifest(source: SourceConfig, dataset: str, endpoint_url: str | None,
     blocks = [rows.slice(i, _MANIFEST_BLOCK_ROWS) for i in range(0, rows.num_rows, _MANIFEST_BLOCK_ROWS)] or [rows]
     ds = ray.data.from_arrow(blocks)
     return ds.map_batches(_manifest_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          **_remote(num_cpus), fn_kwargs=dict(dataset=dataset, root=root, endpoint_url=endpoint_url))
+                          **_remote(num_cpus), fn_kwargs=dict(dataset=dataset, source=source, root=root,
+                                                              endpoint_url=endpoint_url))
 
 
 # -------------------------------------------------------------------------------- webdataset
-def _wds_sample(sample: dict[str, Any], *, dataset: str) -> dict[str, Any]:
-    """Ray's per-sample decoder hook, used only to pick raw members: no member is ever decoded
-    (no pickle, no torch.load), and every sample gets the same keys so no column is NaN-filled."""
-    members = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
+def _wds_row(sample: dict[str, Any], *, dataset: str) -> dict[str, Any]:
+    """One sample's raw members → one output row. No member is ever decoded here (no pickle, no
+    torch.load); a sample with a member that was not read has that reason as its image."""
+    members = {k: v for k, v in sample.items() if not k.startswith("__")}
+    raw_id = f"{posixpath.basename(sample['__url__'])}/{sample['__key__']}"
+    # tarfile keeps a name that is not UTF-8 as surrogate escapes: back to bytes, then a reject.
+    image_id, bad_name = readable_name(raw_id.encode("utf-8", "surrogateescape"))
     image = next((members[s] for s in WDS_IMAGE_SUFFIXES if s in members), None)
-    out = {"__key__": sample["__key__"], "__url__": sample.get("__url__", ""), "image": image}
+    why = sample.get("__reject__") or bad_name
+    if why:
+        image = source_reject(why)
     raw = members.get(WDS_TARGET_SUFFIX[dataset])
+    out = {"image_id": image_id, "image": image}
     if dataset == "imagenet":
         try:
             out["label"] = int(raw.decode("ascii").strip()) if raw is not None else -1
@@ -377,20 +461,42 @@ def _wds_sample(sample: dict[str, Any], *, dataset: str) -> dict[str, Any]:
     return out
 
 
-def _wds_batch(batch: pa.Table, *, dataset: str) -> pa.Table:
-    urls, keys = batch.column("__url__").to_pylist(), batch.column("__key__").to_pylist()
-    ids = [f"{posixpath.basename(u)}/{k}" for u, k in zip(urls, keys)]
-    target = batch.column(TARGET_COLUMN[dataset])
-    return _table(dataset, ids, batch.column("image"), target)
+_WDS_ROWS_PER_BLOCK = 64
+
+
+@functools.cache
+def _bounded_webdataset_class():
+    """Ray's read_webdataset reads each member whole before anything can look at its size (a
+    1.5 MB gzip .tar holding a 1.5 GiB member was decompressed into memory); this datasource
+    streams the archive through ``tar_samples``, which checks every member's header first."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class BoundedWebDataset(FileBasedDatasource):
+        _FILE_EXTENSIONS = ["tar"]
+
+        def __init__(self, paths, *, dataset: str, max_member_bytes: int, max_archive_bytes: int, **kwargs):
+            super().__init__(paths, **kwargs)
+            self._dataset, self._limits = dataset, dict(max_member_bytes=max_member_bytes,
+                                                        max_archive_bytes=max_archive_bytes)
+
+        def _read_stream(self, f, path: str):
+            rows = []
+            for sample in tar_samples(f, url=path, **self._limits):
+                rows.append(_wds_row(sample, dataset=self._dataset))
+                if len(rows) >= _WDS_ROWS_PER_BLOCK:
+                    yield pa.Table.from_pylist(rows, schema=output_schema(self._dataset))
+                    rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=output_schema(self._dataset))
+
+    return BoundedWebDataset
 
 
 def _read_webdataset(source: SourceConfig, dataset: str, endpoint_url: str | None, num_cpus: float | None):
     import ray.data
 
     fs, path = arrow_filesystem(source.path, endpoint_url)
-    ds = ray.data.read_webdataset(
-        path, filesystem=fs, file_extensions=["tar"], **_remote(num_cpus),
-        decoder=functools.partial(_wds_sample, dataset=dataset),
-    )
-    return ds.map_batches(_wds_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **_remote(num_cpus),
-                          fn_kwargs=dict(dataset=dataset))
+    datasource = _bounded_webdataset_class()(
+        path, filesystem=fs, file_extensions=["tar"], dataset=dataset,
+        max_member_bytes=source.max_file_bytes, max_archive_bytes=source.max_archive_bytes)
+    return ray.data.read_datasource(datasource, **_remote(num_cpus))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -207,3 +209,93 @@ def test_depth_rejects():
         decode_depth(_encode(np.zeros((8, 8), np.uint8)))
     with pytest.raises(RejectedImage, match="empty file"):
         decode_depth(b"")
+
+
+# ------------------------------------------------------------------ bounded decoding (issue 14)
+def _bilevel_strip_png(w: int, h: int) -> bytes:
+    """A valid all-black 1-bit w x h PNG built row by row: tiny on disk, one row in memory."""
+    from scope_ray.data.images import _png_chunk
+
+    row = b"\x00" * (1 + (w + 7) // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def test_an_extreme_strip_under_max_pixels_is_rejected_from_the_header():
+    """8 x 11,000,000 bilevel PNG (~10 KB, 8.8e7 px < max_pixels): its resize used to ask for
+    ~48 GiB and the MemoryError escaped; now the aspect-ratio limit rejects it before decoding."""
+    strip = _bilevel_strip_png(11_000_000, 8)
+    assert len(strip) < 20_000
+    with pytest.raises(RejectedImage) as info:
+        decode_image(strip, max_pixels=89_478_485, min_side=8)
+    assert info.value.reason == "too elongated: 11000000x8, aspect ratio 1.375e+06 > max_aspect_ratio 32"
+    # The limit is a parameter (DataConfig.max_aspect_ratio); a 1:4 image is well inside it.
+    assert decode_image(_bilevel_strip_png(64, 16), max_pixels=10**6, min_side=8).shape == (16, 64, 3)
+    with pytest.raises(RejectedImage, match="too elongated"):
+        decode_image(_bilevel_strip_png(64, 16), max_pixels=10**6, min_side=8, max_aspect_ratio=3)
+
+
+def test_the_resize_target_is_under_the_pixel_budget_too():
+    """With the aspect limit lifted, the resize's own intermediate is bounded by max_pixels."""
+    strip_HW3 = np.zeros((8, 400, 3), np.uint8)  # a 64 short side → 3200 x 64
+    with pytest.raises(RejectedImage) as info:
+        resize_center_crop(strip_HW3, 64, max_pixels=10**5)
+    assert info.value.reason == "too large to resize: 400x8 → 3200x64 = 204800 pixels > max_pixels 100000"
+    assert resize_center_crop(strip_HW3, 64).shape == (64, 64, 3)  # the default budget allows it
+
+
+def test_memory_errors_in_decoding_and_resizing_are_rejects(monkeypatch):
+    from PIL import ImageFile
+
+    jpeg = SAMPLES["rgb_jpeg"][0]
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", no_memory)
+        with pytest.raises(RejectedImage, match="^out of memory decoding a 48x32 RGB image$"):
+            decode_image(jpeg, max_pixels=10**6, min_side=8)
+    img_HW3 = decode_image(jpeg, max_pixels=10**6, min_side=8)
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "convert", no_memory)
+        with pytest.raises(RejectedImage, match="^out of memory converting"):
+            decode_image(SAMPLES["palette"][0], max_pixels=10**6, min_side=8)
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "resize", no_memory)
+        with pytest.raises(RejectedImage, match="^out of memory resizing a 48x32 image to 16$"):
+            resize_center_crop(img_HW3, 16)
+        with pytest.raises(RejectedImage, match="^out of memory resizing"):
+            resize_square(img_HW3, 16)
+
+
+def test_decode_batch_turns_every_failure_into_a_reason_and_keeps_the_batch(monkeypatch):
+    import scope_ray.stages.decode as decode
+
+    strip = _bilevel_strip_png(11_000_000, 8)
+    batch = {"image_id": np.array(["a", "strip", "b"], dtype=object),
+             "image": np.array([SAMPLES["rgb_jpeg"][0], strip, SAMPLES["grayscale"][0]], dtype=object)}
+    out = decode.decode_batch(batch, size=16, max_pixels=89_478_485, min_side=8)
+    assert out["ok"].tolist() == [True, False, True]
+    assert out["reason"][1].startswith("too elongated: 11000000x8")
+    real = decode.decode_image
+
+    def oom_on_second(data, **kw):
+        if data == strip:
+            raise MemoryError
+        return real(data, **kw)
+
+    monkeypatch.setattr(decode, "decode_image", oom_on_second)
+    out = decode.decode_batch(batch, size=16, max_pixels=89_478_485, min_side=8)
+    assert out["ok"].tolist() == [True, False, True] and out["reason"][1] == "out of memory decoding or resizing"
+
+
+def test_a_source_reject_marker_becomes_the_reject_reason_in_every_decoder():
+    from scope_ray.data.images import source_reject
+
+    for decode in (decode_image, decode_mask, decode_depth):
+        with pytest.raises(RejectedImage) as info:
+            decode(source_reject("file too large: 9 bytes > max_file_bytes 8"))
+        assert info.value.reason == "file too large: 9 bytes > max_file_bytes 8"

@@ -285,3 +285,78 @@ def test_a_damaged_parquet_shard_fails_before_any_work_naming_it(tmp_path, damag
 def test_a_parquet_source_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_source(SourceConfig(format="parquet", path=str(tmp_path / "absent")), "imagenet")
+
+
+# ------------------------------------------------------------------ bounded reading (issue 14)
+def test_parquet_zero_rows_and_a_bad_later_shard_fail_before_any_work_naming_it(tmp_path):
+    """No Ray needed: the checks run on the driver, before the dataset is built."""
+    good = pa.table({"key": ["a"], "image": [b"x"], "label": [1]})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(good.slice(0, 0), empty / "part-0.parquet")
+    with pytest.raises(ValueError, match="hold no rows; nothing to process"):
+        read_source(SourceConfig(format="parquet", path=str(empty)), "imagenet")
+    for name, second, problem in [
+        ("no_image", pa.table({"key": ["b"], "label": [2]}), "no column 'image'"),
+        ("str_label", pa.table({"key": ["b"], "image": [b"y"], "label": ["two"]}), "label is string, not an integer"),
+    ]:
+        (tmp_path / name).mkdir()
+        pq.write_table(good, tmp_path / name / "part-0.parquet")
+        pq.write_table(second, tmp_path / name / "part-1.parquet")
+        with pytest.raises(ValueError, match=f"shard 'part-1.parquet': {problem}; nothing was processed"):
+            read_source(SourceConfig(format="parquet", path=str(tmp_path / name)), "imagenet")
+
+
+def test_unreadable_files_are_rejects_with_reasons_and_the_split_goes_on(ray_local, tmp_path):
+    """One read through Ray: a non-UTF-8 name, a symlink out of the root, a file over
+    max_file_bytes, a '_'-prefixed class folder, and a .tar member over the limit."""
+    import os
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    png = buf.getvalue()
+    root = tmp_path / "folder"
+    for d in ("c1", "_c2"):
+        (root / d).mkdir(parents=True)
+    (root / "c1" / "a.png").write_bytes(png)
+    (root / "_c2" / "b.png").write_bytes(png)
+    (root / "c1" / "big.png").write_bytes(png + b"\0" * 4096)
+    with open(os.fsencode(str(root / "c1")) + b"/bad\xff.png", "wb") as fh:
+        fh.write(png)
+    (tmp_path / "secret.txt").write_bytes(b"not yours")
+    (root / "c1" / "link.png").symlink_to(tmp_path / "secret.txt")
+    fields = {"format": "folder", "path": str(root), "max_file_bytes": 2048}
+    rows = {r["image_id"]: r for r in _rows(fields, "imagenet")}
+    assert sorted(rows) == ["_c2/b.png", "c1/a.png", "c1/bad\\xff.png", "c1/big.png", "c1/link.png"]
+    assert rows["_c2/b.png"]["label"] == 0 and rows["c1/a.png"]["label"] == 1  # "_c2" is a class
+    reasons = {}
+    for image_id, row in rows.items():
+        try:
+            decode_image(row["image"], max_pixels=10**6, min_side=8)
+        except RejectedImage as exc:
+            reasons[image_id] = exc.reason
+    assert reasons == {
+        "c1/bad\\xff.png": "file name is not valid UTF-8",
+        "c1/big.png": f"file too large: {len(png) + 4096} bytes > max_file_bytes 2048",
+        "c1/link.png": f"outside the dataset root: resolves to {str(tmp_path / 'secret.txt')!r} "
+                       "(allow_links_outside_root is off)",
+    }
+    opted_in = {r["image_id"]: r for r in _rows({**fields, "allow_links_outside_root": True}, "imagenet")}
+    assert opted_in["c1/link.png"]["image"] == b"not yours"
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    tbuf = io.BytesIO()
+    with tarfile.open(fileobj=tbuf, mode="w:gz") as tar:
+        for name, data in [("a.png", png), ("a.cls", b"3"), ("b.png", png + b"\0" * 4096), ("c.png", png)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (wds / "shard-0.tar").write_bytes(tbuf.getvalue())
+    rows = _rows({"format": "webdataset", "path": str(wds), "max_file_bytes": 2048}, "imagenet")
+    assert [r["image_id"] for r in rows] == ["shard-0.tar/a", "shard-0.tar/b", "shard-0.tar/c"]
+    assert rows[0]["image"] == png and rows[0]["label"] == 3 and rows[2]["image"] == png
+    with pytest.raises(RejectedImage, match="^tar member 'b.png' too large: .* > max_file_bytes 2048$"):
+        decode_image(rows[1]["image"])
