@@ -120,7 +120,7 @@ def extract_hash(job: "JobConfig") -> str:
     # Only what changes the tokens: not tau (used by eval) nor the batch size (sampling is keyed
     # by image id, not by batch).
     return job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32",
-                          "data.imagenet", "data.max_pixels",
+                          "data.imagenet", "data.max_pixels", "data.max_aspect_ratio",
                           "data.min_side", "extract", exclude=("extract.batch_size",))
 
 
@@ -141,7 +141,7 @@ def instability_hash(job: "JobConfig", tau: float) -> str:
     auto tau, or another ``scope.instability_alignment``, redoes it)."""
     split = job.scope.instability_split
     base = job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32",
-                          f"data.imagenet.{split}", "data.max_pixels",
+                          f"data.imagenet.{split}", "data.max_pixels", "data.max_aspect_ratio",
                           "data.min_side", "scope.instability_images", "scope.instability_split",
                           "scope.instability_tokens", "scope.instability_alignment")
     blob = json.dumps({"base": base, "tau": float(tau), "shifts": list(job.instability_shifts)}, sort_keys=True)
@@ -150,7 +150,7 @@ def instability_hash(job: "JobConfig", tau: float) -> str:
 
 def cds_topk_hash(job: "JobConfig") -> str:
     # scope.shift: the selection reads the overlap of the SCC pair at that shift.
-    return job.stage_hash("data.imagenet", "data.max_pixels", "data.min_side", "scope.pool_split",
+    return job.stage_hash("data.imagenet", "data.max_pixels", "data.max_aspect_ratio", "data.min_side", "scope.pool_split",
                           "scope.pool_images", "scope.k_cds", "scope.spare_images", "scope.shift")[:8] + train_sae_hash(job)
 
 
@@ -169,5 +169,5 @@ def probe_features_hash(job: "JobConfig") -> str:
     partition's hash) the model, layer, SAE and groups; not batch sizes or Ray settings."""
     from scope_ray.storage import content_hash
 
-    data = job.stage_hash("data.imagenet", "data.ade20k", "data.nyud", "data.max_pixels", "data.min_side")
+    data = job.stage_hash("data.imagenet", "data.ade20k", "data.nyud", "data.max_pixels", "data.max_aspect_ratio", "data.min_side")
     return content_hash([data, RANDOM_POOL])[:8] + partition_hash(job)

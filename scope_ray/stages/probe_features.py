@@ -36,7 +36,14 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig, SourceConfig
-from scope_ray.data.images import RejectedImage, decode_depth, decode_image, decode_mask, resize_center_crop
+from scope_ray.data.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    RejectedImage,
+    decode_depth,
+    decode_image,
+    decode_mask,
+    resize_center_crop,
+)
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA
 from scope_ray.pipeline import PARTITION
@@ -116,7 +123,7 @@ def _same_size(img_HW3: np.ndarray, plane_HW: np.ndarray, what: str) -> None:
 
 
 def decode_task_batch(batch: dict[str, np.ndarray], *, task: Task, size: int, max_pixels: int,
-                      min_side: int) -> dict[str, np.ndarray]:
+                      min_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> dict[str, np.ndarray]:
     """Ray Data batch function: ``image`` (+ annotation) bytes → ``pixels`` [B, S, S, 3] uint8,
     ``ok``, ``reason`` and the task's target at the input geometry:
     classification ``label`` (int64, passed through; < 0 is rejected as "missing label"),
@@ -136,7 +143,8 @@ def decode_task_batch(batch: dict[str, np.ndarray], *, task: Task, size: int, ma
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     for i in range(n):
         try:
-            img = decode_image(_bytes(images[i]), max_pixels=max_pixels, min_side=min_side)
+            img = decode_image(_bytes(images[i]), max_pixels=max_pixels, min_side=min_side,
+                               max_aspect_ratio=max_aspect_ratio)
             if task == "classification":
                 if int(batch["label"][i]) < 0:
                     raise RejectedImage("missing label")
@@ -148,7 +156,7 @@ def decode_task_batch(batch: dict[str, np.ndarray], *, task: Task, size: int, ma
                 depth = decode_depth(_bytes(batch["depth"][i]), max_pixels=max_pixels)
                 _same_size(img, depth, "depth")
                 target[i] = resize_center_crop_plane(depth, size)
-            pixels[i] = resize_center_crop(img, size)
+            pixels[i] = resize_center_crop(img, size, max_pixels=max_pixels)
             ok[i] = True
         except RejectedImage as exc:
             reason[i] = exc.reason
@@ -402,7 +410,8 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
     ds = read_source(source, TASKS[task], endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
     ds = ds.map_batches(
         decode_task_batch,
-        fn_kwargs=dict(task=task, size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side),
+        fn_kwargs=dict(task=task, size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side,
+                       max_aspect_ratio=job.data.max_aspect_ratio),
         batch_size=batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy",
     )
     ds = ds.map_batches(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scope_ray.data.images import RejectedImage, decode_image
+from scope_ray.data.images import DEFAULT_MAX_ASPECT_RATIO, RejectedImage, decode_image
 from scope_ray.scc import scc_views
 
 if TYPE_CHECKING:
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def scc_pairs_batch(batch: dict[str, np.ndarray], *, patch: int, grid: int, shifts: tuple[int, ...],
-                    max_pixels: int, min_side: int) -> dict[str, np.ndarray]:
+                    max_pixels: int, min_side: int,
+                    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> dict[str, np.ndarray]:
     """B images → R = B·len(shifts) rows, image-major (image 0 at every shift, then image 1, …).
 
     Input: ``image_id``, ``image`` (encoded bytes) and any other columns (repeated per output row).
@@ -46,7 +47,8 @@ def scc_pairs_batch(batch: dict[str, np.ndarray], *, patch: int, grid: int, shif
     for i, data in enumerate(images):
         rows = slice(i * k, (i + 1) * k)
         try:
-            img_HW3 = decode_image(None if data is None else bytes(data), max_pixels=max_pixels, min_side=min_side)
+            img_HW3 = decode_image(None if data is None else bytes(data), max_pixels=max_pixels, min_side=min_side,
+                                   max_aspect_ratio=max_aspect_ratio)
         except RejectedImage as exc:
             reason_R[rows] = exc.reason
             continue
@@ -66,6 +68,7 @@ def with_scc_pairs(ds: "ray.data.Dataset", spec: "ModelSpec", shifts: tuple[int,
     return ds.map_batches(
         scc_pairs_batch,
         fn_kwargs=dict(patch=spec.patch, grid=spec.grid, shifts=tuple(int(s) for s in shifts),
-                       max_pixels=job.data.max_pixels, min_side=job.data.min_side),
+                       max_pixels=job.data.max_pixels, min_side=job.data.min_side,
+                       max_aspect_ratio=job.data.max_aspect_ratio),
         batch_size=job.scope.batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy",
     )

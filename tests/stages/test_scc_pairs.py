@@ -90,3 +90,27 @@ def test_with_scc_pairs_through_ray_data(ray_local, photos):
     for r in rows:
         idx1, idx2 = overlap_indices(GRID, int(r["shift"]))
         assert r["ok"] and np.array_equal(_patches_NPP3(r["view1"], PATCH)[idx1], _patches_NPP3(r["view2"], PATCH)[idx2])
+
+
+def test_the_jobs_aspect_ratio_limit_reaches_every_decoder(photos):
+    """data.max_aspect_ratio is passed by every stage that decodes (scc pairs, probe features,
+    extract and the gallery's decode_batch) and is in the hashes of the stages that read images."""
+    from scope_ray import pipeline
+    from scope_ray.config import load_config
+    from scope_ray.stages.decode import decode_batch
+    from scope_ray.stages.probe_features import decode_task_batch
+
+    wide = _png(np.zeros((20, 70, 3), np.uint8))  # 3.5 : 1
+    batch = _batch([photos[0], wide])
+    pairs = scc_pairs_batch(batch, patch=PATCH, grid=GRID, shifts=(1,), max_pixels=10**8, min_side=8,
+                            max_aspect_ratio=3.0)
+    assert pairs["ok"].tolist() == [True, False] and "aspect ratio" in pairs["reason"][1]
+    assert scc_pairs_batch(batch, patch=PATCH, grid=GRID, shifts=(1,), max_pixels=10**8, min_side=8,
+                           max_aspect_ratio=4.0)["ok"].tolist() == [True, True]
+    cls = decode_task_batch(batch, task="classification", size=20, max_pixels=10**8, min_side=8, max_aspect_ratio=3.0)
+    assert cls["ok"].tolist() == [True, False]
+    assert decode_batch(batch, size=20, max_pixels=10**8, min_side=8, max_aspect_ratio=3.0)["ok"].tolist() == [True, False]
+    a, b = load_config(None), load_config(None, ["data.max_aspect_ratio=4"])
+    for h in (pipeline.extract_hash, pipeline.cds_topk_hash, pipeline.probe_features_hash):
+        assert h(a) != h(b)
+    assert pipeline.instability_hash(a, 5.0) != pipeline.instability_hash(b, 5.0)
