@@ -208,6 +208,20 @@ def adam(params, lr: float) -> torch.optim.Adam:
     update rule: results differ by round-off only."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        opt = torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype the fused kernel lacks
         return torch.optim.Adam(params, lr=lr)
+    opt.register_load_state_dict_post_hook(_state_in_parameter_layout)
+    return opt
+
+
+def _state_in_parameter_layout(opt: torch.optim.Optimizer) -> None:
+    # The fused kernel walks a parameter, its gradient and its moments in memory order, so they
+    # must share one layout. W_enc is stored column-major (the tied init makes it W_decᵀ), but a
+    # checkpoint's moments come back row-major: without this a resumed run silently paired
+    # unrelated elements (tests/stages/test_train_sae.py's resume test caught it).
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -112,3 +112,21 @@ def test_loss_picks_the_sparse_step_by_size(monkeypatch):
 def test_adam_is_fused_where_available():
     opt = adam(BatchTopKSAE(8, 32, 4).parameters(), 1e-3)
     assert opt.defaults["lr"] == 1e-3 and opt.defaults.get("fused")
+
+
+def test_fused_adam_resumes_from_row_major_moments():
+    """A checkpoint stores Adam's moments contiguous (row-major); W_enc is column-major. The fused
+    kernel needs them in the parameter's layout, or a resumed run silently diverges."""
+    sae, x = make_sae("none", f=256)
+    opt = adam(sae.parameters(), 1e-3)
+    for _ in range(2):
+        sae.training_step(x, opt)
+    saved = opt.state_dict()
+    saved["state"] = {i: {k: v.contiguous().clone() for k, v in st.items()} for i, st in saved["state"].items()}
+    resumed_sae = copy.deepcopy(sae)
+    resumed = adam(resumed_sae.parameters(), 1e-3)
+    resumed.load_state_dict(saved)
+    sae.training_step(x, opt)
+    resumed_sae.training_step(x, resumed)
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed_sae, name), getattr(sae, name)), name

@@ -219,6 +219,7 @@ def train_loop(cfg: dict) -> None:
     from ray.train.torch import get_device, prepare_model
 
     from scope_ray.sae import BatchTopKSAE
+    from scope_ray.sae_step import adam
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -237,7 +238,8 @@ def train_loop(cfg: dict) -> None:
         # that workers receive two numbers' worth of config rather than the sample itself.
         sae.input_scale.fill_(cfg["input_scale"])
         sae.b_dec.copy_(torch.tensor(cfg["b_dec_init"]) * cfg["input_scale"])
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg["lr"])
+    # sae.loss (in _LossModule) takes the sparse step by size; adam is fused where available.
+    optimizer = adam(sae.parameters(), cfg["lr"])
     # Non-finite rows: `counted_before` is the all-worker total stored in the last checkpoint;
     # `nonfinite` counts this worker's since then. Only the first epoch counts (later epochs see
     # the same rows again).
