@@ -31,6 +31,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +86,7 @@ class Lease:
     etag: str | None = None
     lost: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _renewing: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -91,26 +94,49 @@ class Lease:
         return self.record["token"]
 
     def check(self) -> None:
+        """Raise ``LeaseLost`` unless the lease is still this run's *now*: renewed here, not only
+        by the heartbeat (a run frozen past its expiry may reach its commit before the next beat)."""
+        if not self.lost:
+            with self._renewing:
+                self.renew(strict=True)
         if self.lost:
             raise LeaseLost(self.lost)
 
-    def renew(self) -> None:
-        """Push ``expires_at`` forward, only while the lease is still this run's."""
+    def renew(self, strict: bool = False) -> None:
+        """Push ``expires_at`` forward, only while the lease is still this run's. ``strict``: a
+        store error is raised (the caller must know), not left for the next beat."""
+        if self._stop.is_set() and not strict:
+            return  # released meanwhile: never write the lease back
         record = {**self.record, "expires_at": time.time() + self.seconds}
         blob = json.dumps(record, indent=2).encode()
         if self.root.scheme == "file":
-            current = _read_local(self.path)
-            if current is None or current.get("token") != self.token:
-                self.lost = _lost_message(self, current)
-                return
-            _write_local_replace(self.path, blob)
+            # Under the takeover lock: a contender replacing an expired lease and this renewal
+            # cannot interleave (else both would hold it).
+            with _takeover_lock(self.path, wait_s=10.0) as locked:
+                if not locked:
+                    if strict:
+                        raise LeaseLost(f"could not confirm the lease {self.path}: its takeover lock is held")
+                    return
+                current = _read_local(self.path)
+                if current is None or current.get("token") != self.token:
+                    self.lost = _lost_message(self, current)
+                    return
+                _write_local_replace(self.path, blob)
         else:
             try:
                 out = self.root.fs.call_s3("put_object", **_bucket_key(self.root, self.path), Body=blob,
                                            IfMatch=self.etag)
             except Exception as exc:  # noqa: BLE001 - a 412 means taken over; anything else: try again later
                 if _is_precondition_failure(exc) or isinstance(exc, FileNotFoundError):
-                    self.lost = _lost_message(self, _read_s3(self.root, self.path)[0])
+                    current, etag = _read_s3(self.root, self.path)
+                    if current is not None and current.get("token") == self.token:
+                        # Our own write, retried by the client after its answer was lost: still ours.
+                        self.etag, self.record = etag, current
+                        return
+                    self.lost = _lost_message(self, current)
+                    return
+                if strict:
+                    raise
                 return
             self.etag = out.get("ETag", self.etag)
         self.record = record
@@ -118,7 +144,8 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:
-                self.renew()
+                with self._renewing:  # never beside a commit's own check, nor after release
+                    self.renew()
             except Exception:  # noqa: BLE001 - a transient store error: the next beat retries
                 pass
             if self.lost:
@@ -129,7 +156,8 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
-        self._stop.set()
+        with self._renewing:  # a renewal in flight finishes first; none starts after
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -210,40 +238,55 @@ def _create_local(path: str, blob: bytes) -> bool:
     """Exclusive create of a whole file: True when this call made it."""
     os.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
     try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
         os.link(tmp, path)
         return True
     except FileExistsError:
         return False
     finally:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk included: leave nothing in .leases/
+
+
+@contextmanager
+def _takeover_lock(path: str, wait_s: float = 0.0) -> Iterator[bool]:
+    """An exclusive create beside the lease (``<lease>.takeover``): held while a contender replaces
+    a dead lease or the holder renews it. Yields whether it was taken (waiting up to ``wait_s``);
+    one left by a process that died holding it is broken after a minute."""
+    lock = path + ".takeover"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(lock).st_mtime > 60:
+                    os.remove(lock)
+                    continue
+            except FileNotFoundError:
+                continue
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(0.01)
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        os.remove(lock)
 
 
 def _take_over_local(path: str, seen: dict, blob: bytes) -> bool:
-    """Replace the dead lease ``seen`` by ours. A takeover lock (an exclusive create beside the
-    lease) makes this one run's act: without it, two runs could each replace "the dead lease",
-    the second over the first's live one. A lock left by a run that died mid-takeover is broken
-    after a minute."""
-    lock = path + ".takeover"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            if time.time() - os.stat(lock).st_mtime > 60:
-                os.remove(lock)
-        except FileNotFoundError:
-            pass
-        return False
-    try:
-        os.close(fd)
-        if _read_local(path) != seen:
-            return False  # taken or released meanwhile
+    """Replace the dead lease ``seen`` by ours, under the takeover lock: without it, two runs
+    could each replace "the dead lease", the second over the first's live one."""
+    with _takeover_lock(path) as locked:
+        if not locked or _read_local(path) != seen:
+            return False  # another run is at it, or it was taken or released meanwhile
         _write_local_replace(path, blob)
         return True
-    finally:
-        os.remove(lock)
 
 
 def _stale(record: dict | None, now: float) -> bool:
@@ -287,6 +330,9 @@ def acquire(root: "ResultsRoot", model: str, stage: str, config_hash: str,
             current, etag = _read_s3(root, path)
             if current is None:
                 continue
+            if current.get("token") == record["token"]:
+                # Our own PUT, retried by the client after its answer was lost: we hold it.
+                return _started(Lease(root, path, current, seconds, etag=etag))
             if not _stale(current, time.time()):
                 raise _busy(root, model, stage, path, current)
             try:

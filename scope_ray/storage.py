@@ -165,6 +165,10 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+class StageCompletedMeanwhile(RuntimeError):
+    """Another run committed this stage with the same config while this run was starting."""
+
+
 class StageIncomplete(RuntimeError):
     """Reading a stage that has no manifest (never run, interrupted, or run with another config)."""
 
@@ -253,6 +257,12 @@ class StageDir:
         when another live run writes this stage."""
         lease = acquire(self.root, self.model, self.stage, config_hash, lease_seconds)
         try:
+            if self.is_complete(config_hash):
+                # Committed by another run of this config between the caller's check and the
+                # lease: running again would write over the committed files' very names.
+                raise StageCompletedMeanwhile(
+                    f"stage {self.model}/{self.stage} at {self.root.uri} was committed with this config by another run "
+                    "while this one started; run the same command again to use it")
             self.run, self.keep, self._lease = config_hash, tuple(keep), lease
             with _unreachable_names(self.root, f"clearing {self.model}/{self.stage}"):
                 self._clear(keep_own=resume)
@@ -266,6 +276,7 @@ class StageDir:
         if not self.root.fs.exists(self.path):
             return []
         base = self.path.rstrip("/") + "/"
+        self.root.fs.invalidate_cache(self.path)  # others' writes are not in this client's cache
         return sorted(p[len(base):] for p in self.root.fs.find(self.path) if p.startswith(base))
 
     def _remove(self, rels: list[str]) -> None:
@@ -398,6 +409,9 @@ class StageDir:
         """Full paths of the part files the writing run has written to ``table`` so far (all
         part files when no run is writing)."""
         pattern = f"{self.file_tag}-*.parquet" if self.run else "*.parquet"
+        # Workers write through their own clients: this process's listing cache (s3fs keeps one
+        # per folder, filled by any earlier listing) does not know their files.
+        self.root.fs.invalidate_cache(self.table_path(table))
         return sorted(self.root.fs.glob(posixpath.join(self.table_path(table), pattern)))
 
     def part_files(self, table: str) -> list[str]:

@@ -119,3 +119,29 @@ def test_a_holder_that_stalled_and_was_taken_over_learns_it_and_writes_nothing(r
         assert _record(root, stage_b.path)["token"] == stage_b.token
     finally:
         stage_b.release()
+
+
+def test_a_holder_frozen_past_its_expiry_finds_out_at_its_commit_not_only_at_the_next_beat(root):
+    frozen = acquire(root, "m", "s", "a" * 16, seconds=60)
+    frozen._stop.set()  # no heartbeat will come in time
+    _overwrite(root, frozen.path, expires_at=time.time() - 1)
+    other = acquire(root, "m", "s", "b" * 16)
+    try:
+        with pytest.raises(LeaseLost):
+            frozen.check()  # what commit calls: it asks the store itself
+        assert _record(root, other.path)["token"] == other.token
+    finally:
+        other.release()
+
+
+def test_the_clients_retry_of_its_own_write_is_not_a_takeover(root):
+    """A PUT whose answer was lost is sent again by the client; the conditional retry then meets
+    the object it wrote itself. That is still this run's lease."""
+    lease = acquire(root, "m", "s", "a" * 16, seconds=60)
+    try:
+        lease._stop.set()  # no heartbeat: the renewal below is check()'s own
+        _overwrite(root, lease.path)  # our own record again, under a new ETag (the first attempt landed)
+        lease.check()  # renews with If-Match on the old ETag: 412, yet the lease is ours
+        assert lease.lost is None
+    finally:
+        lease.release()

@@ -295,3 +295,29 @@ def test_the_sweep_ships_the_submitting_checkouts_commit(monkeypatch):
     assert runner.shipped_runtime_env(sweep)["env_vars"] == {"SCOPE_RAY_COMMIT": "abc1234"}
     sweep.runtime_env = {"working_dir": ".", "env_vars": {"SCOPE_RAY_COMMIT": "given"}}
     assert runner.shipped_runtime_env(sweep)["env_vars"] == {"SCOPE_RAY_COMMIT": "given"}
+
+
+def test_parts_written_by_a_workers_own_client_are_committed_and_nothing_old_is_lost(root):
+    """A worker writes through its own client; the driver's listing cache (s3fs keeps one per
+    folder) must not hide those parts at commit, or the stage would commit an empty table and then
+    delete the committed one's files."""
+    stage = root.stage("m", "s")
+    _commit_run(stage, "a" * 16, [1, 2])
+    with stage.writing("b" * 16):
+        ResultsRoot(root.uri, root.endpoint_url).stage("m", "s", run="b" * 16).write_part(
+            "t", "w0", pa.table({"x": [5, 6, 7]}))
+        assert len(stage.run_files("t")) == 1
+        stage.commit("b" * 16, {}, {"t": 3})
+    assert stage.read_table("t").column("x").to_pylist() == [5, 6, 7]
+
+
+def test_a_run_of_a_config_committed_meanwhile_stops_and_overwrites_nothing(root):
+    from scope_ray.storage import StageCompletedMeanwhile
+
+    stage = root.stage("m", "s")
+    _commit_run(stage, "a" * 16, [1, 2])
+    before = _snapshot(root, stage)
+    with pytest.raises(StageCompletedMeanwhile, match="run the same command again"):
+        with stage.writing("a" * 16):
+            stage.write_part("t", "a", pa.table({"x": [9]}))
+    assert _snapshot(root, stage) == before

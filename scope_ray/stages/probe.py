@@ -344,6 +344,7 @@ def _part_name(task: str, variant: str, trial: int) -> str:
 
 def _finished(stage: StageDir, task: str, variant: str) -> set[int]:
     fs, tdir = stage.root.fs, stage.table_path("trials")
+    fs.invalidate_cache(tdir)  # trials are written by Tune's callback; never trust a cached listing
     prefix = stage.run_name(f"{task}__{variant}__t")
     done = set()
     for p in fs.glob(posixpath.join(tdir, f"{prefix}*.parquet")):
