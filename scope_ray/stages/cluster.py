@@ -88,6 +88,18 @@ def actor_resources(cfg: RayConfig, task_cpus: float | None = None) -> ActorReso
     return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
 
 
+def one_block_per_batch(ds, batch_size: int):
+    """``ds`` re-cut into blocks of ``batch_size`` rows, as it streams (no barrier, order kept).
+
+    Why: an actor pool receives whole blocks, so every row of a block goes to one actor. A read
+    step makes blocks of a listing's or a shard's size (hundreds of images), and a map step after it
+    keeps them whole; on a small split, or at the head of a large one, one actor of the pool then
+    does all the work while the others wait and are released. Blocks of one batch each spread over
+    the pool (tests/stages/test_multinode.py: each actor of two got batches), and the CPU steps
+    before the pool (decoding) spread over tasks the same way."""
+    return ds.repartition(target_num_rows_per_block=batch_size)
+
+
 def actor_backbone(job: JobConfig, torch_threads: int):
     """What every model actor starts with: torch's thread count set, the job's backbone built at
     its designated layer on the GPU when the actor has one. Returns (model, device)."""

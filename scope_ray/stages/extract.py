@@ -146,11 +146,12 @@ def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str,
     import ray.data
     from tqdm import tqdm
 
-    from scope_ray.stages.cluster import actor_resources, tally_nodes
+    from scope_ray.stages.cluster import actor_resources, one_block_per_batch, tally_nodes
     from scope_ray.stages.decode import decode_batch
 
     res = actor_resources(job.ray)
     spec = job.model.spec
+    ds = one_block_per_batch(ds, job.extract.batch_size)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side,

@@ -178,6 +178,7 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
     from tqdm import tqdm
 
     from scope_ray.data.sources import read_source
+    from scope_ray.stages.cluster import one_block_per_batch
     from scope_ray.stages.scc_pairs import with_scc_pairs
 
     spec, shifts = job.model.spec, job.instability_shifts
@@ -186,7 +187,7 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
     # last row the selection pass needed: on a large split this avoids reading the rest.
     ds = ds.limit(scan_rows).map_batches(_keep_ids, fn_kwargs=dict(ids=ids), batch_format="pyarrow", batch_size=None,
                                          zero_copy_batch=True, num_cpus=job.ray.read_cpus)
-    ds = with_scc_pairs(ds, spec, shifts, job)
+    ds = with_scc_pairs(one_block_per_batch(ds, job.scope.batch_size), spec, shifts, job)
     ds = ds.map_batches(
         AttentionRows,
         fn_constructor_kwargs=dict(job=job, root=root, split=split, first_shift=shifts[0], torch_threads=res.torch_threads,

@@ -49,13 +49,14 @@ WORKER_NODES = 2
 WORKER_CPUS = 3
 ACTOR_CPUS = 2  # > WORKER_CPUS / 2: one actor (or Train worker) per node
 OBJECT_STORE_BYTES = 150 * 1024 * 1024
-TRAIN_IMAGES, BATCH = 24, 4  # 7 batches with the planted reject: work for both actors
+TRAIN_IMAGES, BATCH = 24, 3  # 9 batches with the planted reject: work for both actors, before and after each fault
 PLANTED_REJECT_IDS = ["n00000000/zz_truncated.JPEG"]
 FAULT_STEP = 13
 # Each extraction batch waits this long before its work (PacedExtractor): the split then spans a
 # few seconds, so the faults below land between batches that are done and batches still to come.
 BATCH_PACE_S = 1.0
 POLL_S = 0.05
+BATCHES_LOG = "batches.jsonl"
 
 
 def _write_data(workdir: Path) -> dict:
@@ -73,8 +74,9 @@ def _write_data(workdir: Path) -> dict:
 
 def _paced_extractor(registry: Path):
     """The stage's own TokenExtractor, slowed by BATCH_PACE_S a batch, each (re)started actor
-    writing ``registry/<pid>.json`` = {"pid", "node_id"} once it is ready: the fault injector
-    learns from it which process to kill, and the test that Ray really restarted it."""
+    writing ``registry/<pid>.json`` = {"pid", "node_id"} once it is ready and a line to
+    ``registry/BATCHES_LOG`` for each batch it begins: the fault injector learns from them which
+    process to kill and when, and the test that both actors got work and Ray really restarted them."""
     from scope_ray.stages.extract import TokenExtractor
 
     class PacedExtractor(TokenExtractor):
@@ -88,6 +90,9 @@ def _paced_extractor(registry: Path):
             entry.with_suffix(".tmp").replace(entry)  # the injector never reads a half-written entry
 
         def __call__(self, batch):
+            # One line per batch begun, appended whole (O_APPEND): which actor got work, and when.
+            with open(Path(self.registry_dir) / BATCHES_LOG, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "t": time.time(), "images": len(batch["image_id"])}) + "\n")
             time.sleep(BATCH_PACE_S)
             return super().__call__(batch)
 
@@ -107,11 +112,11 @@ def _inject_extraction_faults(cluster, workers: list, parts: Path, registry: Pat
                               events: dict) -> None:
     """Runs beside the extraction stage (in the driver), triggered by what is on storage.
 
-    1. Once some token part files exist and both pool actors are up: SIGKILL the actor process on
-       worker node 0. Ray restarts the actor (Ray Data's pool actors have max_restarts=-1) on the
+    1. Once some token part files exist, both pool actors have begun a batch, and the one on worker
+       node 0 is in the middle of one: SIGKILL that actor's process. Ray restarts the actor (Ray Data's pool actors have max_restarts=-1) on the
        same node, the only one with 2 free CPUs, and retries its batches (max_task_retries=-1).
-    2. Once a part file more is written (by the surviving actor, while the killed one restarts):
-       remove worker node 1 with the actor, decode tasks and object store on it (its processes get
+    2. Once the surviving actor has begun a batch since the kill (while the killed one restarts) and
+       is still in it: remove worker node 1 with the actor, decode tasks and object store on it (its processes get
        SIGTERM, as a deleted pod's container does), then add a replacement 3-CPU node.
 
     Why a replacement node: it is what the project's clusters do. Both cluster/kuberay and
@@ -129,14 +134,43 @@ def _inject_extraction_faults(cluster, workers: list, parts: Path, registry: Pat
     def actors() -> list[dict]:
         return [json.loads(p.read_text()) for p in registry.glob("*.json")]
 
+    def begun() -> dict[int, float]:
+        """pid -> when that actor began its latest batch."""
+        log = registry / BATCHES_LOG
+        latest: dict[int, float] = {}
+        for line in log.read_text().splitlines() if log.exists() else []:
+            b = json.loads(line)
+            latest[b["pid"]] = max(latest.get(b["pid"], 0.0), b["t"])
+        return latest
+
+    def mid_batch(pid: int) -> bool:
+        # Began a batch less than half a pace ago: it holds a batch it has not finished, which Ray
+        # must then redo on the actor's restart (so the restarted actor provably gets work).
+        return time.time() - begun().get(pid, 0.0) < BATCH_PACE_S / 2
+
     node0, node1 = (w.node_id for w in workers)
-    if not _wait(lambda: names() and len(actors()) >= 2, stop):
+
+    def first_actor(node_id: str) -> dict | None:
+        return next((a for a in actors() if a["node_id"] == node_id), None)
+
+    def ready_to_kill() -> bool:
+        # Both first actors have begun a batch (both hold work; neither was released idle), a part
+        # is on storage (work done before the fault), and the victim is mid-batch.
+        victim, other = first_actor(node0), first_actor(node1)
+        return (bool(names()) and victim is not None and other is not None
+                and other["pid"] in begun() and mid_batch(victim["pid"]))
+
+    if not _wait(ready_to_kill, stop):
+        events["not_fired"] = {"actors": actors(), "begun": begun(), "parts": names()}
         return
-    victim = next(a for a in actors() if a["node_id"] == node0)
+    victim, survivor = first_actor(node0), first_actor(node1)
     before = names()
     os.kill(victim["pid"], signal.SIGKILL)
     events["actor_kill"] = {**victim, "parts_before": before, "t": time.time()}
-    if not _wait(lambda: len(names()) > len(before), stop):
+    # Node 1 goes once its actor has begun a batch since the kill and is still in it.
+    killed_at = events["actor_kill"]["t"]
+    if not _wait(lambda: begun().get(survivor["pid"], 0.0) > killed_at and mid_batch(survivor["pid"]), stop):
+        events["not_fired"] = {"node_loss": "node 1's actor began no batch after the kill", "begun": begun()}
         return
     before = names()
     cluster.remove_node(workers[1])
@@ -269,6 +303,7 @@ def _run(workdir: Path) -> dict:
             "fault_step": FAULT_STEP,
             "extraction_faults": events,
             "extraction_actors": [json.loads(p.read_text()) for p in registry.glob("*.json")],
+            "extraction_batches": [json.loads(line) for line in (registry / BATCHES_LOG).read_text().splitlines()],
             "extraction_pool_restarts": pool_restarts,
             "train_fault": killed,
             "tokens_per_image": job.extract.tokens_per_image,

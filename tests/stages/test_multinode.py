@@ -5,9 +5,10 @@ must spread, and how the faults are triggered): the session's shared local Ray i
 it is. This test reads what that process committed and observed.
 
 The faults, all real process deaths rather than exceptions raised by our code:
-- extraction, once some token part files are on storage: the pool actor process on worker node 0
-  is SIGKILLed; once a part file more is written, worker node 1 is removed (its raylet, actor,
-  decode tasks and object store) and a replacement node added, as KubeRay / the autoscaler would.
+- extraction, once some token part files are on storage and both actors have begun batches: the
+  pool actor process on worker node 0 is SIGKILLed mid-batch; once the other actor has begun a
+  batch since, worker node 1 is removed mid-batch (its raylet, actor, decode tasks and object
+  store) and a replacement node added, as KubeRay / the autoscaler would.
   Ray restarts both actors (Ray Data's pool default max_restarts=-1) and retries their batches
   (max_task_retries=-1; decode tasks max_retries=-1, lost blocks rebuilt from lineage).
 - SAE training: the last Train worker SIGKILLs itself at step 13; Ray Train restarts the group
@@ -20,8 +21,9 @@ Why the assertions prove nothing lost and nothing doubled:
 - doubled: each used image id has exactly ``tokens_per_image`` rows and no (image_id, position)
   appears twice; a redone batch written under a new name beside its first copy, or a batch
   counted twice in the driver's tally, would break these (the tally must also sum to the table);
-- mid-stage, so that the test would fail without the faults: the part files present at each fault
-  are a non-empty, strict subset of the committed ones (work done before, work still to do after),
+- mid-stage, so that the test would fail without the faults: both actors had begun batches before
+  the kill, the part files present at each fault are a non-empty, strict subset of the committed
+  ones (work done before, work still to do after),
   Ray's actor table shows each pool actor restarted exactly once, and rows came from the
   replacement node, which did not exist when the stage started;
 - training: the killed process is recorded by Ray as WORKER_DIED, the run resumed from step 9, ends
@@ -65,14 +67,21 @@ def run(tmp_path_factory):
 def test_extraction_faults_fired_mid_stage(run):
     _, obs = run
     node0, node1 = obs["worker_nodes"]
-    kill, loss = obs["extraction_faults"]["actor_kill"], obs["extraction_faults"]["node_loss"]
+    faults = obs["extraction_faults"]
+    assert "actor_kill" in faults and "node_loss" in faults, f"the faults did not fire mid-stage: {faults}"
+    kill, loss = faults["actor_kill"], faults["node_loss"]
     committed = set(obs["extract"]["tables"]["train_tokens"])
+    # Both actors of the pool got batches before the kill: the split reaches the pool one batch a
+    # block (stages/cluster.py one_block_per_batch), not as one block that a single actor takes whole.
+    first = [a["pid"] for a in obs["extraction_actors"] if a["t"] < kill["t"]]
+    assert len(first) == 2
+    assert all(any(b["pid"] == pid and b["t"] < kill["t"] for b in obs["extraction_batches"]) for pid in first)
     # The actor on node 0 was killed after some batches were written and before the others.
     assert kill["node_id"] == node0
     assert kill["parts_before"] and set(kill["parts_before"]) < committed
     # Node 1 was removed later still, after the survivor wrote more, and before the last batches.
     assert loss["removed"] == node1 and node1 not in obs["live_worker_nodes"]
-    assert len(loss["parts_before"]) > len(kill["parts_before"]) and set(loss["parts_before"]) < committed
+    assert set(kill["parts_before"]) <= set(loss["parts_before"]) < committed
     # Ray restarted each pool actor once: the killed one on its own node (a new process), the lost
     # node's one on the replacement node, which then produced rows.
     assert obs["extraction_pool_restarts"] == [1, 1]
