@@ -24,6 +24,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold; DataConfig.max_pixels defaults to it too
 DEFAULT_MIN_SIDE = 8
+# ADE20K's "other" and every id > 150 after reduce_zero_label (decode_mask): the pixels no loss or
+# metric counts. Declared here, in the module that makes them, and imported by probes.metrics.
+IGNORE_INDEX = 255
 # Longer side / shorter side. The centre crop of a 1:32 strip keeps 1/32 of it, upscaled: no
 # photo or panorama in the datasets we read comes close, while an 8 x 11,000,000 sliver (under
 # max_pixels) does. DataConfig.max_aspect_ratio defaults to it too.
@@ -185,7 +188,7 @@ def decode_mask(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         raise RejectedImage(f"corrupt mask: expected a single-channel class-index PNG, got mode {im.mode}")
     try:
         raw_HW = np.asarray(im).astype(np.int64)
-        return np.where((raw_HW >= 1) & (raw_HW <= 150), raw_HW - 1, 255).astype(np.uint8)
+        return np.where((raw_HW >= 1) & (raw_HW <= 150), raw_HW - 1, IGNORE_INDEX).astype(np.uint8)
     except MemoryError:
         raise RejectedImage(f"out of memory reading a {im.size[0]}x{im.size[1]} mask") from None
 
@@ -213,6 +216,18 @@ def _check_HW3(img_HW3: np.ndarray, size: int) -> None:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {list(img_HW3.shape)}")
 
 
+def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(resized h, resized w, top, left) of the resize + centre crop of an h x w input.
+
+    The one copy of this geometry: images (``resize_center_crop``) and their label / depth planes
+    (``resize_center_crop_plane``) both use it, so a mask always lines up with its pixels."""
+    if h <= w:
+        new_h, new_w = size, max(size, int(size * w / h))
+    else:
+        new_h, new_w = max(size, int(size * h / w)), size
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
 def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bicubic resize of the shorter side to ``size``, then the central size x size crop.
 
@@ -224,10 +239,7 @@ def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFA
     """
     _check_HW3(img_HW3, size)
     h, w = img_HW3.shape[:2]
-    if h <= w:
-        new_h, new_w = size, max(size, int(size * w / h))
-    else:
-        new_h, new_w = max(size, int(size * h / w)), size
+    new_h, new_w, top, left = crop_geometry(h, w, size)
     if new_w * new_h > max_pixels:
         raise RejectedImage(f"too large to resize: {w}x{h} → {new_w}x{new_h} = {new_w * new_h} pixels > "
                             f"max_pixels {max_pixels}")
@@ -235,10 +247,27 @@ def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFA
         im = Image.fromarray(np.ascontiguousarray(img_HW3, dtype=np.uint8))
         if (new_w, new_h) != (w, h):
             im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
     except MemoryError:
         raise RejectedImage(f"out of memory resizing a {w}x{h} image to {size}") from None
+
+
+def resize_center_crop_plane(plane_HW: np.ndarray, size: int) -> np.ndarray:
+    """A label or depth plane put through its image's resize + centre crop, nearest-neighbour.
+
+    uint8 (class ids) or float32 (metres, NaN = invalid). Nearest never invents a class id or a
+    depth between a foreground and a background surface, and an invalid (NaN) pixel stays NaN
+    without spreading. PIL samples pixel centres for every filter, so the plane lines up with the
+    bicubic image resize of ``resize_center_crop`` (same ``crop_geometry``).
+    """
+    if plane_HW.ndim != 2 or plane_HW.dtype not in (np.uint8, np.float32):
+        raise ValueError(f"expected a uint8 or float32 plane [H, W], got {plane_HW.dtype} {list(plane_HW.shape)}")
+    h, w = plane_HW.shape
+    new_h, new_w, top, left = crop_geometry(h, w, size)
+    im = Image.fromarray(np.ascontiguousarray(plane_HW))
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.Resampling.NEAREST)
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=plane_HW.dtype).copy()
 
 
 def resize_square(img_HW3: np.ndarray, size: int) -> np.ndarray:

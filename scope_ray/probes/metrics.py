@@ -15,7 +15,7 @@ import math
 
 import torch
 
-IGNORE_INDEX = 255  # ADE20K's "other" after reduce_zero_label (scope_ray.data.images)
+from scope_ray.data.images import IGNORE_INDEX  # noqa: F401 - re-exported: the probes' ignore index
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -21,9 +21,10 @@ from scope_ray.pipeline import PROBE_FEATURES as FEATURES_STAGE
 from scope_ray.pipeline import run_hint
 from scope_ray.config import JobConfig
 from scope_ray.probes.metrics import IGNORE_INDEX
+from scope_ray.probes.tasks import TASKS as TASK_CONTRACTS
 from scope_ray.storage import ResultsRoot, StageDir
 
-TASKS = ("classification", "segmentation", "depth")
+TASKS: tuple[str, ...] = tuple(TASK_CONTRACTS)  # the probe tasks in their declared order
 
 
 @dataclass

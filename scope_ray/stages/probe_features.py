@@ -30,20 +30,11 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig, SourceConfig
-from scope_ray.data.images import (
-    DEFAULT_MAX_ASPECT_RATIO,
-    RejectedImage,
-    decode_depth,
-    decode_image,
-    decode_mask,
-    resize_center_crop,
-)
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA
 from scope_ray.pipeline import PARTITION
@@ -53,12 +44,12 @@ from scope_ray.pipeline import RANDOM_POOL
 from scope_ray.pipeline import partition_hash
 from scope_ray.pipeline import probe_features_hash as config_hash
 from scope_ray.removal import VARIANT_GROUP, VARIANTS
+from scope_ray.probes.tasks import Task
 from scope_ray.stages.common import load_sae
 
-Task = Literal["classification", "segmentation", "depth"]
-TASKS: dict[str, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
+# Which dataset each probe task reads (its source is data.<dataset>).
+TASKS: dict[Task, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
 SPLITS = ("train", "val")
-IGNORE_INDEX = 255
 # The extraction's rejects columns plus the task: the three datasets may share image ids.
 REJECTS = pa.schema([*REJECTS_SCHEMA, pa.field("task", pa.string(), nullable=False)])
 
@@ -80,95 +71,6 @@ def table_schema(task: Task, d: int, n: int, s: int, clip_dim: int | None = None
         return pa.schema(head + [pa.field("cls", pa.list_(f32, d)), pa.field("tokens", pa.list_(f32, n * d)),
                                  pa.field("depth", pa.list_(f32, s * s))])
     raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-
-
-# ------------------------------------------------------------------------------ decoding
-def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """(resized h, resized w, top, left) of ``resize_center_crop`` for an h x w input."""
-    if h <= w:
-        new_h, new_w = size, max(size, int(size * w / h))
-    else:
-        new_h, new_w = max(size, int(size * h / w)), size
-    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-
-
-def resize_center_crop_plane(plane_HW: np.ndarray, size: int) -> np.ndarray:
-    """A label or depth plane put through the image's resize + centre crop, nearest-neighbour.
-
-    uint8 (class ids) or float32 (metres, NaN = invalid). Nearest never invents a class id or a
-    depth between a foreground and a background surface, and an invalid (NaN) pixel stays NaN
-    without spreading. PIL samples pixel centres for every filter, so the plane lines up with the
-    bicubic image resize of ``resize_center_crop``.
-    """
-    from PIL import Image
-
-    if plane_HW.ndim != 2 or plane_HW.dtype not in (np.uint8, np.float32):
-        raise ValueError(f"expected a uint8 or float32 plane [H, W], got {plane_HW.dtype} {list(plane_HW.shape)}")
-    h, w = plane_HW.shape
-    new_h, new_w, top, left = crop_geometry(h, w, size)
-    im = Image.fromarray(np.ascontiguousarray(plane_HW))
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), Image.Resampling.NEAREST)
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=plane_HW.dtype).copy()
-
-
-def _bytes(data) -> bytes | None:
-    return None if data is None else bytes(data)
-
-
-def _same_size(img_HW3: np.ndarray, plane_HW: np.ndarray, what: str) -> None:
-    if img_HW3.shape[:2] != plane_HW.shape:
-        (h, w), (ph, pw) = img_HW3.shape[:2], plane_HW.shape
-        raise RejectedImage(f"{what} size mismatch: image {h}x{w}, {what} {ph}x{pw}")
-
-
-def decode_task_batch(batch: dict[str, np.ndarray], *, task: Task, size: int, max_pixels: int,
-                      min_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> dict[str, np.ndarray]:
-    """Ray Data batch function: ``image`` (+ annotation) bytes → ``pixels`` [B, S, S, 3] uint8,
-    ``ok``, ``reason`` and the task's target at the input geometry:
-    classification ``label`` (int64, passed through; < 0 is rejected as "missing label"),
-    segmentation ``mask`` [B, S, S] uint8 (255 = ignore), depth ``depth`` [B, S, S] float32
-    (metres, NaN = invalid). Rejected rows keep zero pixels and an all-ignore / all-NaN target."""
-    images = batch["image"]
-    n = len(images)
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    ok = np.zeros(n, dtype=bool)
-    reason = np.full(n, "", dtype=object)
-    target = None
-    if task == "segmentation":
-        target = np.full((n, size, size), IGNORE_INDEX, dtype=np.uint8)
-    elif task == "depth":
-        target = np.full((n, size, size), np.nan, dtype=np.float32)
-    elif task != "classification":
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    for i in range(n):
-        try:
-            img = decode_image(_bytes(images[i]), max_pixels=max_pixels, min_side=min_side,
-                               max_aspect_ratio=max_aspect_ratio)
-            if task == "classification":
-                if int(batch["label"][i]) < 0:
-                    raise RejectedImage("missing label")
-            elif task == "segmentation":
-                mask = decode_mask(_bytes(batch["mask"][i]), max_pixels=max_pixels)
-                _same_size(img, mask, "mask")
-                target[i] = resize_center_crop_plane(mask, size)
-            else:
-                depth = decode_depth(_bytes(batch["depth"][i]), max_pixels=max_pixels)
-                _same_size(img, depth, "depth")
-                target[i] = resize_center_crop_plane(depth, size)
-            pixels[i] = resize_center_crop(img, size, max_pixels=max_pixels)
-            ok[i] = True
-        except RejectedImage as exc:
-            reason[i] = exc.reason
-            if target is not None:  # a half-decoded target must not travel with a reject
-                target[i] = IGNORE_INDEX if task == "segmentation" else np.nan
-    out = {k: v for k, v in batch.items() if k not in ("image", "mask", "depth")}
-    out.update(pixels=pixels, ok=ok, reason=reason)
-    if task == "segmentation":
-        out["mask"] = target
-    elif task == "depth":
-        out["depth"] = target
-    return out
 
 
 # --------------------------------------------------------------------------------- actor
@@ -402,14 +304,16 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
     from tqdm import tqdm
 
     from scope_ray.data.sources import read_source
-    from scope_ray.stages.cluster import actor_resources, tally_nodes
+    from scope_ray.stages.cluster import actor_resources, one_block_per_batch, tally_nodes
+    from scope_ray.stages.decode import decode_batch
 
     res = actor_resources(job.ray)
     spec = job.model.spec
     batch_size = job.extract.batch_size
-    ds = read_source(source, TASKS[task], endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    ds = one_block_per_batch(read_source(source, TASKS[task], endpoint_url=job.storage.endpoint_url,
+                                         num_cpus=job.ray.read_cpus), batch_size)
     ds = ds.map_batches(
-        decode_task_batch,
+        decode_batch,
         fn_kwargs=dict(task=task, size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side,
                        max_aspect_ratio=job.data.max_aspect_ratio),
         batch_size=batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy",

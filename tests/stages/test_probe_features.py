@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from scope_ray.config import load_config
-from scope_ray.data.images import bad_image_samples, decode_depth, decode_image, decode_mask, resize_center_crop
+from scope_ray.data.images import bad_image_samples, decode_image, decode_mask, resize_center_crop, resize_center_crop_plane
 from scope_ray.data.synthetic import write_synthetic
 from scope_ray.models import build_model
 from scope_ray.removal import random_group, removal_edit
@@ -25,9 +25,7 @@ from scope_ray.stages.probe_features import (
     RANDOM_POOL,
     ProbeFeatureWriter,
     SplitCounts,
-    decode_task_batch,
     load_groups,
-    resize_center_crop_plane,
     run_probe_features,
     table_schema,
     verify_table,
@@ -52,91 +50,8 @@ def _jpeg(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-# ------------------------------------------------------------------------- pure: geometry
-def test_plane_follows_the_image_geometry():
-    """A label plane lands where the image's pixels land: wherever the resized image shows a block's
-    colour clearly, the resized mask names that block, except next to a block boundary."""
-    rng = np.random.default_rng(0)
-    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], np.uint8)
-    for h, w in ((90, 60), (60, 90)):  # portrait crops rows, landscape crops columns
-        labels = rng.integers(0, len(palette), (h // 10, w // 10)).astype(np.uint8)
-        mask_HW = np.kron(labels, np.ones((10, 10), np.uint8))
-        img_HW3 = palette[mask_HW]
-        img = resize_center_crop(img_HW3, 32).astype(int)
-        mask = resize_center_crop_plane(mask_HW, 32)
-        assert mask.shape == (32, 32) and mask.dtype == np.uint8
-        wrong = np.abs(img - palette[mask].astype(int)).max(axis=2) > 60
-        padded = np.pad(mask, 1, mode="edge")
-        neighbours = np.stack([padded[1 + dy: 33 + dy, 1 + dx: 33 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
-        at_edge = (neighbours != mask[None]).any(axis=0)
-        assert not (wrong & ~at_edge).any(), (h, w)
-        # A shift by even one block would break most pixels; the check above is not vacuous.
-        assert (~at_edge).mean() > 0.3
-
-
-def test_depth_plane_keeps_nan_and_only_source_values():
-    rng = np.random.default_rng(1)
-    depth = rng.uniform(0.5, 9.0, (48, 64)).astype(np.float32)
-    depth[:, :3] = np.nan
-    depth[20:30, 30:40] = np.nan
-    out = resize_center_crop_plane(depth, 20)
-    assert out.shape == (20, 20) and out.dtype == np.float32
-    finite = out[np.isfinite(out)]
-    assert np.isnan(out).any() and finite.size > 0
-    assert np.isin(finite, depth[np.isfinite(depth)]).all()  # nearest: no value is invented
-
-
-# --------------------------------------------------------------------- pure: bad inputs
 def _photo(h: int = 40, w: int = 40) -> np.ndarray:
     return np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8)
-
-
-def test_decode_rejects_bad_annotations_with_reasons():
-    img = _jpeg(_photo())
-    corrupt_png = _png(np.zeros((40, 40), np.uint8))[:30] + b"\x00" * 40
-    seg = decode_task_batch({
-        "image_id": np.array(["ok", "size", "missing", "corrupt", "rgb", "bad_image"], dtype=object),
-        "image": np.array([img, img, img, img, img, bad_image_samples()["truncated"][0]], dtype=object),
-        "mask": np.array([_png(np.full((40, 40), 3, np.uint8)), _png(np.zeros((30, 40), np.uint8)), None,
-                          corrupt_png, _png(np.zeros((40, 40, 3), np.uint8)), _png(np.zeros((40, 40), np.uint8))],
-                         dtype=object),
-    }, task="segmentation", size=16, max_pixels=10**8, min_side=8)
-    assert seg["ok"].tolist() == [True, False, False, False, False, False]
-    reasons = seg["reason"].tolist()
-    assert reasons[1] == "mask size mismatch: image 40x40, mask 30x40"
-    assert reasons[2] == "missing label"
-    assert reasons[3].startswith("corrupt mask")
-    assert reasons[4].startswith("corrupt mask: expected a single-channel")
-    assert reasons[5].startswith("corrupt or truncated image")
-    assert seg["mask"].shape == (6, 16, 16) and (seg["mask"][0] == 2).all()  # release class 3 -> 2
-    assert (seg["mask"][1:] == 255).all() and not seg["pixels"][1:].any()
-    assert "image" not in seg and seg["pixels"].shape == (6, 16, 16, 3)
-
-
-def test_decode_keeps_invalid_depth_and_large_labels():
-    img = _jpeg(_photo())
-    mm = np.full((40, 40), 2500, np.uint16)
-    mm[:, :5] = 0
-    depth = decode_task_batch({
-        "image_id": np.array(["ok", "zeros", "missing", "eight_bit", "size"], dtype=object),
-        "image": np.array([img] * 5, dtype=object),
-        "depth": np.array([_png(mm), _png(np.zeros((40, 40), np.uint16)), None, _png(np.zeros((40, 40), np.uint8)),
-                           _png(mm[:, :20])], dtype=object),
-    }, task="depth", size=20, max_pixels=10**8, min_side=8)
-    assert depth["ok"].tolist() == [True, True, False, False, False]
-    assert depth["reason"].tolist()[2:] == ["missing depth",
-                                            "corrupt depth: expected a 16-bit PNG in millimetres, got mode L",
-                                            "depth size mismatch: image 40x40, depth 40x20"]
-    np.testing.assert_array_equal(depth["depth"][0], resize_center_crop_plane(decode_depth(_png(mm)), 20))
-    assert np.isnan(depth["depth"][0]).any() and np.nanmax(depth["depth"][0]) == np.float32(2.5)
-    assert np.isnan(depth["depth"][1]).all()  # an all-zero map is kept: every pixel invalid
-
-    cls = decode_task_batch({
-        "image_id": np.array(["a", "b", "c"], dtype=object), "image": np.array([img] * 3, dtype=object),
-        "label": np.array([4, -1, 5000], dtype=np.int64),
-    }, task="classification", size=20, max_pixels=10**8, min_side=8)
-    assert cls["ok"].tolist() == [True, False, True]
-    assert cls["reason"][1] == "missing label" and cls["label"].tolist() == [4, -1, 5000]
 
 
 # ---------------------------------------------------------------------------- Ray stage

@@ -98,7 +98,6 @@ def test_the_jobs_aspect_ratio_limit_reaches_every_decoder(photos):
     from scope_ray import pipeline
     from scope_ray.config import load_config
     from scope_ray.stages.decode import decode_batch
-    from scope_ray.stages.probe_features import decode_task_batch
 
     wide = _png(np.zeros((20, 70, 3), np.uint8))  # 3.5 : 1
     batch = _batch([photos[0], wide])
@@ -107,7 +106,7 @@ def test_the_jobs_aspect_ratio_limit_reaches_every_decoder(photos):
     assert pairs["ok"].tolist() == [True, False] and "aspect ratio" in pairs["reason"][1]
     assert scc_pairs_batch(batch, patch=PATCH, grid=GRID, shifts=(1,), max_pixels=10**8, min_side=8,
                            max_aspect_ratio=4.0)["ok"].tolist() == [True, True]
-    cls = decode_task_batch(batch, task="classification", size=20, max_pixels=10**8, min_side=8, max_aspect_ratio=3.0)
+    cls = decode_batch(batch, task="classification", size=20, max_pixels=10**8, min_side=8, max_aspect_ratio=3.0)
     assert cls["ok"].tolist() == [True, False]
     assert decode_batch(batch, size=20, max_pixels=10**8, min_side=8, max_aspect_ratio=3.0)["ok"].tolist() == [True, False]
     a, b = load_config(None), load_config(None, ["data.max_aspect_ratio=4"])
