@@ -17,14 +17,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set sae.k=32 (repeatable; VALUE is parsed as YAML)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="scope-ray", formatter_class=fmt,
-        description="Information-scope analysis (SCC, CDS) of vision-transformer SAEs, as a Ray batch workload.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(sub, fmt) -> None:
+    """`scope-ray demo`."""
     p = sub.add_parser("demo", formatter_class=fmt, help="run the pipeline end to end on a small local example",
                        description=textwrap.dedent("""\
         Run every implemented stage on a small random-init ViT and data made on the spot
@@ -36,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="scope-ray-demo", help="where the demo writes data and results (default: ./scope-ray-demo)")
     _add_set(p)
 
+
+def _add_run(sub, fmt) -> None:
+    """`scope-ray run`."""
     p = sub.add_parser("run", formatter_class=fmt, help="run the whole pipeline for one job spec",
                        description=textwrap.dedent("""\
         Run every stage for the model in JOB.yaml on the Ray cluster RAY_ADDRESS names (or a
@@ -49,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"run only these stages, in pipeline order (default: all of {','.join(STAGES)})")
     _add_set(p)
 
+
+def _add_stage(sub, fmt) -> None:
+    """`scope-ray stage`."""
     p = sub.add_parser("stage", formatter_class=fmt, help="run one stage of a job spec",
                        description=textwrap.dedent(f"""\
         Run one stage ({', '.join(STAGES)}) of JOB.yaml; skipped when already complete.
@@ -60,12 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     _add_set(p)
 
+
+def _add_check(sub, fmt) -> None:
+    """`scope-ray check`."""
     p = sub.add_parser("check", formatter_class=fmt, help="validate a job spec without running anything",
                        description="Load and validate JOB.yaml (with --set overrides) and print the resolved config.\n\n"
                                    "example:\n  scope-ray check my-job.yaml --set model.name=dinov2-b")
     p.add_argument("job")
     _add_set(p)
 
+
+def _add_sweep(sub, fmt) -> None:
+    """`scope-ray sweep`."""
     p = sub.add_parser("sweep", formatter_class=fmt, help="submit one Ray job per model of a sweep spec and track them",
                        description=textwrap.dedent("""\
         Submit one Ray job per job spec listed in SWEEP.yaml through the Ray Jobs API, at most
@@ -86,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted and skipped, submit nothing")
     _add_set(p)
 
+
+def _add_report(sub, fmt) -> None:
+    """`scope-ray report`."""
     p = sub.add_parser("report", formatter_class=fmt, help="write the Markdown and HTML report of a results root",
                        description=textwrap.dedent("""\
         Read every model under ROOT (a local path, file:// or s3:// URI) and write report.md and a
@@ -100,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write report.md / report.html (default: ROOT/report)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// roots (default: the AWS environment's)")
 
+
+def _add_doctor(sub, fmt) -> None:
+    """`scope-ray doctor`."""
     p = sub.add_parser("doctor", formatter_class=fmt, help="check that Ray, GPUs, storage and weights are usable",
                        description=textwrap.dedent("""\
         Check, before a long run: that Ray is reachable (RAY_ADDRESS or a local instance) and which
@@ -113,9 +125,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job", nargs="?", default=None, help="job spec (YAML), optional")
     _add_set(p)
 
+
+def _add_models(sub, fmt) -> None:
+    """`scope-ray models`."""
     sub.add_parser("models", help="list the model registry",
                    description="List every backbone in the registry with its designated layer, tau and grid.\n\n"
                                "example:\n  scope-ray models")
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="scope-ray", formatter_class=fmt,
+        description="Information-scope analysis (SCC, CDS) of vision-transformer SAEs, as a Ray batch workload.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_run, _add_stage, _add_check, _add_sweep, _add_report, _add_doctor, _add_models):
+        add(sub, fmt)
     return parser
 
 

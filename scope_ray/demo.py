@@ -76,17 +76,11 @@ def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
 
 
 def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None = None, log=print) -> dict:
-    from scope_ray.report.figures import norm_histogram, table_markdown
-    from scope_ray.stages.cds import run_cds
+    """Make the data, run every declared step (``pipeline.STEPS``) in order, print the summary and
+    write the report; returns each step's result and what the summary showed."""
+    from scope_ray.pipeline import STEPS
+    from scope_ray.report.content import write_report
     from scope_ray.stages.cluster import connect
-    from scope_ray.stages.eval_sae import run_eval_sae
-    from scope_ray.stages.extract import run_extract
-    from scope_ray.stages.instability import run_instability
-    from scope_ray.stages.partition import SENSITIVITY_COLUMNS, run_partition, table4_columns
-    from scope_ray.stages.probe import run_probes
-    from scope_ray.stages.probe_features import run_probe_features
-    from scope_ray.stages.train_sae import run_train_sae
-    from scope_ray.stages.zeroshot import run_zeroshot
     from scope_ray.storage import ResultsRoot
 
     t0 = time.time()
@@ -107,33 +101,42 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
 
     # The stages print their own progress; Ray Data's per-operator bars would bury the summary.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    seconds: dict[str, float] = {}
-
-    def timed(name, run):
+    results, seconds = {}, {}
+    for step in STEPS:
         t = time.time()
-        result = run(job, root, log=log)
-        seconds[name] = time.time() - t
-        return result
+        results[step.name] = step.load()(job, root, log=log)
+        seconds[step.name] = time.time() - t
+    shown = _log_summary(job, root, results, seconds, workdir, log)
+    if planted:
+        shown.update(_log_planted(job, root, results["cds"], log))
+    _log_accounting(job, root, log)
+    # The report reads only what the stages committed, as `scope-ray report ROOT` would
+    # (it also draws Figure 8 across every model under the root).
+    report = write_report(root.uri, endpoint_url=job.storage.endpoint_url)
+    log("")
+    log(f"  report           {report.html}")
+    log(f"                   {report.markdown}  (or: scope-ray report {root.uri})")
+    log(f"  wall time        {time.time() - t0:.1f} s")
+    r = results
+    return {"report": report, "root": root.uri, "extract": r["extract"], "train": r["train-sae"],
+            "eval": r["eval-sae"], "instability": r["instability"], "cds": r["cds"], "partition": r["partition"],
+            "probe_features": r["probe-features"], "probes": r["probe"], "zeroshot": r["zeroshot"],
+            "seconds": seconds, "probe_seconds": seconds["probe-features"] + seconds["probe"],
+            "planted": shown.get("planted"), "removal": shown.get("removal"), "probe_rows": shown["probe_rows"],
+            "figure": shown["figure"], "figures": shown["figures"]}
 
-    extract = timed("extract", run_extract)
-    train = timed("train-sae", run_train_sae)
-    evaluation = timed("eval-sae", run_eval_sae)
-    instability = timed("instability", run_instability)
-    cds = timed("cds", run_cds)
-    partition = timed("partition", run_partition)
-    probe_features = timed("probe-features", run_probe_features)
-    probes = timed("probe", run_probes)
-    probe_seconds = seconds["probe-features"] + seconds["probe"]
-    zeroshot = timed("zeroshot", run_zeroshot)
-    row = evaluation.row
+
+def _log_summary(job: JobConfig, root, results: dict, seconds: dict[str, float], workdir: Path, log) -> dict:
+    """The stage tables in the paper's layouts, then the figures; returns what they showed."""
+    from scope_ray.report.figures import norm_histogram
+
+    row = results["eval-sae"].row
     stage = root.stage(job.model.name, "extract")
     norms = stage.read_table("val_tokens", columns=["norm"]).column("norm").to_numpy()
     figures = Path(root.path if root.scheme == "file" else workdir / "figures") / job.model.name / "figures"
     fig = norm_histogram(norms, figures / "token_norms.png",
                          title=f"{job.model.name} layer {job.model.resolved_layer}: patch-token norms (val)",
                          tau=row["tau"])
-    summary = instability.summary
-    inst_fig = (instability.manifest or {}).get("figures", {}).get("instability", "(not drawn by this version)")
     log("")
     log("scope-ray demo — summary")
     log(f"  results root     {root.uri}")
@@ -141,10 +144,27 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
         log(f"  {table:<16} {rows} rows")
     p50, p99 = np.percentile(norms, [50, 99])
     log(f"  token norms      median {p50:.2f}, p99 {p99:.2f}, max {float(norms.max()):.2f}")
-    ran = {"extract": extract, "train-sae": train, "eval-sae": evaluation, "instability": instability,
-           "cds": cds, "partition": partition, "probe-features": probe_features, "probe": probes}
-    log("  stages           " + ", ".join(f"{k} {'reused' if r.skipped else 'ran'} ({seconds[k]:.0f} s)"
-                                          for k, r in ran.items()))
+    ran = [name for name in results if name != "zeroshot"]
+    log("  stages           " + ", ".join(f"{k} {'reused' if results[k].skipped else 'ran'} ({seconds[k]:.0f} s)"
+                                          for k in ran))
+    _log_sae_and_scope(job, row, results["instability"], results["partition"], log)
+    probe_rows = _log_probes(job, root, results, seconds, log)
+    zeroshot = results["zeroshot"]
+    log(f"  zero-shot        {'skipped: ' + zeroshot.reason if zeroshot.skipped else f'{len(zeroshot.rows)} variants'}")
+    inst_fig = (results["instability"].manifest or {}).get("figures", {}).get("instability", "(not drawn by this version)")
+    log("")
+    log("  figures")
+    partition_figures = results["partition"].figures
+    for name, path in {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition_figures}.items():
+        log(f"    {name:<22} {path}")
+    return {"figure": str(fig), "figures": {**partition_figures, "instability": str(inst_fig)}, "probe_rows": probe_rows}
+
+
+def _log_sae_and_scope(job: JobConfig, row: dict, instability, partition, log) -> None:
+    """Table 6 (SAE evaluation), Tables 7 / 9 (instability) and Table 4 (the CDS partition)."""
+    from scope_ray.report.figures import table_markdown
+    from scope_ray.stages.partition import SENSITIVITY_COLUMNS, table4_columns
+
     log("")
     log(f"  SAE evaluation (Table 6 layout; q = {row['d_sae']}, K = {job.sae.k}, tau = {row['tau']:.3g} [{row['tau_source']}])")
     log(_indent(table_markdown([row], [("model", "model", ""), ("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"),
@@ -154,8 +174,9 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     log("")
     log(f"  Outlier instability (Tables 7 / 9 layout; mean attention EMD in patches, {instability.images_selected} images, "
         f"alignment {job.scope.instability_alignment})")
-    log(_indent(table_markdown(summary, [("shift", "s", "d"), ("d_non", "D_non", ".3f"), ("d_out", "D_out", ".3f"),
-                                         ("n_non", "non-outlier tokens", "d"), ("n_out", "outlier tokens", "d")])))
+    log(_indent(table_markdown(instability.summary, [("shift", "s", "d"), ("d_non", "D_non", ".3f"),
+                                                     ("d_out", "D_out", ".3f"), ("n_non", "non-outlier tokens", "d"),
+                                                     ("n_out", "outlier tokens", "d")])))
     log("")
     p = partition.row
     log(f"  CDS partition (Table 4 layout; k_cds = {job.scope.k_cds}, s = {job.scope.shift})")
@@ -167,10 +188,14 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                                                   ("mean_act_normal", "mean act. on normal tokens", ".3f"),
                                                   ("outlier_share", "share on outliers", ".3f")])))
     log("")
+
+
+def _log_probes(job: JobConfig, root, results: dict, seconds: dict[str, float], log) -> list[dict]:
+    """Tables 3 / 8 (linear probes) as the report reads them back from the root."""
     from scope_ray.report.probes import collect_probe_results, probe_markdown, probe_table
 
     probe_rows = collect_probe_results(root)
-    cfg = job.probes
+    cfg, probes = job.probes, results["probe"]
     log(f"  Linear probes (Table 3 / Table 8 layout; best of {cfg.classification.trials}/{cfg.segmentation.trials}/"
         f"{cfg.depth.trials} trial(s), {cfg.classification.epochs}/{cfg.segmentation.epochs}/{cfg.depth.epochs} epochs "
         f"for classification/segmentation/depth: demo schedules, far from the paper's 5 x 100)")
@@ -178,36 +203,37 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     if probes.trials:
         startup = float(np.mean([t["seconds_startup"] for t in probes.trials]))
         training = float(np.mean([t["seconds_train"] for t in probes.trials]))
-        log(f"  probe stages {probe_seconds:.0f} s: {len(probes.trials)} trials, each ~{startup:.1f} s of Ray Train "
-            f"start-up and ~{training:.2f} s of training, up to {probes.max_concurrent} at once")
-    log(f"  zero-shot        {'skipped: ' + zeroshot.reason if zeroshot.skipped else f'{len(zeroshot.rows)} variants'}")
+        log(f"  probe stages {seconds['probe-features'] + seconds['probe']:.0f} s: {len(probes.trials)} trials, each "
+            f"~{startup:.1f} s of Ray Train start-up and ~{training:.2f} s of training, up to {probes.max_concurrent} at once")
+    return probe_rows
+
+
+def _log_planted(job: JobConfig, root, cds, log) -> dict:
+    """The planted model's known answer: does CDS separate its two kinds of direction, and does
+    removing them cost what it should?"""
+    from scope_ray.planted_check import planted_recovery, planted_removal_effect
+
+    rec = planted_recovery(job, root, cds.table.column("cds").to_numpy())
     log("")
-    log("  figures")
-    figure_paths = {"token norms": str(fig), "instability (Table 9)": str(inst_fig), **partition.figures}
-    for name, path in figure_paths.items():
-        log(f"    {name:<22} {path}")
-    if planted:
-        from scope_ray.planted_check import planted_recovery
+    log(f"  planted ground truth: SAE features aligned with a planted global-scope direction: {rec['global']['features']} "
+        f"(CDS median {rec['global']['median_cds']:.3f}); with a local-scope one: {rec['local']['features']} "
+        f"(median {rec['local']['median_cds']:.3f}); AUROC {rec['auroc']:.3f} (1 = CDS separates them perfectly)")
+    removal = planted_removal_effect(job, root)
+    seg, dep = removal["segmentation"], removal["depth"]
+    log(f"  planted removal: removing the {removal['groups']['local']} local-aligned features costs segmentation "
+        f"{100 * seg['drop_local']:.1f} mIoU points and depth {dep['drop_local']:+.3f} m RMSE; removing the "
+        f"{removal['groups']['global']} global-aligned ones {100 * seg['drop_global']:.1f} points and "
+        f"{dep['drop_global']:+.3f} m (fresh scenes, in-process probes)")
+    log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
+    log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
+    log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
+    return {"planted": rec, "removal": removal}
 
-        rec = planted_recovery(job, root, cds.table.column("cds").to_numpy())
-        log("")
-        log(f"  planted ground truth: SAE features aligned with a planted global-scope direction: {rec['global']['features']} "
-            f"(CDS median {rec['global']['median_cds']:.3f}); with a local-scope one: {rec['local']['features']} "
-            f"(median {rec['local']['median_cds']:.3f}); AUROC {rec['auroc']:.3f} (1 = CDS separates them perfectly)")
-        from scope_ray.planted_check import planted_removal_effect
 
-        removal = planted_removal_effect(job, root)
-        seg, dep = removal["segmentation"], removal["depth"]
-        log(f"  planted removal: removing the {removal['groups']['local']} local-aligned features costs segmentation "
-            f"{100 * seg['drop_local']:.1f} mIoU points and depth {dep['drop_local']:+.3f} m RMSE; removing the "
-            f"{removal['groups']['global']} global-aligned ones {100 * seg['drop_global']:.1f} points and "
-            f"{dep['drop_global']:+.3f} m (fresh scenes, in-process probes)")
-        log("  note: demo-planted is a planted model (ground truth, not a real ViT). Its global-scope directions sit on")
-        log("        high-norm tokens, so high-CDS features should dominate the outliers; its attention is a random")
-        log("        ViT's, so the instability table shows no outlier effect here (that needs pretrained weights).")
-    from scope_ray.report.content import accounting_rows, collect, write_report
+def _log_accounting(job: JobConfig, root, log) -> None:
+    """What was kept out and what was survived, stage by stage (the report's "Data accounting")."""
+    from scope_ray.report.content import accounting_rows, collect
 
-    # What was kept out and what was survived, stage by stage (the report's "Data accounting").
     log("")
     for row in accounting_rows(root, [r for r in collect(root) if r.name == job.model.name]):
         kept_out = [f"{row['rejected']} rejected ({row['reasons']})" if row.get("rejected") else "",
@@ -215,18 +241,6 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
                     row.get("recovered", "")]
         if any(kept_out):
             log(f"  kept out / recovered  {row['stage']}: " + "; ".join(k for k in kept_out if k))
-    # The report reads only what the stages committed, as `scope-ray report ROOT` would
-    # (it also draws Figure 8 across every model under the root).
-    report = write_report(root.uri, endpoint_url=job.storage.endpoint_url)
-    log("")
-    log(f"  report           {report.html}")
-    log(f"                   {report.markdown}  (or: scope-ray report {root.uri})")
-    log(f"  wall time        {time.time() - t0:.1f} s")
-    return {"report": report, "root": root.uri, "extract": extract, "train": train, "eval": evaluation, "instability": instability,
-            "cds": cds, "partition": partition, "probe_features": probe_features, "probes": probes,
-            "probe_seconds": probe_seconds, "seconds": seconds, "probe_rows": probe_rows, "zeroshot": zeroshot,
-            "planted": rec if planted else None, "removal": removal if planted else None, "figure": str(fig),
-            "figures": {**partition.figures, "instability": str(inst_fig)}}
 
 
 def _indent(text: str, pad: str = "  ") -> str:

@@ -43,28 +43,51 @@ RANDOM_POOL = "low group: scored features (finite CDS) with CDS <= gamma, i.e. s
 
 
 @dataclass(frozen=True)
+class Step:
+    """One stage function: the result directory whose result it returns, and where it lives
+    (``module:function``, imported when run; called as ``fn(job, root, **kwargs)``)."""
+
+    name: str
+    function: str
+
+    def load(self):
+        import importlib
+
+        module, _, function = self.function.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+@dataclass(frozen=True)
 class Stage:
     """A command-line stage: its name, the result directories it commits (in order), the stages
-    whose results it reads, and its runner (``module:function``, imported when run)."""
+    whose results it reads, and the steps that run it, in order."""
 
     name: str
     dirs: tuple[str, ...]
     upstream: tuple[str, ...]
-    runner: str
+    steps: tuple[Step, ...]
     needs_text_tower: bool = False  # zero-shot: other models succeed without writing anything
 
 
 PIPELINE: tuple[Stage, ...] = (
-    Stage("extract", (EXTRACT,), (), "scope_ray.stages.extract:run_extract"),
-    Stage("train-sae", (TRAIN_SAE,), ("extract",), "scope_ray.stages.train_sae:run_train_sae"),
-    Stage("eval-sae", (EVAL_SAE,), ("extract", "train-sae"), "scope_ray.stages.eval_sae:run_eval_sae"),
-    Stage("instability", (INSTABILITY,), ("extract",), "scope_ray.stages.instability:run_instability"),
-    Stage("cds", (CDS_TOPK, CDS, PARTITION), ("train-sae",), "scope_ray.pipeline:run_cds_and_partition"),
-    Stage("probe", (PROBE_FEATURES, PROBE), ("cds",), "scope_ray.pipeline:run_features_and_search"),
-    Stage("zeroshot", (ZEROSHOT,), ("probe",), "scope_ray.pipeline:run_zeroshot_stage", needs_text_tower=True),
+    Stage("extract", (EXTRACT,), (), (Step(EXTRACT, "scope_ray.stages.extract:run_extract"),)),
+    Stage("train-sae", (TRAIN_SAE,), ("extract",), (Step(TRAIN_SAE, "scope_ray.stages.train_sae:run_train_sae"),)),
+    Stage("eval-sae", (EVAL_SAE,), ("extract", "train-sae"), (Step(EVAL_SAE, "scope_ray.stages.eval_sae:run_eval_sae"),)),
+    Stage("instability", (INSTABILITY,), ("extract",),
+          (Step(INSTABILITY, "scope_ray.stages.instability:run_instability"),)),
+    # run_cds commits both passes (cds-topk, then cds) and returns the scores.
+    Stage("cds", (CDS_TOPK, CDS, PARTITION), ("train-sae",),
+          (Step(CDS, "scope_ray.stages.cds:run_cds"), Step(PARTITION, "scope_ray.stages.partition:run_partition"))),
+    Stage("probe", (PROBE_FEATURES, PROBE), ("cds",),
+          (Step(PROBE_FEATURES, "scope_ray.stages.probe_features:run_probe_features"),
+           Step(PROBE, "scope_ray.stages.probe:run_probes"))),
+    Stage("zeroshot", (ZEROSHOT,), ("probe",), (Step(ZEROSHOT, "scope_ray.stages.zeroshot:run_zeroshot"),),
+          needs_text_tower=True),
 )
 STAGES: tuple[str, ...] = tuple(s.name for s in PIPELINE)
 BY_NAME: dict[str, Stage] = {s.name: s for s in PIPELINE}
+# Every step in pipeline order: what the demo runs, one result per step.
+STEPS: tuple[Step, ...] = tuple(step for s in PIPELINE for step in s.steps)
 # Every result directory in pipeline order (the report lists them so).
 RESULT_DIRS: tuple[str, ...] = tuple(d for s in PIPELINE for d in s.dirs)
 
@@ -82,39 +105,23 @@ def run_hint(result_dir: str) -> str:
     return f"scope-ray stage {stage_of(result_dir)}"
 
 
-def runner(name: str):
-    """The function that runs command-line stage ``name`` as ``fn(job, root)``."""
-    import importlib
+def runner(name: str, log=print):
+    """The function that runs command-line stage ``name`` as ``fn(job, root)``: its steps in order.
 
-    module, _, function = BY_NAME[name].runner.partition(":")
-    return getattr(importlib.import_module(module), function)
+    A step that skipped with a reason (zero-shot on a model without a text tower) says so; one that
+    skipped because its result is already committed has said so itself."""
+    steps = BY_NAME[name].steps
 
+    def run(job, root) -> None:
+        for step in steps:
+            result = step.load()(job, root, log=log)
+            reason = getattr(result, "reason", None)
+            if getattr(result, "skipped", False) and reason:
+                log(f"[{step.name}] skipped: {reason}")
 
-def run_cds_and_partition(job, root) -> None:
-    from scope_ray.stages.cds import run_cds
-    from scope_ray.stages.partition import run_partition
-
-    run_cds(job, root)
-    run_partition(job, root)
-
-
-def run_features_and_search(job, root) -> None:
-    from scope_ray.stages.probe import run_probes
-    from scope_ray.stages.probe_features import run_probe_features
-
-    run_probe_features(job, root)
-    run_probes(job, root)
+    return run
 
 
-def run_zeroshot_stage(job, root) -> None:
-    from scope_ray.stages.zeroshot import run_zeroshot
-
-    result = run_zeroshot(job, root)
-    if result.skipped and result.reason:
-        print(f"[zeroshot] skipped: {result.reason}")
-
-
-# ------------------------------------------------------------------------------ config hashes
 def extract_hash(job: "JobConfig") -> str:
     """What the extracted tokens depend on (a change here means the stage is redone)."""
     # Only what changes the tokens: not tau (used by eval) nor the batch size (sampling is keyed

@@ -105,7 +105,7 @@ def test_a_full_disk_is_one_clear_line_and_says_what_is_kept(tmp_path, capsys, m
     import scope_ray.stages.cluster as cluster
     import scope_ray.stages.extract as extract
 
-    def full(job, root):
+    def full(job, root, **_):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results" / "manifest.json"))
 
     monkeypatch.setattr(cluster, "connect", lambda *_: None)
