@@ -96,6 +96,32 @@ def norm_histogram(norms, path: str | Path, *, title: str, tau: float | None = N
     return save_figure(fig, path)
 
 
+def _draw_cds_groups(ax, finite, shown, edges, gamma: float | None, sensitivity: list[dict] | None) -> list:
+    """Figure 6's scored features: low / high stacked either side of γ (its line, its ± band), or
+    one colour without a γ. Returns the legend handles."""
+    from matplotlib.patches import Patch
+
+    if gamma is None:
+        if not finite.size:
+            return []
+        ax.hist(shown, bins=edges, color=BLUE, label=f"features: {finite.size}")
+        return list(ax.get_legend_handles_labels()[0])
+    low = finite <= gamma
+    n_low, n_high = int(low.sum()), int((~low).sum())
+    if finite.size:
+        ax.hist([shown[low], shown[~low]], bins=edges, stacked=True, color=[BLUE, RED],
+                label=[f"low-CDS (≤ γ): {n_low}", f"high-CDS (> γ): {n_high}"])
+        handles = list(ax.get_legend_handles_labels()[0])
+    else:
+        handles = [Patch(color=BLUE, label=f"low-CDS (≤ γ): {n_low}"), Patch(color=RED, label=f"high-CDS (> γ): {n_high}")]
+    handles.append(ax.axvline(gamma, color="black", linestyle="--", label=f"γ = {gamma:.3g}"))
+    if sensitivity:
+        lo, hi = sensitivity[0], sensitivity[-1]
+        handles.append(ax.axvspan(lo["gamma"], hi["gamma"], color="black", alpha=0.07, lw=0,
+                                  label=f"γ {lo['gamma']:.3g}…{hi['gamma']:.3g}: high-CDS {lo['high']}…{hi['high']}"))
+    return handles
+
+
 def cds_histogram(
     cds,
     path: str | Path,
@@ -137,30 +163,7 @@ def cds_histogram(
     shown = np.clip(finite, 0.0, 1.0)
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    handles = []
-    if gamma is not None:
-        low = finite <= gamma
-        n_low, n_high = int(low.sum()), int((~low).sum())
-        if finite.size:
-            ax.hist(
-                [shown[low], shown[~low]], bins=edges, stacked=True, color=[BLUE, RED],
-                label=[f"low-CDS (≤ γ): {n_low}", f"high-CDS (> γ): {n_high}"],
-            )
-            handles = list(ax.get_legend_handles_labels()[0])
-        else:
-            handles = [
-                Patch(color=BLUE, label=f"low-CDS (≤ γ): {n_low}"),
-                Patch(color=RED, label=f"high-CDS (> γ): {n_high}"),
-            ]
-        handles.append(ax.axvline(gamma, color="black", linestyle="--", label=f"γ = {gamma:.3g}"))
-        if sensitivity:
-            lo, hi = sensitivity[0], sensitivity[-1]
-            handles.append(ax.axvspan(lo["gamma"], hi["gamma"], color="black", alpha=0.07, lw=0,
-                                      label=f"γ {lo['gamma']:.3g}…{hi['gamma']:.3g}: high-CDS {lo['high']}…{hi['high']}"))
-    else:
-        if finite.size:
-            ax.hist(shown, bins=edges, color=BLUE, label=f"features: {finite.size}")
-            handles = list(ax.get_legend_handles_labels()[0])
+    handles = _draw_cds_groups(ax, finite, shown, edges, gamma, sensitivity)
     if unscored_cds is None:
         handles.append(Patch(color=GREY, label=f"NaN CDS (no usable image): {n_nan}"))
     else:

@@ -134,7 +134,7 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
     from tqdm import tqdm
 
     from scope_ray.data.sources import read_source
-    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.cluster import actor_resources, one_block_per_batch
     from scope_ray.stages.scc_pairs import with_scc_pairs
     from scope_ray.topk import NO_KEY, FeatureTopK
 
@@ -156,7 +156,7 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
             f"pair at shift {job.scope.shift}")
         ds = read_source(source, "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
         # The same SCC views pass 2 scores (not a centre crop): a top image has the feature in the overlap.
-        ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
+        ds = with_scc_pairs(one_block_per_batch(ds, job.scope.batch_size), spec, (job.scope.shift,), job)
         ds = ds.map_batches(
             TopKCollector, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads, keep=keep,
                                                    run=chash),
@@ -366,15 +366,47 @@ class CDSResult:
     nan_features: int = 0
 
 
-def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> CDSResult:
-    """Both passes (each skipped when committed with this config); returns the ``cds`` table."""
+def _stream_pairs(job: JobConfig, root: ResultsRoot, selection: tuple, keys_sorted: np.ndarray, progress: bool,
+                  run: str) -> tuple[int, int]:
+    """Pass 2's Ray pipeline: the selected pool images → SCC pairs → activation maps (actors) →
+    EMD scores (CPU tasks, which write the ``pairs`` parts). Returns (images, rejected)."""
     import ray
     import ray.data
     from tqdm import tqdm
 
     from scope_ray.data.sources import read_source
-    from scope_ray.stages.cluster import actor_resources
+    from scope_ray.stages.cluster import actor_resources, one_block_per_batch
     from scope_ray.stages.scc_pairs import with_scc_pairs
+
+    spec = job.model.spec
+    # 1-CPU EMD tasks (or the read and decode tasks, if larger) beside the actors.
+    res = actor_resources(job.ray, task_cpus=max(EMD_TASK_CPUS, job.ray.read_cpus + job.ray.decode_cpus))
+    ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
+    ds = ds.map_batches(selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
+                        num_cpus=job.ray.read_cpus, batch_format="numpy")
+    ds = with_scc_pairs(one_block_per_batch(ds, job.scope.batch_size), spec, (job.scope.shift,), job)
+    ds = ds.map_batches(
+        PairMaps, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
+                                             selection_ref=ray.put(selection)),
+        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        batch_size=job.scope.batch_size, batch_format="numpy",
+    )
+    ds = ds.map_batches(score_pairs, fn_kwargs=dict(root=root, model=job.model.name, split=job.scope.pool_split,
+                                                    side=spec.grid - job.scope.shift, run=run),
+                        batch_size=EMD_BATCH_PAIRS, num_cpus=EMD_TASK_CPUS, batch_format="numpy")
+    images = rejected = 0
+    bar = tqdm(desc="cds pass 2", unit="img", total=int(keys_sorted.size), disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        images += int(part["images"].sum())
+        rejected += int(part["rejected"].sum())
+        bar.update(int(part["images"].sum()))
+    bar.close()
+    return images, rejected
+
+
+def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> CDSResult:
+    """Both passes (each skipped when committed with this config); returns the ``cds`` table."""
     from scope_ray.topk import image_keys
 
     topk_result = run_cds_topk(job, root, progress=progress, log=log)
@@ -403,30 +435,7 @@ def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=pri
         spec = job.model.spec
         log(f"[cds] pass 2: {keys_sorted.size} selected images -> SCC pairs at shift {job.scope.shift} -> "
             f"{topk.num_rows} (feature, image) scores")
-        # 1-CPU EMD tasks (or the read and decode tasks, if larger) beside the actors.
-        res = actor_resources(job.ray, task_cpus=max(EMD_TASK_CPUS, job.ray.read_cpus + job.ray.decode_cpus))
-        ds = read_source(pool_source(job), "imagenet", endpoint_url=job.storage.endpoint_url, num_cpus=job.ray.read_cpus)
-        ds = ds.map_batches(selected_only, fn_kwargs=dict(keys_sorted=keys_sorted), batch_size=256,
-                            num_cpus=job.ray.read_cpus, batch_format="numpy")
-        ds = with_scc_pairs(ds, spec, (job.scope.shift,), job)
-        ds = ds.map_batches(
-            PairMaps, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
-                                                 selection_ref=ray.put(selection)),
-            compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-            batch_size=job.scope.batch_size, batch_format="numpy",
-        )
-        ds = ds.map_batches(score_pairs, fn_kwargs=dict(root=root, model=job.model.name, split=job.scope.pool_split,
-                                                        side=spec.grid - job.scope.shift, run=chash),
-                            batch_size=EMD_BATCH_PAIRS, num_cpus=EMD_TASK_CPUS, batch_format="numpy")
-        images = rejected = scored = 0
-        bar = tqdm(desc="cds pass 2", unit="img", total=int(keys_sorted.size), disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True)
-        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            images += int(part["images"].sum())
-            rejected += int(part["rejected"].sum())
-            scored += int(part["pairs"].sum())
-            bar.update(int(part["images"].sum()))
-        bar.close()
+        images, rejected = _stream_pairs(job, root, selection, keys_sorted, progress, run=chash)
         pairs = stage.written_table("pairs", PAIRS_SCHEMA)
         # Nothing lost, nothing doubled: every (feature, image) of a usable selected image exactly once.
         rejected_ids = set(stage.written_table("rejects", REJECTS_SCHEMA).column("image_id").to_pylist())

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from scope_ray.config import JobConfig
 from scope_ray.scope import UNSCORED_REASONS, gamma_sensitivity, split_by_gamma, unscored_reasons
-from scope_ray.storage import ResultsRoot
+from scope_ray.storage import ResultsRoot, StageDir
 from scope_ray.pipeline import CDS as CDS_STAGE
 from scope_ray.pipeline import CDS_TOPK as TOPK_STAGE
 from scope_ray.pipeline import PARTITION as STAGE
@@ -194,10 +194,36 @@ class PartitionResult:
     sensitivity: list[dict] = field(default_factory=list)  # low / high sizes at γ − 0.05, γ, γ + 0.05
 
 
+def _write_figures(job: JobConfig, stage: StageDir, cds_Q: np.ndarray, scored_Q: np.ndarray, gamma: float,
+                   gamma_source: str, sensitivity: list[dict], stats: dict, gallery_rows: list[dict],
+                   gallery: tuple) -> dict[str, str]:
+    """Figures 6, 7, 9 and 10 (drawn by ``report.figures``) under the stage's ``figures/``."""
+    from scope_ray.report.figures import awcds_curve, cds_histogram, feature_gallery
+
+    q = cds_Q.size
+    pixels, maps = gallery
+    with tempfile.TemporaryDirectory() as tmp:
+        name = f"{job.model.name} layer {job.model.resolved_layer}"
+        local = {
+            "cds_histogram": cds_histogram(
+                np.where(scored_Q, cds_Q, np.nan), Path(tmp) / "cds_histogram.png", gamma=gamma,
+                unscored_cds=cds_Q[~scored_Q], sensitivity=sensitivity,
+                title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
+            "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
+                                 outlier_percentile=stats["tau_percentile"],
+                                 title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
+        }
+        for g, label in (("low", "lowest"), ("high", "highest")):
+            local[f"gallery_{g}"] = _draw_gallery(
+                [r for r in gallery_rows if r["group"] == g], pixels, maps, job, Path(tmp) / f"gallery_{g}.png",
+                title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
+        figures = {key: stage.write_figure(path) for key, path in local.items()}
+    return figures
+
+
 def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> PartitionResult:
     import ray
 
-    from scope_ray.report.figures import awcds_curve, cds_histogram, feature_gallery
     from scope_ray.stages.cluster import actor_resources
 
     stage = root.stage(job.model.name, STAGE)
@@ -247,26 +273,11 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
                                                       "tokens": stats["counts"].astype(np.int64)}))  # tokens averaged
         topk = root.stage(job.model.name, TOPK_STAGE).read_table("topk")
         gallery_rows = gallery_choice(cds, topk, job.scope.gallery_features, job.scope.gallery_images)
-        pixels, maps = gallery_maps(job, root, gallery_rows)
         stage.write_part("gallery", "part-0", pa.Table.from_pylist(
             gallery_rows, schema=pa.schema([("group", pa.string()), ("feature", pa.int64()), ("cds", pa.float64()),
                                             ("rank", pa.int64()), ("image_id", pa.string())])))
-        with tempfile.TemporaryDirectory() as tmp:
-            name = f"{job.model.name} layer {job.model.resolved_layer}"
-            local = {
-                "cds_histogram": cds_histogram(
-                    np.where(scored_Q, cds_Q, np.nan), Path(tmp) / "cds_histogram.png", gamma=gamma,
-                    unscored_cds=cds_Q[~scored_Q], sensitivity=sensitivity,
-                    title=f"{name}: CDS of {q} SAE features (γ {gamma:.3g}, {gamma_source})"),
-                "awcds": awcds_curve(stats["centres"], stats["means"], Path(tmp) / "awcds.png",
-                                     outlier_percentile=stats["tau_percentile"],
-                                     title=f"{name}: awCDS by token-norm percentile ({stats['tokens']} tokens)"),
-            }
-            for g, label in (("low", "lowest"), ("high", "highest")):
-                local[f"gallery_{g}"] = _draw_gallery(
-                    [r for r in gallery_rows if r["group"] == g], pixels, maps, job, Path(tmp) / f"gallery_{g}.png",
-                    title=f"{name}: {label}-CDS features, top images with activation overlaid", draw=feature_gallery)
-            figures = {key: stage.write_figure(path) for key, path in local.items()}
+        figures = _write_figures(job, stage, cds_Q, scored_Q, gamma, gamma_source, sensitivity, stats, gallery_rows,
+                                 gallery_maps(job, root, gallery_rows))
         stage.commit(chash, {"cds": cds_stage.uri, "val_tokens": root.stage(job.model.name, "extract").uri},
                      {"partition": 1, "gamma_sensitivity": len(sensitivity), "groups": len(stats["groups"]), "features": q,
                       "awcds": len(stats["centres"]),

@@ -383,6 +383,21 @@ def _free_resources(want_cpus: float, wait_s: float = 15.0) -> dict[str, float]:
         time.sleep(0.25)
 
 
+def _check_selection(cache: FeatureCache, tasks: Sequence[str] | None,
+                     variants: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The (tasks, variants) to search: the given ones, each checked against the cache, or all."""
+    tasks = list(tasks) if tasks is not None else cache.tasks
+    for t in tasks:
+        if t not in cache.tasks:
+            raise ValueError(f"task {t!r} is not in the probe features at {cache.stage.uri}; allowed: {cache.tasks}")
+    variants = list(variants) if variants is not None else cache.variants
+    for v in variants:
+        if v not in cache.variants:
+            raise ValueError(f"variant {v!r} is not in the probe features at {cache.stage.uri}; allowed: {cache.variants}")
+    check_schemas(cache, tasks)
+    return tasks, variants
+
+
 def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None = None,
                variants: Sequence[str] | None = None, trials: int | None = None,
                num_classes: Mapping[str, int] | None = None, log=print) -> ProbeResult:
@@ -393,19 +408,10 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
     (default: segmentation ``probes.segmentation_classes``, classification max label + 1).
     """
     import ray
-    from ray import tune
 
     num_classes = {"segmentation": job.probes.segmentation_classes, **(num_classes or {})}
     cache = open_cache(job, root)
-    tasks = list(tasks) if tasks is not None else cache.tasks
-    for t in tasks:
-        if t not in cache.tasks:
-            raise ValueError(f"task {t!r} is not in the probe features at {cache.stage.uri}; allowed: {cache.tasks}")
-    variants = list(variants) if variants is not None else cache.variants
-    for v in variants:
-        if v not in cache.variants:
-            raise ValueError(f"variant {v!r} is not in the probe features at {cache.stage.uri}; allowed: {cache.variants}")
-    check_schemas(cache, tasks)
+    tasks, variants = _check_selection(cache, tasks, variants)
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job, cache.stage.manifest(), tasks, variants, trials, num_classes)
     if stage.is_complete(chash):
@@ -416,27 +422,12 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
     with stage.writing(chash, resume=same, keep=(TUNE_DIR, TRAIN_DIR, ATTEMPT) if same else (),
                        lease_seconds=job.storage.lease_seconds):
         _mark_attempt(stage, chash)
-
         if not ray.is_initialized():
             from scope_ray.stages.cluster import connect
 
             connect(job.ray)
-        from scope_ray.stages.cluster import role_gpus
-
-        worker_gpus = role_gpus(job.ray.gpus_per_probe_worker, "ray.gpus_per_probe_worker")
-        worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
-        most = sum(trials or getattr(job.probes, t).trials for t in tasks) * len(variants)  # largest possible search
-        concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
-        fs_arrow = None if root.scheme == "file" else root.arrow_fs
-        tune_storage = posixpath.join(stage.path, TUNE_DIR)
-        train_storage = posixpath.join(stage.path, TRAIN_DIR)
-        for d in (tune_storage, train_storage):
-            root.ensure_dir(d)
+        search = _Search.plan(job, root, stage, cache, tasks, variants, num_classes, trials, log)
         ran, reused, searches = 0, 0, []
-        fault = faults.plan(STAGE) or {}  # tests only: trials that raise, a worker that dies
-        raising, kill = [list(k) for k in fault.get("raise", [])], fault.get("kill")
-        # Train run names are per attempt: a trial that starts over must not pick up an old run's state.
-        attempt = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         # As few Tune searches as the object store allows: the (task, variant) pairs whose features fit
         # in it together share one Tuner, so their trials run side by side (a pair alone has only
         # `trials` of them) and each Tuner's set-up is paid once; each pair's features sit in the
@@ -445,91 +436,161 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         store = ray.cluster_resources().get("object_store_memory", 0.0) * OBJECT_STORE_SHARE
         units = [(t, v) for t in tasks for v in variants]
         unit_bytes = {u: variant_bytes(cache, u[0]) for u in units}
+        for number, group in enumerate(pack_units(units, unit_bytes, store or float("inf")), start=1):
+            done = search.run(f"search{number}", group)
+            reused += done["reused"]
+            if done["summary"] is not None:
+                ran += done["ran"]
+                searches.append(done["summary"])
+        return _commit(job, stage, chash, cache, tasks, variants, ran, reused, search.concurrent, searches, log)
+
+
+@dataclass
+class _Search:
+    """What every Tune search of one probe run shares: where it stores, how many trials run at
+    once, each task's training loop, and the test-only faults (``scope_ray.faults``)."""
+
+    job: JobConfig
+    root: ResultsRoot
+    stage: StageDir
+    cache: FeatureCache
+    trials: int | None
+    classes: dict[str, int]
+    loops: dict[str, dict]
+    worker_cpus: float
+    worker_gpus: float
+    concurrent: int
+    attempt: str
+    log: object
+    raising: list = field(default_factory=list)
+    kill: dict | None = None
+
+    @classmethod
+    def plan(cls, job: JobConfig, root: ResultsRoot, stage: StageDir, cache: FeatureCache, tasks: list[str],
+             variants: list[str], num_classes: Mapping[str, int], trials: int | None, log) -> "_Search":
+        from scope_ray.stages.cluster import role_gpus
+
+        worker_gpus = role_gpus(job.ray.gpus_per_probe_worker, "ray.gpus_per_probe_worker")
+        worker_cpus = job.probes.worker_cpus or job.ray.cpus_per_actor
+        most = sum(trials or getattr(job.probes, t).trials for t in tasks) * len(variants)  # largest possible search
+        concurrent = max_concurrent_trials(_free_resources((TRIAL_CPUS + worker_cpus) * most), worker_cpus, worker_gpus)
+        for d in (cls._dir(stage, TUNE_DIR), cls._dir(stage, TRAIN_DIR)):
+            root.ensure_dir(d)
+        fault = faults.plan(STAGE) or {}  # tests only: trials that raise, a worker that dies
         classes = {t: class_count(cache, t, num_classes) for t in tasks}
         loops = {t: {"task": t, "width": cache.width, "image_size": cache.image_size, "num_classes": classes[t],
                      "depth_bins": job.probes.depth_bins, "max_depth": job.probes.max_depth,
                      "epochs": getattr(job.probes, t).epochs, "batch_size": getattr(job.probes, t).batch_size,
                      "checkpoint_every": job.probes.checkpoint_every,
                      "torch_threads": job.ray.torch_threads or max(1, int(worker_cpus))} for t in tasks}
-        for number, group in enumerate(pack_units(units, unit_bytes, store or float("inf")), start=1):
-            run = f"search{number}"
-            pending: list[dict] = []
-            for task, variant in group:
-                done = _finished(stage, task, variant)
-                configs = search_trials(job, task, variant, trials)
-                todo = [c for c in configs if c["trial"] not in done]
-                reused += len(configs) - len(todo)
-                pending += todo
-            what = ", ".join(sorted({t for t, _ in group}, key=TASKS.index))
-            if not pending:
-                log(f"[probe] {run} ({what}): every trial already finished")
-                continue
-            t0 = time.perf_counter()
-            refs, sizes = {}, {}
-            for task, variant in sorted({(c["task"], c["variant"]) for c in pending}):
-                train = load_split(cache, task, "train", variant, classes[task])
-                val = load_split(cache, task, "val", variant, classes[task])
-                key = f"{task}/{variant}"
-                sizes[key] = {"n_train": len(next(iter(train.values()))), "n_val": len(next(iter(val.values())))}
-                refs[key] = {"train": ray.put(train), "val": ray.put(val)}
-                del train, val
-            for c in pending:
-                key = (c["task"], c["variant"], c["trial"])
-                c["inject_fault"] = list(key) in raising
-                c["kill_worker"] = kill if kill and (kill["task"], kill["variant"], kill["trial"]) == key else None
-            spec = {"root": root.uri, "endpoint_url": root.endpoint_url, "seed": job.seed, "run": f"{run}-{attempt}",
-                    "worker_cpus": worker_cpus, "worker_gpus": worker_gpus, "train_storage": train_storage,
-                    "loops": loops}
+        # Train run names are per attempt: a trial that starts over must not pick up an old run's state.
+        return cls(job=job, root=root, stage=stage, cache=cache, trials=trials, classes=classes, loops=loops,
+                   worker_cpus=worker_cpus, worker_gpus=worker_gpus, concurrent=concurrent,
+                   attempt=time.strftime("%Y%m%dT%H%M%S", time.gmtime()), log=log,
+                   raising=[list(k) for k in fault.get("raise", [])], kill=fault.get("kill"))
 
-            def write(hp, result, actor_s, sizes=sizes):
-                task, tcfg = hp["task"], getattr(job.probes, hp["task"])
-                row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
-                       "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
-                       "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
-                       "curve": list(result["curve"]), "train_loss": result["train_loss"],
-                       **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
-                       "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
-                       "seconds_actor": actor_s,
-                       "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
-                       "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
-                stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
-                                 pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
+    @staticmethod
+    def _dir(stage: StageDir, name: str) -> str:
+        return posixpath.join(stage.path, name)
 
-            if root.fs.exists(posixpath.join(tune_storage, run)):
-                root.fs.rm(posixpath.join(tune_storage, run), recursive=True)  # a fresh attempt, not a restore
-            log(f"[probe] {run} ({what}): {len(pending)} trials over {len(group)} (task, variant) pairs, "
-                f"up to {concurrent} at once")
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(run_trial, data=refs), {"CPU": TRIAL_CPUS}),
-                param_space={"hp": tune.grid_search(pending), "spec": spec},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
-                                            trial_dirname_creator=_trial_name),
-                run_config=tune.RunConfig(name=run, storage_path=tune_storage, storage_filesystem=fs_arrow,
-                                          verbose=0, callbacks=[_record_callback(write)]),
-            )
-            grid = tuner.fit()
-            del refs, tuner
-            failed = [(r.config["hp"], r.error) for r in grid if r.error is not None]
-            # Every trial that did not fail must have left its part file: the commit below counts on it.
-            failed_keys = {(hp["task"], hp["variant"], hp["trial"]) for hp, _ in failed}
-            recorded = {(t, v): _finished(stage, t, v) for t, v in group}
-            unrecorded = [c for c in pending if c["trial"] not in recorded[(c["task"], c["variant"])]
-                          and (c["task"], c["variant"], c["trial"]) not in failed_keys]
-            if unrecorded:
-                c = unrecorded[0]
-                raise RuntimeError(f"probe search {c['task']}/{c['variant']}: trial {c['trial']} ended without being "
-                                   f"recorded ({len(unrecorded)} such); re-run to run it again")
-            ran += len(pending) - len(failed)
-            searches.append({"search": run, "units": [f"{t}/{v}" for t, v in group], "trials_run": len(pending),
-                             "failed": len(failed), "wall_seconds": time.perf_counter() - t0,
-                             "max_concurrent": concurrent})
-            log(f"[probe] {run}: {len(pending) - len(failed)} trials in {time.perf_counter() - t0:.1f} s")
-            if failed:
-                hp, err = failed[0]
-                raise RuntimeError(f"probe search {hp['task']}/{hp['variant']}: trial {hp['trial']} failed ({len(failed)} "
-                                   f"of {len(pending)} failed); finished trials are kept, re-run to resume. "
-                                   f"Cause: {type(err).__name__}: {err}") from err
-        return _commit(job, stage, chash, cache, tasks, variants, ran, reused, concurrent, searches, log)
+    def _pending(self, group) -> tuple[list[dict], int]:
+        """The group's trials not yet finished (a resumed run skips the rest), and how many were."""
+        pending, reused = [], 0
+        for task, variant in group:
+            done = _finished(self.stage, task, variant)
+            configs = search_trials(self.job, task, variant, self.trials)
+            todo = [c for c in configs if c["trial"] not in done]
+            reused += len(configs) - len(todo)
+            pending += todo
+        for c in pending:
+            key = (c["task"], c["variant"], c["trial"])
+            c["inject_fault"] = list(key) in self.raising
+            c["kill_worker"] = self.kill if self.kill and (self.kill["task"], self.kill["variant"],
+                                                           self.kill["trial"]) == key else None
+        return pending, reused
+
+    def _put_features(self, pending: list[dict]) -> tuple[dict, dict]:
+        """Each pending (task, variant)'s train / val arrays in the object store once, and their sizes."""
+        import ray
+
+        refs, sizes = {}, {}
+        for task, variant in sorted({(c["task"], c["variant"]) for c in pending}):
+            train = load_split(self.cache, task, "train", variant, self.classes[task])
+            val = load_split(self.cache, task, "val", variant, self.classes[task])
+            key = f"{task}/{variant}"
+            sizes[key] = {"n_train": len(next(iter(train.values()))), "n_val": len(next(iter(val.values())))}
+            refs[key] = {"train": ray.put(train), "val": ray.put(val)}
+            del train, val
+        return refs, sizes
+
+    def _write_trial(self, hp: dict, result: dict, actor_s: float, sizes: dict) -> None:
+        task, tcfg = hp["task"], getattr(self.job.probes, hp["task"])
+        row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
+               "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
+               "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
+               "curve": list(result["curve"]), "train_loss": result["train_loss"],
+               **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
+               "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
+               "seconds_actor": actor_s,
+               "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
+               "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
+        self.stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
+                              pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
+
+    def run(self, run: str, group) -> dict:
+        """One Tune search over ``group``'s unfinished trials; every finished trial leaves its part."""
+        from ray import tune
+
+        pending, reused = self._pending(group)
+        what = ", ".join(sorted({t for t, _ in group}, key=TASKS.index))
+        if not pending:
+            self.log(f"[probe] {run} ({what}): every trial already finished")
+            return {"reused": reused, "ran": 0, "summary": None}
+        t0 = time.perf_counter()
+        refs, sizes = self._put_features(pending)
+        spec = {"root": self.root.uri, "endpoint_url": self.root.endpoint_url, "seed": self.job.seed,
+                "run": f"{run}-{self.attempt}", "worker_cpus": self.worker_cpus, "worker_gpus": self.worker_gpus,
+                "train_storage": self._dir(self.stage, TRAIN_DIR), "loops": self.loops}
+        tune_storage = self._dir(self.stage, TUNE_DIR)
+        if self.root.fs.exists(posixpath.join(tune_storage, run)):
+            self.root.fs.rm(posixpath.join(tune_storage, run), recursive=True)  # a fresh attempt, not a restore
+        self.log(f"[probe] {run} ({what}): {len(pending)} trials over {len(group)} (task, variant) pairs, "
+                 f"up to {self.concurrent} at once")
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(run_trial, data=refs), {"CPU": TRIAL_CPUS}),
+            param_space={"hp": tune.grid_search(pending), "spec": spec},
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrent, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=run, storage_path=tune_storage,
+                storage_filesystem=None if self.root.scheme == "file" else self.root.arrow_fs, verbose=0,
+                callbacks=[_record_callback(lambda hp, result, actor_s: self._write_trial(hp, result, actor_s, sizes))]),
+        )
+        grid = tuner.fit()
+        del refs, tuner
+        failed = [(r.config["hp"], r.error) for r in grid if r.error is not None]
+        self._check_recorded(group, pending, failed)
+        seconds = time.perf_counter() - t0
+        self.log(f"[probe] {run}: {len(pending) - len(failed)} trials in {seconds:.1f} s")
+        if failed:
+            hp, err = failed[0]
+            raise RuntimeError(f"probe search {hp['task']}/{hp['variant']}: trial {hp['trial']} failed ({len(failed)} "
+                               f"of {len(pending)} failed); finished trials are kept, re-run to resume. "
+                               f"Cause: {type(err).__name__}: {err}") from err
+        return {"reused": reused, "ran": len(pending),
+                "summary": {"search": run, "units": [f"{t}/{v}" for t, v in group], "trials_run": len(pending),
+                            "failed": 0, "wall_seconds": seconds, "max_concurrent": self.concurrent}}
+
+    def _check_recorded(self, group, pending: list[dict], failed: list) -> None:
+        """Every trial that did not fail must have left its part file: the commit counts on it."""
+        failed_keys = {(hp["task"], hp["variant"], hp["trial"]) for hp, _ in failed}
+        recorded = {(t, v): _finished(self.stage, t, v) for t, v in group}
+        unrecorded = [c for c in pending if c["trial"] not in recorded[(c["task"], c["variant"])]
+                      and (c["task"], c["variant"], c["trial"]) not in failed_keys]
+        if unrecorded:
+            c = unrecorded[0]
+            raise RuntimeError(f"probe search {c['task']}/{c['variant']}: trial {c['trial']} ended without being "
+                               f"recorded ({len(unrecorded)} such); re-run to run it again")
 
 
 def _commit(job, stage: StageDir, chash: str, cache: FeatureCache, tasks, variants, ran: int, reused: int,

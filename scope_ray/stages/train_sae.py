@@ -21,7 +21,7 @@ import signal
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -212,14 +212,99 @@ def train_step(module, sae, optimizer, x_BD: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+@dataclass
+class _Progress:
+    """A worker's place in the run, as a checkpoint stores it.
+
+    Non-finite rows: ``counted_before`` is the all-worker total stored in the last checkpoint;
+    ``nonfinite`` counts this worker's since then. Only the first epoch counts (later epochs see
+    the same rows again)."""
+
+    step: int = 0
+    counted_before: int = 0
+    log: list = field(default_factory=list)
+    resumed_from: list = field(default_factory=list)
+    nonfinite: int = 0
+    revived_logged: int = 0
+
+
+def _new_sae(cfg: dict):
+    """The dictionary every worker starts from (same seed, same scale), and its optimizer."""
+    from scope_ray.sae import BatchTopKSAE
+    from scope_ray.sae_step import adam
+
+    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], k_aux=cfg["k_aux"],
+                       dead_after_tokens=cfg["dead_after_tokens"], threshold_ema=cfg["threshold_ema"])
+    with torch.no_grad():
+        # The driver computed these from a sample (what set_input_scale_from / init_b_dec do) so
+        # that workers receive two numbers' worth of config rather than the sample itself.
+        sae.input_scale.fill_(cfg["input_scale"])
+        sae.b_dec.copy_(torch.tensor(cfg["b_dec_init"]) * cfg["input_scale"])
+    # sae.loss (in _LossModule) takes the sparse step by size; adam is fused where available.
+    return sae, adam(sae.parameters(), cfg["lr"])
+
+
+def _resume(cfg: dict, sae, optimizer, rank: int) -> _Progress:
+    """Ray Train's checkpoint (a restarted group) or the configured one (a re-run), else a new start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint() or cfg.get("resume_from")
+    if checkpoint is None:
+        return _Progress()
+    with checkpoint.as_directory() as d:
+        step, counted_before, log, resumed_from = _load_checkpoint(d, sae, optimizer)
+    if rank == 0:
+        print(f"[train-sae] resuming from checkpoint at step {step}/{cfg['total_steps']}", flush=True)
+    return _Progress(step=step, counted_before=counted_before, log=log, resumed_from=resumed_from + [step])
+
+
+def _to_device(sae, optimizer, device) -> None:
+    sae.to(device).train()
+    # Optimizer state tensors follow the parameters' device (a checkpoint's come back on the CPU).
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = value.to(device)
+
+
+def _log_step(cfg: dict, sae, loss, progress: _Progress, dist, world: int, rank: int) -> None:
+    record = sae.last_record
+    revived = int(sae.revived_total)
+    row = {"step": progress.step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
+           "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
+           # Latents AuxK brought back since the previous log row (the same count on every worker:
+           # the statistics are the global batch's).
+           "revived": revived - progress.revived_logged,
+           "nonfinite_rows": progress.counted_before + _all_sum(progress.nonfinite, dist, world), "time": time.time(),
+           # Peak resident memory of this worker process (Linux reports KiB).
+           "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    progress.revived_logged = revived
+    progress.log.append(row)
+    if rank == 0:
+        print(f"[train-sae] step {progress.step}/{cfg['total_steps']} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "
+              f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f} revived {row['revived']}", flush=True)
+
+
+def _report(sae, optimizer, progress: _Progress, workers, dist, world: int, rank: int) -> None:
+    """Ray Train's report of this step; rank 0's carries the checkpoint."""
+    import ray.train
+
+    record = sae.last_record
+    metrics = {"step": progress.step, "fvu": record.fvu, "l0": record.l0}
+    total_bad = progress.counted_before + _all_sum(progress.nonfinite, dist, world)
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_checkpoint(tmp, sae, optimizer, progress.step, total_bad, progress.log, progress.resumed_from, workers)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
 def train_loop(cfg: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
-
-    from scope_ray.sae import BatchTopKSAE
-    from scope_ray.sae_step import adam
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -231,33 +316,9 @@ def train_loop(cfg: dict) -> None:
         from scope_ray.devices import cuda_problem, device_for
 
         device_for([device.index], cuda_problem())  # a granted GPU torch cannot use fails here, with the facts
-    sae = BatchTopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], k_aux=cfg["k_aux"],
-                       dead_after_tokens=cfg["dead_after_tokens"], threshold_ema=cfg["threshold_ema"])
-    with torch.no_grad():
-        # The driver computed these from a sample (what set_input_scale_from / init_b_dec do) so
-        # that workers receive two numbers' worth of config rather than the sample itself.
-        sae.input_scale.fill_(cfg["input_scale"])
-        sae.b_dec.copy_(torch.tensor(cfg["b_dec_init"]) * cfg["input_scale"])
-    # sae.loss (in _LossModule) takes the sparse step by size; adam is fused where available.
-    optimizer = adam(sae.parameters(), cfg["lr"])
-    # Non-finite rows: `counted_before` is the all-worker total stored in the last checkpoint;
-    # `nonfinite` counts this worker's since then. Only the first epoch counts (later epochs see
-    # the same rows again).
-    step, counted_before, log, resumed_from = 0, 0, [], []
-    nonfinite = 0
-    checkpoint = ray.train.get_checkpoint() or cfg.get("resume_from")
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            step, counted_before, log, resumed_from = _load_checkpoint(d, sae, optimizer)
-        resumed_from = resumed_from + [step]
-        if rank == 0:
-            print(f"[train-sae] resuming from checkpoint at step {step}/{cfg['total_steps']}", flush=True)
-    sae.to(device).train()
-    # Optimizer state tensors follow the parameters' device.
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                state[key] = value.to(device)
+    sae, optimizer = _new_sae(cfg)
+    progress = _resume(cfg, sae, optimizer, rank)
+    _to_device(sae, optimizer, device)
     workers = _worker_nodes(rank, world, dist, device)
     module = _LossModule(sae, cfg["aux_coef"])
     if world > 1:
@@ -269,10 +330,9 @@ def train_loop(cfg: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch, total = cfg["steps_per_epoch"], cfg["total_steps"]
     fault = cfg.get("fault_at_step")
-    revived_logged = 0
-    while step < total:
-        epoch = step // steps_per_epoch
-        done_in_epoch = step % steps_per_epoch  # non-zero only right after a resume
+    while progress.step < total:
+        epoch = progress.step // steps_per_epoch
+        done_in_epoch = progress.step % steps_per_epoch  # non-zero only right after a resume
         batches = shard.iter_torch_batches(
             batch_size=cfg["batch_size"], drop_last=True, dtypes=torch.float32, device=device,
             local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
@@ -281,43 +341,22 @@ def train_loop(cfg: dict) -> None:
         for i, batch in enumerate(batches):
             if i < done_in_epoch:
                 continue  # trained before the checkpoint: replay the epoch's order, skip the work
-            if i >= steps_per_epoch or step >= total:
+            if i >= steps_per_epoch or progress.step >= total:
                 break
             x = batch["x"]
             finite = torch.isfinite(x).all(dim=1)
             n_bad = int((~finite).sum())
             if n_bad:
-                nonfinite += n_bad if epoch == 0 else 0
+                progress.nonfinite += n_bad if epoch == 0 else 0
                 x = x[finite]
             if fault:
-                _inject_fault(fault, step, rank, world)
+                _inject_fault(fault, progress.step, rank, world)
             loss = train_step(module, sae, optimizer, x)
-            step += 1
-            record = sae.last_record
-            if step % cfg["log_every"] == 0 or step == total:
-                revived = int(sae.revived_total)
-                row = {"step": step, "loss": float(loss.detach()), "fvu": record.fvu, "l0": record.l0,
-                       "dead_fraction": record.dead_fraction, "threshold": float(sae.threshold / sae.input_scale),
-                       # Latents AuxK brought back since the previous log row (the same count on
-                       # every worker: the statistics are the global batch's).
-                       "revived": revived - revived_logged,
-                       "nonfinite_rows": counted_before + _all_sum(nonfinite, dist, world), "time": time.time(),
-                       # Peak resident memory of this worker process (Linux reports KiB).
-                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-                revived_logged = revived
-                log.append(row)
-                if rank == 0:
-                    print(f"[train-sae] step {step}/{total} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "
-                          f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f} revived {row['revived']}", flush=True)
-            if step % cfg["checkpoint_every"] == 0 or step == total:
-                metrics = {"step": step, "fvu": record.fvu, "l0": record.l0}
-                total_bad = counted_before + _all_sum(nonfinite, dist, world)
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        _save_checkpoint(tmp, sae, optimizer, step, total_bad, log, resumed_from, workers)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
+            progress.step += 1
+            if progress.step % cfg["log_every"] == 0 or progress.step == total:
+                _log_step(cfg, sae, loss, progress, dist, world, rank)
+            if progress.step % cfg["checkpoint_every"] == 0 or progress.step == total:
+                _report(sae, optimizer, progress, workers, dist, world, rank)
 
 
 def _all_sum(value: int, dist, world: int) -> int:
@@ -369,12 +408,54 @@ def _scale_sample(files: list[str], root: ResultsRoot, n: int) -> np.ndarray:
     return sample
 
 
-def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResult:
-    """Train (or skip, or resume) the SAE for ``job``. (Tests break one worker through
-    ``scope_ray.faults``: plan ``train-sae``.)"""
+def _loop_config(job: JobConfig, files: list[str], root: ResultsRoot, n_rows: int, steps_per_epoch: int,
+                 total_steps: int, dead_after: int) -> dict:
+    """What every Train worker's loop is told (plain numbers: no sample travels to the workers)."""
+    spec, workers = job.model.spec, job.sae.num_workers
+    sample = _scale_sample(files, root, job.sae.scale_sample)
+    mean_sq = float((sample.astype(np.float64) ** 2).sum(axis=1).mean())
+    cfg = {
+        "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
+        "dead_after_tokens": dead_after, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
+        "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size // workers,
+        # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
+        "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "log_every": job.sae.log_every,
+        "checkpoint_every": job.sae.checkpoint_every, "input_scale": math.sqrt(spec.width / mean_sq),
+        "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
+    }
+    fault = faults.plan(STAGE)
+    if fault is not None:
+        cfg["fault_at_step"] = {"step": fault["step"], "marker": fault["marker"], "kind": fault.get("kind", "raise")}
+    return cfg
+
+
+def _token_stream(job: JobConfig, files: list[str], root: ResultsRoot):
+    """The training tokens as a Ray Dataset, and the ingest options Ray Train must read it with."""
     import ray.data
     import ray.train
     from ray.data import FileShuffleConfig
+
+    # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
+    # (randomize_block_order would be all-to-all: every token block in the object store first.)
+    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
+                               shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
+    ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
+    # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the
+    # data in the same order. Ray Train runs the split with its own execution options (not the
+    # dataset's context), so the ordering has to be asked for there.
+    with warnings.catch_warnings():
+        # Ray 2.60's own default options touch a deprecated field; nothing for a user to act on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    return ds, ingest
+
+
+def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResult:
+    """Train (or skip, or resume) the SAE for ``job``. (Tests break one worker through
+    ``scope_ray.faults``: plan ``train-sae``.)"""
+    import ray.train
     from ray.train.torch import TorchTrainer
 
     from scope_ray.stages.cluster import role_gpus
@@ -402,35 +483,8 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResul
     run_name = f"sae-{chash}"
     # Checkpoints of this config (under TRAIN_DIR) are how an interrupted run resumes: kept.
     with stage.writing(chash, keep=(TRAIN_DIR,), lease_seconds=job.storage.lease_seconds):
-        sample = _scale_sample(files, root, job.sae.scale_sample)
-        mean_sq = float((sample.astype(np.float64) ** 2).sum(axis=1).mean())
-        input_scale = math.sqrt(spec.width / mean_sq)
-        cfg = {
-            "seed": job.seed, "d_in": spec.width, "d_sae": job.dictionary_size, "k": job.sae.k, "k_aux": job.sae.k_aux,
-            "dead_after_tokens": dead_after, "threshold_ema": job.sae.threshold_ema, "lr": job.sae.lr,
-            "aux_coef": job.sae.aux_coef, "batch_size": job.sae.batch_size // workers,
-            # A buffer larger than a worker's share of an epoch never fills: cap it at half of that.
-            "shuffle_buffer": min(job.sae.shuffle_buffer, n_rows // (2 * workers)),
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "log_every": job.sae.log_every,
-            "checkpoint_every": job.sae.checkpoint_every, "input_scale": input_scale,
-            "b_dec_init": sample.mean(axis=0, dtype=np.float64).tolist(), "torch_threads": job.ray.torch_threads,
-        }
-        fault = faults.plan(STAGE)
-        if fault is not None:
-            cfg["fault_at_step"] = {"step": fault["step"], "marker": fault["marker"], "kind": fault.get("kind", "raise")}
-        # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
-        # (randomize_block_order would be all-to-all: every token block in the object store first.)
-        ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
-                                   shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
-        ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
-        # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the
-        # data in the same order. Ray Train runs the split with its own execution options (not the
-        # dataset's context), so the ordering has to be asked for there.
-        with warnings.catch_warnings():
-            # Ray 2.60's own default options touch a deprecated field; nothing for a user to act on.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ingest = ray.train.DataConfig.default_ingest_options()
-        ingest.preserve_order = True
+        cfg = _loop_config(job, files, root, n_rows, steps_per_epoch, total_steps, dead_after)
+        ds, ingest = _token_stream(job, files, root)
         storage_path = posixpath.join(stage.path, TRAIN_DIR)
         if root.scheme == "file":
             os.makedirs(storage_path, exist_ok=True)

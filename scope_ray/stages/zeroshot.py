@@ -220,10 +220,36 @@ def _text_side(job: JobConfig, names: list[str], templates: list[str]) -> TextSi
     return ray.get(task.remote(job, names, templates, res.torch_threads))
 
 
-def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotResult:
-    """Run (or skip, when committed with this config) the zero-shot stage for ``job``."""
+def _score_variants(features, fm: dict, column: str, width: int, proj_DE, class_CE, scale: float,
+                    names: list[str], names_from: str) -> dict:
+    """One zero-shot tally per variant over the cached val embeddings; each variant must have
+    scored the same images, as many as probe-features used."""
     from scope_ray.zeroshot import ZeroShotTally, patch_mean_embedding, zeroshot_logits
 
+    tallies = {v: ZeroShotTally() for v in VARIANTS}
+    where = f"{features.uri}/{SOURCE_TABLE}"
+    for path in features.part_files(SOURCE_TABLE):
+        t = pq.read_table(path, columns=["image_id", "variant", column, "label"], filesystem=features.root.arrow_fs)
+        labels = t.column("label").to_numpy()
+        variant = np.asarray(t.column("variant").to_pylist(), dtype=object)
+        _check_labels(labels, t.column("image_id").to_pylist(), len(names), names_from, where)
+        emb = t.column(column).combine_chunks().flatten().to_numpy().reshape(t.num_rows, width)
+        if proj_DE is not None:
+            emb = patch_mean_embedding(emb, proj_DE).numpy()
+        for v in np.unique(variant):
+            if v not in tallies:
+                raise RuntimeError(f"{where}: unknown variant {v!r}; expected {list(VARIANTS)}")
+            sel = variant == v
+            tallies[v].update(zeroshot_logits(emb[sel], class_CE, scale), labels[sel])
+    counts = {v: t.n for v, t in tallies.items()}
+    used = fm.get("splits", {}).get("classification", {}).get("val", {}).get("used")
+    if len(set(counts.values())) != 1 or (used is not None and counts["original"] != used):
+        raise RuntimeError(f"{where}: images per variant {counts}, expected {used} each; not committing")
+    return tallies
+
+
+def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotResult:
+    """Run (or skip, when committed with this config) the zero-shot stage for ``job``."""
     spec = job.model.spec
     if not spec.has_text_tower:
         reason = f"{spec.name} has no text tower: zero-shot applies to the CLIP models only"
@@ -266,26 +292,7 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotRes
     if class_CE.shape[1] != dim:
         raise RuntimeError(f"text embeddings have width {class_CE.shape[1]}, the image embeddings {dim}")
 
-    tallies = {v: ZeroShotTally() for v in VARIANTS}
-    where = f"{features.uri}/{SOURCE_TABLE}"
-    for path in features.part_files(SOURCE_TABLE):
-        t = pq.read_table(path, columns=["image_id", "variant", column, "label"], filesystem=features.root.arrow_fs)
-        labels = t.column("label").to_numpy()
-        variant = np.asarray(t.column("variant").to_pylist(), dtype=object)
-        _check_labels(labels, t.column("image_id").to_pylist(), len(names), names_from, where)
-        emb = t.column(column).combine_chunks().flatten().to_numpy().reshape(t.num_rows, width)
-        if proj_DE is not None:
-            emb = patch_mean_embedding(emb, proj_DE).numpy()
-        for v in np.unique(variant):
-            if v not in tallies:
-                raise RuntimeError(f"{where}: unknown variant {v!r}; expected {list(VARIANTS)}")
-            sel = variant == v
-            tallies[v].update(zeroshot_logits(emb[sel], class_CE, scale), labels[sel])
-    counts = {v: t.n for v, t in tallies.items()}
-    used = fm.get("splits", {}).get("classification", {}).get("val", {}).get("used")
-    if len(set(counts.values())) != 1 or (used is not None and counts["original"] != used):
-        raise RuntimeError(f"{where}: images per variant {counts}, expected {used} each; not committing")
-
+    tallies = _score_variants(features, fm, column, width, proj_DE, class_CE, scale, names, names_from)
     base = tallies["original"]
     rows = [{"variant": v, "n_images": t.n, "n_correct": t.correct, "top1": t.top1,
              "mean_confidence": t.mean_confidence, "top1_delta": t.top1 - base.top1,
