@@ -41,6 +41,7 @@ Resuming, at two levels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -445,6 +446,21 @@ def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None
         return _commit(job, stage, chash, cache, tasks, variants, ran, reused, search.concurrent, searches, log)
 
 
+def _write_trial(job: JobConfig, stage: StageDir, sizes: dict, hp: dict, result: dict, actor_s: float) -> None:
+    """One finished trial's row, written as its own part (what a resumed search reads back)."""
+    task, tcfg = hp["task"], getattr(job.probes, hp["task"])
+    row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
+           "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
+           "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
+           "curve": list(result["curve"]), "train_loss": result["train_loss"],
+           **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
+           "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
+           "seconds_actor": actor_s,
+           "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
+           "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
+    stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]), pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
+
+
 @dataclass
 class _Search:
     """What every Tune search of one probe run shares: where it stores, how many trials run at
@@ -523,20 +539,6 @@ class _Search:
             del train, val
         return refs, sizes
 
-    def _write_trial(self, hp: dict, result: dict, actor_s: float, sizes: dict) -> None:
-        task, tcfg = hp["task"], getattr(self.job.probes, hp["task"])
-        row = {"task": task, "variant": hp["variant"], "trial": hp["trial"], "lr": hp["lr"],
-               "weight_decay": hp["weight_decay"], "metric": METRICS[task][0], "value": result["value"],
-               "diverged": bool(result["diverged"]), "epochs": tcfg.epochs, "batch_size": tcfg.batch_size,
-               "curve": list(result["curve"]), "train_loss": result["train_loss"],
-               **sizes[f"{task}/{hp['variant']}"], "device": result["device"],
-               "node_id": result["node_id"], "resumed_from_epoch": result["resumed_from_epoch"],
-               "seconds_actor": actor_s,
-               "seconds_startup": result["seconds_startup"], "seconds_load": result["seconds_load"],
-               "seconds_train": result["seconds_train"], "seconds_total": result["seconds_total"]}
-        self.stage.write_part("trials", _part_name(task, hp["variant"], hp["trial"]),
-                              pa.Table.from_pylist([row], schema=TRIALS_SCHEMA))
-
     def run(self, run: str, group) -> dict:
         """One Tune search over ``group``'s unfinished trials; every finished trial leaves its part."""
         from ray import tune
@@ -564,7 +566,9 @@ class _Search:
             run_config=tune.RunConfig(
                 name=run, storage_path=tune_storage,
                 storage_filesystem=None if self.root.scheme == "file" else self.root.arrow_fs, verbose=0,
-                callbacks=[_record_callback(lambda hp, result, actor_s: self._write_trial(hp, result, actor_s, sizes))]),
+                # Tune pickles its callbacks: the writer holds the job, the stage and the sizes, not this
+                # object (whose ``log`` may be a function that does not pickle, e.g. print under Ray).
+                callbacks=[_record_callback(functools.partial(_write_trial, self.job, self.stage, sizes))]),
         )
         grid = tuner.fit()
         del refs, tuner

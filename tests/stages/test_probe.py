@@ -96,6 +96,17 @@ def _quiet(*_):
     pass
 
 
+class _UnpicklableLog:
+    """A log function that cannot be pickled, as ``print`` cannot once Ray Train has patched
+    ``builtins.print`` in the driver (the CLI's case after train-sae): nothing Tune pickles may hold it."""
+
+    def __call__(self, *_):
+        pass
+
+    def __reduce__(self):
+        raise TypeError("the log function was pickled")
+
+
 NUM_CLASSES = {"segmentation": SEG_CLASSES}
 
 
@@ -274,7 +285,7 @@ def test_search_over_two_tasks_survives_a_killed_worker_and_resumes_after_a_fail
     assert len(kept) == 3 and not any("depth__low_removed" in p for p in kept)
     before = {p: root.fs.cat_file(p) for p in kept}
 
-    res = run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_quiet)
+    res = run_probes(job, root, tasks=tasks, trials=1, num_classes=NUM_CLASSES, log=_UnpicklableLog())
     assert (res.ran_trials, res.reused_trials) == (1, 3) and res.max_concurrent == 2
     assert all(root.fs.cat_file(p) == data for p, data in before.items())  # finished trials not run again
     trials = stage.read_table("trials").to_pylist()
