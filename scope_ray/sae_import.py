@@ -1,0 +1,347 @@
+"""SAEs trained by other toolkits, read exactly into one inference-only form (issue 17).
+
+Every supported toolkit's SAE computes, at inference,
+
+    r_BF = ReLU((x_BD − b_pre_D) @ W_enc_DF + b_enc_F)          (b_pre = 0 where the toolkit has none)
+    z_BF = r                                    activation "relu"
+         = per-row top-k of r                   activation "topk"
+         = r · [r > θ]  or  r · [r ≥ θ]          activation "threshold" (θ a scalar or one per latent)
+    x̂_BD = z @ W_dec_FD + b_dec_D
+
+which is also this project's BatchTopKSAE at inference (a scalar θ, strict ">"). ``ImportedSAE``
+holds that form; a reader per toolkit maps the toolkit's file onto it, applying at import what the
+toolkit applies at inference (overcomplete's decoder normalisation and exp(multiplier), its
+log-thresholds). docs/sae.md tables each toolkit's conventions and the mapping.
+
+Files are read as safetensors, JSON or ``torch.load(weights_only=True)`` (plain tensors); a pickled
+object is refused with the reason, never unpickled. What is read is checked: shapes against each
+other, the activation's parameters present, values finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from scope_ray.storage import fsspec_filesystem, split_uri, write_local_atomically
+
+Activation = Literal["relu", "topk", "threshold"]
+Compare = Literal[">", ">="]
+FORMAT = "scope-ray-imported-sae"
+FORMAT_VERSION = 1
+METADATA_KEY = "scope_ray_imported_sae"
+TENSORS = ("W_enc", "b_enc", "W_dec", "b_pre", "b_dec", "threshold")
+
+
+class SAEImportError(ValueError):
+    """A file that cannot be imported, with what was found and what was expected."""
+
+
+class ImportedSAE(nn.Module):
+    """An SAE from another toolkit in the common inference form (module docstring).
+
+    ``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D], ``b_pre`` [D], ``b_dec`` [D], ``threshold``
+    [] or [F] (used by activation "threshold" only). ``provenance``: toolkit, architecture, the
+    source file's name and sha256, anything the reader noted."""
+
+    def __init__(self, W_enc_DF: torch.Tensor, b_enc_F: torch.Tensor, W_dec_FD: torch.Tensor, b_pre_D: torch.Tensor,
+                 b_dec_D: torch.Tensor, *, activation: Activation, k: int | None = None,
+                 threshold: torch.Tensor | None = None, compare: Compare = ">", provenance: dict | None = None):
+        super().__init__()
+        d, f = W_enc_DF.shape
+        shapes = {"W_enc": (W_enc_DF, (d, f)), "b_enc": (b_enc_F, (f,)), "W_dec": (W_dec_FD, (f, d)),
+                  "b_pre": (b_pre_D, (d,)), "b_dec": (b_dec_D, (d,))}
+        wrong = {n: list(t.shape) for n, (t, s) in shapes.items() if tuple(t.shape) != s}
+        if wrong:
+            raise SAEImportError(f"tensor shapes do not fit one SAE of width {d} and {f} latents: {wrong}")
+        if activation not in ("relu", "topk", "threshold"):
+            raise SAEImportError(f"activation {activation!r}; allowed: relu, topk, threshold")
+        if activation == "topk" and not (k is not None and 1 <= k <= f):
+            raise SAEImportError(f"a top-k SAE needs 1 <= k <= {f}; got k={k}")
+        if activation == "threshold":
+            if threshold is None or threshold.shape not in ((), (f,)):
+                raise SAEImportError(f"a threshold SAE needs a threshold of shape [] or [{f}]; got "
+                                   f"{None if threshold is None else list(threshold.shape)}")
+            if compare not in (">", ">="):
+                raise SAEImportError(f"threshold comparison {compare!r}; allowed: >, >=")
+        tensors = {"W_enc": W_enc_DF, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_pre": b_pre_D, "b_dec": b_dec_D}
+        if threshold is not None:
+            tensors["threshold"] = threshold
+        bad = [n for n, t in tensors.items() if not torch.isfinite(t.float()).all()]
+        if bad:
+            raise SAEImportError(f"non-finite values in {bad}")
+        dtype = W_enc_DF.dtype
+        for name, t in tensors.items():
+            self.register_buffer(name, t.detach().to(dtype).clone().contiguous())
+        if threshold is None:
+            self.register_buffer("threshold", torch.zeros((), dtype=dtype))
+        self.d_in, self.d_sae = d, f
+        self.activation, self.k, self.compare = activation, k, compare
+        self.provenance = dict(provenance or {})
+
+    # --- the model ----------------------------------------------------------------------------
+    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x_BD.to(self.W_enc.dtype) - self.b_pre) @ self.W_enc + self.b_enc)
+
+    def encode(self, x_BD: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
+        """z_BF as the source toolkit computes it at inference (``use_threshold`` is accepted for
+        the stages' calling convention; an imported SAE has one inference rule)."""
+        r_BF = self.pre_acts(x_BD)
+        if self.activation == "relu":
+            return r_BF
+        if self.activation == "topk":
+            values, index = r_BF.topk(self.k, dim=-1)
+            return torch.zeros_like(r_BF).scatter_(-1, index, values)
+        keep = r_BF > self.threshold if self.compare == ">" else r_BF >= self.threshold
+        return r_BF * keep
+
+    def decode(self, z_BF: torch.Tensor) -> torch.Tensor:
+        return z_BF.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_BF = self.encode(x_BD)
+        return self.decode(z_BF), z_BF
+
+    def config(self) -> dict:
+        return {"d_in": self.d_in, "d_sae": self.d_sae, "activation": self.activation, "k": self.k,
+                "compare": self.compare, "threshold_shape": list(self.threshold.shape)}
+
+    # --- files --------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, endpoint_url: str | None = None) -> None:
+        """One safetensors file: the tensors and a JSON header (config and provenance)."""
+        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in TENSORS}
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.config(), "provenance": self.provenance}
+        blob = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
+        fs, fpath = fsspec_filesystem(str(path), endpoint_url)
+        if split_uri(str(path))[0] == "file":
+            fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
+            write_local_atomically(fpath, blob)
+        else:
+            fs.pipe_file(fpath, blob)
+
+    @classmethod
+    def load(cls, path: str | Path, *, endpoint_url: str | None = None,
+             device: str | torch.device = "cpu") -> "ImportedSAE":
+        fs, fpath = fsspec_filesystem(str(path), endpoint_url)
+        with fs.open(fpath, "rb") as f:
+            blob = f.read()
+        meta = safetensors_metadata(blob, str(path)).get(METADATA_KEY)
+        if meta is None:
+            raise SAEImportError(f"{path} is not an imported-SAE file (no {METADATA_KEY!r} header)")
+        config = json.loads(meta)
+        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+            raise SAEImportError(f"{path}: format {config.get('format')!r} v{config.get('format_version')!r}; "
+                               f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        t = safetensors.torch.load(blob)
+        threshold = t["threshold"] if config["activation"] == "threshold" else None
+        sae = cls(t["W_enc"], t["b_enc"], t["W_dec"], t["b_pre"], t["b_dec"], activation=config["activation"],
+                  k=config["k"], threshold=threshold, compare=config["compare"], provenance=config["provenance"])
+        return sae.to(device).eval()
+
+
+def safetensors_metadata(blob: bytes, where: str) -> dict:
+    """The string metadata of a safetensors file's header ({} when it has none)."""
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        return json.loads(blob[8:8 + n]).get("__metadata__") or {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure: not safetensors
+        raise SAEImportError(f"{where} is not a safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------- reading files
+def _read_bytes(path: str, endpoint_url: str | None) -> bytes:
+    fs, fpath = fsspec_filesystem(path, endpoint_url)
+    if not fs.exists(fpath):
+        raise SAEImportError(f"{path} does not exist")
+    with fs.open(fpath, "rb") as f:
+        return f.read()
+
+
+def _tensors(path: str, endpoint_url: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a safetensors or torch.save file, and its sha256. A torch.save file that
+    holds more than tensors (a pickled module, an optimizer) is refused: never unpickled."""
+    blob = _read_bytes(path, endpoint_url)
+    digest = hashlib.sha256(blob).hexdigest()
+    if path.endswith(".safetensors"):
+        try:
+            return safetensors.torch.load(blob), digest
+        except Exception as exc:  # noqa: BLE001
+            raise SAEImportError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    import io
+
+    try:
+        loaded = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - weights_only refuses anything but tensors and containers
+        raise SAEImportError(f"{path}: not a plain state dict of tensors, so it is not loaded (it would need "
+                           f"unpickling arbitrary objects: {type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                           "Save the model's state_dict() instead") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise SAEImportError(f"{path}: expected a dict of tensors (a state_dict), got {type(loaded).__name__}")
+    return loaded, digest
+
+
+def _require(sd: dict, keys: tuple[str, ...], where: str, what: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise SAEImportError(f"{where}: not a {what} file: tensors {missing} missing (found {sorted(sd)})")
+
+
+def _json(path: str, endpoint_url: str | None) -> dict:
+    try:
+        return json.loads(_read_bytes(path, endpoint_url))
+    except json.JSONDecodeError as exc:
+        raise SAEImportError(f"{path}: not JSON ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an SAE comes from: the toolkit's format, its file (or folder), and options the file
+    does not hold (overcomplete saves no config)."""
+
+    format: str
+    path: str
+    architecture: str | None = None
+    k: int | None = None
+    threshold: float | None = None
+
+
+def _provenance(fmt: str, architecture: str, path: str, digest: str, **extra) -> dict:
+    return {"toolkit": fmt, "architecture": architecture, "source": path, "sha256": digest, **extra}
+
+
+def read_sparsify(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """EleutherAI sparsify: a folder with ``sae.safetensors`` (encoder.weight [F, D], encoder.bias,
+    W_dec [F, D], b_dec) and ``cfg.json`` (k, activation, transcode, skip_connection)."""
+    folder = src.path.rstrip("/")
+    sd, digest = _tensors(posixpath.join(folder, "sae.safetensors"), endpoint_url)
+    cfg = _json(posixpath.join(folder, "cfg.json"), endpoint_url)
+    _require(sd, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), folder, "sparsify SparseCoder")
+    if cfg.get("activation", "topk") != "topk":
+        raise SAEImportError(f"{folder}: sparsify activation {cfg.get('activation')!r}; supported: topk")
+    if cfg.get("skip_connection") or "W_skip" in sd:
+        raise SAEImportError(f"{folder}: a skip connection (W_skip) is not part of an SAE's dictionary; not supported")
+    b_dec = sd["b_dec"]
+    b_pre = torch.zeros_like(b_dec) if cfg.get("transcode") else b_dec
+    return ImportedSAE(sd["encoder.weight"].T, sd["encoder.bias"], sd["W_dec"], b_pre, b_dec, activation="topk",
+                       k=int(cfg["k"]), provenance=_provenance("sparsify", "topk", folder, digest,
+                                                               transcode=bool(cfg.get("transcode"))))
+
+
+_DL_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
+
+
+def read_dictionary_learning(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """saprmarks/dictionary_learning: ``ae.pt`` (a state dict) with ``config.json`` beside it
+    (``trainer.dict_class``); ``src.architecture`` names the class when there is no config."""
+    path = src.path
+    folder = posixpath.dirname(path) if path.endswith(".pt") else path.rstrip("/")
+    path = path if path.endswith(".pt") else posixpath.join(folder, "ae.pt")
+    sd, digest = _tensors(path, endpoint_url)
+    cls = src.architecture
+    if cls is None:
+        config_path = posixpath.join(folder, "config.json")
+        cls = _json(config_path, endpoint_url).get("trainer", {}).get("dict_class")
+    if cls not in _DL_CLASSES:
+        raise SAEImportError(f"{path}: dictionary_learning class {cls!r}; supported: {', '.join(_DL_CLASSES)}")
+    prov = _provenance("dictionary_learning", cls, path, digest)
+    if cls == "AutoEncoder":
+        _require(sd, ("bias", "encoder.weight", "encoder.bias", "decoder.weight"), path, cls)
+        return ImportedSAE(sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, sd["bias"], sd["bias"],
+                           activation="relu", provenance=prov)
+    if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
+        _require(sd, ("b_dec", "k", "threshold", "encoder.weight", "encoder.bias", "decoder.weight"), path, cls)
+        W_enc, b_enc, W_dec, b = sd["encoder.weight"].T, sd["encoder.bias"], sd["decoder.weight"].T, sd["b_dec"]
+    else:
+        keys = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold") + (("k",) if cls.startswith("Matryoshka") else ())
+        _require(sd, keys, path, cls)
+        W_enc, b_enc, W_dec, b = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
+    if cls == "AutoEncoderTopK":  # its forward keeps the per-row top k (the threshold is training-only)
+        return ImportedSAE(W_enc, b_enc, W_dec, b, b, activation="topk", k=int(sd["k"]), provenance=prov)
+    threshold = sd["threshold"]
+    if cls == "JumpReluAutoEncoder":  # no pre-encoder bias; per-latent raw thresholds
+        return ImportedSAE(W_enc, b_enc, W_dec, torch.zeros_like(b), b, activation="threshold", threshold=threshold,
+                           compare=">", provenance=prov)
+    if float(threshold) < 0:
+        raise SAEImportError(f"{path}: {cls} threshold {float(threshold)} was never estimated (training stopped "
+                           "before threshold_start_step): its inference would be a plain ReLU SAE, not BatchTopK")
+    return ImportedSAE(W_enc, b_enc, W_dec, b, b, activation="threshold", threshold=threshold, compare=">",
+                       k=int(sd["k"]), provenance=prov)
+
+
+_OC_ARCHITECTURES = ("SAE", "TopKSAE", "BatchTopKSAE", "JumpSAE")
+
+
+def read_overcomplete(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """KempnerInstitute/overcomplete: a ``state_dict()`` saved with torch.save or safetensors (the
+    toolkit saves no config: ``architecture`` and, for TopKSAE ``k``, for BatchTopKSAE its running
+    ``threshold`` (not in the state dict), come from the caller). The decoder is the dictionary as
+    the toolkit uses it at inference: rows L2-normalised (+1e-8), times exp(multiplier); JumpSAE's
+    thresholds are exp of the stored log-thresholds; its comparisons are >=."""
+    arch = src.architecture
+    if arch not in _OC_ARCHITECTURES:
+        raise SAEImportError(f"overcomplete needs --architecture (the toolkit saves no config); got {arch!r}; "
+                           f"allowed: {', '.join(_OC_ARCHITECTURES)}")
+    sd, digest = _tensors(src.path, endpoint_url)
+    keys = ("encoder.final_block.0.weight", "encoder.final_block.0.bias", "dictionary._weights")
+    _require(sd, keys + (("thresholds",) if arch == "JumpSAE" else ()), src.path, f"overcomplete {arch}")
+    W = sd["dictionary._weights"]
+    multiplier = sd.get("dictionary.multiplier", torch.zeros((), dtype=W.dtype))
+    W_dec = W / (W.norm(dim=1, keepdim=True) + 1e-8) * torch.exp(multiplier)
+    W_enc, b_enc = sd["encoder.final_block.0.weight"].T, sd["encoder.final_block.0.bias"]
+    zeros = torch.zeros(W_enc.shape[0], dtype=W.dtype)
+    prov = _provenance("overcomplete", arch, src.path, digest)
+    if arch == "SAE":
+        return ImportedSAE(W_enc, b_enc, W_dec, zeros, zeros, activation="relu", provenance=prov)
+    if arch == "TopKSAE":
+        if src.k is None:
+            raise SAEImportError(f"{src.path}: an overcomplete TopKSAE needs k (its top_k is not saved)")
+        return ImportedSAE(W_enc, b_enc, W_dec, zeros, zeros, activation="topk", k=src.k, provenance=prov)
+    if arch == "BatchTopKSAE":
+        if src.threshold is None:
+            raise SAEImportError(f"{src.path}: an overcomplete BatchTopKSAE needs its running threshold (the model's "
+                               "running_threshold attribute, which state_dict() does not save)")
+        return ImportedSAE(W_enc, b_enc, W_dec, zeros, zeros, activation="threshold", compare=">=",
+                           threshold=torch.tensor(float(src.threshold), dtype=W.dtype), provenance=prov)
+    return ImportedSAE(W_enc, b_enc, W_dec, zeros, zeros, activation="threshold", compare=">=",
+                       threshold=torch.exp(sd["thresholds"]), provenance=prov)
+
+
+def read_plain(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """The documented layout for anything else (docs/sae.md): a safetensors file with W_enc [D, F],
+    b_enc [F], W_dec [F, D], b_dec [D], optional b_pre [D] (default zeros) and threshold ([] or [F]),
+    and string metadata ``activation`` (relu / topk / threshold), ``k``, ``compare`` (> or >=)."""
+    if not src.path.endswith(".safetensors"):
+        raise SAEImportError(f"{src.path}: the plain layout is a .safetensors file")
+    blob = _read_bytes(src.path, endpoint_url)
+    meta = safetensors_metadata(blob, src.path)
+    sd = safetensors.torch.load(blob)
+    _require(sd, ("W_enc", "b_enc", "W_dec", "b_dec"), src.path, "plain-layout SAE")
+    activation = meta.get("activation")
+    if activation is None:
+        raise SAEImportError(f"{src.path}: header metadata lacks 'activation' (relu, topk or threshold)")
+    k = int(meta["k"]) if meta.get("k") not in (None, "", "null") else None
+    return ImportedSAE(sd["W_enc"], sd["b_enc"], sd["W_dec"], sd.get("b_pre", torch.zeros_like(sd["b_dec"])),
+                       sd["b_dec"], activation=activation, k=k, threshold=sd.get("threshold"),
+                       compare=meta.get("compare", ">"),
+                       provenance=_provenance("plain", activation, src.path, hashlib.sha256(blob).hexdigest()))
+
+
+READERS: dict[str, Callable[[Source, str | None], ImportedSAE]] = {
+    "sparsify": read_sparsify, "dictionary_learning": read_dictionary_learning, "overcomplete": read_overcomplete,
+    "plain": read_plain,
+}
+
+
+def import_sae(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """``src`` read by its format's reader, in eval mode."""
+    if src.format not in READERS:
+        raise SAEImportError(f"unknown SAE format {src.format!r}; allowed: {', '.join(READERS)}")
+    return READERS[src.format](src, endpoint_url).eval()
