@@ -133,6 +133,42 @@ def _add_models(sub, fmt) -> None:
                                "example:\n  scope-ray models")
 
 
+def _add_import_sae(sub, fmt) -> None:
+    """`scope-ray import-sae`."""
+    from scope_ray.sae_import import READERS
+
+    p = sub.add_parser("import-sae", formatter_class=fmt, help="read an SAE trained by another toolkit, exactly",
+                       description=textwrap.dedent(f"""\
+        Read an SAE saved by another toolkit ({', '.join(READERS)}) into this project's
+        form (its encode / decode exactly as the toolkit computes them at inference; docs/sae.md)
+        and write it as one safetensors file with its provenance. To use it in a job instead of
+        training one, set sae.source (format, path, ...) in the job spec; train-sae then imports it.
+
+        example:
+          scope-ray import-sae sparsify ./checkpoints/layers.10 --out sae.safetensors
+          scope-ray import-sae overcomplete sae_state.pt --architecture TopKSAE --k 32 --out sae.safetensors
+        """))
+    p.add_argument("format", choices=sorted(READERS))
+    p.add_argument("path", help="the toolkit's file or folder (local path, file:// or s3:// URI)")
+    p.add_argument("--out", required=True, help="where to write the imported SAE (.safetensors)")
+    p.add_argument("--architecture", default=None, help="the toolkit's class when the file does not say")
+    p.add_argument("--k", type=int, default=None, help="top-k when the file does not hold it")
+    p.add_argument("--threshold", type=float, default=None, help="overcomplete BatchTopKSAE's running threshold")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
+
+
+def _import_sae(args) -> int:
+    from scope_ray.sae_import import Source, import_sae
+
+    sae = import_sae(Source(args.format, args.path, args.architecture, args.k, args.threshold),
+                     endpoint_url=args.endpoint_url)
+    sae.save(args.out, endpoint_url=args.endpoint_url)
+    print(f"imported a {args.format} {sae.provenance['architecture']} SAE: width {sae.d_in}, {sae.d_sae} latents, "
+          f"activation {sae.activation}" + (f" (k = {sae.k})" if sae.activation == "topk" else "")
+          + f"; source sha256 {sae.provenance['sha256'][:16]}…\nwrote {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -140,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Information-scope analysis (SCC, CDS) of vision-transformer SAEs, as a Ray batch workload.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_stage, _add_check, _add_sweep, _add_report, _add_doctor, _add_models):
+    for add in (_add_demo, _add_run, _add_stage, _add_check, _add_sweep, _add_report, _add_doctor, _add_import_sae,
+                _add_models):
         add(sub, fmt)
     return parser
 
@@ -204,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_doctor(args.job, args.overrides)
         if args.command == "stage":
             return _run_stages(args.job, args.overrides, (args.name,))
+        if args.command == "import-sae":
+            return _import_sae(args)
         if args.command == "check":
             from scope_ray.config import load_config, placeholders
             import yaml

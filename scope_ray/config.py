@@ -147,7 +147,22 @@ class ExtractConfig(_Section):
 DEAD_AFTER_TOKENS_CAP = 10_000_000  # the usual fixed dead window (Gao et al. 2024): 'auto' never exceeds it
 
 
+class SAESourceConfig(_Section):
+    """An SAE trained by another toolkit, used in place of training one (scope_ray/sae_import.py, docs/sae.md)."""
+
+    format: Literal["sparsify", "dictionary_learning", "overcomplete", "plain"] = Field(
+        description="the toolkit whose file this is")
+    path: str = Field(description="the file or folder (local path, file:// or s3:// URI)")
+    architecture: str | None = Field(None, description="the toolkit's class when its file does not say (overcomplete: "
+                                     "SAE, TopKSAE, BatchTopKSAE or JumpSAE; dictionary_learning without config.json)")
+    k: int | None = Field(None, ge=1, description="top-k when the file does not hold it (overcomplete TopKSAE)")
+    threshold: float | None = Field(None, description="overcomplete BatchTopKSAE's running threshold (not in its state dict)")
+
+
 class SAEConfig(_Section):
+    source: SAESourceConfig | None = Field(
+        None, description="import this SAE instead of training one: train-sae then reads it (exactly, as its toolkit "
+        "computes it) and commits it; sae.expansion must give its dictionary size")
     expansion: int = Field(32, ge=1, description="dictionary size q = expansion x width (paper: 32)")
     k: int = Field(30, ge=1, description="BatchTopK K (paper: 30)")
     k_aux: int = Field(512, ge=1)
@@ -482,6 +497,8 @@ class JobConfig(_Section):
         uris = []
         if section == "model.weights" and self.model.weights not in ("none", "pretrained"):
             uris.append(self.model.weights)
+        if section == "sae" and self.sae.source is not None:
+            uris.append(self.sae.source.path)  # an imported SAE's identity is its files' content
         parts = section.split(".")
         if parts[0] == "data" and len(parts) >= 2 and parts[1] in ("imagenet", "ade20k", "nyud"):
             dataset = getattr(self.data, parts[1])

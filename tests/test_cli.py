@@ -119,3 +119,30 @@ def test_a_full_disk_is_one_clear_line_and_says_what_is_kept(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "No space left on device" in err and "manifest.json" in err and "committed stages are kept" in err
     assert "Traceback" not in err
+
+
+def test_import_sae_writes_the_imported_file_and_a_pickle_is_one_clear_line(tmp_path, capsys):
+    import json
+
+    import safetensors.torch
+    import torch
+
+    from scope_ray.sae_import import ImportedSAE
+
+    folder = tmp_path / "layers.6"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    safetensors.torch.save_file({"encoder.weight": torch.randn(12, 4, generator=g), "encoder.bias": torch.zeros(12),
+                                 "W_dec": torch.randn(12, 4, generator=g), "b_dec": torch.randn(4, generator=g)},
+                                str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 2}))
+    out = tmp_path / "imported.safetensors"
+    assert main(["import-sae", "sparsify", str(folder), "--out", str(out)]) == 0
+    assert "width 4, 12 latents, activation topk (k = 2)" in capsys.readouterr().out
+    sae = ImportedSAE.load(out)
+    assert sae.provenance["toolkit"] == "sparsify" and sae.k == 2
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "model.pt")
+    assert main(["import-sae", "overcomplete", str(tmp_path / "model.pt"), "--architecture", "SAE",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "not a plain state dict" in err and "Traceback" not in err and not (tmp_path / "x.safetensors").exists()

@@ -115,6 +115,10 @@ def setting_differences(model: str, manifests: list[dict]) -> list[str]:
         if m.get("stage") == "extract" and paper_layer is not None and m.get("layer") not in (None, paper_layer):
             diffs.append(f"layer {m['layer']} (paper: {paper_layer})")
         if m.get("stage") == "train-sae":
+            if m.get("imported"):  # sae.source: the SAE's origin is named wherever the differences are
+                origin = m["imported"]
+                diffs.append(f"SAE imported from {origin.get('toolkit')} ({origin.get('architecture')}, "
+                             f"{m.get('activation')}; {origin.get('source')}), not trained here (paper: BatchTopK)")
             if m.get("k") not in (None, PAPER_K):
                 diffs.append(f"K = {m['k']} (paper: {PAPER_K})")
             if m.get("d_sae") and m.get("d_in") and m["d_sae"] != PAPER_EXPANSION * m["d_in"]:
@@ -210,13 +214,23 @@ def _compared(cols: list, rows: list[dict], verdicts, title: str = "") -> Table:
                  notes=_notes(rows, verdicts))
 
 
+def sae_origin(run: ModelRun) -> str:
+    """Where the model's SAE comes from: trained here, or imported from another toolkit (sae.source)."""
+    m = run.manifests.get("train-sae") or {}
+    imported = m.get("imported")
+    if imported:
+        return f"imported: {imported.get('toolkit')} {imported.get('architecture')} ({m.get('activation')})"
+    return "trained here (BatchTopK)" if m else "–"
+
+
 def sae_eval_section(root: ResultsRoot, runs: list[ModelRun], verdicts) -> Section:
     rows = []
     for run in runs:
-        rows += _guarded(run, "eval-sae", lambda r: [_ours(r, row) for row in _read(root, r.name, "eval-sae", "sae_eval")])
+        rows += _guarded(run, "eval-sae", lambda r: [{**_ours(r, row), "sae": sae_origin(r)}
+                                                     for row in _read(root, r.name, "eval-sae", "sae_eval")])
         if run.name in published.SAE_EVAL:
             rows.append(_paper_row(run, published.SAE_EVAL_SOURCE, published.SAE_EVAL[run.name], verdicts))
-    cols = _LEAD + [("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"), ("l0_all", "L0_A", ".3f"),
+    cols = _LEAD + [("sae", "SAE", ""), ("fvu_all", "FVU_A", ".3f"), ("fvu_outlier", "FVU_O", ".3f"), ("l0_all", "L0_A", ".3f"),
                     ("l0_outlier", "L0_O", ".3f"), ("cs_all", "CS_A", ".3f"), ("cs_outlier", "CS_O", ".3f"),
                     ("tau", "τ", ".4g"), ("outlier_tokens", "outlier tokens", "d"), ("tokens", "tokens", "d"),
                     ("dead_latents", "dead latents", "d"), ("dense_latents", "dense latents", "d")]

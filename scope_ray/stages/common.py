@@ -31,8 +31,13 @@ def load_sae(job: JobConfig, root: ResultsRoot, device: str = "cpu"):
         why = "no trained SAE" if not stage.is_complete() else "the SAE there was trained with another config"
         raise RuntimeError(f"{job.model.name}: {why} at {stage.uri}; run `scope-ray stage train-sae` first")
     # A stage committed before files were named by run has no file name in its manifest.
-    name = stage.manifest().get("sae_file", SAE_FILE)
-    return BatchTopKSAE.load(posixpath.join(stage.uri, name), endpoint_url=root.endpoint_url, device=device)
+    manifest = stage.manifest()
+    path = posixpath.join(stage.uri, manifest.get("sae_file", SAE_FILE))
+    if "imported" in manifest:  # sae.source: another toolkit's SAE, in scope_ray.sae_import's form
+        from scope_ray.sae_import import ImportedSAE
+
+        return ImportedSAE.load(path, endpoint_url=root.endpoint_url, device=device)
+    return BatchTopKSAE.load(path, endpoint_url=root.endpoint_url, device=device)
 
 
 def check_token_width(files: list[str], root: ResultsRoot, expected: int, what: str) -> None:

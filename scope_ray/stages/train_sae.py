@@ -465,6 +465,8 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResul
     if stage.is_complete(chash):
         log(f"[train-sae] {job.model.name}: already complete at {stage.uri} (config {chash}); skipping")
         return TrainResult(skipped=True, manifest=stage.manifest())
+    if job.sae.source is not None:
+        return _import(job, root, stage, chash, log)
     extract, files = _token_files(job, root)
     spec = job.model.spec
     check_token_width(files, root, spec.width, "train-sae")
@@ -517,6 +519,33 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResul
         if result.checkpoint is None:
             raise RuntimeError(f"train-sae: Ray Train finished without a checkpoint ({result.error})")
         return _finish(job, root, stage, chash, result.checkpoint, total_steps, dead_after, log)
+
+
+def _import(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, log) -> TrainResult:
+    """``sae.source``: read the SAE another toolkit trained (exactly; scope_ray/sae_import.py),
+    check it fits the model and the configured dictionary, and commit it as this stage's SAE."""
+    from scope_ray.sae_import import Source, import_sae
+
+    src = job.sae.source
+    sae = import_sae(Source(src.format, src.path, src.architecture, src.k, src.threshold),
+                     endpoint_url=job.storage.endpoint_url)
+    spec = job.model.spec
+    if sae.d_in != spec.width:
+        raise ValueError(f"sae.source {src.path}: the SAE reads width {sae.d_in}, but {spec.name} layer "
+                         f"{job.model.resolved_layer} has width {spec.width}; was it trained on another model?")
+    if sae.d_sae != job.dictionary_size:
+        raise ValueError(f"sae.source {src.path}: {sae.d_sae} latents, but sae.expansion {job.sae.expansion} x width "
+                         f"{spec.width} = {job.dictionary_size}; set sae.expansion to {sae.d_sae / spec.width:g}"
+                         + ("" if sae.d_sae % spec.width == 0 else " (not a whole multiple: not supported yet)"))
+    with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
+        sae_file = stage.run_name(SAE_FILE)
+        sae.save(posixpath.join(stage.uri, sae_file), endpoint_url=root.endpoint_url)
+        manifest = stage.commit(chash, {"sae_source": src.model_dump(mode="json")}, {},
+                                extra={"sae_file": sae_file, "imported": sae.provenance, "d_in": sae.d_in,
+                                       "d_sae": sae.d_sae, "k": sae.k, "activation": sae.activation})
+    log(f"[train-sae] {job.model.name}: imported a {src.format} {sae.provenance['architecture']} SAE "
+        f"({sae.d_in} -> {sae.d_sae}, {sae.activation}) from {src.path}; no training")
+    return TrainResult(skipped=False, steps=0, manifest=manifest)
 
 
 def _dead_window(job: JobConfig, run_tokens: int, log=print) -> int:

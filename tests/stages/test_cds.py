@@ -66,9 +66,10 @@ def _pool_images(pool) -> dict[str, np.ndarray]:
     return out
 
 
-def _commit_sae_and_tokens(job, root: ResultsRoot, images: dict[str, np.ndarray]) -> BatchTopKSAE:
-    """A seeded random SAE with a threshold that keeps codes sparse, committed as train-sae; and the
-    pool's val tokens committed as extract (the partition reads them), as real stages would."""
+def _commit_sae_and_tokens(job, root: ResultsRoot, images: dict[str, np.ndarray], commit_sae: bool = True) -> BatchTopKSAE:
+    """A seeded random SAE with a threshold that keeps codes sparse, committed as train-sae (unless
+    ``commit_sae`` is False); and the pool's val tokens committed as extract (the partition reads
+    them), as real stages would."""
     model = build_model(job.model.name, weights="none", seed=job.seed)
     spec = job.model.spec
     pixels = np.stack([resize_center_crop(img, spec.image_size) for img in images.values()])
@@ -81,9 +82,10 @@ def _commit_sae_and_tokens(job, root: ResultsRoot, images: dict[str, np.ndarray]
         sae.b_enc[NEVER_FIRES] = -1e6
         pre = sae.pre_acts(tokens)
         sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
-    stage = root.stage(job.model.name, "train-sae")
-    sae.save(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url)
-    stage.commit(train_hash(job), {}, {})
+    if commit_sae:
+        stage = root.stage(job.model.name, "train-sae")
+        sae.save(posixpath.join(stage.uri, SAE_FILE), endpoint_url=root.endpoint_url)
+        stage.commit(train_hash(job), {}, {})
     ext = root.stage(job.model.name, "extract")
     n = spec.num_patches
     ids = list(images)
@@ -206,6 +208,42 @@ def test_cds_stage_equals_direct_computation_and_partition(ray_local, pool, tmp_
     part2 = run_partition(fixed, root, progress=False, log=lambda *_: None)
     assert not part2.skipped and part2.row["gamma"] == 0.5 and part2.row["gamma_source"] == "config"
     assert part2.row["high_cds"] == int((cds[~unscored] > 0.5).sum())
+
+
+def test_an_imported_sae_gives_the_same_cds_and_the_report_names_its_origin(ray_local, pool, tmp_path):
+    """sae.source: the same dictionary saved as dictionary_learning saves a BatchTopKSAE (ae.pt +
+    config.json) is imported by train-sae; cds equals the direct computation with that dictionary,
+    the partition runs on it, and the report's Table 6 says where the SAE came from."""
+    from scope_ray.report.content import write_report
+    from scope_ray.stages.eval_sae import run_eval_sae
+    from scope_ray.stages.train_sae import run_train_sae
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    images = _pool_images(pool)
+    sae = _commit_sae_and_tokens(_job(pool, tmp_path / "results"), root, images, commit_sae=False)
+    folder = tmp_path / "dictionary_learning" / "trainer_0"
+    folder.mkdir(parents=True)
+    state = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "decoder.weight": sae.W_dec.T,
+             "b_dec": sae.b_dec, "threshold": sae.threshold, "k": torch.tensor(sae.k, dtype=torch.int32)}
+    torch.save({k: v.detach().clone().contiguous() for k, v in state.items()}, folder / "ae.pt")
+    (folder / "config.json").write_text('{"trainer": {"dict_class": "BatchTopKSAE"}}')
+    job = load_config({"storage": {"root": str(tmp_path / "results")}, "data": {"imagenet": {"val": pool}},
+                       "sae": {"source": {"format": "dictionary_learning", "path": str(folder / "ae.pt")}}},
+                      ["sae.expansion=1", "sae.k=4", "scope.k_cds=3", "scope.min_usable_images=2",
+                       "scope.spare_images=2", "scope.batch_size=4", "scope.gallery_features=2",
+                       "scope.gallery_images=2", "scope.instability_images=8", "ray.num_actors=2"])
+    imported = run_train_sae(job, root, log=lambda *_: None)
+    assert imported.manifest["imported"]["toolkit"] == "dictionary_learning"
+    assert run_train_sae(job, root, log=lambda *_: None).skipped
+    result = run_cds(job, root, progress=False, log=lambda *_: None)
+    _, cds_direct = _direct_cds(job, sae, images, job.scope.k_cds + job.scope.spare_images)
+    np.testing.assert_allclose(result.table.column("cds").to_numpy(), cds_direct, atol=1e-5, equal_nan=True)
+    part = run_partition(job, root, progress=False, log=lambda *_: None)
+    assert part.row["low_cds"] + part.row["high_cds"] + part.row["unscored"] == job.dictionary_size
+    # extract committed only val tokens here; eval-sae reads them the same way.
+    run_eval_sae(job, root, log=lambda *_: None)
+    markdown = open(write_report(root.uri).markdown).read()
+    assert "imported: dictionary_learning BatchTopKSAE (threshold)" in markdown
 
 
 def test_topk_does_not_depend_on_actors_or_batches(ray_local, pool, tmp_path):
