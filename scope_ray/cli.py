@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in REGISTRY.values():
                 tau = "auto" if s.tau is None else f"{s.tau:g}"
                 print(f"{s.name:<18} {s.loader:<10} {s.layer:>5}/{s.depth:<5} {s.width:>5} {s.grid:>3}x{s.grid:<2} {tau:>6}  {s.description}")
+            print("and any plain ViT by its library: timm:<name>[.<tag>] or open_clip:<arch>[.<tag>] (docs/models.md)")
             return 0
     except ConfigError as exc:
         print(f"scope-ray: {exc}", file=sys.stderr)

@@ -71,8 +71,10 @@ class ModelConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in REGISTRY:
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(REGISTRY)}")
+        if v not in REGISTRY and not v.startswith(("timm:", "open_clip:")):
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(REGISTRY)}, or timm:<name> / "
+                             "open_clip:<arch>[.<tag>] for any plain ViT")
+        get_spec(v)  # a library model that does not fit (non-square grid, hybrid stem...) fails here, naming why
         return v
 
     @property

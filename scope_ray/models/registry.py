@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Loader = Literal["open_clip", "timm"]
-Family = Literal["clip", "dinov2", "deit3", "siglip2", "demo"]
+Family = Literal["clip", "dinov2", "deit3", "siglip2", "demo", "custom"]  # custom: timm:... / open_clip:... (any_vit)
 Builder = Literal["planted"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -179,8 +179,13 @@ REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in PAPER_MODELS + DEM
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for ``name``; a ValueError lists the known names otherwise."""
-    try:
+    """The registry entry for ``name``, or a ``timm:`` / ``open_clip:`` model read from its library
+    (``models.any_vit``); a ValueError lists the known names otherwise."""
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}") from None
+    if name.startswith(("timm:", "open_clip:")):
+        from scope_ray.models.any_vit import library_spec
+
+        return library_spec(name)
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}, or any plain ViT as "
+                     "timm:<name> or open_clip:<arch>[.<tag>] (docs/models.md)")
