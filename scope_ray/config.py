@@ -152,7 +152,7 @@ DEAD_AFTER_TOKENS_CAP = 10_000_000  # the usual fixed dead window (Gao et al. 20
 class SAESourceConfig(_Section):
     """An SAE trained by another toolkit, used in place of training one (scope_ray/sae_import.py, docs/sae.md)."""
 
-    format: Literal["sparsify", "dictionary_learning", "overcomplete", "plain"] = Field(
+    format: Literal["sparsify", "dictionary_learning", "overcomplete", "saelens", "saev", "plain"] = Field(
         description="the toolkit whose file this is")
     path: str = Field(description="the file or folder (local path, file:// or s3:// URI)")
     architecture: str | None = Field(None, description="the toolkit's class when its file does not say (overcomplete: "

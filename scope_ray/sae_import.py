@@ -5,6 +5,7 @@ Every supported toolkit's SAE computes, at inference,
     r_BF = ReLU((x_BD − b_pre_D) @ W_enc_DF + b_enc_F)          (b_pre = 0 where the toolkit has none)
     z_BF = r                                    activation "relu"
          = per-row top-k of r                   activation "topk"
+         = per-row top-k of the pre-activation, kept with its sign (no ReLU)   "topk_signed" (saev's TopK)
          = r · [r > θ]  or  r · [r ≥ θ]          activation "threshold" (θ a scalar or one per latent)
     x̂_BD = z @ W_dec_FD + b_dec_D
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from scope_ray.storage import fsspec_filesystem, split_uri, write_local_atomically
 
-Activation = Literal["relu", "topk", "threshold"]
+Activation = Literal["relu", "topk", "topk_signed", "threshold"]
 Compare = Literal[">", ">="]
 FORMAT = "scope-ray-imported-sae"
 FORMAT_VERSION = 1
@@ -62,9 +63,9 @@ class ImportedSAE(nn.Module):
         wrong = {n: list(t.shape) for n, (t, s) in shapes.items() if tuple(t.shape) != s}
         if wrong:
             raise SAEImportError(f"tensor shapes do not fit one SAE of width {d} and {f} latents: {wrong}")
-        if activation not in ("relu", "topk", "threshold"):
-            raise SAEImportError(f"activation {activation!r}; allowed: relu, topk, threshold")
-        if activation == "topk" and not (k is not None and 1 <= k <= f):
+        if activation not in ("relu", "topk", "topk_signed", "threshold"):
+            raise SAEImportError(f"activation {activation!r}; allowed: relu, topk, topk_signed, threshold")
+        if activation in ("topk", "topk_signed") and not (k is not None and 1 <= k <= f):
             raise SAEImportError(f"a top-k SAE needs 1 <= k <= {f}; got k={k}")
         if activation == "threshold":
             if threshold is None or threshold.shape not in ((), (f,)):
@@ -94,6 +95,10 @@ class ImportedSAE(nn.Module):
     def encode(self, x_BD: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """z_BF as the source toolkit computes it at inference (``use_threshold`` is accepted for
         the stages' calling convention; an imported SAE has one inference rule)."""
+        if self.activation == "topk_signed":
+            h_BF = (x_BD.to(self.W_enc.dtype) - self.b_pre) @ self.W_enc + self.b_enc
+            index = h_BF.topk(self.k, dim=-1).indices
+            return torch.zeros_like(h_BF).scatter_(-1, index, h_BF.gather(-1, index))
         r_BF = self.pre_acts(x_BD)
         if self.activation == "relu":
             return r_BF
@@ -334,9 +339,107 @@ def read_plain(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
                        provenance=_provenance("plain", activation, src.path, hashlib.sha256(blob).hexdigest()))
 
 
+_SAELENS_IDENTITY_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
+
+
+def read_saelens(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """SAELens (5.x and 6.x): a folder with ``sae_weights.safetensors`` (W_enc [D, F], b_enc, W_dec
+    [F, D], b_dec; jumprelu's ``threshold`` or ``log_threshold``) and ``cfg.json``. Folded at import
+    exactly as SAELens computes: ``rescale_acts_by_decoder_norm`` (pre-activations times the decoder
+    row norms, codes divided by them before decoding) and 5.x's ``scaling_factor`` (codes times it
+    before decoding) go into the weights; ``expected_average_only_in`` and whitening are already
+    folded by SAELens at the end of training (identity at inference)."""
+    folder = src.path.rstrip("/")
+    sd, digest = _tensors(posixpath.join(folder, "sae_weights.safetensors"), endpoint_url)
+    cfg = _json(posixpath.join(folder, "cfg.json"), endpoint_url)
+    arch = cfg.get("architecture") or "standard"
+    if cfg.get("activation_fn_str", cfg.get("activation_fn")) == "topk" and arch == "standard":
+        arch, cfg = "topk", {**cfg, "k": (cfg.get("activation_fn_kwargs") or {}).get("k")}  # 5.x spelling
+    if "topk_threshold" in sd:  # a BatchTopK training checkpoint: SAELens saves it as jumprelu
+        arch = "batchtopk-checkpoint"
+    norm = cfg.get("normalize_activations", "none")
+    norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
+    if norm not in _SAELENS_IDENTITY_NORMS:
+        raise SAEImportError(f"{folder}: normalize_activations {norm!r} rescales each input inside the SAE; not "
+                             f"supported (supported: {', '.join(_SAELENS_IDENTITY_NORMS)})")
+    if arch not in ("standard", "topk", "jumprelu", "batchtopk-checkpoint"):
+        raise SAEImportError(f"{folder}: SAELens architecture {arch!r}; supported: standard, topk, jumprelu")
+    _require(sd, ("W_enc", "b_enc", "W_dec", "b_dec"), folder, f"SAELens {arch}")
+    W_enc, b_enc, W_dec, b_dec = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
+    if "scaling_factor" in sd:
+        W_dec = W_dec * sd["scaling_factor"][:, None]
+    if arch in ("topk", "batchtopk-checkpoint") and cfg.get("rescale_acts_by_decoder_norm"):
+        n_F = W_dec.norm(dim=-1)
+        W_enc, b_enc, W_dec = W_enc * n_F, b_enc * n_F, W_dec / n_F[:, None]
+    b_pre = b_dec if cfg.get("apply_b_dec_to_input", True) else torch.zeros_like(b_dec)
+    prov = _provenance("saelens", arch, folder, digest, sae_lens_version=(cfg.get("metadata") or {}).get(
+        "sae_lens_version", cfg.get("sae_lens_training_version")))
+    if arch == "standard":
+        return ImportedSAE(W_enc, b_enc, W_dec, b_pre, b_dec, activation="relu", provenance=prov)
+    if arch == "topk":
+        return ImportedSAE(W_enc, b_enc, W_dec, b_pre, b_dec, activation="topk", k=int(cfg["k"]), provenance=prov)
+    if arch == "batchtopk-checkpoint":
+        threshold = torch.full_like(b_enc, float(sd["topk_threshold"]))
+    elif "threshold" in sd:
+        threshold = sd["threshold"]
+    elif "log_threshold" in sd:
+        threshold = torch.exp(sd["log_threshold"])
+    else:
+        raise SAEImportError(f"{folder}: a jumprelu SAE without threshold or log_threshold (found {sorted(sd)})")
+    return ImportedSAE(W_enc, b_enc, W_dec, b_pre, b_dec, activation="threshold", threshold=threshold, compare=">",
+                       provenance=prov)
+
+
+def read_saev(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
+    """saev (OSU-NLP-Group): one file, a JSON header line then a torch.save'd state dict (read with
+    weights_only=True). Its two generations compute differently and are followed as written:
+    no ``schema`` (PyPI 0.1.0): ReLU of (x − b_dec) W_enc + b_enc; schema >= 1: no b_dec subtraction,
+    ReLU, TopK without a ReLU (signed codes), or BatchTopK's scalar threshold (``activation.threshold``;
+    <= 0 means ReLU). saev normalises inputs in its data loader, not in the file: feed the SAE
+    activations prepared the way it was trained."""
+    import io
+
+    blob = _read_bytes(src.path, endpoint_url)
+    digest = hashlib.sha256(blob).hexdigest()
+    head, _, rest = blob.partition(b"\n")
+    try:
+        header = json.loads(head)
+    except json.JSONDecodeError:
+        raise SAEImportError(f"{src.path}: not a saev file (its first line is not a JSON header)") from None
+    try:
+        sd = torch.load(io.BytesIO(rest), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SAEImportError(f"{src.path}: the state dict after the header does not load as plain tensors "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    _require(sd, ("W_enc", "b_enc", "W_dec", "b_dec"), src.path, "saev")
+    W_enc, b_enc, W_dec, b_dec = sd["W_enc"], sd["b_enc"], sd["W_dec"], sd["b_dec"]
+    schema = header.get("schema")
+    if schema is None:
+        return ImportedSAE(W_enc, b_enc, W_dec, b_dec, b_dec, activation="relu",
+                           provenance=_provenance("saev", "relu (0.1.0)", src.path, digest))
+    cfg = header.get("cfg", {})
+    act = cfg.get("activation") if isinstance(cfg.get("activation"), dict) else {"cls": header.get("cls", "Relu")}
+    cls, params = act.get("cls", "Relu"), act.get("params", {})
+    zeros = torch.zeros_like(b_dec)
+    prov = _provenance("saev", f"{cls} (schema {schema})", src.path, digest)
+    if cls == "Relu":
+        return ImportedSAE(W_enc, b_enc, W_dec, zeros, b_dec, activation="relu", provenance=prov)
+    if cls == "TopK":
+        k = min(int(params.get("top_k", cfg.get("top_k", 0))), W_enc.shape[1])
+        return ImportedSAE(W_enc, b_enc, W_dec, zeros, b_dec, activation="topk_signed", k=k, provenance=prov)
+    if cls == "BatchTopK":
+        if "activation.threshold" not in sd:
+            raise SAEImportError(f"{src.path}: a saev BatchTopK SAE without its threshold (schema {schema} < 4 saves "
+                                 "none): its inference rule is not in the file")
+        theta = torch.clamp(sd["activation.threshold"].float(), min=0.0).to(W_enc.dtype)  # <= 0: ReLU
+        return ImportedSAE(W_enc, b_enc, W_dec, zeros, b_dec, activation="threshold", threshold=theta, compare=">",
+                           provenance=prov)
+    raise SAEImportError(f"{src.path}: saev activation {cls!r}; supported: Relu, TopK, BatchTopK")
+
+
 READERS: dict[str, Callable[[Source, str | None], ImportedSAE]] = {
     "sparsify": read_sparsify, "dictionary_learning": read_dictionary_learning, "overcomplete": read_overcomplete,
-    "plain": read_plain,
+    "saelens": read_saelens, "saev": read_saev, "plain": read_plain,
 }
 
 

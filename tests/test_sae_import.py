@@ -167,3 +167,79 @@ def test_plain_layout_round_trips_and_our_batchtopk_is_the_threshold_form(tmp_pa
     assert again.provenance == imported.provenance and again.config() == imported.config()
     with torch.no_grad():
         _assert_forward(again, x, want_z, sae.decode(want_z))
+
+
+def _saelens(tmp_path, name, tensors, cfg):
+    folder = tmp_path / name
+    folder.mkdir()
+    safetensors.torch.save_file(tensors, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def test_saelens_architectures_and_their_folds(tmp_path, x):
+    W_enc, b_enc, W_dec, b_dec = _rand(D, F, seed=20), _rand(F, seed=21), _rand(F, D, seed=22), _rand(D, seed=23)
+    base = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    # standard without apply_b_dec_to_input: nothing subtracted before the encoder.
+    path = _saelens(tmp_path, "std", base, {"architecture": "standard", "d_in": D, "d_sae": F,
+                                            "apply_b_dec_to_input": False, "normalize_activations": "none"})
+    z = torch.relu(x @ W_enc + b_enc)
+    _assert_forward(import_sae(Source("saelens", path)), x, z, z @ W_dec + b_dec)
+    # topk with rescale_acts_by_decoder_norm: h times the decoder row norms, top-k, ReLU, divided back.
+    path = _saelens(tmp_path, "topk", base, {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True})
+    n = W_dec.norm(dim=-1)
+    h = ((x - b_dec) @ W_enc + b_enc) * n
+    f = _topk_rows(torch.relu(h), K)
+    sae = import_sae(Source("saelens", path))
+    got_recon, _ = sae(x)
+    torch.testing.assert_close(got_recon, (f / n) @ W_dec + b_dec, atol=1e-5, rtol=1e-6)
+    # jumprelu stored as log_threshold (older files): relu(h) * (h > exp(log_threshold)).
+    log_thr = _rand(F, seed=24) * 0.3 - 0.5
+    path = _saelens(tmp_path, "jump", {**base, "log_threshold": log_thr}, {"architecture": "jumprelu"})
+    h = (x - b_dec) @ W_enc + b_enc
+    z = torch.relu(h) * (h > torch.exp(log_thr))
+    _assert_forward(import_sae(Source("saelens", path)), x, z, z @ W_dec + b_dec)
+    # 5.x: topk written as activation_fn_str + activation_fn_kwargs.
+    path = _saelens(tmp_path, "v5", base, {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
+                                           "normalize_activations": True})
+    z = _topk_rows(torch.relu((x - b_dec) @ W_enc + b_enc), K)
+    _assert_forward(import_sae(Source("saelens", path)), x, z, z @ W_dec + b_dec)
+    path = _saelens(tmp_path, "ln", base, {"architecture": "standard", "normalize_activations": "layer_norm"})
+    with pytest.raises(SAEImportError, match="layer_norm"):
+        import_sae(Source("saelens", path))
+
+
+def _saev(tmp_path, name, header, tensors):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    path = tmp_path / name
+    path.write_bytes((json.dumps(header) + "\n").encode() + buf.getvalue())
+    return str(path)
+
+
+def test_saev_generations_follow_their_own_math(tmp_path, x):
+    W_enc, b_enc, W_dec, b_dec = _rand(D, F, seed=30), _rand(F, seed=31), _rand(F, D, seed=32), _rand(D, seed=33)
+    sd = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    # PyPI 0.1.0: flat header, b_dec subtracted, ReLU.
+    path = _saev(tmp_path, "old.pt", {"d_vit": D, "exp_factor": F // D, "sparsity_coeff": 4e-4}, sd)
+    z = torch.relu((x - b_dec) @ W_enc + b_enc)
+    _assert_forward(import_sae(Source("saev", path)), x, z, z @ W_dec + b_dec)
+    # Schema 5 TopK: no b_dec subtraction, top-k of h kept with its sign (no ReLU).
+    header = {"schema": 5, "cfg": {"d_model": D, "d_sae": F, "activation": {"cls": "TopK", "params": {"top_k": K}}}}
+    low = {**sd, "b_enc": b_enc - 12}  # most pre-activations negative: a ReLU would zero the kept ones
+    path = _saev(tmp_path, "topk.pt", header, low)
+    h = x @ W_enc + low["b_enc"]
+    idx = h.topk(K, dim=-1).indices
+    z = torch.zeros_like(h).scatter_(-1, idx, h.gather(-1, idx))
+    assert (z < 0).any()  # the sign is kept: the check is not vacuous
+    _assert_forward(import_sae(Source("saev", path)), x, z, z @ W_dec + b_dec)
+    # Schema 5 BatchTopK: one scalar threshold, strict.
+    header["cfg"]["activation"] = {"cls": "BatchTopK", "params": {"top_k": K}}
+    path = _saev(tmp_path, "btk.pt", header, {**sd, "activation.threshold": torch.tensor(0.7)})
+    h = x @ W_enc + b_enc
+    z = torch.where(h > 0.7, h, 0.0)
+    _assert_forward(import_sae(Source("saev", path)), x, z, z @ W_dec + b_dec)
+    with pytest.raises(SAEImportError, match="without its threshold"):
+        import_sae(Source("saev", _saev(tmp_path, "btk_old.pt", {**header, "schema": 3}, sd)))
