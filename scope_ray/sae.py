@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from scope_ray.sae_step import sparse_loss, use_sparse_step
-from scope_ray.storage import fsspec_filesystem, split_uri, write_local_atomically
+from scope_ray.storage import read_uri_bytes, write_uri_bytes
 
 FORMAT = "scope_ray.BatchTopKSAE"
 FORMAT_VERSION = 1
@@ -312,21 +311,13 @@ class BatchTopKSAE(nn.Module):
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.config(),
                   "folded_input_scale": float(self.input_scale)}
         blob = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(config)})
-        fs, fpath = fsspec_filesystem(str(path), endpoint_url)
-        if split_uri(str(path))[0] == "file":
-            # Write-then-rename: a crash never leaves a truncated checkpoint under the final name.
-            fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
-            write_local_atomically(fpath, blob)
-        else:
-            fs.pipe_file(fpath, blob)  # an S3 object appears whole or not at all
+        write_uri_bytes(str(path), blob, endpoint_url)  # whole or not at all, locally and on S3
 
     @classmethod
     def load(cls, path: str | Path, *, endpoint_url: str | None = None,
              device: str | torch.device = "cpu") -> "BatchTopKSAE":
         """Read a file written by ``save`` (safetensors bytes and JSON only, never pickle); eval mode."""
-        fs, fpath = fsspec_filesystem(str(path), endpoint_url)
-        with fs.open(fpath, "rb") as f:
-            blob = f.read()
+        blob = read_uri_bytes(str(path), endpoint_url, "SAE file")
         try:
             tensors = safetensors.torch.load(blob)
             header_len = int.from_bytes(blob[:8], "little")

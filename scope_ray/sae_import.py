@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from scope_ray.storage import fsspec_filesystem, split_uri, write_local_atomically
+from scope_ray.storage import read_uri_bytes, write_uri_bytes
 
 Activation = Literal["relu", "topk", "topk_signed", "threshold"]
 Compare = Literal[">", ">="]
@@ -125,19 +125,12 @@ class ImportedSAE(nn.Module):
         tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in TENSORS}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.config(), "provenance": self.provenance}
         blob = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
-        fs, fpath = fsspec_filesystem(str(path), endpoint_url)
-        if split_uri(str(path))[0] == "file":
-            fs.makedirs(posixpath.dirname(fpath), exist_ok=True)
-            write_local_atomically(fpath, blob)
-        else:
-            fs.pipe_file(fpath, blob)
+        write_uri_bytes(str(path), blob, endpoint_url)
 
     @classmethod
     def load(cls, path: str | Path, *, endpoint_url: str | None = None,
              device: str | torch.device = "cpu") -> "ImportedSAE":
-        fs, fpath = fsspec_filesystem(str(path), endpoint_url)
-        with fs.open(fpath, "rb") as f:
-            blob = f.read()
+        blob = read_uri_bytes(str(path), endpoint_url, "imported SAE")
         meta = safetensors_metadata(blob, str(path)).get(METADATA_KEY)
         if meta is None:
             raise SAEImportError(f"{path} is not an imported-SAE file (no {METADATA_KEY!r} header)")
@@ -163,11 +156,10 @@ def safetensors_metadata(blob: bytes, where: str) -> dict:
 
 # ------------------------------------------------------------------------------- reading files
 def _read_bytes(path: str, endpoint_url: str | None) -> bytes:
-    fs, fpath = fsspec_filesystem(path, endpoint_url)
-    if not fs.exists(fpath):
-        raise SAEImportError(f"{path} does not exist")
-    with fs.open(fpath, "rb") as f:
-        return f.read()
+    try:
+        return read_uri_bytes(path, endpoint_url, "SAE file")
+    except FileNotFoundError as exc:
+        raise SAEImportError(str(exc)) from None
 
 
 def _tensors(path: str, endpoint_url: str | None) -> tuple[dict[str, torch.Tensor], str]:

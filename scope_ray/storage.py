@@ -471,6 +471,26 @@ def write_local_atomically(path: str, blob: bytes) -> None:
             os.remove(tmp)
 
 
+def write_uri_bytes(uri: str, blob: bytes, endpoint_url: str | None = None) -> None:
+    """One whole file at ``uri``: locally through a temporary name (a crash never leaves a
+    truncated file under the final name), on S3 as one PUT (an object appears whole or not at all)."""
+    fs, path = fsspec_filesystem(uri, endpoint_url)
+    if split_uri(uri)[0] == "file":
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        write_local_atomically(path, blob)
+    else:
+        fs.pipe_file(path, blob)
+
+
+def read_uri_bytes(uri: str, endpoint_url: str | None = None, what: str = "file") -> bytes:
+    """The bytes of the file at ``uri``; FileNotFoundError naming ``what`` when there is none."""
+    fs, path = fsspec_filesystem(uri, endpoint_url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{what} {uri!r} does not exist")
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
 def write_parquet(data: pa.Table, path: str, root: "ResultsRoot") -> None:
     """Write through a temporary name so a crash mid-write never leaves a truncated part file."""
     if root.scheme == "file":

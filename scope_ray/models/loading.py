@@ -144,13 +144,9 @@ def read_state_dict(uri: str, endpoint_url: str | None = None) -> dict[str, torc
 
 
 def _read_bytes(uri: str, endpoint_url: str | None) -> bytes:
-    from scope_ray.storage import fsspec_filesystem
+    from scope_ray.storage import read_uri_bytes
 
-    fs, path = fsspec_filesystem(uri, endpoint_url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"weights file {uri!r} does not exist")
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return read_uri_bytes(uri, endpoint_url, "weights file")
 
 
 def _tensor_dict(obj: object, uri: str) -> dict[str, torch.Tensor]:

@@ -6,25 +6,12 @@ the batch survives."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from scope_ray.data.images import bad_image_samples, decode_depth, resize_center_crop, resize_center_crop_plane
 from scope_ray.stages.decode import decode_batch
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+from tests.image_bytes import jpeg as _jpeg
+from tests.image_bytes import png as _png
 
 
 # ------------------------------------------------------------------------- pure: geometry

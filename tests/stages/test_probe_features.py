@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import posixpath
 
 import numpy as np
@@ -11,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from scope_ray.config import load_config
 from scope_ray.data.images import bad_image_samples, decode_image, decode_mask, resize_center_crop, resize_center_crop_plane
@@ -33,21 +31,11 @@ from scope_ray.stages.probe_features import (
 from scope_ray.stages.train_sae import SAE_FILE
 from scope_ray.stages.train_sae import config_hash as train_hash
 from scope_ray.storage import ResultsRoot
+from tests.image_bytes import jpeg as _jpeg
+from tests.image_bytes import png as _png
 
 SIZE = 112  # demo-vit-tiny's input side
 QUIET = dict(progress=False, log=lambda *_: None)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def _photo(h: int = 40, w: int = 40) -> np.ndarray:
