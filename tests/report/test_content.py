@@ -139,8 +139,10 @@ def test_markdown_holds_every_table_with_the_published_rows_of_matching_models(r
     t6 = _section(md, "## SAE reconstruction")
     clip = _rows(t6, "clip-vit-b16")
     assert [r[1] for r in clip] == ["this run", "paper (supp. Table 6)"]
-    assert clip[0][2] == "0.432" and clip[1][2] == "0.099" and clip[1][4] == "30.201"
-    assert "| dead latents | dense latents |" in t6 and clip[0][11:13] == ["3", "1"]  # write_eval's counts
+    assert re.search(r"\| model +\| row +\| SAE \| FVU_A \| FVU_O \| +L0_A \|", t6)
+    assert clip[0][2] == clip[1][2] == "–"  # write_eval writes no train-sae manifest; the paper row names no origin
+    assert clip[0][3] == "0.432" and clip[1][3] == "0.099" and clip[1][5] == "30.201"
+    assert "| dead latents | dense latents |" in t6 and clip[0][12:14] == ["3", "1"]  # write_eval's counts
     # Random-init weights: the paper's row is shown, the comparison marked as not meaningful, with why.
     assert clip[1][-1] == "not meaningful"
     assert "clip-vit-b16 vs paper: not meaningful: random-init weights (`weights: none`)" in t6
@@ -303,7 +305,7 @@ def test_an_s3_root_is_read_and_the_report_uploaded_next_to_it(s3_bucket, tmp_pa
     # A second report of the same root ignores the first (report/ is not a model) and can go elsewhere.
     local = write_report(uri, out=str(tmp_path / "here"), endpoint_url=endpoint)
     assert Path(local.markdown).read_text().count("### Stages: ") == 1
-    assert _rows(_section(Path(local.markdown).read_text(), "## SAE reconstruction"), "clip-vit-l14")[0][2] == "0.300"
+    assert _rows(_section(Path(local.markdown).read_text(), "## SAE reconstruction"), "clip-vit-l14")[0][3] == "0.300"
 
 
 def test_a_committed_table_that_cannot_be_read_is_reported_not_fatal(tmp_path):
