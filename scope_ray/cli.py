@@ -102,10 +102,17 @@ def _add_report(sub, fmt) -> None:
         8, 9) for whatever models and stages are present, beside the published numbers where the
         model matches, and the figures (Figures 6, 7, 8, feature galleries).
 
+        With --compare OTHER_ROOT (repeatable), models present in several roots get their SAEs
+        compared by scope: CDS distributions, γ and group sizes side by side (e.g. a BatchTopK SAE
+        trained here against one imported from another toolkit, each run with its own root).
+
         example:
           scope-ray report s3://my-bucket/scope-ray --out ./report
+          scope-ray report ./results-batchtopk --compare ./results-saelens-jumprelu
         """))
     p.add_argument("root", help="results root (local path, file:// or s3:// URI)")
+    p.add_argument("--compare", action="append", default=[], metavar="OTHER_ROOT",
+                   help="another results root whose SAEs of the same models to compare by scope (repeatable)")
     p.add_argument("--out", default=None, help="where to write report.md / report.html (default: ROOT/report)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// roots (default: the AWS environment's)")
 
@@ -157,6 +164,37 @@ def _add_import_sae(sub, fmt) -> None:
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
 
 
+def _add_export_sae(sub, fmt) -> None:
+    """`scope-ray export-sae`."""
+    p = sub.add_parser("export-sae", formatter_class=fmt, help="write a job's SAE with a model card, for sharing",
+                       description=textwrap.dedent("""\
+        Write the SAE the job committed (trained or imported) to a folder: sae.safetensors (its
+        provenance in the header), features.parquet (every latent's CDS and scope group, once
+        partition has run) and README.md, a model card with the base model, layer,
+        preprocessing, training data, metrics and CDS summary. Reads only stages committed for
+        this job's config.
+
+        example:
+          scope-ray export-sae jobs/clip_vit_b16.yaml --out ./clip-b16-sae
+        """))
+    p.add_argument("job", help="the job spec whose SAE to export (YAML)")
+    p.add_argument("--out", required=True, help="the folder to write (local path or s3:// URI)")
+    _add_set(p)
+
+
+def _export_sae(args) -> int:
+    from scope_ray.config import load_config
+    from scope_ray.sae_export import export_sae
+    from scope_ray.storage import ResultsRoot
+
+    job = load_config(args.job, args.overrides)
+    paths = export_sae(job, ResultsRoot(job.storage.root, job.storage.endpoint_url), args.out)
+    for path in (paths.sae, paths.features, paths.card):
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
 def _import_sae(args) -> int:
     from scope_ray.sae_import import Source, import_sae
 
@@ -177,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_stage, _add_check, _add_sweep, _add_report, _add_doctor, _add_import_sae,
-                _add_models):
+                _add_export_sae, _add_models):
         add(sub, fmt)
     return parser
 
@@ -232,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from scope_ray.report.content import write_report
 
-            paths = write_report(args.root, out=args.out, endpoint_url=args.endpoint_url)
+            paths = write_report(args.root, out=args.out, endpoint_url=args.endpoint_url, compare=tuple(args.compare))
             print(f"report: {paths.markdown}\nreport: {paths.html}")
             return 0
         if args.command == "doctor":
@@ -243,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_stages(args.job, args.overrides, (args.name,))
         if args.command == "import-sae":
             return _import_sae(args)
+        if args.command == "export-sae":
+            return _export_sae(args)
         if args.command == "check":
             from scope_ray.config import load_config, placeholders
             import yaml

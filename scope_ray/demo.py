@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import time
 from importlib import resources
@@ -80,6 +81,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     write the report; returns each step's result and what the summary showed."""
     from scope_ray.pipeline import STEPS
     from scope_ray.report.content import write_report
+    from scope_ray.sae_export import export_sae
     from scope_ray.stages.cluster import connect
     from scope_ray.storage import ResultsRoot
 
@@ -113,12 +115,14 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     # The report reads only what the stages committed, as `scope-ray report ROOT` would
     # (it also draws Figure 8 across every model under the root).
     report = write_report(root.uri, endpoint_url=job.storage.endpoint_url)
+    exported = export_sae(job, root, str(workdir / "export" / job.model.name))
     log("")
     log(f"  report           {report.html}")
     log(f"                   {report.markdown}  (or: scope-ray report {root.uri})")
+    log(f"  SAE + model card {posixpath.dirname(exported.card)}  (or: scope-ray export-sae JOB --out DIR)")
     log(f"  wall time        {time.time() - t0:.1f} s")
     r = results
-    return {"report": report, "root": root.uri, "extract": r["extract"], "train": r["train-sae"],
+    return {"report": report, "export": exported, "root": root.uri, "extract": r["extract"], "train": r["train-sae"],
             "eval": r["eval-sae"], "instability": r["instability"], "cds": r["cds"], "partition": r["partition"],
             "probe_features": r["probe-features"], "probes": r["probe"], "zeroshot": r["zeroshot"],
             "seconds": seconds, "probe_seconds": seconds["probe-features"] + seconds["probe"],

@@ -4,7 +4,7 @@ import pytest
 
 from scope_ray.cli import _parser, main
 
-COMMANDS = ("demo", "run", "stage", "sweep", "report", "doctor", "check", "models")
+COMMANDS = ("demo", "run", "stage", "sweep", "report", "doctor", "check", "models", "import-sae", "export-sae")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -146,3 +146,39 @@ def test_import_sae_writes_the_imported_file_and_a_pickle_is_one_clear_line(tmp_
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "not a plain state dict" in err and "Traceback" not in err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_sae_needs_a_committed_sae_then_writes_the_file_and_a_card_saying_what_has_not_run(tmp_path, capsys):
+    import json
+
+    import safetensors.torch
+    import torch
+
+    from scope_ray.config import load_config
+    from scope_ray.sae_export import read_provenance
+    from scope_ray.stages.train_sae import run_train_sae
+    from scope_ray.storage import ResultsRoot
+
+    folder = tmp_path / "layers.3"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    safetensors.torch.save_file({"encoder.weight": torch.randn(96, 96, generator=g), "encoder.bias": torch.zeros(96),
+                                 "W_dec": torch.randn(96, 96, generator=g), "b_dec": torch.zeros(96)},
+                                str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 4}))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"model: {{name: demo-vit-tiny}}\nstorage: {{root: {tmp_path / 'results'}}}\n"
+                    f"sae: {{expansion: 1, k: 4, source: {{format: sparsify, path: {folder}}}}}\n")
+    out = tmp_path / "shared"
+    assert main(["export-sae", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no SAE committed for this config" in err and "scope-ray stage train-sae" in err and not out.exists()
+    job = load_config(str(spec))
+    run_train_sae(job, ResultsRoot(job.storage.root), log=lambda *_: None)
+    assert main(["export-sae", str(spec), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out}/sae.safetensors", f"wrote {out}/README.md"]
+    card = (out / "README.md").read_text()
+    assert "eval-sae has not run for this config." in card and "partition has not run for this config." in card
+    assert "**The backbone's weights are `none`" in card  # demo-vit-tiny is random-init
+    prov = read_provenance(str(out / "sae.safetensors"))
+    assert prov["origin"]["toolkit"] == "sparsify" and prov["metrics"] is None and prov["scope"] is None

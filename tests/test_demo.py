@@ -78,6 +78,35 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
           f"drop local {seg['drop_local']:+.4f} vs global {seg['drop_global']:+.4f}; depth RMSE original "
           f"{dep['original']:.4f}, drop local {dep['drop_local']:+.4f} vs global {dep['drop_global']:+.4f}")
     assert seg["drop_local"] > seg["drop_global"] and dep["drop_local"] > dep["drop_global"]
+    _check_export(out, root, part, row)
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
                                           "probe_features", "probes"))
+
+
+def _check_export(out: dict, root: ResultsRoot, part: dict, row: dict) -> None:
+    """The demo's export: the SAE file encodes exactly as the committed one, and its header, its
+    feature table and its model card carry the numbers the stages committed."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from scope_ray.sae import BatchTopKSAE
+    from scope_ray.sae_export import read_provenance
+
+    exported = out["export"]
+    train = root.stage("demo-planted", "train-sae")
+    committed = BatchTopKSAE.load(f"{train.uri}/{train.manifest()['sae_file']}")
+    shared = BatchTopKSAE.load(exported.sae)
+    x = torch.randn(64, committed.d_in, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.equal(committed.encode(x), shared.encode(x))
+    prov = read_provenance(exported.sae)
+    assert prov["origin"]["kind"] == "trained here" and prov["layer"]["index"] == row["layer"]
+    assert prov["metrics"]["fvu_all"] == row["fvu_all"] and prov["scope"]["gamma"] == part["gamma"]
+    assert prov["origin"]["training_data"]["synthetic"] is True
+    features = pq.read_table(exported.features)
+    assert features.column("group").to_pylist() == root.stage("demo-planted", "partition").read_table(
+        "features").column("group").to_pylist()
+    card = Path(exported.card).read_text()
+    assert f"high-CDS (global scope): {part['high_cds']}," in card and f"{row['fvu_all']:.4g}" in card
+    assert np.isclose(float(card.split("γ = ")[1].split(",")[0]), part["gamma"], rtol=1e-3)

@@ -538,7 +538,9 @@ def figure8_section(root: ResultsRoot, runs: list[ModelRun], tmp: Path) -> Secti
 
 
 # ------------------------------------------------------------------------------------ writing
-def build_document(root: ResultsRoot, tmp: Path) -> Document:
+def build_document(root: ResultsRoot, tmp: Path, compare: tuple[ResultsRoot, ...] = ()) -> Document:
+    """The whole report of ``root``; ``compare``: other roots whose SAEs of the same models are set
+    beside this root's (scope_ray.report.compare)."""
     runs = collect(root)
     verdicts = {r.name: comparability([m for m in r.manifests.values() if m], r.name) if has_published(r.name)
                 else NO_PUBLISHED for r in runs}
@@ -560,6 +562,10 @@ def build_document(root: ResultsRoot, tmp: Path) -> Document:
     sections += [zs] if zs else []
     fig8 = figure8_section(root, runs, tmp)
     sections += [fig8] if fig8 else []
+    if compare:
+        from scope_ray.report.compare import comparison_section
+
+        sections.append(comparison_section(root, list(compare), tmp))
     for run in runs:
         figures, missing = _figures(root, run)
         sections.append(Section(f"Figures: {run.name}", missing or ([] if figures else ["No figures recorded."]),
@@ -593,14 +599,18 @@ def _replace(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_report(root: str, out: str | None = None, endpoint_url: str | None = None) -> ReportPaths:
+def write_report(root: str, out: str | None = None, endpoint_url: str | None = None,
+                 compare: tuple[str, ...] = ()) -> ReportPaths:
     """Write ``report.md`` (+ ``figures/``) and a self-contained ``report.html`` for ``root``.
 
     ``out``: a local folder; default ``ROOT/report/`` — for an ``s3://`` root the report is made in a
-    temporary folder and uploaded there, and the returned paths are its ``s3://`` URIs."""
+    temporary folder and uploaded there, and the returned paths are its ``s3://`` URIs.
+    ``compare``: other results roots (same endpoint) whose SAEs of the same models are compared
+    with this root's by scope ("Scope across SAEs")."""
     results = ResultsRoot(root, endpoint_url)
+    others = tuple(ResultsRoot(other, endpoint_url) for other in compare)
     with tempfile.TemporaryDirectory(prefix="scope-ray-report-") as tmp:
-        doc = build_document(results, Path(tmp))
+        doc = build_document(results, Path(tmp), others)
         if out is not None or results.scheme == "file":
             target = Path(out) if out is not None else Path(results.path) / REPORT_DIR
             return _write_local(doc, target.absolute())

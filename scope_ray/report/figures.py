@@ -186,6 +186,40 @@ def cds_histogram(
     return save_figure(fig, path)
 
 
+def cds_comparison(series: list[tuple[str, Any, float | None]], path: str | Path, *, title: str,
+                   bins: int = 40) -> Path:
+    """Several SAEs of one backbone: each one's scored CDS (finite values) as a step histogram
+    normalised to a density (dictionaries of different sizes stay comparable), its γ a dashed line
+    in the same colour. ``series``: (label, cds, γ) per SAE; the legend gives scored count and γ."""
+    plt = pyplot()
+    path = prepare_output(path)
+    colours = [BLUE, RED, "#228833", _ORANGE, "#aa3377", "#66ccee", "#777777"]
+    edges = np.linspace(0.0, 1.0, max(int(bins), 1) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    drawn = 0
+    for i, (label, cds, gamma) in enumerate(series):
+        colour = colours[i % len(colours)]
+        values = np.asarray(cds, dtype=np.float64).ravel()
+        finite = np.clip(values[np.isfinite(values)], 0.0, 1.0)
+        gamma = _finite_or_none(gamma)
+        text = f"{label}: {finite.size} scored" + (f", γ = {gamma:.3g}" if gamma is not None else "")
+        if finite.size:
+            ax.hist(finite, bins=edges, density=True, histtype="step", linewidth=1.6, color=colour, label=text)
+            drawn += 1
+        else:
+            ax.plot([], [], color=colour, label=text + " (none scored)")
+        if gamma is not None:
+            ax.axvline(gamma, color=colour, linestyle="--", linewidth=1.0)
+    if not drawn:
+        no_data(ax, "no finite CDS values")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("CDS")
+    ax.set_ylabel("density of scored features")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
 def awcds_curve(
     centres,
     means,

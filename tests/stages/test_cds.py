@@ -3,9 +3,11 @@ in-process computation on the same images with the same ViT and SAE."""
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -215,6 +217,9 @@ def test_an_imported_sae_gives_the_same_cds_and_the_report_names_its_origin(ray_
     config.json) is imported by train-sae; cds equals the direct computation with that dictionary,
     the partition runs on it, and the report's Table 6 says where the SAE came from."""
     from scope_ray.report.content import write_report
+    from scope_ray.sae_export import export_sae, read_provenance
+    from scope_ray.sae_import import ImportedSAE
+    from scope_ray.stages.common import load_sae
     from scope_ray.stages.eval_sae import run_eval_sae
     from scope_ray.stages.train_sae import run_train_sae
 
@@ -244,6 +249,21 @@ def test_an_imported_sae_gives_the_same_cds_and_the_report_names_its_origin(ray_
     run_eval_sae(job, root, log=lambda *_: None)
     markdown = open(write_report(root.uri).markdown).read()
     assert "imported: dictionary_learning BatchTopKSAE (threshold)" in markdown
+    # Exported for sharing: the same encoding, the source's digest in the header, a card naming it.
+    exported = export_sae(job, root, str(tmp_path / "shared"))
+    x = torch.randn(32, sae.d_in, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ImportedSAE.load(exported.sae).encode(x), load_sae(job, root).encode(x))
+    prov = read_provenance(exported.sae)
+    assert prov["origin"]["toolkit"] == "dictionary_learning"
+    assert prov["origin"]["sha256"] == hashlib.sha256((folder / "ae.pt").read_bytes()).hexdigest()
+    assert prov["scope"]["high_cds"] == part.row["high_cds"] and prov["metrics"] is not None
+    card = (tmp_path / "shared" / "README.md").read_text()
+    assert "Origin: imported (dictionary_learning BatchTopKSAE)" in card and prov["origin"]["sha256"] in card
+    committed = root.stage(job.model.name, "partition").read_table("features")
+    shared = pq.read_table(exported.features)
+    for name in ("feature", "group", "unscored_reason"):
+        assert shared.column(name).to_pylist() == committed.column(name).to_pylist()
+    np.testing.assert_array_equal(shared.column("cds").to_numpy(), committed.column("cds").to_numpy())  # NaN == NaN
 
 
 def test_topk_does_not_depend_on_actors_or_batches(ray_local, pool, tmp_path):
