@@ -1,15 +1,22 @@
 """Import SAEs made and saved by the peer toolkits' own code; compare our forward with theirs.
 
-For each toolkit and architecture: in the peers' virtual environment (the one bench_sae_peers.py
-makes, pinned, never the project's), build a tiny SAE with random weights, non-zero biases and a
-real threshold, save it with the toolkit's own save path (sparsify ``save_to_disk``;
-dictionary_learning's trainer layout ``ae.pt`` + ``config.json``; overcomplete ``state_dict()``,
-the only save it has), and run the toolkit's own forward on fixed inputs. Then, here, import the
-file with ``scope_ray.sae_import`` and print the largest absolute difference of codes and
-reconstructions (fp32; the issue asks for <= 1e-5). Exit 1 when any pair is over that.
+For each toolkit and architecture: in the peers' own virtual environment (pinned, never the
+project's; ``peer_env``), build a tiny SAE with random weights, non-zero biases and a real
+threshold, save it with the toolkit's own save path (sparsify ``save_to_disk``; dictionary_learning's
+trainer layout ``ae.pt`` + ``config.json``; overcomplete ``state_dict()``, the only save it has;
+SAELens ``save_model``; saev ``nn.dump``), and run the toolkit's own forward on fixed inputs. Then,
+here, import the file with ``scope_ray.sae_import`` and print the largest absolute difference of
+codes and reconstructions (fp32; the issue asks for <= 1e-5). Exit 1 when any pair is over that.
 
-    .venv/bin/python bench/check_sae_import.py                      # makes the peers' venv if missing
-    .venv/bin/python bench/check_sae_import.py --venv ~/.cache/scope-ray/bench-peers-venv
+The peers' environment is a venv whose own site-packages hold the toolkits and whatever they need
+that the project does not have; a ``.pth`` line puts the project's site-packages after them, so
+torch, numpy and safetensors are not downloaded again (a few hundred MB, ~1 min, instead of 7 GB).
+SAELens and saev are installed without their dependency trees (SAELens pulls transformer_lens's
+whole model zoo; saev 0.1.0 pins Python >= 3.12 tooling it does not import for nn): only the
+modules their SAE classes import, pinned below. tests/test_sae_import_peers.py runs this in CI.
+
+    .venv/bin/python bench/check_sae_import.py                      # makes the peers' env if missing
+    .venv/bin/python bench/check_sae_import.py --venv /tmp/peers    # somewhere else
 """
 
 from __future__ import annotations
@@ -27,10 +34,48 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.bench_sae_peers import peer_venv  # noqa: E402
 
 TOLERANCE = 1e-5
 D, F, K, N = 16, 64, 4, 257
+# Installed with their dependencies (what the project already has is reused through the .pth).
+# overcomplete 0.3.0 calls matplotlib.cm.get_cmap at import, removed in matplotlib 3.9.
+WITH_DEPS = ["overcomplete==0.3.0", "matplotlib==3.8.4", "dictionary-learning==0.1.0", "eai-sparsify==1.3.3"]
+# Installed alone: exactly the modules SAELens' and saev's SAE classes import.
+WITHOUT_DEPS = ["sae-lens==6.54.12", "transformer-lens==2.18.0", "jaxtyping==0.3.11", "better-abc==0.0.3",
+                "typeguard==4.6.1", "saev==0.1.0", "beartype==0.23.1"]
+TOOLKITS = {"sparsify": "sparsify", "dictionary_learning": "dictionary_learning", "overcomplete": "overcomplete",
+            "saelens": "sae_lens", "saev": "saev.nn"}  # format -> module the peer side imports
+
+
+def peer_env(path: Path, log=print) -> dict[str, str]:
+    """Make (once) the peers' venv at ``path``; returns {format: "" if importable else why not}."""
+    import site
+    import sysconfig
+
+    py = path / "bin" / "python"
+    if not py.exists():
+        log(f"creating the peers' virtual environment at {path}")
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        project = sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else site.getsitepackages()[0]
+        Path(own, "scope_ray_project.pth").write_text(project + "\n")
+    status = {fmt: "" if _imports(py, module) else "missing" for fmt, module in TOOLKITS.items()}
+    if any(status.values()):
+        for args in (WITH_DEPS, ["--no-deps", *WITHOUT_DEPS]):
+            log(f"installing {' '.join(args)} into {path} ...")
+            r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"pip failed: {(r.stderr or r.stdout).strip().splitlines()[-3:]}")
+        status = {fmt: "" if _imports(py, module) else f"import {module} fails in {path}"
+                  for fmt, module in TOOLKITS.items()}
+    return status
+
+
+def _imports(py: Path, module: str) -> bool:
+    return subprocess.run([str(py), "-c", f"import {module}"], capture_output=True,
+                          env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}).returncode == 0
 
 # Runs in the peers' venv: writes <out>/<case>/... (the toolkit's files) and <out>/<case>.npz (x, codes, recon).
 PEER_SIDE = r'''
@@ -98,23 +143,42 @@ for arch, m in {"SAE": SAE(D, F), "TopKSAE": TopKSAE(D, F, top_k=K), "BatchTopKS
     with torch.no_grad():
         _, codes, recon = m(x)
     dump(f"oc_{arch}", codes, recon, {"architecture": arch, **(extra or {})})
+# --- SAELens: save_model writes sae_weights.safetensors + cfg.json ---------------------------------
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig, JumpReLUSAE, JumpReLUSAEConfig
+for name, m in {"standard": StandardSAE(StandardSAEConfig(d_in=D, d_sae=F)),
+                "topk": TopKSAE(TopKSAEConfig(d_in=D, d_sae=F, k=K)),
+                "topk_rescaled": TopKSAE(TopKSAEConfig(d_in=D, d_sae=F, k=K, rescale_acts_by_decoder_norm=True)),
+                "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=F))}.items():
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if "threshold" in pname:  # raw θ > 0, or log θ
+                p.copy_(torch.rand_like(p) * 0.8 if pname == "threshold" else torch.randn_like(p) * 0.5 - 1.0)
+            else:
+                p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 1 else D ** -0.5))  # an initialiser's scale
+    m.eval()
+    with torch.no_grad():
+        codes = m.encode(x); recon = m.decode(codes)
+    m.save_model(f"{out}/sl_{name}"); dump(f"sl_{name}", codes, recon)
+
+# --- saev 0.1.0: nn.dump writes a JSON header line, then torch.save(state_dict) ----------------------
+import saev.config, saev.nn
+m = saev.nn.SparseAutoencoder(saev.config.SparseAutoencoder(d_vit=D, exp_factor=F // D, seed=0)); bump(m)
+with torch.no_grad():
+    m.b_dec.add_(torch.randn(D) * 0.3)
+    recon, codes, _ = m(x)
+saev.nn.dump(f"{out}/saev_relu/sae.pt", m); dump("saev_relu", codes, recon)
 print("peer side done")
 '''
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "scope-ray" / "bench-peers-venv")
-    args = p.parse_args()
-    status = peer_venv(args.venv, lambda m: print(m, file=sys.stderr))
-    if any(status.values()):
-        print(f"peers not importable: { {k: v for k, v in status.items() if v} }")
-        return 2
+def compare_all(venv: Path) -> list[dict]:
+    """Run the peer side in ``venv``, import every file it saved, and return per case the largest
+    differences of codes and reconstructions against the toolkit's own forward."""
     from scope_ray.sae_import import Source, import_sae
 
-    worst = 0.0
+    rows = []
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([str(args.venv / "bin" / "python"), "-c", PEER_SIDE, out, str(D), str(F), str(K), str(N)],
+        subprocess.run([str(venv / "bin" / "python"), "-c", PEER_SIDE, out, str(D), str(F), str(K), str(N)],
                        check=True, env={**os.environ, "SPARSIFY_DISABLE_TRITON": "1"})
         cases = {"sparsify_topk": Source("sparsify", f"{out}/sparsify_topk")}
         for cls in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):
@@ -123,17 +187,36 @@ def main() -> int:
             extra = json.loads(Path(f"{out}/oc_{arch}.json").read_text())
             cases[f"oc_{arch}"] = Source("overcomplete", f"{out}/oc_{arch}.pt", architecture=arch,
                                          k=K if arch == "TopKSAE" else None, threshold=extra.get("threshold"))
-        print(f"{'toolkit / architecture':<40} {'max |codes|':>12} {'max |recon|':>12} {'codes':>10} {'recon':>10}")
+        for name in ("standard", "topk", "topk_rescaled", "jumprelu"):
+            cases[f"sl_{name}"] = Source("saelens", f"{out}/sl_{name}")
+        cases["saev_relu"] = Source("saev", f"{out}/saev_relu/sae.pt")
         for case, src in cases.items():
             ref = np.load(f"{out}/{case}.npz")
             sae = import_sae(src)
             with torch.no_grad():
                 recon, codes = sae(torch.from_numpy(ref["x"]))
-            dc = float(np.abs(codes.numpy() - ref["codes"]).max())
-            dr = float(np.abs(recon.numpy() - ref["recon"]).max())
-            worst = max(worst, dc, dr)
-            print(f"{case:<40} {np.abs(ref['codes']).max():>12.4g} {np.abs(ref['recon']).max():>12.4g} "
-                  f"{dc:>10.2e} {dr:>10.2e}  (active per row {np.count_nonzero(ref['codes'], axis=1).mean():.1f})")
+            rows.append({"case": case, "toolkit": src.format, "max_codes": float(np.abs(ref["codes"]).max()),
+                         "max_recon": float(np.abs(ref["recon"]).max()),
+                         "diff_codes": float(np.abs(codes.numpy() - ref["codes"]).max()),
+                         "diff_recon": float(np.abs(recon.numpy() - ref["recon"]).max()),
+                         "active": float(np.count_nonzero(ref["codes"], axis=1).mean())})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "scope-ray" / "sae-import-peers-venv")
+    args = p.parse_args()
+    status = peer_env(args.venv, lambda m: print(m, file=sys.stderr))
+    if any(status.values()):
+        print(f"peers not importable: { {k: v for k, v in status.items() if v} }")
+        return 2
+    rows = compare_all(args.venv)
+    print(f"{'toolkit / architecture':<40} {'max |codes|':>12} {'max |recon|':>12} {'codes':>10} {'recon':>10}")
+    for r in rows:
+        print(f"{r['case']:<40} {r['max_codes']:>12.4g} {r['max_recon']:>12.4g} {r['diff_codes']:>10.2e} "
+              f"{r['diff_recon']:>10.2e}  (active per row {r['active']:.1f})")
+    worst = max(max(r["diff_codes"], r["diff_recon"]) for r in rows)
     print(f"largest difference {worst:.2e} (tolerance {TOLERANCE:g}, fp32, {N} inputs, d={D}, q={F})")
     return 0 if worst <= TOLERANCE else 1
 
