@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import safetensors.torch
 import torch
 
 from scope_ray.config import load_config
@@ -28,7 +29,7 @@ from scope_ray.stages.probe_features import (
     table_schema,
     verify_table,
 )
-from scope_ray.stages.train_sae import SAE_FILE
+from scope_ray.stages.train_sae import SAE_FILE, run_train_sae
 from scope_ray.stages.train_sae import config_hash as train_hash
 from scope_ray.storage import ResultsRoot
 from tests.image_bytes import jpeg as _jpeg
@@ -85,7 +86,9 @@ def _pixels(image: bytes) -> np.ndarray:
 
 def _commit_upstream(job, root: ResultsRoot, pixels_BSS3: np.ndarray) -> tuple[BatchTopKSAE, dict[str, np.ndarray]]:
     """A seeded random SAE (threshold > 0) committed as train-sae, and a partition `features`
-    table whose high group is the features firing most on these images, so removal matters."""
+    table whose high group is the features firing most on these images, so removal matters.
+    When the job has ``sae.source`` (a plain-layout file), the same dictionary is written there
+    and train-sae imports it: the stage then runs on an SAE from outside, as issue 17 asks."""
     spec = job.model.spec
     model = build_model(job.model.name, weights="none", seed=job.seed, layer=job.model.resolved_layer)
     with torch.inference_mode():
@@ -98,8 +101,18 @@ def _commit_upstream(job, root: ResultsRoot, pixels_BSS3: np.ndarray) -> tuple[B
         sae.threshold.fill_(float(torch.quantile(pre[pre > 0], 0.8)))
         fires = (sae.encode(tokens) > 0).sum(dim=0).numpy()
     stage = root.stage(job.model.name, "train-sae")
-    sae.save(posixpath.join(stage.uri, SAE_FILE))
-    stage.commit(train_hash(job), {}, {})
+    if job.sae.source is None:
+        sae.save(posixpath.join(stage.uri, SAE_FILE))
+        stage.commit(train_hash(job), {}, {})
+    else:  # the documented plain layout: ReLU((x − b_pre) W_enc + b_enc), kept where > θ
+        with torch.no_grad():
+            tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc / sae.input_scale, "W_dec": sae.W_dec,
+                       "b_dec": sae.b_dec / sae.input_scale, "b_pre": sae.b_dec / sae.input_scale,
+                       "threshold": (sae.threshold / sae.input_scale).reshape(())}
+        safetensors.torch.save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()},
+                                    job.sae.source.path, metadata={"activation": "threshold", "compare": ">"})
+        run_train_sae(job, root, log=lambda *_: None)
+        assert stage.manifest()["imported"]["toolkit"] == "plain"
     order = np.argsort(-fires, kind="stable")
     group = np.full(q, "unscored", dtype=object)
     group[order[:12]] = "high"
@@ -175,7 +188,9 @@ def test_random_group_comes_from_scored_features_outside_the_high_group(tmp_path
 @pytest.fixture(scope="module")
 def stage_run(ray_local, data, tmp_path_factory):
     results = tmp_path_factory.mktemp("probe-results")
-    job = _job(data, results)
+    # The SAE comes from outside (sae.source): probe-features, and the probes reading its cache,
+    # take an imported SAE as they take a trained one (the demo covers the trained one).
+    job = _job(data, results, f"sae.source={{format: plain, path: '{results / 'plain-sae.safetensors'}'}}")
     root = ResultsRoot(str(results))
     good = [r for r in _rows(data["imagenet"]["val"]) if not r["key"].startswith("bad")]
     sae, groups = _commit_upstream(job, root, np.stack([_pixels(r["image"]) for r in good]))
