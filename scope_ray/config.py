@@ -393,6 +393,9 @@ class RayConfig(_Section):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per actor; default = cpus_per_actor")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per image-decoding task")
     read_cpus: float = Field(0.25, gt=0, description="CPUs per file-reading task (I/O-bound; Ray's default of 1 starves small nodes)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning", description="how much of Ray's own logging reaches the terminal (Ray Data's plans and progress, "
+        "Tune's tables, Train's set-up); scope-ray's progress and results are printed at any level")
 
     @field_validator("gpus_per_actor", "gpus_per_sae_worker", "gpus_per_probe_worker")
     @classmethod

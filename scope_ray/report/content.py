@@ -24,6 +24,7 @@ from scope_ray.report import published
 from scope_ray.report import probes as pr
 from scope_ray.models.registry import REGISTRY
 from scope_ray.report.document import FIGURES_DIR, Document, Figure, Section, Table, render_html, render_markdown
+from scope_ray.report.training import training_section, write_tensorboard
 from scope_ray.pipeline import RESULT_DIRS
 from scope_ray.storage import LOGS_DIR, ResultsRoot, code_version, join_uri, temp_name
 
@@ -562,6 +563,8 @@ def build_document(root: ResultsRoot, tmp: Path, compare: tuple[ResultsRoot, ...
     sections += [zs] if zs else []
     fig8 = figure8_section(root, runs, tmp)
     sections += [fig8] if fig8 else []
+    curves = training_section(root, runs, tmp)
+    sections += [curves] if curves else []
     if compare:
         from scope_ray.report.compare import comparison_section
 
@@ -612,9 +615,12 @@ def write_report(root: str, out: str | None = None, endpoint_url: str | None = N
     with tempfile.TemporaryDirectory(prefix="scope-ray-report-") as tmp:
         doc = build_document(results, Path(tmp), others)
         if out is not None or results.scheme == "file":
-            target = Path(out) if out is not None else Path(results.path) / REPORT_DIR
-            return _write_local(doc, target.absolute())
+            target = (Path(out) if out is not None else Path(results.path) / REPORT_DIR).absolute()
+            paths = _write_local(doc, target)
+            write_tensorboard(results, collect(results), target)
+            return paths
         local = _write_local(doc, Path(tmp) / REPORT_DIR)
+        write_tensorboard(results, collect(results), Path(tmp) / REPORT_DIR)
         dest = posixpath.join(results.path, REPORT_DIR)
         for path in sorted(Path(local.markdown).parent.rglob("*")):
             if path.is_file():

@@ -264,6 +264,32 @@ def awcds_curve(
     return save_figure(fig, path)
 
 
+TRAINING_CURVES = (("loss", "loss (MSE + AuxK, scaled)"), ("fvu", "FVU"), ("l0", "L0 (active latents / token)"),
+                   ("dead_fraction", "dead latents (fraction)"))
+
+
+def training_curves(rows: list[dict], path: str | Path, *, title: str) -> Path:
+    """The SAE's training log (train-sae's ``training_log`` rows) against the step: one panel per
+    quantity in ``TRAINING_CURVES``; non-finite values are left out (a panel with none says so)."""
+    plt = pyplot()
+    path = prepare_output(path)
+    rows = sorted(rows, key=lambda r: r.get("step", 0))
+    steps = np.asarray([r.get("step", np.nan) for r in rows], dtype=np.float64)
+    fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(10, 2.6), dpi=120)
+    for ax, (key, label) in zip(axes, TRAINING_CURVES):
+        values = np.asarray([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
+        ok = np.isfinite(steps) & np.isfinite(values)
+        if ok.any():
+            ax.plot(steps[ok], values[ok], color=BLUE, marker="o", markersize=2.5, linewidth=1.2)
+        else:
+            no_data(ax, "not logged")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
 def instability_plot(shifts, d_non, d_out, path: str | Path, *, title: str) -> Path:
     """Table 9 as a figure: mean attention EMD against the SCC shift s.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,13 +21,32 @@ def connect(cfg: RayConfig, *, num_cpus: int | None = None, log_to_driver: bool 
     surface as exceptions."""
     import ray
 
+    quiet_ray(cfg.log_level)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    level = getattr(logging, cfg.log_level.upper())
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, logging_level=level)
+
+
+RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train")
+
+
+def quiet_ray(level: str) -> None:
+    """Ray's own loggers in this process at ``level`` (ray.log_level). Ray Data configures its
+    logger when first imported, so it is imported before the level is set. Tune's current console
+    output prints its tables whatever ``verbose`` says; below info, its legacy reporter (which
+    honours ``verbose=0``) is asked for instead, unless RAY_AIR_NEW_OUTPUT is already set."""
+    import ray.data  # noqa: F401 - configures the ray.data logger, which is then overridden
+
+    numeric = getattr(logging, level.upper())
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(numeric)
+    if numeric > logging.INFO:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 @dataclass(frozen=True)

@@ -45,3 +45,34 @@ def test_each_role_has_its_own_gpu_setting_and_ddp_ranks_get_whole_gpus(ray_loca
     assert role_gpus("auto", "ray.gpus_per_probe_worker") == 0.0
     with pytest.raises(ClusterResourceError, match="ray.gpus_per_probe_worker=0.25 but the Ray cluster has no GPUs"):
         role_gpus(0.25, "ray.gpus_per_probe_worker")
+
+
+_NOISY = r'''
+import sys
+from scope_ray.config import load_config
+from scope_ray.stages.cluster import connect
+connect(load_config(None, [f"ray.log_level={sys.argv[1]}"]).ray, num_cpus=1, log_to_driver=False)
+import ray.data
+from ray import tune
+ray.data.range(4).map_batches(lambda b: b).take_all()
+tune.Tuner(lambda config: tune.report({"x": 1}), param_space={},
+           run_config=tune.RunConfig(storage_path=sys.argv[2], name="t", verbose=0)).fit()
+print("END")
+'''
+
+
+@pytest.mark.parametrize("level, noisy", [("warning", False), ("info", True)])
+def test_ray_log_level_keeps_ray_data_and_tune_chatter_out_unless_asked(tmp_path, level, noisy):
+    """ray.log_level (default warning): Ray Data's execution plans and Tune's experiment table are
+    not printed; at info they are (which is what shows the check can see them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AIR_NEW_OUTPUT")}
+    out = subprocess.run([sys.executable, "-c", _NOISY, level, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=240)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "END" in out.stdout, text[-2000:]
+    assert ("Execution plan of Dataset" in text) is noisy
+    assert ("Configuration for experiment" in text) is noisy
