@@ -1,0 +1,72 @@
+"""Committed results as one table across models: what a notebook reads (docs/api.md).
+
+A results root keeps each model's stage tables apart (``ROOT/<model>/<stage>/<table>/``, several
+part files, superseded or half-written ones beside them until the next commit; docs/storage.md).
+``read_results`` returns one Arrow table per (stage, table) over every model whose stage is
+committed, with a ``model`` column first, reading only the part files each manifest lists — never
+a partial run's files. ``committed_files`` gives the same file lists for engines that read Parquet
+themselves (DuckDB, Polars). No Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from scope_ray.storage import ResultsRoot
+
+
+@dataclass
+class Listing:
+    """Part files of one (stage, table) per model, and the models left out with why."""
+
+    files: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_files(self) -> list[str]:
+        return [f for files in self.files.values() for f in files]
+
+
+def _root(root: str | ResultsRoot, endpoint_url: str | None) -> ResultsRoot:
+    return root if isinstance(root, ResultsRoot) else ResultsRoot(root, endpoint_url)
+
+
+def committed_files(root: str | ResultsRoot, stage: str, table: str, *, models: list[str] | None = None,
+                    endpoint_url: str | None = None) -> Listing:
+    """The committed part files of ``stage/table`` for each model under ``root`` (or ``models``).
+    A model whose stage is not committed, or has no such table, is in ``skipped`` with the reason.
+    Local roots give local paths; ``s3://`` roots give ``s3://`` URIs."""
+    r = _root(root, endpoint_url)
+    out = Listing()
+    for model in models if models is not None else r.models():
+        if models is None and r.fs.exists(f"{r.path}/{model}/report.md"):
+            continue  # ROOT/report/ is the report (docs/report.md), not a model
+        d = r.stage(model, stage)
+        manifest = d.manifest()
+        if manifest is None:
+            out.skipped[model] = f"{stage} not committed"
+        elif table not in manifest.get("tables", {}):
+            out.skipped[model] = f"{stage} has no table {table!r} (it has {', '.join(sorted(manifest['tables'])) or 'none'})"
+        else:
+            prefix = "" if r.scheme == "file" else f"{r.scheme}://"
+            out.files[model] = [prefix + f for f in d.part_files(table)]
+    return out
+
+
+def read_results(root: str | ResultsRoot, stage: str, table: str, *, models: list[str] | None = None,
+                 columns: list[str] | None = None, endpoint_url: str | None = None) -> pa.Table:
+    """One Arrow table of ``stage/table`` over every model that committed it, ``model`` first.
+    Schemas of different models are unified (a column one model lacks is null there). ValueError
+    when no model has it, naming why each was left out."""
+    r = _root(root, endpoint_url)
+    listing = committed_files(r, stage, table, models=models)
+    parts = []
+    for model in listing.files:
+        t = r.stage(model, stage).read_table(table, columns=columns)
+        parts.append(t.add_column(0, "model", pa.array([model] * t.num_rows, pa.string())))
+    if not parts:
+        why = "; ".join(f"{m}: {reason}" for m, reason in listing.skipped.items()) or "no model folders"
+        raise ValueError(f"no committed {stage}/{table} under {r.uri} ({why})")
+    return pa.concat_tables(parts, promote_options="default")
