@@ -126,9 +126,20 @@ def extract_hash(job: "JobConfig") -> str:
     """What the extracted tokens depend on (a change here means the stage is redone)."""
     # Only what changes the tokens: not tau (used by eval) nor the batch size (sampling is keyed
     # by image id, not by batch).
-    return job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32",
+    base = job.stage_hash("model.name", "model.weights", "model.layer", "model.precision", "model.tf32",
                           "data.imagenet", "data.max_pixels", "data.max_aspect_ratio",
                           "data.min_side", "extract", exclude=("extract.batch_size",))
+    # The model's eval resize / crop (its library's pretrained config). The plain one is the only
+    # one before 2026-12-03, so stages committed with it keep their hash; any other names itself
+    # here, and through train-sae's hash every downstream stage (probe features, galleries) too.
+    from scope_ray.data.images import PLAIN
+
+    transform = job.model.spec.transform
+    if transform == PLAIN:
+        return base
+    from scope_ray.storage import content_hash
+
+    return content_hash([base, repr(transform)])[:16]
 
 
 def train_sae_hash(job: "JobConfig") -> str:

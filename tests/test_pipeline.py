@@ -149,3 +149,22 @@ def test_no_function_is_longer_than_the_limit_unless_documented():
                     long.add((str(path.relative_to(package)), node.name))
     assert long == LONG_FUNCTIONS, f"functions over {MAX_FUNCTION_LINES} lines: {sorted(long - LONG_FUNCTIONS)}"
     assert all(name in architecture for _, name in LONG_FUNCTIONS)
+
+
+def test_the_extract_hash_names_a_models_eval_transform_and_keeps_the_plain_ones(monkeypatch):
+    """DeiT3's crop_pct 0.9 is part of what its tokens depend on (and so of every downstream hash);
+    models with the plain transform (the only one before it was read from the library) keep the
+    hash their committed stages were made with."""
+    import dataclasses
+
+    from scope_ray.config import load_config
+    from scope_ray.models import registry
+
+    job = load_config({"model": {"name": "deit3-b"}})
+    cropped = (pipeline.extract_hash(job), pipeline.train_sae_hash(job))
+    monkeypatch.setitem(registry.REGISTRY, "deit3-b", dataclasses.replace(job.model.spec, crop_pct=1.0))
+    plain = (pipeline.extract_hash(job), pipeline.train_sae_hash(job))
+    assert cropped[0] != plain[0] and cropped[1] != plain[1]
+    keys = ("model.name", "model.weights", "model.layer", "model.precision", "model.tf32", "data.imagenet",
+            "data.max_pixels", "data.max_aspect_ratio", "data.min_side", "extract")
+    assert plain[0] == job.stage_hash(*keys, exclude=("extract.batch_size",))

@@ -50,3 +50,22 @@ def test_a_stale_eval_is_not_attached_and_a_current_one_is(tmp_path):
     np.testing.assert_array_equal(BatchTopKSAE.load(second.sae).encode(x).detach().numpy(),
                                   sae.encode(x).detach().numpy())
     assert second.features is None and not (tmp_path / "two" / "features.parquet").exists()
+
+
+def test_export_to_s3_from_an_s3_root(s3_bucket):
+    uri, endpoint = s3_bucket
+    job = load_config({"model": {"name": "demo-vit-tiny"},
+                       "storage": {"root": f"{uri}/results", "endpoint_url": endpoint}}, ["sae.expansion=1", "sae.k=4"])
+    root = ResultsRoot(job.storage.root, endpoint)
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(96, 96, 4)
+    with torch.no_grad():
+        sae.threshold.fill_(0.1)
+    stage = root.stage(job.model.name, pipeline.TRAIN_SAE)
+    sae.save(f"{stage.uri}/sae.safetensors", endpoint_url=endpoint)
+    stage.commit(pipeline.train_sae_hash(job), {}, {}, extra={"sae_file": "sae.safetensors", "steps": 1})
+    paths = export_sae(job, root, f"{uri}/shared")
+    assert paths.sae == f"{uri}/shared/sae.safetensors" and paths.card == f"{uri}/shared/README.md"
+    assert read_provenance(paths.sae, endpoint)["base_model"]["name"] == "demo-vit-tiny"
+    x = torch.randn(8, 96)
+    assert torch.equal(BatchTopKSAE.load(paths.sae, endpoint_url=endpoint).encode(x), sae.encode(x))

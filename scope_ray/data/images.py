@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -216,20 +218,52 @@ def _check_HW3(img_HW3: np.ndarray, size: int) -> None:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {list(img_HW3.shape)}")
 
 
-def crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+@dataclass(frozen=True)
+class EvalTransform:
+    """A model's evaluation resize and crop, as its library's pretrained config gives it.
+
+    ``resize_mode`` "shortest": the shorter side to ``floor(size / crop_pct)`` (timm's eval
+    transform; crop_pct 1 is open_clip's and torchvision's Resize + CenterCrop), then the central
+    size x size crop. "squash": straight to size x size, aspect ratio not kept. ``interpolation``
+    is the image filter; label and depth planes are always resampled nearest."""
+
+    crop_pct: float = 1.0
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct {self.crop_pct} outside (0, 1]")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r}; supported: {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in _FILTERS:
+            raise ValueError(f"interpolation {self.interpolation!r}; supported: {', '.join(_FILTERS)}")
+
+
+RESIZE_MODES = ("shortest", "squash")
+_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+PLAIN = EvalTransform()  # the only transform before 2026-12-03 (CLIP, DINOv2, the demo models)
+
+
+def crop_geometry(h: int, w: int, size: int, transform: EvalTransform = PLAIN) -> tuple[int, int, int, int]:
     """(resized h, resized w, top, left) of the resize + centre crop of an h x w input.
 
     The one copy of this geometry: images (``resize_center_crop``) and their label / depth planes
     (``resize_center_crop_plane``) both use it, so a mask always lines up with its pixels."""
+    if transform.resize_mode == "squash":
+        return size, size, 0, 0
+    scale = int(math.floor(size / transform.crop_pct)) if transform.crop_pct < 1 else size
     if h <= w:
-        new_h, new_w = size, max(size, int(size * w / h))
+        new_h, new_w = scale, max(scale, int(scale * w / h))
     else:
-        new_h, new_w = max(size, int(size * h / w)), size
+        new_h, new_w = max(scale, int(scale * h / w)), scale
     return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
 
 
-def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bicubic resize of the shorter side to ``size``, then the central size x size crop.
+def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       transform: EvalTransform = PLAIN) -> np.ndarray:
+    """Resize by ``transform`` (default: bicubic, the shorter side to ``size``), then the central
+    size x size crop.
 
     Rounding follows torchvision's Resize + CenterCrop (the preprocessing the models were trained
     with): the long side is ``int(size * long / short)``, the crop offset ``round((L - size) / 2)``.
@@ -239,20 +273,20 @@ def resize_center_crop(img_HW3: np.ndarray, size: int, *, max_pixels: int = DEFA
     """
     _check_HW3(img_HW3, size)
     h, w = img_HW3.shape[:2]
-    new_h, new_w, top, left = crop_geometry(h, w, size)
+    new_h, new_w, top, left = crop_geometry(h, w, size, transform)
     if new_w * new_h > max_pixels:
         raise RejectedImage(f"too large to resize: {w}x{h} → {new_w}x{new_h} = {new_w * new_h} pixels > "
                             f"max_pixels {max_pixels}")
     try:
         im = Image.fromarray(np.ascontiguousarray(img_HW3, dtype=np.uint8))
         if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            im = im.resize((new_w, new_h), _FILTERS[transform.interpolation])
         return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
     except MemoryError:
         raise RejectedImage(f"out of memory resizing a {w}x{h} image to {size}") from None
 
 
-def resize_center_crop_plane(plane_HW: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop_plane(plane_HW: np.ndarray, size: int, transform: EvalTransform = PLAIN) -> np.ndarray:
     """A label or depth plane put through its image's resize + centre crop, nearest-neighbour.
 
     uint8 (class ids) or float32 (metres, NaN = invalid). Nearest never invents a class id or a
@@ -263,7 +297,7 @@ def resize_center_crop_plane(plane_HW: np.ndarray, size: int) -> np.ndarray:
     if plane_HW.ndim != 2 or plane_HW.dtype not in (np.uint8, np.float32):
         raise ValueError(f"expected a uint8 or float32 plane [H, W], got {plane_HW.dtype} {list(plane_HW.shape)}")
     h, w = plane_HW.shape
-    new_h, new_w, top, left = crop_geometry(h, w, size)
+    new_h, new_w, top, left = crop_geometry(h, w, size, transform)
     im = Image.fromarray(np.ascontiguousarray(plane_HW))
     if (new_w, new_h) != (w, h):
         im = im.resize((new_w, new_h), Image.Resampling.NEAREST)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from scope_ray.data.images import EvalTransform
 from scope_ray.models.registry import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
 PREFIXES = ("timm:", "open_clip:")
@@ -69,11 +70,17 @@ def _timm_spec(name: str, arch_tag: str) -> ModelSpec:
         raise ValueError(f"{name}: a {grid}x{grid} grid has no patch tokens to shift")
     cfg = model.pretrained_cfg or {}
     depth = len(model.blocks)
+    crop_mode = cfg.get("crop_mode", "center")
+    if crop_mode not in ("center", "squash"):
+        raise ValueError(f"{name}: timm's eval transform crop_mode {crop_mode!r} is not supported (center, squash)")
+    transform = _transform(name, float(cfg.get("crop_pct", 1.0)), "squash" if crop_mode == "squash" else "shortest",
+                           cfg.get("interpolation", "bicubic"))
     return ModelSpec(
         name=name, family="custom", loader="timm", arch=arch, pretrained_tag=tag or cfg.get("tag") or None,
         depth=depth, width=int(model.embed_dim), num_heads=int(model.blocks[0].attn.num_heads), patch=patch,
         image_size=grid * patch, layer=max(1, depth - 1), tau=None,
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+        crop_pct=transform.crop_pct, resize_mode=transform.resize_mode, interpolation=transform.interpolation,
         description=f"{arch_tag} (timm, read from the library)")
 
 
@@ -95,14 +102,26 @@ def _open_clip_spec(name: str, arch_tag: str) -> ModelSpec:
     width, depth = int(vision["width"]), int(vision["layers"])
     heads = width // int(vision.get("head_width", 64))
     mean, std = CLIP_MEAN, CLIP_STD
+    pre = dict(cfg.get("preprocess_cfg") or {})
     if tag:
-        pre = open_clip.get_pretrained_cfg(arch, tag) or {}
-        if not pre:
+        tagged = open_clip.get_pretrained_cfg(arch, tag) or {}
+        if not tagged:
             raise ValueError(f"{name}: open_clip has no pretrained tag {tag!r} for {arch}; its tags: "
                              f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
-        mean, std = tuple(pre.get("mean", mean)), tuple(pre.get("std", std))
+        pre.update({k: v for k, v in tagged.items() if k in ("mean", "std", "interpolation", "resize_mode")})
+    mean, std = tuple(pre.get("mean", mean)), tuple(pre.get("std", std))
+    transform = _transform(name, 1.0, pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic"))
     return ModelSpec(
         name=name, family="custom", loader="open_clip", arch=arch, pretrained_tag=tag or None,
         depth=depth, width=width, num_heads=heads, patch=patch, image_size=size // patch * patch,
         layer=max(1, depth - 1), tau=None, mean=mean, std=std, has_text_tower=True,
+        resize_mode=transform.resize_mode, interpolation=transform.interpolation,
         description=f"{arch_tag} (open_clip image tower, read from the library)")
+
+
+def _transform(name: str, crop_pct: float, resize_mode: str, interpolation: str) -> EvalTransform:
+    """The library's eval transform, or a clear refusal of one this project does not reproduce."""
+    try:
+        return EvalTransform(crop_pct, resize_mode, interpolation)
+    except ValueError as exc:
+        raise ValueError(f"{name}: the library's eval transform is not supported: {exc}") from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from scope_ray.data.images import EvalTransform
+
 Loader = Literal["open_clip", "timm"]
 Family = Literal["clip", "dinov2", "deit3", "siglip2", "demo", "custom"]  # custom: timm:... / open_clip:... (any_vit)
 Builder = Literal["planted"]
@@ -56,6 +58,16 @@ class ModelSpec:
     builder_kwargs: tuple[tuple[str, object], ...] = ()
     description: str = ""
     builder: Builder | None = None
+    # The library's evaluation resize / crop for the pretrained tag (tests/models/test_registry.py
+    # checks them against timm's pretrained_cfg and open_clip's preprocess config).
+    crop_pct: float = 1.0
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+
+    @property
+    def transform(self) -> EvalTransform:
+        """How extraction and the probes resize and crop an image for this model (data.images)."""
+        return EvalTransform(self.crop_pct, self.resize_mode, self.interpolation)
 
     @property
     def grid(self) -> int:
@@ -86,19 +98,21 @@ def _clip(name: str, arch: str, depth: int, width: int, heads: int, patch: int, 
 
 
 def _timm(name: str, family: Family, arch: str, tag: str, depth: int, width: int, heads: int,
-          patch: int, size: int, layer: int, tau: float, mean, std, **kwargs) -> ModelSpec:
+          patch: int, size: int, layer: int, tau: float, mean, std, crop_pct: float = 1.0, **kwargs) -> ModelSpec:
     return ModelSpec(
         name=name, family=family, loader="timm", arch=arch, pretrained_tag=tag,
         depth=depth, width=width, num_heads=heads, patch=patch, image_size=size,
-        layer=layer, tau=tau, mean=mean, std=std,
+        layer=layer, tau=tau, mean=mean, std=std, crop_pct=crop_pct,
         builder_kwargs=tuple(sorted(kwargs.items())),
         description=f"{arch}.{tag} (timm)",
     )
 
 
 _DINO = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-_DEIT = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-_SIG = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD)
+# timm's pretrained configs of these tags centre-crop 90 % (crop_pct 0.9: the shorter side to
+# floor(224 / 0.9) = 248, then the central 224).
+_DEIT = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9)
+_SIG = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD, crop_pct=0.9)
 
 # Decision (documented in docs/models.md): DINOv2 runs at 224 px (a 16x16 grid), the resolution
 # of its linear-probe protocol, rather than timm's 518 px default.

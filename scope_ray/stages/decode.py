@@ -18,6 +18,8 @@ import numpy as np
 from scope_ray.data.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     IGNORE_INDEX,
+    PLAIN,
+    EvalTransform,
     RejectedImage,
     decode_depth,
     decode_image,
@@ -53,7 +55,7 @@ def _empty_target(task: TargetTask | None, n: int, size: int) -> np.ndarray | No
 
 
 def _decode_target(batch: dict[str, np.ndarray], i: int, img_HW3: np.ndarray, task: TargetTask, size: int,
-                   max_pixels: int) -> np.ndarray | None:
+                   max_pixels: int, transform: EvalTransform = PLAIN) -> np.ndarray | None:
     """Row ``i``'s target at the input geometry, or a ``RejectedImage`` saying why there is none."""
     if task == "classification":
         if int(batch["label"][i]) < 0:
@@ -63,13 +65,14 @@ def _decode_target(batch: dict[str, np.ndarray], i: int, img_HW3: np.ndarray, ta
     decode = decode_mask if task == "segmentation" else decode_depth
     plane = decode(_bytes(batch[column][i]), max_pixels=max_pixels)
     _same_size(img_HW3, plane, column)
-    return resize_center_crop_plane(plane, size)
+    return resize_center_crop_plane(plane, size, transform)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, min_side: int,
                  max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-                 task: TargetTask | None = None) -> dict[str, np.ndarray]:
-    """``image`` bytes → ``pixels`` [B, size, size, 3] uint8, ``ok`` [B] and ``reason`` [B].
+                 task: TargetTask | None = None, transform: EvalTransform = PLAIN) -> dict[str, np.ndarray]:
+    """``image`` bytes → ``pixels`` [B, size, size, 3] uint8, ``ok`` [B] and ``reason`` [B],
+    resized and cropped by the model's ``transform`` (``ModelSpec.transform``).
 
     With a ``task``, also its target at the input geometry: classification's ``label`` (int64,
     passed through; < 0 is rejected as "missing label"), segmentation's ``mask`` [B, S, S] uint8
@@ -93,10 +96,10 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, max_pixels: int, mi
             img = decode_image(_bytes(data), max_pixels=max_pixels, min_side=min_side,
                                max_aspect_ratio=max_aspect_ratio)
             if task is not None:
-                plane = _decode_target(batch, i, img, task, size, max_pixels)
+                plane = _decode_target(batch, i, img, task, size, max_pixels, transform)
                 if target is not None:
                     target[i] = plane
-            pixels[i] = resize_center_crop(img, size, max_pixels=max_pixels)
+            pixels[i] = resize_center_crop(img, size, max_pixels=max_pixels, transform=transform)
             ok[i] = True
         except (RejectedImage, MemoryError) as exc:
             reason[i] = exc.reason if isinstance(exc, RejectedImage) else "out of memory decoding or resizing"

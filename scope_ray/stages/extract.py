@@ -155,7 +155,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str,
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels, min_side=job.data.min_side,
-                       max_aspect_ratio=job.data.max_aspect_ratio),
+                       max_aspect_ratio=job.data.max_aspect_ratio, transform=spec.transform),
         batch_size=job.extract.batch_size, num_cpus=job.ray.decode_cpus, batch_format="numpy",
     )
     ds = ds.map_batches(

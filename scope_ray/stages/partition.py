@@ -152,7 +152,7 @@ def gallery_maps(job: JobConfig, root: ResultsRoot, rows: list[dict]) -> tuple[d
     ds = ds.map_batches(selected_only, fn_kwargs=dict(keys_sorted=np.unique(image_keys(wanted))), batch_size=256,
                         num_cpus=job.ray.read_cpus, batch_format="numpy")
     ds = ds.map_batches(decode_batch, fn_kwargs=dict(size=spec.image_size, max_pixels=job.data.max_pixels,
-                                                     min_side=job.data.min_side,
+                                                     min_side=job.data.min_side, transform=spec.transform,
                                                      max_aspect_ratio=job.data.max_aspect_ratio), batch_size=16,
                         num_cpus=job.ray.decode_cpus, batch_format="numpy")
     pixels: dict[str, np.ndarray] = {}

@@ -62,6 +62,9 @@ def test_preprocessing_matches_the_pretrained_tag(spec: ModelSpec):
         cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.pretrained_tag}")
         assert cfg is not None, f"timm has no {spec.arch}.{spec.pretrained_tag}"
         mean, std, size = cfg.mean, cfg.std, cfg.input_size[-1]
+        # The eval resize / crop is the library's (timm's eval transform: floor(S / crop_pct), centre crop).
+        assert (spec.crop_pct, spec.interpolation) == (cfg.crop_pct, cfg.interpolation)
+        assert spec.resize_mode == ("squash" if cfg.crop_mode == "squash" else "shortest")
         if spec.family == "dinov2":
             assert size == 518 and spec.image_size == 224  # the documented DINOv2-at-224 decision
             size = spec.image_size
@@ -71,6 +74,8 @@ def test_preprocessing_matches_the_pretrained_tag(spec: ModelSpec):
         cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained_tag)
         assert cfg, f"open_clip has no {spec.arch} / {spec.pretrained_tag}"
         mean, std, size = cfg["mean"], cfg["std"], open_clip.get_model_config(spec.arch)["vision_cfg"]["image_size"]
+        assert (spec.crop_pct, spec.resize_mode, spec.interpolation) == (
+            1.0, cfg.get("resize_mode", "shortest"), cfg.get("interpolation", "bicubic"))
         assert dict(spec.builder_kwargs).get("quick_gelu", False) == cfg.get("quick_gelu", False)
     np.testing.assert_allclose(spec.mean, mean)
     np.testing.assert_allclose(spec.std, std)

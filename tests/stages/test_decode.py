@@ -7,15 +7,25 @@ the batch survives."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from PIL import Image
 
-from scope_ray.data.images import bad_image_samples, decode_depth, resize_center_crop, resize_center_crop_plane
+from scope_ray.data.images import (
+    PLAIN,
+    EvalTransform,
+    bad_image_samples,
+    decode_depth,
+    resize_center_crop,
+    resize_center_crop_plane,
+)
 from scope_ray.stages.decode import decode_batch
 from tests.image_bytes import jpeg as _jpeg
 from tests.image_bytes import png as _png
 
 
 # ------------------------------------------------------------------------- pure: geometry
-def test_plane_follows_the_image_geometry():
+@pytest.mark.parametrize("transform", [PLAIN, EvalTransform(0.9), EvalTransform(resize_mode="squash")], ids=str)
+def test_plane_follows_the_image_geometry(transform):
     """A label plane lands where the image's pixels land: wherever the resized image shows a block's
     colour clearly, the resized mask names that block, except next to a block boundary."""
     rng = np.random.default_rng(0)
@@ -24,8 +34,8 @@ def test_plane_follows_the_image_geometry():
         labels = rng.integers(0, len(palette), (h // 10, w // 10)).astype(np.uint8)
         mask_HW = np.kron(labels, np.ones((10, 10), np.uint8))
         img_HW3 = palette[mask_HW]
-        img = resize_center_crop(img_HW3, 32).astype(int)
-        mask = resize_center_crop_plane(mask_HW, 32)
+        img = resize_center_crop(img_HW3, 32, transform=transform).astype(int)
+        mask = resize_center_crop_plane(mask_HW, 32, transform)
         assert mask.shape == (32, 32) and mask.dtype == np.uint8
         wrong = np.abs(img - palette[mask].astype(int)).max(axis=2) > 60
         padded = np.pad(mask, 1, mode="edge")
@@ -34,6 +44,51 @@ def test_plane_follows_the_image_geometry():
         assert not (wrong & ~at_edge).any(), (h, w)
         # A shift by even one block would break most pixels; the check above is not vacuous.
         assert (~at_edge).mean() > 0.3
+
+
+@pytest.mark.parametrize("model", ["deit3_small_patch16_224.fb_in1k", "vit_base_patch16_siglip_224.v2_webli",
+                                   "vit_base_patch14_dinov2.lvd142m"])
+@pytest.mark.parametrize("hw", [(300, 200), (157, 411), (224, 224)])
+def test_eval_view_equals_timms_own_eval_transform(model, hw):
+    """The library is the reference: timm's eval transform for the tag's pretrained config
+    (resize to floor(S / crop_pct), bicubic, centre crop, normalise) gives the same tensor as our
+    resize + crop and the model's mean / std (DINOv2 at 224, the registry's decision)."""
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from scope_ray.models.any_vit import library_spec
+
+    cfg = timm.models.get_pretrained_cfg(model).to_dict()
+    if "dinov2" in model:
+        cfg["input_size"] = (3, 224, 224)
+    theirs = create_transform(**resolve_data_config({}, pretrained_cfg=cfg))
+    spec = library_spec(f"timm:{model}")
+    size = cfg["input_size"][-1]
+    img = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    ours = resize_center_crop(img, size, transform=spec.transform).astype(np.float32) / 255
+    ours = (torch.from_numpy(ours).permute(2, 0, 1) - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(
+        spec.std)[:, None, None]
+    torch.testing.assert_close(ours, theirs(Image.fromarray(img)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["clip-vit-b16", "clip-vit-l14-336"])
+def test_eval_view_equals_open_clips_own_preprocess(name):
+    """The same for open_clip: its inference preprocess for the registry's CLIP tags."""
+    import open_clip
+    import torch
+
+    from scope_ray.models.registry import get_spec
+
+    spec = get_spec(name)
+    pre = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained_tag)
+    theirs = open_clip.image_transform(spec.image_size, is_train=False, mean=pre["mean"], std=pre["std"],
+                                       resize_mode=pre["resize_mode"], interpolation=pre["interpolation"])
+    img = np.random.default_rng(3).integers(0, 256, (301, 453, 3), dtype=np.uint8)
+    ours = resize_center_crop(img, spec.image_size, transform=spec.transform).astype(np.float32) / 255
+    ours = (torch.from_numpy(ours).permute(2, 0, 1) - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(
+        spec.std)[:, None, None]
+    torch.testing.assert_close(ours, theirs(Image.fromarray(img)), atol=1e-6, rtol=0)
 
 
 def test_depth_plane_keeps_nan_and_only_source_values():
