@@ -195,6 +195,43 @@ def _export_sae(args) -> int:
     return 0
 
 
+def _add_browse(sub, fmt) -> None:
+    """`scope-ray browse`."""
+    p = sub.add_parser("browse", formatter_class=fmt, help="write a browsable site of a model's features by scope",
+                       description=textwrap.dedent("""\
+        Write a static site of the job's SAE features: an index of every feature (CDS, group,
+        usable images, top activation, firing rate; sortable, searchable) and, for the features
+        at both ends of the CDS range, a page with their top images as the SCC pairs CDS compared,
+        the activation overlaid on both views. Needs the job's partition stage; --serve serves it
+        on localhost.
+
+        example:
+          scope-ray browse jobs/clip-vit-b16.yaml --out ./browse-clip-b16 --serve
+        """))
+    p.add_argument("job", help="the job spec whose model to browse (YAML)")
+    p.add_argument("--out", required=True, help="the folder to write (local)")
+    p.add_argument("--features", type=int, default=200, help="features with a page, half at each end of CDS (200)")
+    p.add_argument("--images", type=int, default=4, help="top images per feature page (4)")
+    p.add_argument("--serve", action="store_true", help="then serve the folder on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_set(p)
+
+
+def _browse(args) -> int:
+    from scope_ray.browse import serve, write_browser
+    from scope_ray.config import load_config
+    from scope_ray.stages.cluster import connect
+    from scope_ray.storage import ResultsRoot
+
+    job = load_config(args.job, args.overrides)
+    connect(job.ray)
+    paths = write_browser(job, ResultsRoot(job.storage.root, job.storage.endpoint_url), args.out,
+                          max_features=args.features, images=args.images)
+    if args.serve:
+        serve(paths.index.parent, args.port)
+    return 0
+
+
 def _import_sae(args) -> int:
     from scope_ray.sae_import import Source, import_sae
 
@@ -215,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_stage, _add_check, _add_sweep, _add_report, _add_doctor, _add_import_sae,
-                _add_export_sae, _add_models):
+                _add_export_sae, _add_browse, _add_models):
         add(sub, fmt)
     return parser
 
@@ -283,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return _import_sae(args)
         if args.command == "export-sae":
             return _export_sae(args)
+        if args.command == "browse":
+            return _browse(args)
         if args.command == "check":
             from scope_ray.config import load_config, placeholders
             import yaml

@@ -25,6 +25,8 @@ DEMO_VAL_IMAGES = 32
 # The dense probe tasks (ADE20K-, NYUd-style) train on fewer images: their heads upsample to every
 # pixel, which makes them the demo's costly probes on a CPU.
 DEMO_DENSE_IMAGES = (96, 32)
+DEMO_BROWSE_FEATURES = 40  # feature pages in the demo's browser: the 20 lowest- and 20 highest-CDS features
+
 PLANTED_BAD_FILES = {
     # A JPEG cut in half and a stray text file: the demo shows them rejected, not crashing the run.
     "n00000000/zz_truncated.JPEG": "truncated",
@@ -81,6 +83,7 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     write the report; returns each step's result and what the summary showed."""
     from scope_ray.pipeline import STEPS
     from scope_ray.report.content import write_report
+    from scope_ray.browse import write_browser
     from scope_ray.sae_export import export_sae
     from scope_ray.stages.cluster import connect
     from scope_ray.storage import ResultsRoot
@@ -116,13 +119,15 @@ def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None
     # (it also draws Figure 8 across every model under the root).
     report = write_report(root.uri, endpoint_url=job.storage.endpoint_url)
     exported = export_sae(job, root, str(workdir / "export" / job.model.name))
+    browser = write_browser(job, root, workdir / "browse", max_features=DEMO_BROWSE_FEATURES, log=lambda *_: None)
     log("")
     log(f"  report           {report.html}")
     log(f"                   {report.markdown}  (or: scope-ray report {root.uri})")
     log(f"  SAE + model card {posixpath.dirname(exported.card)}  (or: scope-ray export-sae JOB --out DIR)")
+    log(f"  feature browser  {browser.index}  ({browser.feature_pages} feature pages; or: scope-ray browse JOB --out DIR)")
     log(f"  wall time        {time.time() - t0:.1f} s")
     r = results
-    return {"report": report, "export": exported, "root": root.uri, "extract": r["extract"], "train": r["train-sae"],
+    return {"report": report, "export": exported, "browser": browser, "root": root.uri, "extract": r["extract"], "train": r["train-sae"],
             "eval": r["eval-sae"], "instability": r["instability"], "cds": r["cds"], "partition": r["partition"],
             "probe_features": r["probe-features"], "probes": r["probe"], "zeroshot": r["zeroshot"],
             "seconds": seconds, "probe_seconds": seconds["probe-features"] + seconds["probe"],

@@ -62,10 +62,12 @@ class _Collect(HTMLParser):
 
 
 def render(html_file: str | Path, chromium: str) -> RenderedPage:
-    """Load ``html_file`` in headless Chromium and parse the DOM it holds after ``load``."""
+    """Load ``html_file`` (a path, or a ``file:`` URI, which may carry a ``#fragment``) in headless
+    Chromium and parse the DOM it holds after ``load``."""
+    uri = html_file if str(html_file).startswith("file:") else Path(html_file).absolute().as_uri()
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         proc = subprocess.run(
-            [chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", Path(html_file).absolute().as_uri()],
+            [chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", uri],
             capture_output=True, text=True, check=False,
         )
     if proc.returncode != 0 or "<html" not in proc.stdout:

@@ -4,7 +4,7 @@ import pytest
 
 from scope_ray.cli import _parser, main
 
-COMMANDS = ("demo", "run", "stage", "sweep", "report", "doctor", "check", "models", "import-sae", "export-sae")
+COMMANDS = ("demo", "run", "stage", "sweep", "report", "doctor", "check", "models", "import-sae", "export-sae", "browse")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -79,6 +79,7 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
           f"{dep['original']:.4f}, drop local {dep['drop_local']:+.4f} vs global {dep['drop_global']:+.4f}")
     assert seg["drop_local"] > seg["drop_global"] and dep["drop_local"] > dep["drop_global"]
     _check_export(out, root, part, row)
+    _check_browser(out, root, tmp_path)
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
                                           "probe_features", "probes"))
@@ -110,3 +111,49 @@ def _check_export(out: dict, root: ResultsRoot, part: dict, row: dict) -> None:
     card = Path(exported.card).read_text()
     assert f"high-CDS (global scope): {part['high_cds']}," in card and f"{row['fvu_all']:.4g}" in card
     assert np.isclose(float(card.split("γ = ")[1].split(",")[0]), part["gamma"], rtol=1e-3)
+
+
+def _check_browser(out: dict, root: ResultsRoot, tmp_path: Path) -> None:
+    """The demo's feature browser: an index of every feature that sorts in the page, and feature
+    pages whose SCC views render, with maps whose overlap maximum is pass 1's committed one."""
+    import json
+    import re
+
+    import numpy as np
+
+    from scope_ray.browse import pair_maps
+    from scope_ray.demo import DEMO_BROWSE_FEATURES, demo_config, prepare_data
+    from scope_ray.scc import overlap_indices
+
+    browser = out["browser"]
+    assert browser.feature_pages == DEMO_BROWSE_FEATURES and browser.images > 0
+    features = root.stage("demo-planted", "partition").read_table("features")
+    rows = json.loads(browser.index.with_name("features.json").read_text())
+    assert [r["feature"] for r in rows] == features.column("feature").to_pylist()
+    chromium = chromium_or_skip()
+    # Sorted in the page by its own script (#sort=-cds): the first row is the highest CDS.
+    index = render(f"{browser.index.as_uri()}#sort=-cds", chromium)
+    assert index.body.get("data-ready") == "1"
+    first = int(re.search(r"""<tbody><tr><td data-v=["']([0-9]+)""", index.dom).group(1))
+    cds = features.column("cds").to_numpy(zero_copy_only=False)
+    assert cds[first] == np.nanmax(cds)
+    high = [f for f in (int(p.stem) for p in (browser.index.parent / "f").glob("*.html"))
+            if features.column("group").to_pylist()[f] == "high"]
+    page = render(browser.index.parent / "f" / f"{high[0]}.html", chromium)
+    assert len(page.images) >= 2 and len(page.images) % 2 == 0 and page.broken == []
+    shot = tmp_path / "feature-page.png"  # what a user sees: both views of each pair, side by side
+    import subprocess
+
+    from tests.browser import FLAGS
+    subprocess.run([chromium, *FLAGS, "--screenshot=" + str(shot), "--window-size=900,700",
+                    (browser.index.parent / "f" / f"{high[0]}.html").as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+    assert np.asarray(Image.open(shot).convert("L")).std() > 10  # not a blank page
+    # The maps shown are the ones CDS used: their max over the overlap is pass 1's max_act.
+    job = demo_config(Path(out["root"]).parent, prepare_data(Path(out["root"]).parent, 0), [])
+    topk = [t for t in root.stage("demo-planted", "cds-topk").read_table("topk").to_pylist() if t["rank"] == 0][:5]
+    maps = pair_maps(job, root, [(t["feature"], t["image_id"]) for t in topk])
+    i1, i2 = overlap_indices(job.model.spec.grid, job.scope.shift)
+    for t in topk:
+        _, _, m1, m2 = maps[(t["feature"], t["image_id"])]
+        assert max(m1.ravel()[i1].max(), m2.ravel()[i2].max()) == pytest.approx(t["max_act"], rel=1e-4, abs=1e-5)

@@ -92,7 +92,7 @@ code{background:#f4f4f4;padding:0 .2rem}
 
 # Marks every image's load state on the DOM (data-state, data-natural-width), so a headless
 # browser's DOM dump shows whether each embedded figure decoded (tests/browser.py reads it).
-_SCRIPT = """
+IMAGE_CHECK_SCRIPT = """
 function mark(img){img.dataset.state=(img.complete&&img.naturalWidth>0)?'loaded':'broken';
  img.dataset.naturalWidth=String(img.naturalWidth);}
 window.addEventListener('load',function(){var imgs=document.images;
@@ -127,7 +127,7 @@ def _inline(text: str) -> str:
 def render_html(doc: Document) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(doc.title)}</title>", f"<style>{_CSS}</style>",
-           f"<script>{_SCRIPT}</script>", "</head><body>", f"<h1>{html.escape(doc.title)}</h1>"]
+           f"<script>{IMAGE_CHECK_SCRIPT}</script>", "</head><body>", f"<h1>{html.escape(doc.title)}</h1>"]
     for sec in doc.sections:
         h = min(max(sec.level, 2), 6)
         out.append(f"<h{h}>{html.escape(sec.title)}</h{h}>")
