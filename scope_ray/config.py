@@ -393,6 +393,11 @@ class RayConfig(_Section):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per actor; default = cpus_per_actor")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per image-decoding task")
     read_cpus: float = Field(0.25, gt=0, description="CPUs per file-reading task (I/O-bound; Ray's default of 1 starves small nodes)")
+    cluster_share: float = Field(
+        1.0, gt=0, le=1, description="fraction of the cluster's CPUs and GPUs this job sizes its actor pools to. "
+        "scope-ray sweep sets 1/max_concurrent for each job it runs at once, so that concurrent jobs' actors never "
+        "hold every CPU between them (each would wait forever for the read tasks that feed it); an actor that does "
+        "not fit its share beside those tasks asks for less (never for more than ray.cpus_per_actor)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "warning", description="how much of Ray's own logging reaches the terminal (Ray Data's plans and progress, "
         "Tune's tables, Train's set-up); scope-ray's progress and results are printed at any level")

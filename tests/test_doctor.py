@@ -225,14 +225,28 @@ class _Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+HEAD_START_ATTEMPTS = 3
+
+
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
+    """The two heads, each started until it comes up. Why retry: free ports are found by binding
+    and closing, so another process (or the other head's worker-port range) can take one before
+    `ray start` binds it, and `ray start` then exits 1; fresh ports are the fix, not a longer wait."""
     made = {}
     try:
-        for kind in ("plain", "token"):  # started together, waited for together
-            made[kind] = _Head(tmp_path_factory.mktemp(f"head-{kind}"), token=None if kind == "plain" else "token")
-        for h in made.values():
-            h.wait_ready()
+        for kind in ("plain", "token"):
+            for attempt in range(1, HEAD_START_ATTEMPTS + 1):
+                head = made[kind] = _Head(tmp_path_factory.mktemp(f"head-{kind}"),
+                                          token=None if kind == "plain" else "token")
+                try:
+                    head.wait_ready()
+                    break
+                except RuntimeError:  # exited (TimeoutError, a head that hangs, is not retried)
+                    head.stop()
+                    del made[kind]
+                    if attempt == HEAD_START_ATTEMPTS:
+                        raise
         yield made
     finally:
         for h in made.values():

@@ -76,19 +76,40 @@ def role_gpus(value: float | str, key: str) -> float:
     return float(value)
 
 
-def actor_resources(cfg: RayConfig, task_cpus: float | None = None) -> ActorResources:
+MIN_ACTOR_CPUS = 0.1  # below this an actor's request stops meaning anything; fail instead
+
+
+def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=print) -> ActorResources:
     """What each model actor asks for; fails at once where the cluster cannot satisfy it.
 
     ``task_cpus``: CPUs that must stay free beside the actors so the stage's other tasks can run
-    (default: one read task plus one decode task; a stage with bigger tasks passes their size)."""
+    (default: one read task plus one decode task; a stage with bigger tasks passes their size).
+
+    The pool is sized to this job's share of the cluster (``ray.cluster_share`` of its CPUs and
+    GPUs; the sweep gives each of N concurrent jobs 1/N). Why: actors hold their CPUs for the whole
+    stage while read and decode tasks come and go; two jobs whose actors each take what the cluster
+    has, minus one job's feeding tasks, together hold every CPU, and both wait forever (the issue's
+    2-CPU head: ``2.0/2.0 CPU``, pending ``{'CPU': 0.25}``). Within its share every job keeps room
+    for its own feeding tasks, so each one always makes progress."""
     import ray
 
     total = ray.cluster_resources()
-    gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
+    share = cfg.cluster_share
+    gpus, cpus = total.get("GPU", 0.0) * share, total.get("CPU", 0.0) * share
     num_gpus = role_gpus(cfg.gpus_per_actor, "ray.gpus_per_actor")
-    if cfg.cpus_per_actor > cpus:
+    feeders = cfg.read_cpus + cfg.decode_cpus if task_cpus is None else task_cpus
+    actor_cpus = cfg.cpus_per_actor
+    if share < 1 and actor_cpus + feeders > cpus + 1e-9 and cpus - feeders >= MIN_ACTOR_CPUS:
+        # Ray's CPU numbers are reservations, not limits: a smaller one costs no speed on its own,
+        # and keeps this job from taking the CPUs another job's tasks need.
+        actor_cpus = round(cpus - feeders, 4)
+        log(f"[ray] this job's share of the cluster is {cpus:g} of {total.get('CPU', 0.0):g} CPUs "
+            f"(ray.cluster_share={share:g}): each model actor asks for {actor_cpus:g} CPUs instead of "
+            f"ray.cpus_per_actor={cfg.cpus_per_actor:g}, leaving {feeders:g} for the tasks that feed it")
+    where = f"the cluster's {cpus:g} CPUs" if share == 1 else f"this job's share of {cpus:g} CPUs (ray.cluster_share={share:g})"
+    if actor_cpus > cpus:
         raise ClusterResourceError(
-            f"ray.cpus_per_actor={cfg.cpus_per_actor} exceeds the cluster's {cpus:g} CPUs; allowed: up to {cpus:g}"
+            f"ray.cpus_per_actor={actor_cpus:g} exceeds {where}; allowed: up to {cpus:g}"
         )
     pool = cfg.num_actors
     if num_gpus > 0:
@@ -96,16 +117,15 @@ def actor_resources(cfg: RayConfig, task_cpus: float | None = None) -> ActorReso
         pool = max(1, min(pool, int(gpus // num_gpus)))
     # The actors must leave room for at least one read task and one decode task beside them:
     # a pool holding every CPU starves the tasks that feed it and the stage waits forever.
-    feeders = cfg.read_cpus + cfg.decode_cpus if task_cpus is None else task_cpus
-    fit = int((cpus - feeders + 1e-9) // cfg.cpus_per_actor)
+    fit = int((cpus - feeders + 1e-9) // actor_cpus)
     if fit < 1:
         raise ClusterResourceError(
-            f"ray.cpus_per_actor={cfg.cpus_per_actor} plus {feeders:g} CPUs for the tasks that run beside the actors "
-            f"need more than the cluster's {cpus:g} CPUs; lower ray.cpus_per_actor"
+            f"ray.cpus_per_actor={actor_cpus:g} plus {feeders:g} CPUs for the tasks that run beside the actors "
+            f"need more than {where}; lower ray.cpus_per_actor"
         )
     pool = min(pool, fit)
-    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-    return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
+    threads = cfg.torch_threads or max(1, int(actor_cpus))
+    return ActorResources(num_cpus=actor_cpus, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
 
 
 def one_block_per_batch(ds, batch_size: int):

@@ -186,6 +186,17 @@ def _needs_quoting(text: str) -> bool:
         return True
 
 
+def _share_override(config: JobConfig, max_concurrent: int, given: dict[str, str]) -> list[str]:
+    """``ray.cluster_share=1/max_concurrent`` for a job that runs beside others, unless the sweep or
+    the command line set the share, or the job's own spec asks for a smaller one. Why: each job
+    sizes its actor pools to its share, so the concurrent jobs' actors never hold every CPU between
+    them and starve each other's read tasks (scope_ray.stages.cluster.actor_resources)."""
+    share = 1.0 / max_concurrent
+    if "ray.cluster_share" in given or max_concurrent <= 1 or config.ray.cluster_share <= share:
+        return []
+    return [f"ray.cluster_share={share:.6g}"]
+
+
 def load_sweep(path: str | Path, *, address: str | None = None, max_concurrent: int | None = None,
                overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Load and validate a sweep and every job spec it names (with all overrides applied)."""
@@ -235,9 +246,13 @@ def load_sweep(path: str | Path, *, address: str | None = None, max_concurrent: 
                           f"{seen[where]}'s: two jobs would write the same stage directories")
             continue
         seen[where] = entry
+        share = _share_override(config, min(spec.max_concurrent, len(spec.jobs)), merged)
+        job_items = items + share
+        if share:
+            config = load_config(spec_path, job_items)  # what the job will resolve on the cluster
         command = " ".join([spec.entrypoint, shlex.quote(spec_arg), "--stages", ",".join(spec.stages),
-                            *(f"--set {shlex.quote(o)}" for o in items)])
-        jobs.append(SweepJob(spec_path=spec_path, config=config, overrides=tuple(items),
+                            *(f"--set {shlex.quote(o)}" for o in job_items)])
+        jobs.append(SweepJob(spec_path=spec_path, config=config, overrides=tuple(job_items),
                              job_hash=job_hash(config), entrypoint=command))
     if errors:
         raise SweepSpecError(f"sweep {path}: {len(errors)} of {len(spec.jobs)} job spec(s) cannot run; nothing was "

@@ -30,6 +30,30 @@ def test_stage_with_bigger_tasks_reserves_room_for_them(ray_local):
         actor_resources(cfg, task_cpus=1.0)
 
 
+def test_a_job_sizes_its_pool_to_its_share_so_concurrent_jobs_leave_each_other_room(ray_local):
+    """ray.cluster_share (the sweep's 1/N): two jobs at half of this 2-CPU instance each keep room
+    for their own read and decode tasks. With the defaults (1-CPU actor, 0.75 for the feeders),
+    sizing against the whole cluster gives each job one 1-CPU actor: together they hold both
+    CPUs and neither job's read task can ever start (issue 18's deadlock)."""
+    total = ray_local.cluster_resources()["CPU"]
+    lines: list[str] = []
+    half = load_config(None, ["ray.cluster_share=0.5"]).ray
+    res = actor_resources(half, log=lines.append)
+    feeders = half.read_cpus + half.decode_cpus
+    assert res.pool_size == 1 and res.num_cpus == pytest.approx(total / 2 - feeders)
+    assert 2 * (res.pool_size * res.num_cpus + feeders) <= total + 1e-9  # both jobs, actors and feeders
+    (line,) = lines
+    assert "ray.cluster_share=0.5" in line and "instead of ray.cpus_per_actor=1" in line
+    whole = actor_resources(load_config(None).ray, log=lines.append)
+    assert 2 * whole.pool_size * whole.num_cpus >= total  # what deadlocked: two such jobs hold everything
+    # An actor that already fits its share keeps its request and says nothing.
+    small = actor_resources(load_config(None, ["ray.cluster_share=0.5", "ray.cpus_per_actor=0.25"]).ray,
+                            log=lines.append)
+    assert (small.num_cpus, small.pool_size, len(lines)) == (0.25, 1, 1)
+    with pytest.raises(ClusterResourceError, match=r"this job's share of 0.5 CPUs \(ray.cluster_share=0.25\)"):
+        actor_resources(load_config(None, ["ray.cluster_share=0.25"]).ray)
+
+
 def test_each_role_has_its_own_gpu_setting_and_ddp_ranks_get_whole_gpus(ray_local):
     from scope_ray.config import ConfigError
     from scope_ray.stages.cluster import role_gpus

@@ -97,7 +97,11 @@ class RayHead:
                *(f"--{k}={v}" for k, v in ports.items())]
         self.log = open(workdir / "head.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except RuntimeError:
+            self.stop()  # what it started before exiting, and its temp dir
+            raise
 
     def _wait_ready(self) -> None:
         while True:  # ends when the dashboard answers, or fails when the head exits
@@ -135,7 +139,15 @@ class RayHead:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    h = RayHead(tmp_path_factory.mktemp("head"))
+    # Free ports are found by binding and closing: another process can take one before `ray start`
+    # binds it, and the head exits 1. Fresh ports are the fix, so a start that exits is retried.
+    for attempt in range(3):
+        try:
+            h = RayHead(tmp_path_factory.mktemp("head"))
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     yield h
     h.stop()
     busy = [p for p in (h.ports["port"], h.ports["dashboard-port"]) if _port_in_use(p)]
@@ -165,8 +177,11 @@ def write_sweep(d: Path) -> Path:
              "poll_seconds": 0.5, "entrypoint": f"{sys.executable} {REPO / 'jobs' / 'entrypoint.py'}"}
     (d / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     # The first sweep runs extraction only (no Ray Train start-up: the suite's time budget); the
-    # kill-and-rerun test then asks for train-sae as well.
-    (d / "sweep-extract.yaml").write_text(yaml.safe_dump({**sweep, "stages": FIRST_STAGES}))
+    # kill-and-rerun test then asks for train-sae as well. It runs both jobs at once with the
+    # actor defaults (a 1-CPU actor, 0.75 CPU of read + decode tasks), which deadlocked two jobs
+    # on this 2-CPU head before each job sized its pool to its share of the cluster (issue 18).
+    defaults = {"ray.cpus_per_actor": 1.0, "ray.decode_cpus": 0.5, "ray.read_cpus": 0.25}
+    (d / "sweep-extract.yaml").write_text(yaml.safe_dump({**sweep, "stages": FIRST_STAGES, "overrides": defaults}))
     return d
 
 
@@ -189,6 +204,18 @@ def _last_record(root: Path) -> dict:
     return json.loads(sorted((root / ".sweeps" / "t").glob("*.json"))[-1].read_text())
 
 
+def _job_times(head: RayHead, job_ids: list[str]) -> list[tuple[int, int]]:
+    """(start, end) in ms of each Ray job, asked of the head with the client's token (in a child
+    process: the token never enters this one's environment)."""
+    code = ("import json, sys\nfrom ray.job_submission import JobSubmissionClient\n"
+            "c = JobSubmissionClient(sys.argv[1])\n"
+            "print(json.dumps([[c.get_job_info(j).start_time, c.get_job_info(j).end_time] for j in sys.argv[2:]]))")
+    out = subprocess.run([sys.executable, "-c", code, head.url, *job_ids], env=head.client_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [tuple(t) for t in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
 def _logs(root: Path, model: str) -> list[Path]:
     return sorted((root / model / "logs").glob("*.log"))
 
@@ -209,8 +236,14 @@ def test_sweep_runs_both_models_then_skips_them(head, sweep_dir, first_sweep):
         (log,) = _logs(root, model)  # one job, its log saved under ROOT/<model>/logs/<job id>.log
         assert "[extract]" in log.read_text()
         assert read_state(ResultsRoot(str(root)), model)["complete"]["stages"] == FIRST_STAGES
-    assert {m["status"] for m in _last_record(root)["models"]} == {"SUCCEEDED"}
+    record = _last_record(root)
+    assert {m["status"] for m in record["models"]} == {"SUCCEEDED"}
     assert "done" in first.stdout and "SUCCEEDED" in first.stdout  # the live table
+    # The two jobs ran at once, each with its model actor sized to half of the head.
+    (a_start, a_end), (b_start, b_end) = _job_times(head, [m["job_id"] for m in record["models"]])
+    assert a_start < b_end and b_start < a_end, "the two jobs did not overlap: the test shows nothing"
+    for model in MODELS:
+        assert "each model actor asks for 0.25 CPUs" in _logs(root, model)[0].read_text()
 
     again = _sweep(sweep_dir, head, root, spec="sweep-extract.yaml")
     assert again.returncode == 0, again.stdout + again.stderr

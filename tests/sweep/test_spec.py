@@ -64,10 +64,27 @@ def test_overrides_reach_the_job_config_and_its_command_line(tmp_path):
     a = sweep.jobs[0]
     assert (a.config.storage.root, a.config.sae.k, a.config.scope.shifts) == ("s3://bucket/x", 6, (1, 2))
     assert a.entrypoint == ("python jobs/entrypoint.py jobs/a.yaml --stages extract,train-sae "
-                            "--set storage.root=s3://bucket/x --set 'scope.shifts=[1, 2]' --set sae.k=6")
+                            "--set storage.root=s3://bucket/x --set 'scope.shifts=[1, 2]' --set sae.k=6 "
+                            "--set ray.cluster_share=0.5")
     # What the job on the cluster resolves from that command line is what the sweep validated.
     assert load_config(tmp_path / "jobs/a.yaml", list(a.overrides)) == a.config
     assert sweep.runtime_env == {"working_dir": str(tmp_path.resolve())}
+
+
+def test_jobs_that_run_at_once_each_get_their_share_of_the_cluster(tmp_path):
+    """Two jobs at once on one cluster: each sizes its pools to half of it (the sweep deadlock of
+    issue 18 came from each sizing them to all of it). One job at a time, a share the user set,
+    or a smaller one in the job's own spec are left alone."""
+    def shares(sweep: dict, overrides=(), jobs=None) -> list[float]:
+        return [j.config.ray.cluster_share for j in load_sweep(spec_files(tmp_path, sweep, jobs), overrides=overrides).jobs]
+
+    assert shares({"max_concurrent": 2}) == [0.5, 0.5]
+    assert shares({"max_concurrent": 4}) == [0.5, 0.5]  # two jobs never run four at once
+    assert shares({"max_concurrent": 1}) == [1.0, 1.0]
+    assert shares({"max_concurrent": 2}, overrides=["ray.cluster_share=0.8"]) == [0.8, 0.8]
+    own = {"a.yaml": {"model": {"name": "demo-vit-tiny"}, "ray": {"cluster_share": 0.25}},
+           "b.yaml": {"model": {"name": "demo-vit-reg"}}}
+    assert shares({"max_concurrent": 2}, jobs=own) == [0.25, 0.5]
 
 
 def test_job_hash_tracks_results_not_where_they_run():
