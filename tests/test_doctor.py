@@ -18,6 +18,7 @@ import pytest
 from scope_ray.cli import main
 from scope_ray.config import load_config
 from scope_ray.doctor import check_root, check_weights, pretrained_sources
+from tests.ray_heads import start_retrying
 
 
 def _job(tmp_path: Path, **extra: str) -> Path:
@@ -225,28 +226,23 @@ class _Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-HEAD_START_ATTEMPTS = 3
+def _started_head(workdir: Path, token: str | None) -> _Head:
+    head = _Head(workdir, token=token)
+    try:
+        head.wait_ready()
+    except BaseException:  # exited (retried by the caller) or hung: stop what it left either way
+        head.stop()
+        raise
+    return head
 
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
-    """The two heads, each started until it comes up. Why retry: free ports are found by binding
-    and closing, so another process (or the other head's worker-port range) can take one before
-    `ray start` binds it, and `ray start` then exits 1; fresh ports are the fix, not a longer wait."""
     made = {}
     try:
         for kind in ("plain", "token"):
-            for attempt in range(1, HEAD_START_ATTEMPTS + 1):
-                head = made[kind] = _Head(tmp_path_factory.mktemp(f"head-{kind}"),
-                                          token=None if kind == "plain" else "token")
-                try:
-                    head.wait_ready()
-                    break
-                except RuntimeError:  # exited (TimeoutError, a head that hangs, is not retried)
-                    head.stop()
-                    del made[kind]
-                    if attempt == HEAD_START_ATTEMPTS:
-                        raise
+            made[kind] = start_retrying(lambda: _started_head(tmp_path_factory.mktemp(f"head-{kind}"),
+                                                              token=None if kind == "plain" else "token"))
         yield made
     finally:
         for h in made.values():

@@ -30,9 +30,14 @@ import yaml
 from scope_ray.data.synthetic import write_synthetic
 from scope_ray.storage import ResultsRoot
 from scope_ray.sweep.plan import read_state
+from tests.ray_heads import start_retrying
 from tests.sweep.helpers import MODELS, REPO, STAGES
 
 FIRST_STAGES = ["extract"]
+HEAD_START_S = 60.0  # a head comes up in seconds; a loaded 2-core CI machine gets room, not forever
+# One sweep here takes 45-85 s; a deadlocked one (what the first sweep guards against) fails its
+# test at this bound instead of holding the suite until the per-test timeout.
+SWEEP_TIMEOUT_S = 400
 HEAD_PORTS = ("port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
               "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
               "metrics-export-port", "min-worker-port")
@@ -99,12 +104,13 @@ class RayHead:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready()
-        except RuntimeError:
-            self.stop()  # what it started before exiting, and its temp dir
+        except BaseException:  # exited (retried by the fixture) or hung: stop what it left either way
+            self.stop()
             raise
 
     def _wait_ready(self) -> None:
-        while True:  # ends when the dashboard answers, or fails when the head exits
+        deadline = time.monotonic() + HEAD_START_S
+        while time.monotonic() < deadline:  # ends when the dashboard answers, or fails when the head exits
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{(self.workdir / 'head.log').read_text()}")
             try:
@@ -114,6 +120,7 @@ class RayHead:
                 return  # 401 without a token: the dashboard is up
             except OSError:
                 time.sleep(0.5)
+        raise TimeoutError(f"Ray head not up after {HEAD_START_S:g} s:\n{(self.workdir / 'head.log').read_text()}")
 
     def stop(self) -> None:
         """Stop this head only: SIGTERM to `ray start --block` (it shuts its node down), then
@@ -139,15 +146,7 @@ class RayHead:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    # Free ports are found by binding and closing: another process can take one before `ray start`
-    # binds it, and the head exits 1. Fresh ports are the fix, so a start that exits is retried.
-    for attempt in range(3):
-        try:
-            h = RayHead(tmp_path_factory.mktemp("head"))
-            break
-        except RuntimeError:
-            if attempt == 2:
-                raise
+    h = start_retrying(lambda: RayHead(tmp_path_factory.mktemp("head")))
     yield h
     h.stop()
     busy = [p for p in (h.ports["port"], h.ports["dashboard-port"]) if _port_in_use(p)]
@@ -192,7 +191,7 @@ def _sweep_cmd(sweep_dir: Path, head: RayHead, root: Path, spec: str = "sweep.ya
 
 def _sweep(sweep_dir, head, root, env=None, spec: str = "sweep.yaml") -> subprocess.CompletedProcess:
     return subprocess.run(_sweep_cmd(sweep_dir, head, root, spec), env=env or head.client_env, capture_output=True,
-                          text=True)
+                          text=True, timeout=SWEEP_TIMEOUT_S)
 
 
 def _complete(root: Path, model: str, stages=STAGES) -> bool:
@@ -283,7 +282,7 @@ def test_more_stages_and_a_new_config_rerun_a_stopped_job_fails_only_its_model_a
     job_id = read_state(r, victim)["last_job"]["id"]
     subprocess.run([ray_cli, "job", "stop", "--address", head.url, job_id], env=head.client_env, check=True,
                    capture_output=True)
-    out, _ = proc.communicate()
+    out, _ = proc.communicate(timeout=SWEEP_TIMEOUT_S)
     assert proc.returncode == 1, out
     assert not r.stage(victim, "train-sae").is_complete()  # it was stopped mid-way
     assert _complete(root, other) and r.stage(other, "train-sae").manifest()["k"] == 3
@@ -292,7 +291,7 @@ def test_more_stages_and_a_new_config_rerun_a_stopped_job_fails_only_its_model_a
     assert f"not complete: {victim}" in out
 
     rerun = subprocess.run(_sweep_cmd(sweep_dir, head, root) + changed, env=head.client_env, capture_output=True,
-                           text=True)
+                           text=True, timeout=SWEEP_TIMEOUT_S)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     statuses = {m["model"]: m["status"] for m in _last_record(root)["models"]}
     assert statuses == {victim: "SUCCEEDED", other: "skipped"}
