@@ -172,7 +172,7 @@ def _log_summary(job: JobConfig, root, results: dict, seconds: dict[str, float],
 def _log_sae_and_scope(job: JobConfig, row: dict, instability, partition, log) -> None:
     """Table 6 (SAE evaluation), Tables 7 / 9 (instability) and Table 4 (the CDS partition)."""
     from scope_ray.report.figures import table_markdown
-    from scope_ray.stages.partition import SENSITIVITY_COLUMNS, table4_columns
+    from scope_ray.stages.partition import table4_columns
 
     log("")
     log(f"  SAE evaluation (Table 6 layout; q = {row['d_sae']}, K = {job.sae.k}, tau = {row['tau']:.3g} [{row['tau_source']}])")
@@ -190,8 +190,8 @@ def _log_sae_and_scope(job: JobConfig, row: dict, instability, partition, log) -
     p = partition.row
     log(f"  CDS partition (Table 4 layout; k_cds = {job.scope.k_cds}, s = {job.scope.shift})")
     log(_indent(table_markdown([p], [("model", "model", "")] + table4_columns())))
-    log(f"  γ sensitivity (every one of the {p['dictionary_size']} features is low, high or unscored):")
-    log(_indent(table_markdown(partition.sensitivity, SENSITIVITY_COLUMNS)))
+    log(f"  γ sensitivity (low-CDS / high-CDS; every one of the {p['dictionary_size']} features is low, high or "
+        "unscored): " + ", ".join(f"γ {r['gamma']:.3f}: {r['low']} / {r['high']}" for r in partition.sensitivity))
     log(_indent(table_markdown(partition.groups, [("group", "group", ""), ("features", "features", "d"),
                                                   ("mean_act_outlier", "mean act. on outliers", ".3f"),
                                                   ("mean_act_normal", "mean act. on normal tokens", ".3f"),
@@ -208,7 +208,8 @@ def _log_probes(job: JobConfig, root, results: dict, seconds: dict[str, float], 
     log(f"  Linear probes (Table 3 / Table 8 layout; best of {cfg.classification.trials}/{cfg.segmentation.trials}/"
         f"{cfg.depth.trials} trial(s), {cfg.classification.epochs}/{cfg.segmentation.epochs}/{cfg.depth.epochs} epochs "
         f"for classification/segmentation/depth: demo schedules, far from the paper's 5 x 100)")
-    log(_indent(probe_markdown(probe_table(probe_rows))))
+    # The report's Markdown with its blank lines dropped: in a terminal the titles already separate the tables.
+    log(_indent("\n".join(line for line in probe_markdown(probe_table(probe_rows)).splitlines() if line.strip())))
     if probes.trials:
         startup = float(np.mean([t["seconds_startup"] for t in probes.trials]))
         training = float(np.mean([t["seconds_train"] for t in probes.trials]))

@@ -79,6 +79,7 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
           f"{dep['original']:.4f}, drop local {dep['drop_local']:+.4f} vs global {dep['drop_global']:+.4f}")
     assert seg["drop_local"] > seg["drop_global"] and dep["drop_local"] > dep["drop_global"]
     _check_export(out, root, part, row)
+    _check_readme_cluster_lines(Path(out["root"]).parent, tmp_path)
     _check_browser(out, root, tmp_path)
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
@@ -157,3 +158,64 @@ def _check_browser(out: dict, root: ResultsRoot, tmp_path: Path) -> None:
     for t in topk:
         _, _, m1, m2 = maps[(t["feature"], t["image_id"])]
         assert max(m1.ravel()[i1].max(), m2.ravel()[i2].max()) == pytest.approx(t["max_act"], rel=1e-4, abs=1e-5)
+
+
+REPO = Path(__file__).resolve().parents[1]
+README_CLUSTER_MARKER = "ray get-auth-token --generate"
+NAMESPACE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--net"]
+
+
+def readme_block(marker: str) -> str:
+    """The README's ```bash block that contains ``marker``, exactly as written there."""
+    import re
+
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"README.md: {len(blocks)} bash blocks contain {marker!r}"
+    return blocks[0]
+
+
+def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
+    """README's single-node cluster lines, run as written on a fresh home (no ~/.ray/auth_token):
+    the token is made, the head comes up with token auth, doctor passes against it, `scope-ray run`
+    and the Ray job (`ray job submit --working-dir .`) both succeed, `ray stop` ends it. The job is
+    the demo's (every stage complete, so both find nothing to do). They run in PID and network
+    namespaces of their own: `ray stop` stops every Ray process it can see and the lines use Ray's
+    default ports, so outside one they would stop this test session's Ray."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from scope_ray.demo import demo_config, prepare_data
+
+    probe = subprocess.run([*NAMESPACE, "true"], capture_output=True, text=True)
+    if probe.returncode != 0 or shutil.which("ip") is None:
+        reason = f"no private PID / network namespace here (unshare: {probe.stderr.strip()[:200]!r})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}, and CI must run README's cluster lines")
+        pytest.skip(reason)
+    checkout = tmp_path / "checkout"  # what `--working-dir .` uploads: the entrypoint and the job spec
+    (checkout / "jobs").mkdir(parents=True)
+    shutil.copy(REPO / "jobs" / "entrypoint.py", checkout / "jobs" / "entrypoint.py")
+    job = demo_config(workdir, prepare_data(workdir, 0, log=lambda *_: None), [])
+    (checkout / "my-job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    script = checkout / "readme-lines.sh"
+    script.write_text(readme_block(README_CLUSTER_MARKER))
+    home = tmp_path / "fresh-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    run = subprocess.run([*NAMESPACE, "bash", "-c", 'ip link set lo up && exec bash -e -o pipefail "$0"', str(script)],
+                         cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    out = run.stdout
+    assert run.returncode == 0, out[-6000:]
+    assert (home / ".ray" / "auth_token").is_file()  # the first line made it
+    assert "ok   auth" in out and "check(s) failed" not in out, out[-6000:]
+    assert "succeeded" in out and "raysubmit_" in out, out[-6000:]
+    skipped = out.count("already complete")
+    assert skipped >= 2 * 8, out[-6000:]  # run, then the Ray job: every stage found complete by both

@@ -264,8 +264,9 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
                    "precision": {"dtype": job.model.precision, "tf32": job.model.tf32},
                    "nodes": {table: c.nodes for table, c in result.counts.items()}},
         )
-        for table, c in result.counts.items():
-            log(f"[extract] {table}: {c.images} images in, {c.rejected} rejected, {c.rows} token rows")
-        if result.reject_reasons:
-            log("[extract] rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
+        # One line for what was committed (a line per table and one for the reasons said no more).
+        reasons = "; rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items()))
+        log("[extract] committed " + "; ".join(f"{table}: {c.images} images in, {c.rejected} rejected, {c.rows} token rows"
+                                               for table, c in result.counts.items())
+            + (reasons if result.reject_reasons else ""))
         return result

@@ -298,9 +298,10 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
                    "alignment": job.scope.instability_alignment,
                    "figures": {"instability": figure}},
         )
-        for row in summary:
-            log(f"[instability] s={row['shift']}: D_non {row['d_non']:.4f} ({row['n_non']} tokens)  "
-                f"D_out {row['d_out']:.4f} ({row['n_out']} tokens)  over {row['images']} images")
+        # One line, every shift (Table 9 reads across shifts); the token counts are in the stored summary.
+        images = summary[0]["images"] if summary else 0
+        log(f"[instability] D_non / D_out over {images} images: "
+            + ", ".join(f"s={r['shift']} {r['d_non']:.4f} / {r['d_out']:.4f}" for r in summary))
         if rejected:
             log(f"[instability] {len(rejected)} selected images rejected (see the rejects table)")
         return result

@@ -609,8 +609,11 @@ def _commit(job, stage: StageDir, chash: str, cache: FeatureCache, tasks, varian
         chash, {"probe_features": cache.stage.uri}, {"trials": len(rows), "best": len(best)},
         extra={"tasks": tasks, "variants": variants, "max_concurrent_trials": concurrent,
                "trial_cpus": TRIAL_CPUS, "searches": searches, "ran_trials": ran, "reused_trials": reused})
-    for b in best:
-        log(f"[probe] best {b['task']}/{b['variant']}: {b['metric']} {b['value']:.4f} (trial {b['trial']}, "
-            f"lr {b['lr']:.3g}, wd {b['weight_decay']:.3g})")
+    # One line per task (its variants side by side, as Table 3 reads); each trial's lr and wd are
+    # in the stored best table.
+    for task in dict.fromkeys(b["task"] for b in best):
+        mine = [b for b in best if b["task"] == task]
+        log(f"[probe] best {task} {mine[0]['metric']}: "
+            + ", ".join(f"{b['variant']} {b['value']:.4f}" for b in mine))
     return ProbeResult(skipped=False, trials=rows, best=best, ran_trials=ran, reused_trials=reused,
                        max_concurrent=concurrent, manifest=manifest)

@@ -435,10 +435,10 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                    "nodes": {t: c.nodes for t, c in result.counts.items()}},
             empty_schemas={"rejects": REJECTS},  # its rejects carry the task: an empty table keeps that column
         )
-        for t, c in result.counts.items():
-            log(f"[probe-features] {t}: {c.images} images in, {c.rejected} rejected, {c.rows} rows")
-        if result.reject_reasons:
-            log("[probe-features] rejects by reason: "
-                + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items())))
+        # One line for every table (images in / rejected / rows) and the reject reasons.
+        reasons = "; rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items()))
+        log("[probe-features] committed (images in / rejected / rows) " + ", ".join(
+            f"{t} {c.images}/{c.rejected}/{c.rows}" for t, c in result.counts.items())
+            + (reasons if result.reject_reasons else ""))
         return result
 
