@@ -161,6 +161,10 @@ def _add_import_sae(sub, fmt) -> None:
     p.add_argument("--architecture", default=None, help="the toolkit's class when the file does not say")
     p.add_argument("--k", type=int, default=None, help="top-k when the file does not hold it")
     p.add_argument("--threshold", type=float, default=None, help="overcomplete BatchTopKSAE's running threshold")
+    p.add_argument("--input-scale", type=float, default=None,
+                   help="the scalar the toolkit's data loader multiplied activations by (saev: 1 / its scalar)")
+    p.add_argument("--input-mean", default=None,
+                   help="safetensors file with the per-dimension mean the loader subtracted before scaling")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// paths")
 
 
@@ -233,9 +237,12 @@ def _browse(args) -> int:
 
 
 def _import_sae(args) -> int:
-    from scope_ray.sae_import import Source, import_sae
+    from scope_ray.sae_import import InputNormalization, Source, import_sae
 
-    sae = import_sae(Source(args.format, args.path, args.architecture, args.k, args.threshold),
+    norm = None  # either flag alone is a normalisation: scale 1 = mean only, no mean = scale only
+    if args.input_scale is not None or args.input_mean is not None:
+        norm = InputNormalization(1.0 if args.input_scale is None else args.input_scale, args.input_mean)
+    sae = import_sae(Source(args.format, args.path, args.architecture, args.k, args.threshold, norm),
                      endpoint_url=args.endpoint_url)
     sae.save(args.out, endpoint_url=args.endpoint_url)
     print(f"imported a {args.format} {sae.provenance['architecture']} SAE: width {sae.d_in}, {sae.d_sae} latents, "

@@ -149,6 +149,17 @@ class ExtractConfig(_Section):
 DEAD_AFTER_TOKENS_CAP = 10_000_000  # the usual fixed dead window (Gao et al. 2024): 'auto' never exceeds it
 
 
+class InputNormalizationConfig(_Section):
+    """What the toolkit's data loader did to activations before its SAE saw them: x' = (x − mean)·scale.
+    Folded exactly into the imported weights, so the SAE then reads raw activations (docs/sae.md)."""
+
+    scale: float = Field(1.0, gt=0, description="the scalar the loader multiplied (mean-subtracted) activations by "
+                         "(saev: sqrt(d) / mean L2 norm, i.e. 1 / its loader's `scalar`)")
+    mean: str | None = Field(None, description="safetensors file (local path, file:// or s3:// URI) holding one "
+                             "tensor [width]: the per-dimension mean the loader subtracted before scaling; "
+                             "null = none subtracted")
+
+
 class SAESourceConfig(_Section):
     """An SAE trained by another toolkit, used in place of training one (scope_ray/sae_import.py, docs/sae.md)."""
 
@@ -159,6 +170,9 @@ class SAESourceConfig(_Section):
                                      "SAE, TopKSAE, BatchTopKSAE or JumpSAE; dictionary_learning without config.json)")
     k: int | None = Field(None, ge=1, description="top-k when the file does not hold it (overcomplete TopKSAE)")
     threshold: float | None = Field(None, description="overcomplete BatchTopKSAE's running threshold (not in its state dict)")
+    input_normalization: InputNormalizationConfig | None = Field(
+        None, description="the input normalisation the toolkit's data loader applied in training (saev: scale_mean / "
+        "scale_norm), folded into the weights; null = the SAE reads activations as they are")
 
 
 class SAEConfig(_Section):
@@ -509,6 +523,9 @@ class JobConfig(_Section):
             uris.append(self.model.weights)
         if section == "sae" and self.sae.source is not None:
             uris.append(self.sae.source.path)  # an imported SAE's identity is its files' content
+            norm = self.sae.source.input_normalization
+            if norm is not None and norm.mean is not None:
+                uris.append(norm.mean)  # so is the mean folded into it
         parts = section.split(".")
         if parts[0] == "data" and len(parts) >= 2 and parts[1] in ("imagenet", "ade20k", "nyud"):
             dataset = getattr(self.data, parts[1])

@@ -14,6 +14,10 @@ holds that form; a reader per toolkit maps the toolkit's file onto it, applying 
 toolkit applies at inference (overcomplete's decoder normalisation and exp(multiplier), its
 log-thresholds). docs/sae.md tables each toolkit's conventions and the mapping.
 
+A toolkit whose data loader normalised the activations (saev: x' = (x − mean)·scale) trained its
+SAE on x' and reconstructs x'; ``Source.input_normalization`` folds that map into the weights
+(``fold_input_normalization``), so the imported SAE reads and reconstructs raw activations.
+
 Files are read as safetensors, JSON or ``torch.load(weights_only=True)`` (plain tensors); a pickled
 object is refused with the reason, never unpickled. What is read is checked: shapes against each
 other, the activation's parameters present, values finite.
@@ -199,6 +203,15 @@ def _json(path: str, endpoint_url: str | None) -> dict:
 
 
 @dataclass(frozen=True)
+class InputNormalization:
+    """The toolkit's loader computed x' = (x − mean)·scale before the SAE; ``mean`` is a
+    safetensors file holding one tensor [D] (None: nothing subtracted)."""
+
+    scale: float = 1.0
+    mean: str | None = None
+
+
+@dataclass(frozen=True)
 class Source:
     """Where an SAE comes from: the toolkit's format, its file (or folder), and options the file
     does not hold (overcomplete saves no config)."""
@@ -208,6 +221,7 @@ class Source:
     architecture: str | None = None
     k: int | None = None
     threshold: float | None = None
+    input_normalization: InputNormalization | None = None
 
 
 def _provenance(fmt: str, architecture: str, path: str, digest: str, **extra) -> dict:
@@ -387,8 +401,11 @@ def read_saev(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
     weights_only=True). Its two generations compute differently and are followed as written:
     no ``schema`` (PyPI 0.1.0): ReLU of (x − b_dec) W_enc + b_enc; schema >= 1: no b_dec subtraction,
     ReLU, TopK without a ReLU (signed codes), or BatchTopK's scalar threshold (``activation.threshold``;
-    <= 0 means ReLU). saev normalises inputs in its data loader, not in the file: feed the SAE
-    activations prepared the way it was trained."""
+    <= 0 means ReLU). saev normalised inputs in its data loader, not in the file (0.1.0's
+    ``saev/activations.py`` ``Dataset.transform``, defaults ``scale_mean`` / ``scale_norm`` on:
+    (x − act_mean) / scalar, scalar = mean ‖x − act_mean‖ / sqrt(d)); give those as
+    ``Source.input_normalization`` (scale = 1 / scalar, mean = act_mean) to fold them in, else feed the
+    SAE activations prepared that way."""
     import io
 
     blob = _read_bytes(src.path, endpoint_url)
@@ -436,7 +453,45 @@ READERS: dict[str, Callable[[Source, str | None], ImportedSAE]] = {
 
 
 def import_sae(src: Source, endpoint_url: str | None = None) -> ImportedSAE:
-    """``src`` read by its format's reader, in eval mode."""
+    """``src`` read by its format's reader (its input normalisation folded in), in eval mode."""
     if src.format not in READERS:
         raise SAEImportError(f"unknown SAE format {src.format!r}; allowed: {', '.join(READERS)}")
-    return READERS[src.format](src, endpoint_url).eval()
+    sae = READERS[src.format](src, endpoint_url)
+    if src.input_normalization is not None:
+        sae = fold_input_normalization(sae, src.input_normalization, endpoint_url)
+    return sae.eval()
+
+
+def _input_mean(norm: InputNormalization, d: int, endpoint_url: str | None) -> tuple[torch.Tensor, str | None]:
+    """The loader's mean m_D (zeros when none) and its file's sha256."""
+    if norm.mean is None:
+        return torch.zeros(d, dtype=torch.float64), None
+    sd, digest = _tensors(norm.mean, endpoint_url)
+    found = {n: list(t.shape) for n, t in sd.items()}
+    if len(sd) != 1 or list(next(iter(sd.values())).shape) != [d]:
+        raise SAEImportError(f"input mean {norm.mean}: expected one tensor of shape [{d}] (the SAE's width); "
+                             f"found {found}")
+    m_D = next(iter(sd.values())).double()
+    if not torch.isfinite(m_D).all():
+        raise SAEImportError(f"input mean {norm.mean}: non-finite values in {next(iter(sd))} {found}")
+    return m_D, digest
+
+
+def fold_input_normalization(sae: ImportedSAE, norm: InputNormalization,
+                             endpoint_url: str | None = None) -> ImportedSAE:
+    """The SAE on raw x, for a toolkit that fed it x' = (x − m)·s and reconstructs x' (raw = x̂'/s + m).
+    (x' − b_pre) W_enc = (x − (m + b_pre/s)) (s·W_enc): every activation sees the same pre-activation,
+    so codes and thresholds are unchanged; x̂'/s + m = z (W_dec/s) + (b_dec/s + m). In float64, then
+    the weights' dtype, so the fold adds one rounding per weight."""
+    s = float(norm.scale)
+    if not (s > 0 and s < float("inf")):
+        raise SAEImportError(f"input scale {norm.scale!r}: must be a finite number > 0")
+    m_D, digest = _input_mean(norm, sae.d_in, endpoint_url)
+    dtype = sae.W_enc.dtype
+    W_enc_DF, b_pre_D = sae.W_enc.double() * s, m_D + sae.b_pre.double() / s
+    W_dec_FD, b_dec_D = sae.W_dec.double() / s, sae.b_dec.double() / s + m_D
+    prov = {**sae.provenance, "input_normalization": {"scale": s, "mean": norm.mean, "mean_sha256": digest}}
+    return ImportedSAE(W_enc_DF.to(dtype), sae.b_enc, W_dec_FD.to(dtype), b_pre_D.to(dtype), b_dec_D.to(dtype),
+                       activation=sae.activation, k=sae.k,
+                       threshold=sae.threshold if sae.activation == "threshold" else None,
+                       compare=sae.compare, provenance=prov)

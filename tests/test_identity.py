@@ -81,3 +81,29 @@ def test_a_replaced_dataset_or_weights_file_reruns_only_the_stages_that_read_it(
     time.sleep(0.01)
     weights.write_bytes(b"w2")
     assert not stage.is_complete(extract_hash(job()))
+
+
+def test_an_imported_sae_and_its_input_mean_are_in_the_train_sae_hash(tmp_path):
+    """sae.source: the SAE file's content and the content of the input mean folded into it name the
+    train-sae result, so replacing either in place re-imports (and redoes what reads the SAE)."""
+    from scope_ray.pipeline import train_sae_hash
+
+    sae, mean = tmp_path / "sae.pt", tmp_path / "act_mean.safetensors"
+    sae.write_bytes(b"sae-1")
+    mean.write_bytes(b"mean-1")
+
+    def job() -> JobConfig:
+        return JobConfig.model_validate({
+            "sae": {"source": {"format": "saev", "path": str(sae),
+                               "input_normalization": {"scale": 0.5, "mean": str(mean)}}},
+            "storage": {"root": str(tmp_path / "results")}})
+
+    first = train_sae_hash(job())
+    assert train_sae_hash(job()) == first
+    time.sleep(0.01)
+    mean.write_bytes(b"mean-2")  # same path, same size
+    second = train_sae_hash(job())
+    assert second != first
+    time.sleep(0.01)
+    sae.write_bytes(b"sae-2")
+    assert train_sae_hash(job()) not in (first, second)

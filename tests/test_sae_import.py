@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from scope_ray.sae import BatchTopKSAE
-from scope_ray.sae_import import ImportedSAE, SAEImportError, Source, import_sae
+from scope_ray.sae_import import ImportedSAE, InputNormalization, SAEImportError, Source, import_sae
 
 D, F, K = 6, 20, 3
 
@@ -243,3 +243,61 @@ def test_saev_generations_follow_their_own_math(tmp_path, x):
     _assert_forward(import_sae(Source("saev", path)), x, z, z @ W_dec + b_dec)
     with pytest.raises(SAEImportError, match="without its threshold"):
         import_sae(Source("saev", _saev(tmp_path, "btk_old.pt", {**header, "schema": 3}, sd)))
+
+
+def test_saev_input_normalisation_is_folded_into_the_weights(tmp_path, x):
+    """saev's loader fed its SAE x' = (x − m)·s and the SAE reconstructs x'; with the option the
+    imported SAE takes raw x and returns raw x̂ = x̂'/s + m, codes unchanged."""
+    W_enc, b_enc, W_dec, b_dec = _rand(D, F, seed=40), _rand(F, seed=41), _rand(F, D, seed=42), _rand(D, seed=43)
+    m_D, s = _rand(D, seed=44) * 3, 0.37
+    mean = tmp_path / "act_mean.safetensors"
+    safetensors.torch.save_file({"act_mean": m_D}, str(mean))
+    norm = InputNormalization(scale=s, mean=str(mean))
+    xn = (x - m_D) * s  # what saev 0.1.0's Dataset.transform gave its SAE
+    # PyPI 0.1.0: ReLU of (x' − b_dec) W_enc + b_enc.
+    path = _saev(tmp_path, "old.pt", {"d_vit": D, "exp_factor": F // D}, {"W_enc": W_enc, "b_enc": b_enc,
+                                                                         "W_dec": W_dec, "b_dec": b_dec})
+    z = torch.relu((xn - b_dec) @ W_enc + b_enc)
+    sae = import_sae(Source("saev", path, input_normalization=norm))
+    _assert_forward(sae, x, z, (z @ W_dec + b_dec) / s + m_D)
+    assert sae.provenance["input_normalization"]["scale"] == s and len(
+        sae.provenance["input_normalization"]["mean_sha256"]) == 64
+    # Schema 5 TopK: no b_dec subtraction, signed top-k of h.
+    header = {"schema": 5, "cfg": {"d_model": D, "d_sae": F, "activation": {"cls": "TopK", "params": {"top_k": K}}}}
+    path = _saev(tmp_path, "topk.pt", header, {"W_enc": W_enc, "b_enc": b_enc - 8, "W_dec": W_dec, "b_dec": b_dec})
+    h = xn @ W_enc + (b_enc - 8)
+    idx = h.topk(K, dim=-1).indices
+    z = torch.zeros_like(h).scatter_(-1, idx, h.gather(-1, idx))
+    assert (z < 0).any()
+    _assert_forward(import_sae(Source("saev", path, input_normalization=norm)), x, z, (z @ W_dec + b_dec) / s + m_D)
+    # Scale only (scale_mean off): nothing subtracted.
+    z = torch.relu((x * s - b_dec) @ W_enc + b_enc)
+    _assert_forward(import_sae(Source("saev", _saev(tmp_path, "old2.pt", {"d_vit": D}, {
+        "W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}), input_normalization=InputNormalization(s))),
+        x, z, (z @ W_dec + b_dec) / s)
+
+
+def test_a_bad_input_mean_names_what_was_found(tmp_path):
+    sd = {"W_enc": torch.zeros(D, F), "b_enc": torch.zeros(F), "W_dec": torch.zeros(F, D), "b_dec": torch.zeros(D)}
+    path = _saev(tmp_path, "old.pt", {"d_vit": D}, sd)
+    wrong, nan = tmp_path / "wrong.safetensors", tmp_path / "nan.safetensors"
+    safetensors.torch.save_file({"act_mean": torch.zeros(D + 1)}, str(wrong))
+    safetensors.torch.save_file({"act_mean": torch.full((D,), float("nan"))}, str(nan))
+    with pytest.raises(SAEImportError, match=rf"shape \[{D}\].*found \{{'act_mean': \[{D + 1}\]\}}"):
+        import_sae(Source("saev", path, input_normalization=InputNormalization(1.0, str(wrong))))
+    with pytest.raises(SAEImportError, match="non-finite values in act_mean"):
+        import_sae(Source("saev", path, input_normalization=InputNormalization(1.0, str(nan))))
+    with pytest.raises(SAEImportError, match="must be a finite number > 0"):
+        import_sae(Source("saev", path, input_normalization=InputNormalization(0.0)))
+
+
+def test_sae_source_config_takes_an_input_normalisation():
+    from pydantic import ValidationError
+
+    from scope_ray.config import SAESourceConfig
+
+    src = SAESourceConfig(format="saev", path="sae.pt", input_normalization={"scale": 0.5, "mean": "m.safetensors"})
+    assert (src.input_normalization.scale, src.input_normalization.mean) == (0.5, "m.safetensors")
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ValidationError):
+            SAESourceConfig(format="saev", path="sae.pt", input_normalization={"scale": bad})

@@ -524,10 +524,12 @@ def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResul
 def _import(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, log) -> TrainResult:
     """``sae.source``: read the SAE another toolkit trained (exactly; scope_ray/sae_import.py),
     check it fits the model and the configured dictionary, and commit it as this stage's SAE."""
-    from scope_ray.sae_import import Source, import_sae
+    from scope_ray.sae_import import InputNormalization, Source, import_sae
 
     src = job.sae.source
-    sae = import_sae(Source(src.format, src.path, src.architecture, src.k, src.threshold),
+    norm = src.input_normalization
+    sae = import_sae(Source(src.format, src.path, src.architecture, src.k, src.threshold,
+                            None if norm is None else InputNormalization(norm.scale, norm.mean)),
                      endpoint_url=job.storage.endpoint_url)
     spec = job.model.spec
     if sae.d_in != spec.width:
