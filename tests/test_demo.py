@@ -17,6 +17,10 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     lines: list[str] = []
     out = run_demo(tmp_path / "demo", log=lines.append)
     assert not out["extract"].skipped
+    # `make demo` prints under 100 lines apart from progress (issue 18): the demo's own lines, with
+    # room left for the few warnings Ray itself prints (the raylet's worker start-up notices).
+    print(f"\n[demo] {len(lines)} lines logged")
+    assert len(lines) <= 92, len(lines)
     root = ResultsRoot(out["root"])
     stage = root.stage("demo-planted", "extract")
     rejects = stage.read_table("rejects")
@@ -84,6 +88,7 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
                                           "probe_features", "probes"))
+    _check_imported_sae_chain(tmp_path / "demo", out)  # last: it replaces the SAE and what reads it
 
 
 def _check_export(out: dict, root: ResultsRoot, part: dict, row: dict) -> None:
@@ -219,3 +224,48 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     assert "succeeded" in out and "raysubmit_" in out, out[-6000:]
     skipped = out.count("already complete")
     assert skipped >= 2 * 8, out[-6000:]  # run, then the Ray job: every stage found complete by both
+
+
+def _check_imported_sae_chain(workdir: Path, out: dict) -> None:
+    """Issue 17 on the demo data: the demo's own dictionary, saved as SAELens saves a JumpReLU SAE
+    (sae_weights.safetensors + cfg.json, per-feature thresholds), comes in as ``sae.source``.
+    train-sae imports it; eval-sae, cds, partition, probe-features, probes and the report run again
+    through the real stages (extract and instability do not read the SAE and are reused). The same
+    function from another toolkit must give the same scope and the same probes; the report and the
+    exported card name where the SAE came from."""
+    import json
+
+    import numpy as np
+    import safetensors.torch
+    import torch
+
+    from scope_ray.sae import BatchTopKSAE
+
+    root = ResultsRoot(out["root"])
+    train = root.stage("demo-planted", "train-sae")
+    sae = BatchTopKSAE.load(f"{train.uri}/{train.manifest()['sae_file']}")
+    assert float(sae.input_scale) == 1.0  # saved folded: the weights act on raw activations
+    groups = root.stage("demo-planted", "partition").read_table("features").column("group").to_pylist()
+    folder = workdir / "saelens-sae"
+    folder.mkdir()
+    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
+               "threshold": sae.threshold.expand(sae.d_sae)}
+    safetensors.torch.save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()},
+                                str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": sae.d_in, "d_sae": sae.d_sae,
+                                                 "apply_b_dec_to_input": True, "normalize_activations": "none"}))
+    lines: list[str] = []
+    imported = run_demo(workdir, [f"sae.source={{format: saelens, path: '{folder}'}}"], log=lines.append)
+    assert imported["extract"].skipped and imported["instability"].skipped
+    assert imported["train"].manifest["imported"]["toolkit"] == "saelens"
+    assert not any(imported[k].skipped for k in ("eval", "cds", "partition", "probe_features", "probes"))
+    np.testing.assert_allclose(imported["cds"].table.column("cds").to_numpy(),
+                               out["cds"].table.column("cds").to_numpy(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert root.stage("demo-planted", "partition").read_table("features").column("group").to_pylist() == groups
+    best = {(b["task"], b["variant"]): b["value"] for b in out["probes"].best}
+    best_imported = {(b["task"], b["variant"]): b["value"] for b in imported["probes"].best}
+    assert best_imported.keys() == best.keys()
+    np.testing.assert_allclose([best_imported[k] for k in best], list(best.values()), rtol=1e-5)
+    markdown = Path(imported["report"].markdown).read_text()
+    assert "imported: saelens jumprelu" in markdown, [line for line in markdown.splitlines() if "SAE" in line][:5]
+    assert "Origin: imported (saelens jumprelu)" in Path(imported["export"].card).read_text()
