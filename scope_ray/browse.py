@@ -27,6 +27,7 @@ import numpy as np
 
 from scope_ray import pipeline
 from scope_ray.config import JobConfig
+from scope_ray.logs import info
 from scope_ray.report.document import IMAGE_CHECK_SCRIPT
 from scope_ray.storage import ResultsRoot
 
@@ -236,7 +237,7 @@ activation overlaid (each view scaled to its own maximum); the pair score is its
 
 
 def write_browser(job: JobConfig, root: ResultsRoot, out: str | Path, *, max_features: int = 200,
-                  images: int = 4, max_tokens: int = 20_000, log=print) -> BrowsePaths:
+                  images: int = 4, max_tokens: int = 20_000, log=info) -> BrowsePaths:
     """Write the site for ``job``'s model into ``out`` (a local folder)."""
     from scope_ray.report.figures import overlay_map
 

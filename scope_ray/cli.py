@@ -297,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     from scope_ray.config import ConfigError
     from scope_ray.stages.cluster import ClusterResourceError
 
+    from scope_ray.logs import setup as setup_logging
+
     args = _parser().parse_args(argv)
+    setup_logging()  # the stages' progress lines (INFO records of the scope_ray logger) on stdout
     try:
         if args.command == "demo":
             from scope_ray.demo import run_demo

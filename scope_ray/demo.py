@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from scope_ray.config import JobConfig, load_config
+from scope_ray.logs import info
 
 DEMO_TRAIN_IMAGES = 192
 DEMO_VAL_IMAGES = 32
@@ -38,7 +39,7 @@ def demo_spec() -> dict:
     return yaml.safe_load(resources.files("scope_ray.jobs_builtin").joinpath("demo.yaml").read_text())
 
 
-def prepare_data(workdir: Path, seed: int, log=print) -> dict:
+def prepare_data(workdir: Path, seed: int, log=info) -> dict:
     """Write the demo datasets once; a marker file makes re-runs reuse them."""
     from scope_ray.data.bundled import write_photo_pool
     from scope_ray.data.images import bad_image_samples
@@ -78,7 +79,7 @@ def demo_config(workdir: Path, layout: dict, overrides: list[str]) -> JobConfig:
     return load_config(spec, overrides)
 
 
-def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None = None, log=print) -> dict:
+def run_demo(workdir: str | Path = "scope-ray-demo", overrides: list[str] | None = None, log=info) -> dict:
     """Make the data, run every declared step (``pipeline.STEPS``) in order, print the summary and
     write the report; returns each step's result and what the summary showed."""
     from scope_ray.pipeline import STEPS
@@ -149,8 +150,7 @@ def _log_summary(job: JobConfig, root, results: dict, seconds: dict[str, float],
     log("")
     log("scope-ray demo — summary")
     log(f"  results root     {root.uri}")
-    for table, rows in stage.manifest()["rows"].items():
-        log(f"  {table:<16} {rows} rows")
+    log("  extracted        " + ", ".join(f"{table} {rows} rows" for table, rows in stage.manifest()["rows"].items()))
     p50, p99 = np.percentile(norms, [50, 99])
     log(f"  token norms      median {p50:.2f}, p99 {p99:.2f}, max {float(norms.max()):.2f}")
     ran = [name for name in results if name != "zeroshot"]
@@ -201,15 +201,21 @@ def _log_sae_and_scope(job: JobConfig, row: dict, instability, partition, log) -
 
 def _log_probes(job: JobConfig, root, results: dict, seconds: dict[str, float], log) -> list[dict]:
     """Tables 3 / 8 (linear probes) as the report reads them back from the root."""
-    from scope_ray.report.probes import collect_probe_results, probe_markdown, probe_table
+    from scope_ray.report.figures import table_markdown
+    from scope_ray.report.probes import (TASK_FORMAT, TASK_TITLE, TASKS, VARIANT_LABEL, VARIANTS, collect_probe_results,
+                                         column, probe_table)
 
     probe_rows = collect_probe_results(root)
     cfg, probes = job.probes, results["probe"]
     log(f"  Linear probes (Table 3 / Table 8 layout; best of {cfg.classification.trials}/{cfg.segmentation.trials}/"
         f"{cfg.depth.trials} trial(s), {cfg.classification.epochs}/{cfg.segmentation.epochs}/{cfg.depth.epochs} epochs "
         f"for classification/segmentation/depth: demo schedules, far from the paper's 5 x 100)")
-    # The report's Markdown with its blank lines dropped: in a terminal the titles already separate the tables.
-    log(_indent("\n".join(line for line in probe_markdown(probe_table(probe_rows)).splitlines() if line.strip())))
+    # One model, so one table: a row per task (the report has a table per task, a row per model).
+    mine = [r for r in probe_table(probe_rows) if r["model"] == job.model.name]
+    if mine:
+        rows = [{"task": TASK_TITLE[t], **{v: format(mine[0][column(t, v)], TASK_FORMAT[t]) for v in VARIANTS}}
+                for t in TASKS]
+        log(_indent(table_markdown(rows, [("task", "probe", "")] + [(v, VARIANT_LABEL[v], "") for v in VARIANTS])))
     if probes.trials:
         startup = float(np.mean([t["seconds_startup"] for t in probes.trials]))
         training = float(np.mean([t["seconds_train"] for t in probes.trials]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scope_ray.config import JobConfig
+from scope_ray.logs import info
 
 # Seconds to wait for a model hub before calling it unreachable: long enough for a slow link,
 # short enough that an offline cluster gets its answer at once.
@@ -359,7 +360,7 @@ def check_weights(job: JobConfig) -> Check:
                  "on an offline cluster put the weights in a .safetensors file (local or s3://) and set model.weights to it")
 
 
-def run_doctor(job_path: str | None, overrides: list[str], log=print) -> int:
+def run_doctor(job_path: str | None, overrides: list[str], log=info) -> int:
     """Run every check that applies; print one line each; exit code 0 only when all pass."""
     job = None
     if job_path is not None:

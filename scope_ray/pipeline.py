@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from scope_ray.logs import info
+
 if TYPE_CHECKING:
     from scope_ray.config import JobConfig
 
@@ -105,7 +107,7 @@ def run_hint(result_dir: str) -> str:
     return f"scope-ray stage {stage_of(result_dir)}"
 
 
-def runner(name: str, log=print):
+def runner(name: str, log=info):
     """The function that runs command-line stage ``name`` as ``fn(job, root)``: its steps in order.
 
     A step that skipped with a reason (zero-shot on a model without a text tower) says so; one that
