@@ -394,6 +394,11 @@ class StorageConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a new local instance")
     num_actors: int = Field(1, ge=1, description="model actors per stage (one per GPU on a GPU cluster)")
+    max_actors: int | None = Field(
+        None, ge=1, description="autoscaling model-actor pools: each stage's pool starts at 1 actor and grows to this "
+        "many as work waits and the cluster has (or, autoscaling, adds) room; sized by Ray Data, not checked against "
+        "the cluster's present resources, so it runs on a cluster that starts with no workers. null = a fixed pool of "
+        "ray.num_actors, sized and checked at the stage's start")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="'auto' = 1 when the cluster has GPUs, else 0; a number > 0 fails at once on a GPU-less cluster"

@@ -167,7 +167,6 @@ def _check_browser(out: dict, root: ResultsRoot, tmp_path: Path) -> None:
 
 REPO = Path(__file__).resolve().parents[1]
 README_CLUSTER_MARKER = "ray get-auth-token --generate"
-NAMESPACE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--net"]
 
 
 def readme_block(marker: str) -> str:
@@ -183,9 +182,9 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     """README's single-node cluster lines, run as written on a fresh home (no ~/.ray/auth_token):
     the token is made, the head comes up with token auth, doctor passes against it, `scope-ray run`
     and the Ray job (`ray job submit --working-dir .`) both succeed, `ray stop` ends it. The job is
-    the demo's (every stage complete, so both find nothing to do). They run in PID and network
-    namespaces of their own: `ray stop` stops every Ray process it can see and the lines use Ray's
-    default ports, so outside one they would stop this test session's Ray."""
+    the demo's (every stage complete, so both find nothing to do). They run in namespaces of their
+    own (tests/namespaces.py): `ray stop` stops every Ray process it can see and the lines use
+    Ray's default ports and /tmp/ray, so outside them they would reach this test session's Ray."""
     import os
     import shutil
     import subprocess
@@ -194,13 +193,9 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     import yaml
 
     from scope_ray.demo import demo_config, prepare_data
+    from tests.namespaces import require_namespaces, run_isolated
 
-    probe = subprocess.run([*NAMESPACE, "true"], capture_output=True, text=True)
-    if probe.returncode != 0 or shutil.which("ip") is None:
-        reason = f"no private PID / network namespace here (unshare: {probe.stderr.strip()[:200]!r})"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}, and CI must run README's cluster lines")
-        pytest.skip(reason)
+    require_namespaces()
     checkout = tmp_path / "checkout"  # what `--working-dir .` uploads: the entrypoint and the job spec
     (checkout / "jobs").mkdir(parents=True)
     shutil.copy(REPO / "jobs" / "entrypoint.py", checkout / "jobs" / "entrypoint.py")
@@ -215,8 +210,7 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-    run = subprocess.run([*NAMESPACE, "bash", "-c", 'ip link set lo up && exec bash -e -o pipefail "$0"', str(script)],
-                         cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    run = run_isolated(["bash", "-e", "-o", "pipefail", str(script)], cwd=checkout, env=env, timeout=600)
     out = run.stdout
     assert run.returncode == 0, out[-6000:]
     assert (home / ".ray" / "auth_token").is_file()  # the first line made it

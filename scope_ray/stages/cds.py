@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig
+from scope_ray.logs import info
 from scope_ray.storage import ResultsRoot, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
 from scope_ray.pipeline import CDS as STAGE
@@ -128,7 +129,7 @@ class TopKResult:
     features_with_images: int = 0
 
 
-def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> TopKResult:
+def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=info) -> TopKResult:
     """Pass 1 (or skip when committed with this config): per-feature top images of the pool."""
     import ray.data
     from tqdm import tqdm
@@ -160,7 +161,7 @@ def run_cds_topk(job: JobConfig, root: ResultsRoot, *, progress: bool = True, lo
         ds = ds.map_batches(
             TopKCollector, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads, keep=keep,
                                                    run=chash),
-            compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            compute=res.strategy(), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
             batch_size=job.scope.batch_size, batch_format="numpy",
         )
         merged = FeatureTopK(q, keep)
@@ -388,7 +389,7 @@ def _stream_pairs(job: JobConfig, root: ResultsRoot, selection: tuple, keys_sort
     ds = ds.map_batches(
         PairMaps, fn_constructor_kwargs=dict(job=job, root=root, torch_threads=res.torch_threads,
                                              selection_ref=ray.put(selection)),
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        compute=res.strategy(), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.scope.batch_size, batch_format="numpy",
     )
     ds = ds.map_batches(score_pairs, fn_kwargs=dict(root=root, model=job.model.name, split=job.scope.pool_split,
@@ -405,7 +406,7 @@ def _stream_pairs(job: JobConfig, root: ResultsRoot, selection: tuple, keys_sort
     return images, rejected
 
 
-def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> CDSResult:
+def run_cds(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=info) -> CDSResult:
     """Both passes (each skipped when committed with this config); returns the ``cds`` table."""
     from scope_ray.topk import image_keys
 

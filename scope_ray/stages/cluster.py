@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from scope_ray.config import JobConfig, RayConfig
+from scope_ray.logs import info
 
 
 class ClusterResourceError(RuntimeError):
@@ -54,7 +55,16 @@ class ActorResources:
     num_cpus: float
     num_gpus: float
     torch_threads: int
-    pool_size: int
+    pool_size: int  # the fixed pool's size, or an autoscaling pool's maximum
+    autoscale: bool = False  # ray.max_actors: the pool grows from 1 actor to pool_size
+
+    def strategy(self):
+        """Ray Data's compute strategy for the stage's model actors."""
+        import ray.data
+
+        if self.autoscale:
+            return ray.data.ActorPoolStrategy(min_size=1, max_size=self.pool_size)
+        return ray.data.ActorPoolStrategy(size=self.pool_size)
 
 
 def role_gpus(value: float | str, key: str) -> float:
@@ -79,7 +89,7 @@ def role_gpus(value: float | str, key: str) -> float:
 MIN_ACTOR_CPUS = 0.1  # below this an actor's request stops meaning anything; fail instead
 
 
-def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=print) -> ActorResources:
+def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=info) -> ActorResources:
     """What each model actor asks for; fails at once where the cluster cannot satisfy it.
 
     ``task_cpus``: CPUs that must stay free beside the actors so the stage's other tasks can run
@@ -93,6 +103,8 @@ def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=print) -
     for its own feeding tasks, so each one always makes progress."""
     import ray
 
+    if cfg.max_actors is not None:
+        return _autoscaling_resources(cfg, log)
     total = ray.cluster_resources()
     share = cfg.cluster_share
     gpus, cpus = total.get("GPU", 0.0) * share, total.get("CPU", 0.0) * share
@@ -126,6 +138,21 @@ def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=print) -
     pool = min(pool, fit)
     threads = cfg.torch_threads or max(1, int(actor_cpus))
     return ActorResources(num_cpus=actor_cpus, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
+
+
+def _autoscaling_resources(cfg: RayConfig, log) -> ActorResources:
+    """``ray.max_actors``: a pool of 1 to max_actors actors that Ray Data grows while work waits
+    and room is free. Nothing is checked against what the cluster has now: an autoscaling cluster
+    may have no worker yet, and the actors' pending requests are what make it add one. Why this
+    does not starve the read and decode tasks that feed the pool (the fixed pool's reason for
+    keeping room): Ray Data starts another actor only within the operator's resource budget, and
+    a pending actor holds nothing. 'auto' GPUs mean none: an empty cluster shows no GPU to detect."""
+    num_gpus = 0.0 if cfg.gpus_per_actor == "auto" else float(cfg.gpus_per_actor)
+    log(f"[ray] autoscaling actor pool: 1 to {cfg.max_actors} model actors of {cfg.cpus_per_actor:g} CPUs"
+        f"{f' and {num_gpus:g} GPUs' if num_gpus else ''} each (ray.max_actors), grown by Ray Data as the cluster has room")
+    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
+    return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads,
+                          pool_size=cfg.max_actors, autoscale=True)
 
 
 def one_block_per_batch(ds, batch_size: int):

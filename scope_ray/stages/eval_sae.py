@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig
+from scope_ray.logs import info
 from scope_ray.storage import ResultsRoot
 from scope_ray.pipeline import EVAL_SAE as STAGE
 from scope_ray.pipeline import eval_sae_hash as config_hash
@@ -84,7 +85,7 @@ class EvalResult:
     row: dict | None = None
 
 
-def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> EvalResult:
+def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=info) -> EvalResult:
     import ray.data
 
     from scope_ray.metrics import MetricAccumulator
@@ -110,7 +111,7 @@ def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> EvalResult:
         ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus).select_columns(["activation", "norm"])
         ds = ds.map_batches(
             SAEEvaluator, fn_constructor_kwargs=dict(job=job, root=root, tau=tau, torch_threads=res.torch_threads),
-            compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+            compute=res.strategy(), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
             batch_size=4096, batch_format="pyarrow",
         )
         all_acc, out_acc, nonfinite = MetricAccumulator(), MetricAccumulator(), 0

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from scope_ray.config import JobConfig, SourceConfig
+from scope_ray.logs import info
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import rejects_table, sample_positions, token_table
 from scope_ray.pipeline import EXTRACT as STAGE
@@ -166,7 +167,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, ds, split: str, table: str,
         # and its tasks (max_retries=-1): a killed actor or a lost node's is restarted and its batches
         # rerun, which the content-named part files make idempotent. tests/stages/test_multinode.py
         # kills both for real and checks every image id is stored exactly once.
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size),
+        compute=res.strategy(),
         num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.extract.batch_size, batch_format="numpy",
     )
@@ -208,7 +209,7 @@ def _verify(stage: StageDir, root: ResultsRoot, table: str, counts: SplitCounts,
         )
 
 
-def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> ExtractResult:
+def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=info) -> ExtractResult:
     """Run (or skip, when already committed with this config) the extraction stage for ``job``."""
     stage = root.stage(job.model.name, STAGE)
     chash = config_hash(job)
@@ -234,8 +235,10 @@ def run_extract(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log
     with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
         spec = job.model.spec
         result = ExtractResult(skipped=False)
+        # One line for the plan (each split's progress bar names the split while it streams).
+        log(f"[extract] {job.model.name} layer {job.model.resolved_layer}: "
+            + "; ".join(f"{split} split from {source.path} -> {table}" for split, table, _, source in plan))
         for split, table, mode, source in plan:
-            log(f"[extract] {job.model.name} layer {job.model.resolved_layer}: {split} split from {source.path} -> {table}")
             counts = _stream_split(job, root, opened[table], split, table, mode, progress, run=chash)
             per_image = job.extract.tokens_per_image if mode == "sample" else spec.num_patches
             _verify(stage, root, table, counts, per_image)

@@ -42,6 +42,7 @@ from scope_ray.instability import (
     summarize,
     tokens_per_image,
 )
+from scope_ray.logs import info
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
 from scope_ray.pipeline import INSTABILITY as STAGE
@@ -192,7 +193,7 @@ def _stream(job: JobConfig, root: ResultsRoot, res, source, split: str, ids: lis
         AttentionRows,
         fn_constructor_kwargs=dict(job=job, root=root, split=split, first_shift=shifts[0], torch_threads=res.torch_threads,
                                    run=run),
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        compute=res.strategy(), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         batch_size=job.scope.batch_size, batch_format="numpy",
     )
     ds = ds.map_batches(emd_batch, fn_kwargs=dict(root=root, model=job.model.name, grid=spec.grid, tau=tau,
@@ -241,7 +242,7 @@ def _verify(job: JobConfig, tokens: pa.Table, rejects: pa.Table, selected: set[s
     return used, rejected
 
 
-def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> InstabilityResult:
+def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=info) -> InstabilityResult:
     """Run (or skip, when already committed with this config and tau) the instability stage."""
     split = job.scope.instability_split
     source = getattr(job.data.imagenet, split)

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig
+from scope_ray.logs import info
 from scope_ray.scope import UNSCORED_REASONS, gamma_sensitivity, split_by_gamma, unscored_reasons
 from scope_ray.storage import ResultsRoot, StageDir
 from scope_ray.pipeline import CDS as CDS_STAGE
@@ -221,7 +222,7 @@ def _write_figures(job: JobConfig, stage: StageDir, cds_Q: np.ndarray, scored_Q:
     return figures
 
 
-def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> PartitionResult:
+def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=info) -> PartitionResult:
     import ray
 
     from scope_ray.stages.cluster import actor_resources

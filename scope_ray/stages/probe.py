@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 import torch
 
 from scope_ray import faults
+from scope_ray.logs import info
 from scope_ray.pipeline import PROBE as STAGE
 from scope_ray.config import JobConfig
 from scope_ray.probes.train import METRICS, FitState, ProbeSpec, fit_probe
@@ -401,7 +402,7 @@ def _check_selection(cache: FeatureCache, tasks: Sequence[str] | None,
 
 def run_probes(job: JobConfig, root: ResultsRoot, *, tasks: Sequence[str] | None = None,
                variants: Sequence[str] | None = None, trials: int | None = None,
-               num_classes: Mapping[str, int] | None = None, log=print) -> ProbeResult:
+               num_classes: Mapping[str, int] | None = None, log=info) -> ProbeResult:
     """Run (or resume, or skip) the probe search over the cached features of ``job``'s model.
 
     ``tasks`` / ``variants`` restrict the search (default: all in the cache); ``trials`` overrides

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from scope_ray.config import JobConfig, SourceConfig
+from scope_ray.logs import info
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
 from scope_ray.tokens import REJECTS_SCHEMA
 from scope_ray.pipeline import PARTITION
@@ -322,7 +323,7 @@ def _stream_split(job: JobConfig, root: ResultsRoot, task: str, split: str, sour
         ProbeFeatureWriter,
         fn_constructor_kwargs=dict(job=job, root=root, task=task, split=split, groups=groups,
                                    torch_threads=res.torch_threads, run=run),
-        compute=ray.data.ActorPoolStrategy(size=res.pool_size),
+        compute=res.strategy(),
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, batch_size=batch_size, batch_format="numpy",
     )
     c = SplitCounts()
@@ -361,7 +362,22 @@ def verify_table(stage: StageDir, table: str, counts: SplitCounts) -> None:
         )
 
 
-def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=print) -> ProbeFeaturesResult:
+def _split_counts(plan, result: ProbeFeaturesResult, spec) -> dict[str, dict[str, dict]]:
+    """The manifest's ``splits``: task -> split -> counts (label range, invalid depth pixels)."""
+    splits: dict[str, dict[str, dict]] = {}
+    for task, split, _ in plan:
+        c = result.counts[table_name(task, split)]
+        entry = {"images": c.images, "rejected": c.rejected, "used": c.used, "rows": c.rows}
+        if task == "classification":
+            entry.update(label_min=c.label_min, label_max=c.label_max)
+        if task == "depth":
+            entry.update(invalid_depth_pixels=c.invalid_depth_pixels,
+                         depth_pixels=c.used * spec.image_size * spec.image_size)
+        splits.setdefault(task, {})[split] = entry
+    return splits
+
+
+def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = True, log=info) -> ProbeFeaturesResult:
     """Run (or skip, when committed with this config) the probe-features stage for ``job``."""
 
     stage = root.stage(job.model.name, STAGE)
@@ -385,10 +401,11 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
         spec = job.model.spec
         result = ProbeFeaturesResult(skipped=False, group_sizes=sizes)
         start = time.perf_counter()
+        # One line for the plan (each table's progress bar names it while it streams).
+        log(f"[probe-features] {job.model.name} layer {job.model.resolved_layer}, {len(VARIANTS)} variants per image: "
+            + "; ".join(f"{table_name(task, split)} from {source.path}" for task, split, source in plan))
         for task, split, source in plan:
             table = table_name(task, split)
-            log(f"[probe-features] {job.model.name} layer {job.model.resolved_layer}: {task} {split} from {source.path} "
-                f"-> {table} ({len(VARIANTS)} variants)")
             counts = _stream_split(job, root, task, split, source, groups, progress, run=chash)
             if counts.used == 0:
                 raise RuntimeError(f"[probe-features] {table}: none of the {counts.images} images could be used "
@@ -411,16 +428,7 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                   for task, split, source in plan for t in [table_name(task, split)]}
         inputs["partition"] = root.stage(job.model.name, "partition").uri
         inputs["sae"] = root.stage(job.model.name, "train-sae").uri
-        splits = {}
-        for task, split, _ in plan:
-            c = result.counts[table_name(task, split)]
-            entry = {"images": c.images, "rejected": c.rejected, "used": c.used, "rows": c.rows}
-            if task == "classification":
-                entry.update(label_min=c.label_min, label_max=c.label_max)
-            if task == "depth":
-                entry.update(invalid_depth_pixels=c.invalid_depth_pixels,
-                             depth_pixels=c.used * spec.image_size * spec.image_size)
-            splits.setdefault(task, {})[split] = entry
+        splits = _split_counts(plan, result, spec)
         result.manifest = stage.commit(
             chash, inputs, rows,
             extra={"layer": job.model.resolved_layer, "width": spec.width, "grid": spec.grid,

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from scope_ray.config import JobConfig
+from scope_ray.logs import info, worker_info
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.storage import ResultsRoot, StageDir
 from scope_ray.tokens import activations_of
@@ -254,7 +255,7 @@ def _resume(cfg: dict, sae, optimizer, rank: int) -> _Progress:
     with checkpoint.as_directory() as d:
         step, counted_before, log, resumed_from = _load_checkpoint(d, sae, optimizer)
     if rank == 0:
-        print(f"[train-sae] resuming from checkpoint at step {step}/{cfg['total_steps']}", flush=True)
+        worker_info(f"[train-sae] resuming from checkpoint at step {step}/{cfg['total_steps']}")
     return _Progress(step=step, counted_before=counted_before, log=log, resumed_from=resumed_from + [step])
 
 
@@ -281,8 +282,8 @@ def _log_step(cfg: dict, sae, loss, progress: _Progress, dist, world: int, rank:
     progress.revived_logged = revived
     progress.log.append(row)
     if rank == 0:
-        print(f"[train-sae] step {progress.step}/{cfg['total_steps']} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "
-              f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f} revived {row['revived']}", flush=True)
+        worker_info(f"[train-sae] step {progress.step}/{cfg['total_steps']} loss {row['loss']:.4f} fvu {row['fvu']:.3f} "
+                    f"l0 {row['l0']:.1f} dead {row['dead_fraction']:.3f} revived {row['revived']}")
 
 
 def _report(sae, optimizer, progress: _Progress, workers, dist, world: int, rank: int) -> None:
@@ -452,7 +453,7 @@ def _token_stream(job: JobConfig, files: list[str], root: ResultsRoot):
     return ds, ingest
 
 
-def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=print) -> TrainResult:
+def run_train_sae(job: JobConfig, root: ResultsRoot, *, log=info) -> TrainResult:
     """Train (or skip, or resume) the SAE for ``job``. (Tests break one worker through
     ``scope_ray.faults``: plan ``train-sae``.)"""
     import ray.train
@@ -550,7 +551,7 @@ def _import(job: JobConfig, root: ResultsRoot, stage: StageDir, chash: str, log)
     return TrainResult(skipped=False, steps=0, manifest=manifest)
 
 
-def _dead_window(job: JobConfig, run_tokens: int, log=print) -> int:
+def _dead_window(job: JobConfig, run_tokens: int, log=info) -> int:
     """The dead-latent window of this run (``sae.dead_after_tokens`` resolved; counted in tokens
     of the global batch), with a warning when AuxK cannot fire in it: no latent can be silent for
     longer than the run."""
@@ -562,7 +563,7 @@ def _dead_window(job: JobConfig, run_tokens: int, log=print) -> int:
     return window
 
 
-def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float, log=print) -> None:
+def _check_train_resources(job: JobConfig, workers: int, gpus_per_worker: float, log=info) -> None:
     """Ray Train would wait forever for a worker group the cluster cannot place: fail now instead."""
     import ray
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scope_ray.logs import info
 from scope_ray.pipeline import ZEROSHOT as STAGE
 from scope_ray.config import JobConfig
 from scope_ray.pipeline import PROBE_FEATURES as FEATURES_STAGE
@@ -248,7 +249,7 @@ def _score_variants(features, fm: dict, column: str, width: int, proj_DE, class_
     return tallies
 
 
-def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=print) -> ZeroShotResult:
+def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=info) -> ZeroShotResult:
     """Run (or skip, when committed with this config) the zero-shot stage for ``job``."""
     spec = job.model.spec
     if not spec.has_text_tower:

@@ -100,3 +100,19 @@ def test_ray_log_level_keeps_ray_data_and_tune_chatter_out_unless_asked(tmp_path
     assert out.returncode == 0 and "END" in out.stdout, text[-2000:]
     assert ("Execution plan of Dataset" in text) is noisy
     assert ("Configuration for experiment" in text) is noisy
+
+
+def test_max_actors_makes_an_autoscaling_pool_not_checked_against_the_present_cluster(ray_local):
+    """ray.max_actors: Ray Data's pool of 1 to N actors. A request the 2-CPU instance cannot hold
+    now is not refused (an autoscaling cluster adds nodes for it: tests/stages/test_autoscaling.py);
+    without max_actors the same request fails at once, naming the cluster's CPUs."""
+    lines: list[str] = []
+    res = actor_resources(load_config(None, ["ray.max_actors=3", "ray.cpus_per_actor=4"]).ray, log=lines.append)
+    assert (res.autoscale, res.pool_size, res.num_cpus, res.num_gpus) == (True, 3, 4.0, 0.0)
+    strategy = res.strategy()
+    assert (strategy.min_size, strategy.max_size) == (1, 3)
+    assert lines and "1 to 3 model actors" in lines[0]
+    with pytest.raises(ClusterResourceError, match="exceeds the cluster's 2 CPUs"):
+        actor_resources(load_config(None, ["ray.cpus_per_actor=4"]).ray)
+    fixed = actor_resources(load_config(None, ["ray.num_actors=1"]).ray).strategy()
+    assert (fixed.min_size, fixed.max_size) == (1, 1)
