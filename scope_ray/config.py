@@ -395,10 +395,11 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a new local instance")
     num_actors: int = Field(1, ge=1, description="model actors per stage (one per GPU on a GPU cluster)")
     max_actors: int | None = Field(
-        None, ge=1, description="autoscaling model-actor pools: each stage's pool starts at 1 actor and grows to this "
-        "many as work waits and the cluster has (or, autoscaling, adds) room; sized by Ray Data, not checked against "
-        "the cluster's present resources, so it runs on a cluster that starts with no workers. null = a fixed pool of "
-        "ray.num_actors, sized and checked at the stage's start")
+        None, ge=1, description="autoscaling model-actor pools (the Ray Data stages: extract, eval-sae, instability, cds, "
+        "probe-features; replaces ray.num_actors there): each pool starts at 1 actor and grows to this many as work "
+        "waits and the cluster has (or, autoscaling, adds) room; not checked against the nodes present, so those stages "
+        "run on a cluster that starts with no workers (train-sae and the probes still size from the nodes present). "
+        "null = a fixed pool of ray.num_actors, sized and checked at the stage's start")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float | Literal["auto"] = Field(
         "auto", description="'auto' = 1 when the cluster has GPUs, else 0; a number > 0 fails at once on a GPU-less cluster"
@@ -500,6 +501,12 @@ class JobConfig(_Section):
         # Hash resolved values: an explicit setting equal to the registry default is the same job.
         dumped["model"]["layer"] = self.model.resolved_layer
         dumped["model"]["tau"] = self.model.resolved_tau
+        # Keys added after results were committed, at their neutral value, leave those results'
+        # hashes as they were (an imported SAE without input normalisation is not re-imported,
+        # and the stages after it not redone, because the key now exists).
+        source = dumped["sae"].get("source")
+        if isinstance(source, dict) and source.get("input_normalization") is None:
+            source.pop("input_normalization", None)
         for key in exclude:
             *parents, leaf = key.split(".")
             node: Any = dumped

@@ -1,6 +1,6 @@
 """Progress lines through the standard ``logging`` module.
 
-Every stage, the demo, ``doctor``, ``browse`` and the sweep write their progress lines as INFO
+Every stage, the demo, ``doctor`` and ``browse`` write their progress lines as INFO
 records of the ``scope_ray`` logger (``info`` below is the default ``log`` of each of them). The
 line already names its stage (``[extract] ...``), so one logger is enough and the message is the
 whole line.
@@ -19,8 +19,9 @@ import re
 import sys
 
 LOGGER = "scope_ray"
-# CSI sequences (colours, cursor moves) and the C0 controls except tab and newline.
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\x00-\x08\x0b-\x1f\x7f]")
+# OSC sequences with their payload (window titles, hyperlinks), CSI sequences (colours, cursor
+# moves), other two-byte escapes, and the C0 controls except tab and newline.
+_CONTROL = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def plain(text: str) -> str:
@@ -69,5 +70,6 @@ def worker_info(message: str) -> None:
     """A progress line from inside a Ray worker (a Train worker's step lines): the worker process
     has no set-up of its own, so its stdout handler is made on first use; Ray forwards that stdout
     to the driver, which prints it once, prefixed with the worker."""
-    setup()
+    if not logging.getLogger(LOGGER).handlers:
+        setup()
     info(message)

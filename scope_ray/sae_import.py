@@ -482,16 +482,17 @@ def fold_input_normalization(sae: ImportedSAE, norm: InputNormalization,
     """The SAE on raw x, for a toolkit that fed it x' = (x − m)·s and reconstructs x' (raw = x̂'/s + m).
     (x' − b_pre) W_enc = (x − (m + b_pre/s)) (s·W_enc): every activation sees the same pre-activation,
     so codes and thresholds are unchanged; x̂'/s + m = z (W_dec/s) + (b_dec/s + m). In float64, then
-    the weights' dtype, so the fold adds one rounding per weight."""
+    the weights' dtype, so the fold adds one rounding per weight; at least float32, because b_pre now
+    carries the mean and x − b_pre in half precision would cancel where the toolkit subtracted in fp32."""
     s = float(norm.scale)
     if not (s > 0 and s < float("inf")):
         raise SAEImportError(f"input scale {norm.scale!r}: must be a finite number > 0")
     m_D, digest = _input_mean(norm, sae.d_in, endpoint_url)
-    dtype = sae.W_enc.dtype
+    dtype = torch.promote_types(sae.W_enc.dtype, torch.float32)
     W_enc_DF, b_pre_D = sae.W_enc.double() * s, m_D + sae.b_pre.double() / s
     W_dec_FD, b_dec_D = sae.W_dec.double() / s, sae.b_dec.double() / s + m_D
     prov = {**sae.provenance, "input_normalization": {"scale": s, "mean": norm.mean, "mean_sha256": digest}}
-    return ImportedSAE(W_enc_DF.to(dtype), sae.b_enc, W_dec_FD.to(dtype), b_pre_D.to(dtype), b_dec_D.to(dtype),
+    return ImportedSAE(W_enc_DF.to(dtype), sae.b_enc.to(dtype), W_dec_FD.to(dtype), b_pre_D.to(dtype), b_dec_D.to(dtype),
                        activation=sae.activation, k=sae.k,
-                       threshold=sae.threshold if sae.activation == "threshold" else None,
+                       threshold=sae.threshold.to(dtype) if sae.activation == "threshold" else None,
                        compare=sae.compare, provenance=prov)

@@ -17,23 +17,39 @@ from pathlib import Path
 
 import pytest
 
-UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc", "--net"]
+# --kill-child: when unshare dies (a timeout kills it), the namespace's first process and with it
+# every process inside (a Ray head) is killed too, rather than left running.
+UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--net"]
 PRELUDE = 'ip link set lo up && mkdir -p /tmp/ray && mount --bind "$0" /tmp/ray && exec "$@"'
 
 
+def unavailable() -> str | None:
+    """Why namespaces cannot be made here (None when they can); fails under CI, which must run
+    these checks."""
+    private = tempfile.mkdtemp(prefix="ray-ns-")
+    try:  # the whole prelude, so a missing `ip` or a refused bind mount shows here, by name
+        probe = subprocess.run([*UNSHARE, "bash", "-c", PRELUDE, private, "true"], capture_output=True, text=True,
+                               timeout=60)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    if probe.returncode == 0:
+        return None
+    reason = f"no private PID / network / mount namespace here ({probe.stderr.strip()[:300]!r})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI must run this check")
+    return reason
+
+
 def require_namespaces() -> None:
-    """Skip (fail under CI, which must run these checks) where namespaces cannot be made."""
-    probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True)
-    if probe.returncode != 0 or shutil.which("ip") is None:
-        reason = f"no private PID / network namespace here (unshare: {probe.stderr.strip()[:200]!r})"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}, and CI must run this check")
+    """Skip (fail under CI) where namespaces cannot be made."""
+    reason = unavailable()
+    if reason:
         pytest.skip(reason)
 
 
 def run_isolated(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """``command`` in its own namespaces, stdout and stderr together in ``.stdout``."""
-    require_namespaces()
+    """``command`` in its own namespaces, stdout and stderr together in ``.stdout`` (call
+    ``require_namespaces`` or ``unavailable`` first)."""
     private = tempfile.mkdtemp(prefix="ray-ns-")
     try:
         return subprocess.run([*UNSHARE, "bash", "-c", PRELUDE, private, *command], cwd=cwd, env=env,

@@ -19,8 +19,9 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     assert not out["extract"].skipped
     # `make demo` prints under 100 lines apart from progress (issue 18): the demo's own lines, with
     # room left for the few warnings Ray itself prints (the raylet's worker start-up notices).
-    print(f"\n[demo] {len(lines)} lines logged")
-    assert len(lines) <= 92, len(lines)
+    printed = sum(len(entry.split("\n")) for entry in lines)  # a table is one log call of many lines
+    print(f"\n[demo] {printed} lines logged")
+    assert printed <= 92, printed
     root = ResultsRoot(out["root"])
     stage = root.stage("demo-planted", "extract")
     rejects = stage.read_table("rejects")
@@ -83,12 +84,14 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
           f"{dep['original']:.4f}, drop local {dep['drop_local']:+.4f} vs global {dep['drop_global']:+.4f}")
     assert seg["drop_local"] > seg["drop_global"] and dep["drop_local"] > dep["drop_global"]
     _check_export(out, root, part, row)
-    _check_readme_cluster_lines(Path(out["root"]).parent, tmp_path)
+    not_run = _check_readme_cluster_lines(Path(out["root"]).parent, tmp_path)  # skipped at the end, if at all
     _check_browser(out, root, tmp_path)
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
                                           "probe_features", "probes"))
     _check_imported_sae_chain(tmp_path / "demo", out)  # last: it replaces the SAE and what reads it
+    if not_run:
+        pytest.skip(f"README's cluster lines not run: {not_run}")
 
 
 def _check_export(out: dict, root: ResultsRoot, part: dict, row: dict) -> None:
@@ -178,7 +181,7 @@ def readme_block(marker: str) -> str:
     return blocks[0]
 
 
-def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
+def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> str | None:
     """README's single-node cluster lines, run as written on a fresh home (no ~/.ray/auth_token):
     the token is made, the head comes up with token auth, doctor passes against it, `scope-ray run`
     and the Ray job (`ray job submit --working-dir .`) both succeed, `ray stop` ends it. The job is
@@ -193,9 +196,11 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     import yaml
 
     from scope_ray.demo import demo_config, prepare_data
-    from tests.namespaces import require_namespaces, run_isolated
+    from tests.namespaces import run_isolated, unavailable
 
-    require_namespaces()
+    reason = unavailable()  # under CI a failure here, not a skip
+    if reason:
+        return reason
     checkout = tmp_path / "checkout"  # what `--working-dir .` uploads: the entrypoint and the job spec
     (checkout / "jobs").mkdir(parents=True)
     shutil.copy(REPO / "jobs" / "entrypoint.py", checkout / "jobs" / "entrypoint.py")
@@ -203,7 +208,7 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     (checkout / "my-job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
     for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
-        subprocess.run(git + args, check=True, capture_output=True)
+        subprocess.run(git + args, check=True, capture_output=True, timeout=60)
     script = checkout / "readme-lines.sh"
     script.write_text(readme_block(README_CLUSTER_MARKER))
     home = tmp_path / "fresh-home"
@@ -218,6 +223,7 @@ def _check_readme_cluster_lines(workdir: Path, tmp_path: Path) -> None:
     assert "succeeded" in out and "raysubmit_" in out, out[-6000:]
     skipped = out.count("already complete")
     assert skipped >= 2 * 8, out[-6000:]  # run, then the Ray job: every stage found complete by both
+    return None
 
 
 def _check_imported_sae_chain(workdir: Path, out: dict) -> None:

@@ -52,6 +52,8 @@ def test_setup_writes_to_the_stdout_current_at_each_line(fresh_logger, monkeypat
 
 def test_plain_keeps_text_tabs_and_newlines():
     assert logs.plain("a\tb\nc\x1b[2K\x1b[1A\x07") == "a\tb\nc"
+    # A window title and a hyperlink (OSC) go with their payload; the link's text stays.
+    assert logs.plain("\x1b]0;title\x07ok \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\") == "ok link"
 
 
 def test_no_function_in_the_package_logs_with_print():

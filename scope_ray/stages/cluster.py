@@ -90,7 +90,9 @@ MIN_ACTOR_CPUS = 0.1  # below this an actor's request stops meaning anything; fa
 
 
 def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=info) -> ActorResources:
-    """What each model actor asks for; fails at once where the cluster cannot satisfy it.
+    """What each model actor asks for; for a fixed pool, fails at once where the cluster's present
+    nodes cannot hold it (``ray.max_actors``, an autoscaling pool, is not checked: see
+    ``_autoscaling_resources``).
 
     ``task_cpus``: CPUs that must stay free beside the actors so the stage's other tasks can run
     (default: one read task plus one decode task; a stage with bigger tasks passes their size).
@@ -140,16 +142,33 @@ def actor_resources(cfg: RayConfig, task_cpus: float | None = None, log=info) ->
     return ActorResources(num_cpus=actor_cpus, num_gpus=num_gpus, torch_threads=threads, pool_size=pool)
 
 
+# How long an autoscaling pool waits for its first actor before the stage fails: Ray Data's default
+# (-1) waits forever, which a request no node type can meet (too many CPUs, a GPU on a GPU-less
+# cluster) would turn into a hang. Long enough for a cloud node to boot and pull an image.
+AUTOSCALE_ACTOR_WAIT_S = 900
+
+
 def _autoscaling_resources(cfg: RayConfig, log) -> ActorResources:
     """``ray.max_actors``: a pool of 1 to max_actors actors that Ray Data grows while work waits
-    and room is free. Nothing is checked against what the cluster has now: an autoscaling cluster
-    may have no worker yet, and the actors' pending requests are what make it add one. Why this
-    does not starve the read and decode tasks that feed the pool (the fixed pool's reason for
-    keeping room): Ray Data starts another actor only within the operator's resource budget, and
-    a pending actor holds nothing. 'auto' GPUs mean none: an empty cluster shows no GPU to detect."""
-    num_gpus = 0.0 if cfg.gpus_per_actor == "auto" else float(cfg.gpus_per_actor)
+    and room is free. Nothing is checked against the nodes present: an autoscaling cluster may have
+    no worker yet, and the actors' pending requests are what make it add one. Why this does not
+    starve the read and decode tasks that feed the pool (the fixed pool's reason for keeping room):
+    Ray Data starts another actor only within the operator's resource budget, and a pending actor
+    holds nothing. 'auto' GPUs: 1 if the cluster shows a GPU now, else none (an empty cluster shows
+    none to detect: set a number there). The first actor is waited for AUTOSCALE_ACTOR_WAIT_S."""
+    import ray
+    import ray.data
+
+    if cfg.gpus_per_actor == "auto":
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+    else:
+        num_gpus = float(cfg.gpus_per_actor)
+    ctx = ray.data.DataContext.get_current()
+    if ctx.wait_for_min_actors_s < 0:
+        ctx.wait_for_min_actors_s = AUTOSCALE_ACTOR_WAIT_S
     log(f"[ray] autoscaling actor pool: 1 to {cfg.max_actors} model actors of {cfg.cpus_per_actor:g} CPUs"
-        f"{f' and {num_gpus:g} GPUs' if num_gpus else ''} each (ray.max_actors), grown by Ray Data as the cluster has room")
+        f"{f' and {num_gpus:g} GPUs' if num_gpus else ''} each (ray.max_actors), grown by Ray Data as the cluster has room"
+        + (f"; ray.cluster_share={cfg.cluster_share:g} does not apply to it" if cfg.cluster_share < 1 else ""))
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
     return ActorResources(num_cpus=cfg.cpus_per_actor, num_gpus=num_gpus, torch_threads=threads,
                           pool_size=cfg.max_actors, autoscale=True)

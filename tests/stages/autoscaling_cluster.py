@@ -4,7 +4,7 @@ Run by tests/stages/test_autoscaling.py as ``python -m tests.stages.autoscaling_
 inside PID and network namespaces of its own (``unshare``): the head runs on Ray's default ports
 and is stopped with ``ray stop --force``, which stops every Ray process it can see; inside the
 namespaces that is only this cluster, never the test session's Ray. It prints one JSON line of
-observations for the test to check.
+observations (WORKDIR/observations.json) for the test to check.
 
 The cluster is what ``ray.cluster_utils.AutoscalingCluster`` makes (whose base config file the
 Ray wheel does not ship, so the config is written here): ``ray start --head`` with an autoscaling
@@ -69,8 +69,10 @@ def _start_head(workdir: Path) -> None:
     config = workdir / "autoscaling.json"
     config.write_text(json.dumps(_autoscaling_config()))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    subprocess.run(["ray", "start", "--head", "--num-cpus=0", f"--autoscaling-config={config}",
-                    "--include-dashboard=false"], env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run(["ray", "start", "--head", "--num-cpus=0", f"--autoscaling-config={config}",
+                           "--include-dashboard=false"], env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start exited with {proc.returncode}: {proc.stderr[-3000:]}")
 
 
 def main(workdir: Path) -> dict:
@@ -125,4 +127,6 @@ def main(workdir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))))
+    # A file, not stdout: Ray's own lines at exit would follow a printed result.
+    workdir = Path(sys.argv[1])
+    (workdir / "observations.json").write_text(json.dumps(main(workdir)))

@@ -15,7 +15,6 @@ from scope_ray.data.synthetic import write_image_folder, write_synthetic
 from scope_ray.models import build_model
 from scope_ray.stages.cluster import ClusterResourceError
 from scope_ray.stages.extract import run_extract
-from scope_ray.logs import setup as setup_logging
 from scope_ray.storage import ResultsRoot
 from scope_ray.tokens import activations_of, token_schema
 from tests.secrets_scan import dir_files, find_credentials, plant, ray_logs_dir, root_objects, scan_dir, scan_root
@@ -141,7 +140,6 @@ def test_s3_results_and_s3_data_and_no_credential_stored_or_logged(ray_local, s3
     spec = {"data": {"imagenet": {"train": s3_sources["parquet"]["train"], "val": s3_sources["parquet"]["val"]}},
             "storage": {"root": f"{bucket}/results", "endpoint_url": endpoint}}
     job = load_config(spec, ["extract.batch_size=4"])
-    setup_logging()  # the stage's lines on stdout, as the command line prints them
     root = ResultsRoot(job.storage.root, endpoint)
     assert not run_extract(job, root, progress=False, log=print).skipped
     assert root.fs.exists(f"{root.path}/{job.model.name}/extract/manifest.json")
