@@ -70,9 +70,9 @@ def test_the_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
     cds = _populated(root)
     text = DOC.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4  # pandas, DuckDB, Polars, then "Progress lines" (the next test)
     namespace: dict = {}
-    for block in blocks:
+    for block in blocks[:3]:
         exec(compile(block, str(DOC), "exec"), namespace)
     out = capsys.readouterr().out
     # pandas: group sizes per model; DuckDB: the same per model and group; Polars: Table 6's rows.
@@ -85,3 +85,17 @@ def test_the_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
     assert sorted(namespace["sae_eval"]["model"].to_list()) == sorted(cds)
     assert "clip-vit-b16" in out and "median_cds" in out and "fvu_all" in out
     assert "deit3-b" not in out  # its partition is not committed
+
+
+def test_the_api_page_logging_lines_show_the_stages_lines():
+    """docs/api.md "Progress lines": its block, run as written in a fresh interpreter (it configures
+    the root logger, which this test session must not), makes a stage's line appear."""
+    import subprocess
+    import sys
+
+    block = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)[3]
+    assert "basicConfig" in block
+    code = block + "\nfrom scope_ray.logs import info\ninfo('[extract] a progress line')\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO:scope_ray:[extract] a progress line" in proc.stderr
