@@ -156,13 +156,11 @@ def _autoscaling_resources(cfg: RayConfig, log) -> ActorResources:
     Ray Data starts another actor only within the operator's resource budget, and a pending actor
     holds nothing. 'auto' GPUs: 1 if the cluster shows a GPU now, else none (an empty cluster shows
     none to detect: set a number there). The first actor is waited for AUTOSCALE_ACTOR_WAIT_S."""
-    import ray
     import ray.data
 
-    if cfg.gpus_per_actor == "auto":
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
-    else:
-        num_gpus = float(cfg.gpus_per_actor)
+    # A number is not checked against the GPUs present (role_gpus would refuse it on an empty cluster).
+    value = cfg.gpus_per_actor
+    num_gpus = role_gpus(value, "ray.gpus_per_actor") if value == "auto" else float(value)
     ctx = ray.data.DataContext.get_current()
     if ctx.wait_for_min_actors_s < 0:
         ctx.wait_for_min_actors_s = AUTOSCALE_ACTOR_WAIT_S
