@@ -221,6 +221,33 @@ def _add_browse(sub, fmt) -> None:
     _add_set(p)
 
 
+def _add_migrate(sub, fmt) -> None:
+    """`scope-ray migrate`."""
+    p = sub.add_parser("migrate", formatter_class=fmt, help="move results written before the hive layout into it",
+                       description=textwrap.dedent("""\
+        Move the tables of every committed stage under ROOT that was written before the hive layout
+        (ROOT/<model>/<stage>/<table>/) to ROOT/tables/<table>/model=<model>/stage=<stage>/
+        (docs/storage.md). Stages already there are left alone. Each stage is moved under its lease
+        and switched by rewriting its manifest, so it stays complete and readable throughout; an
+        interrupted migration is finished by running it again. Results in the old layout are read
+        without migrating too: this is for reading the root as datasets.
+
+        example:
+          scope-ray migrate s3://my-bucket/scope-ray
+        """))
+    p.add_argument("root", help="results root (local path, file:// or s3:// URI)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for s3:// roots (default: the AWS environment's)")
+
+
+def _migrate(args) -> int:
+    from scope_ray.storage import ResultsRoot, migrate_root
+
+    moved = migrate_root(ResultsRoot(args.root, args.endpoint_url))
+    print(f"migrated {len(moved)} stage(s), {sum(moved.values())} part files" if moved
+          else f"nothing to migrate: every committed stage under {args.root} is in the hive layout")
+    return 0
+
+
 def _browse(args) -> int:
     from scope_ray.browse import serve, write_browser
     from scope_ray.config import load_config
@@ -259,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_stage, _add_check, _add_sweep, _add_report, _add_doctor, _add_import_sae,
-                _add_export_sae, _add_browse, _add_models):
+                _add_export_sae, _add_browse, _add_migrate, _add_models):
         add(sub, fmt)
     return parser
 
@@ -332,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export_sae(args)
         if args.command == "browse":
             return _browse(args)
+        if args.command == "migrate":
+            return _migrate(args)
         if args.command == "check":
             from scope_ray.config import load_config, placeholders
             import yaml

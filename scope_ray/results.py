@@ -1,20 +1,24 @@
 """Committed results as one table across models: what a notebook reads (docs/api.md).
 
-A results root keeps each model's stage tables apart (``ROOT/<model>/<stage>/<table>/``, several
-part files, superseded or half-written ones beside them until the next commit; docs/storage.md).
-``read_results`` returns one Arrow table per (stage, table) over every model whose stage is
-committed, with a ``model`` column first, reading only the part files each manifest lists — never
-a partial run's files. ``committed_files`` gives the same file lists for engines that read Parquet
-themselves (DuckDB, Polars). No Ray.
+A results root keeps every table as a hive-partitioned dataset, ``ROOT/tables/<table>/model=…/stage=…/``
+(docs/storage.md): any dataframe tool reads it whole. A run still writing, or one that failed, has
+its part files in those folders too, until the stage's next commit. ``read_results`` returns one
+Arrow table per (stage, table) over every model whose stage is committed, with a ``model`` column
+first, reading only the part files each manifest lists — never a partial run's files — in either
+layout. ``committed_files`` gives the same file lists for engines that read Parquet themselves;
+``uncommitted_files`` lists the part files no manifest names (none: the folders are exactly the
+committed results). No Ray.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import posixpath
+
 import pyarrow as pa
 
-from scope_ray.storage import ResultsRoot
+from scope_ray.storage import HIVE, TABLES_DIR, ResultsRoot
 
 
 @dataclass
@@ -33,6 +37,16 @@ def _root(root: str | ResultsRoot, endpoint_url: str | None) -> ResultsRoot:
     return root if isinstance(root, ResultsRoot) else ResultsRoot(root, endpoint_url)
 
 
+def _models(r: ResultsRoot, table: str) -> list[str]:
+    """Model folders, and models with part files of ``table`` but no folder yet (a first run writing)."""
+    folder = posixpath.join(r.path, TABLES_DIR, table)
+    r.fs.invalidate_cache(folder)
+    partitions = r.fs.ls(folder, detail=False) if r.fs.exists(folder) else []
+    writing = {posixpath.basename(p.rstrip("/"))[len("model="):] for p in partitions
+               if posixpath.basename(p.rstrip("/")).startswith("model=")}
+    return sorted(set(r.models()) | writing)
+
+
 def committed_files(root: str | ResultsRoot, stage: str, table: str, *, models: list[str] | None = None,
                     endpoint_url: str | None = None) -> Listing:
     """The committed part files of ``stage/table`` for each model under ``root`` (or ``models``).
@@ -40,7 +54,7 @@ def committed_files(root: str | ResultsRoot, stage: str, table: str, *, models: 
     Local roots give local paths; ``s3://`` roots give ``s3://`` URIs."""
     r = _root(root, endpoint_url)
     out = Listing()
-    for model in models if models is not None else r.models():
+    for model in models if models is not None else _models(r, table):
         if models is None and r.fs.exists(f"{r.path}/{model}/report.md"):
             continue  # ROOT/report/ is the report (docs/report.md), not a model
         d = r.stage(model, stage)
@@ -70,3 +84,31 @@ def read_results(root: str | ResultsRoot, stage: str, table: str, *, models: lis
         why = "; ".join(f"{m}: {reason}" for m, reason in listing.skipped.items()) or "no model folders"
         raise ValueError(f"no committed {stage}/{table} under {r.uri} ({why})")
     return pa.concat_tables(parts, promote_options="default")
+
+
+def uncommitted_files(root: str | ResultsRoot, *, endpoint_url: str | None = None) -> list[str]:
+    """Part files under ``ROOT/tables/`` that no manifest lists: a run still writing, a failed one's
+    (deleted when that stage next runs), or a replaced run's while a commit deletes them. Empty
+    means a direct read of the table folders (pandas, DuckDB, Polars) is exactly the committed
+    results. Hidden names (temporary files, which those readers skip) are not listed."""
+    r = _root(root, endpoint_url)
+    tables = posixpath.join(r.path, TABLES_DIR)
+    r.fs.invalidate_cache(tables)
+    if not r.fs.exists(tables):
+        return []
+    prefix = "" if r.scheme == "file" else f"{r.scheme}://"
+    manifests: dict[tuple[str, str], dict | None] = {}
+    out = []
+    for path in r.fs.find(tables):
+        parts = path[len(tables.rstrip("/")) + 1:].split("/")
+        if posixpath.basename(path).startswith((".", "_")):
+            continue
+        if len(parts) == 4 and parts[1].startswith("model=") and parts[2].startswith("stage="):
+            table, model, stage, name = parts[0], parts[1][len("model="):], parts[2][len("stage="):], parts[3]
+            if (model, stage) not in manifests:
+                manifests[(model, stage)] = r.stage(model, stage).manifest()
+            m = manifests[(model, stage)]
+            if m is not None and m.get("table_layout") == HIVE and name in m["tables"].get(table, ()):
+                continue
+        out.append(prefix + path)
+    return sorted(out)

@@ -1,9 +1,11 @@
 """The results root and every dataset URI: one code path for local paths and ``s3://``.
 
-Layout (docs/storage.md is the reference): ``ROOT/<model>/<stage>/`` holds a stage's tables as
-Parquet part files and, written last, ``manifest.json``. A stage is complete exactly when its
+Layout (docs/storage.md is the reference): a stage's tables are Parquet part files in hive-style
+partition folders, ``ROOT/tables/<table>/model=<model>/stage=<stage>/`` (one dataset per table
+across models and stages for any dataframe tool), and its manifest sits beside the data, in
+``ROOT/<model>/<stage>/manifest.json``, written last. A stage is complete exactly when its
 manifest exists and names the config hash the caller expects; readers only read the part files
-a manifest lists, so a half-written stage is never visible.
+a manifest lists, so a half-written stage is never visible to them.
 
 Credentials come from the standard AWS chain (environment, profile, instance role) and are never
 logged or written; only the endpoint URL may come from the job config (for S3-compatible stores).
@@ -22,18 +24,24 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from scope_ray.lease import DEFAULT_LEASE_SECONDS, Lease, acquire
+from scope_ray.lease import DEFAULT_LEASE_SECONDS, Lease, StageBusy, acquire
 from scope_ray.tokens import REJECTS_SCHEMA
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# ROOT/tables/<table>/model=<model>/stage=<stage>/: every stage's tables, hive-partitioned.
+TABLES_DIR = "tables"
+# manifest["table_layout"]: where the part files it lists are. Manifests written before the hive
+# layout have no such key: their files are in ROOT/<model>/<stage>/<table>/ ("stage"), still read
+# there; `scope-ray migrate ROOT` moves them (StageDir.migrate).
+HIVE, STAGE_FOLDERS = "hive", "stage"
 # ROOT/<model>/logs/: job logs and sweep state (docs/sweep.md); not a stage, never committed.
 LOGS_DIR = "logs"
 
@@ -175,7 +183,8 @@ class StageIncomplete(RuntimeError):
 
 @dataclass
 class StageDir:
-    """``ROOT/<model>/<stage>/`` — one stage's outputs and its completion manifest.
+    """``ROOT/<model>/<stage>/`` — one stage's manifest, figures and checkpoints — and its tables'
+    partitions ``ROOT/tables/<table>/model=<model>/stage=<stage>/``.
 
     A run writes through ``writing(config_hash)``: it holds the stage's lease (one writer,
     ``scope_ray.lease``), and every file it writes is named ``<config hash>-<name>`` (``run``).
@@ -203,8 +212,21 @@ class StageDir:
     def path(self) -> str:
         return posixpath.join(self.root.path, self.model, self.stage)
 
-    def table_path(self, table: str) -> str:
-        return posixpath.join(self.path, table)
+    def table_path(self, table: str, layout: str = HIVE) -> str:
+        """The folder of ``table``'s part files: its hive partition (what every run writes), or
+        under the stage folder for a manifest committed before that layout."""
+        if layout == STAGE_FOLDERS:
+            return posixpath.join(self.path, table)
+        return posixpath.join(self.root.path, TABLES_DIR, table, f"model={self.model}", f"stage={self.stage}")
+
+    def _partitions(self) -> list[str]:
+        """This stage's partition folder in every table of the root that has one."""
+        tables = posixpath.join(self.root.path, TABLES_DIR)
+        self.root.fs.invalidate_cache(tables)
+        if not self.root.fs.exists(tables):
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in self.root.fs.ls(tables, detail=False)]
+        return [p for p in (self.table_path(t) for t in sorted(names)) if self.root.fs.exists(p)]
 
     @property
     def file_tag(self) -> str | None:
@@ -246,6 +268,8 @@ class StageDir:
                 self.root.fs.rm(mpath)
             if self.root.fs.exists(self.path):
                 self.root.fs.rm(self.path, recursive=True)
+            for partition in self._partitions():
+                self.root.fs.rm(partition, recursive=True)
 
     @contextmanager
     def writing(self, config_hash: str, *, resume: bool = False, keep: tuple[str, ...] = (),
@@ -272,17 +296,28 @@ class StageDir:
             self.run, self.keep, self._lease = None, (), None
 
     def _files(self) -> list[str]:
-        """Every file under the stage, relative to it."""
-        if not self.root.fs.exists(self.path):
-            return []
-        base = self.path.rstrip("/") + "/"
-        self.root.fs.invalidate_cache(self.path)  # others' writes are not in this client's cache
-        return sorted(p[len(base):] for p in self.root.fs.find(self.path) if p.startswith(base))
+        """Every file of the stage: under its folder, and in its tables' partitions (full paths)."""
+        out = []
+        for folder in [self.path, *self._partitions()]:
+            if self.root.fs.exists(folder):
+                self.root.fs.invalidate_cache(folder)  # others' writes are not in this client's cache
+                out += self.root.fs.find(folder)
+        return sorted(set(out))
 
-    def _remove(self, rels: list[str]) -> None:
-        for rel in rels:
+    def _own(self, path: str) -> str | None:
+        """``path`` relative to the stage folder (None for a file in a table partition)."""
+        base = self.path.rstrip("/") + "/"
+        return path[len(base):] if path.startswith(base) else None
+
+    def _kept(self, path: str) -> bool:
+        """The manifest, or a file in a sub-directory the writing run manages itself."""
+        rel = self._own(path)
+        return rel is not None and (rel == MANIFEST or rel.split("/", 1)[0] in self.keep)
+
+    def _remove(self, paths: list[str]) -> None:
+        for path in paths:
             try:
-                self.root.fs.rm(posixpath.join(self.path, rel))
+                self.root.fs.rm(path)
             except FileNotFoundError:
                 pass
 
@@ -296,12 +331,10 @@ class StageDir:
             tags.add(self.file_tag + "-")
         legacy = committed is not None and not committed.get("file_tag")
 
-        def debris(rel: str) -> bool:
-            if rel == MANIFEST and committed is not None:
+        def debris(path: str) -> bool:
+            if self._kept(path) and (self._own(path) != MANIFEST or committed is not None):
                 return False
-            if rel.split("/", 1)[0] in self.keep:
-                return False
-            name = posixpath.basename(rel)
+            name = posixpath.basename(path)
             if name.endswith(".tmp"):
                 return True
             if any(name.startswith(t) for t in tags):
@@ -309,14 +342,13 @@ class StageDir:
             # A stage committed before files were named by run: its files have plain names.
             return not (legacy and not _tagged(name))
 
-        self._remove([rel for rel in self._files() if debris(rel)])
+        self._remove([p for p in self._files() if debris(p)])
 
     def _drop_superseded(self) -> None:
         """After this run's manifest landed: delete every file of the run it replaced."""
         own = self.file_tag + "-"
-        self._remove([rel for rel in self._files()
-                      if rel != MANIFEST and rel.split("/", 1)[0] not in self.keep
-                      and (not posixpath.basename(rel).startswith(own) or rel.endswith(".tmp"))])
+        self._remove([p for p in self._files()
+                      if not self._kept(p) and (not posixpath.basename(p).startswith(own) or p.endswith(".tmp"))])
 
     def commit(self, config_hash: str, inputs: dict[str, Any], rows: dict[str, int], extra: dict[str, Any] | None = None,
                empty_schemas: dict[str, pa.Schema] | None = None) -> dict:
@@ -356,6 +388,7 @@ class StageDir:
             # Every file this run wrote is named "<file_tag>-..." (files of a stage committed
             # before runs named their files have no tag, and no such key).
             **({"file_tag": self.file_tag} if self.run else {}),
+            "table_layout": HIVE,
             "inputs": inputs,
             "rows": rows,
             "tables": tables,
@@ -364,6 +397,10 @@ class StageDir:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
+        self._write_manifest(manifest)
+        return manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
         blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
         mpath = posixpath.join(self.path, MANIFEST)
         if self.root.scheme == "file":
@@ -373,7 +410,39 @@ class StageDir:
         else:
             # An S3 PUT is atomic per object: the manifest appears whole or not at all.
             self.root.fs.pipe_file(mpath, blob)
-        return manifest
+
+    def migrate(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
+        """Move a stage committed in the stage-folder layout into the hive partitions; the number
+        of part files moved (0 when it is not committed or already there). Holding the stage's
+        lease, it copies every part file the manifest lists (same names), then rewrites the
+        manifest (the switch: before it readers read the old files, after it the new ones), then
+        deletes the old table folders. Interrupted anywhere, the stage stays readable and complete,
+        and running it again finishes the move."""
+        m = self.manifest()
+        if m is None or m.get("table_layout") == HIVE:
+            return 0
+        lease = acquire(self.root, self.model, self.stage, m["config_hash"], lease_seconds)
+        try:
+            m = self.manifest()  # again under the lease: another run may have committed meanwhile
+            if m is None or m.get("table_layout") == HIVE:
+                return 0
+            with _unreachable_names(self.root, f"migrating {self.model}/{self.stage}"):
+                moved = 0
+                for table, names in m["tables"].items():
+                    src, dst = self.table_path(table, STAGE_FOLDERS), self.table_path(table)
+                    self.root.ensure_dir(dst)
+                    for name in names:
+                        copy_file(self.root, posixpath.join(src, name), posixpath.join(dst, name))
+                        moved += 1
+                lease.check()
+                self._write_manifest({**m, "table_layout": HIVE})
+                for table in m["tables"]:
+                    old = self.table_path(table, STAGE_FOLDERS)
+                    if self.root.fs.exists(old):
+                        self.root.fs.rm(old, recursive=True)
+            return moved
+        finally:
+            lease.release()
 
     # --- tables ---------------------------------------------------------------------------
     def write_part(self, table: str, part_name: str, data: pa.Table) -> str:
@@ -403,7 +472,8 @@ class StageDir:
         if not files:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
-        return pads.dataset(files, filesystem=self.root.arrow_fs, format="parquet", schema=schema).to_table(columns=columns)
+        return pads.dataset(files, filesystem=self.root.arrow_fs, format="parquet", schema=schema,
+                            partitioning=None).to_table(columns=columns)
 
     def run_files(self, table: str) -> list[str]:
         """Full paths of the part files the writing run has written to ``table`` so far (all
@@ -421,13 +491,14 @@ class StageDir:
             raise StageIncomplete(f"stage {self.model}/{self.stage} at {self.root.uri} is not complete (no manifest)")
         if table not in m["tables"]:
             raise KeyError(f"stage {self.model}/{self.stage} has no table {table!r}; it has {sorted(m['tables'])}")
-        return [posixpath.join(self.table_path(table), f) for f in m["tables"][table]]
+        folder = self.table_path(table, m.get("table_layout", STAGE_FOLDERS))
+        return [posixpath.join(folder, f) for f in m["tables"][table]]
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         files = self.part_files(table)
         if not files:
             return pa.table({})
-        parts = [pq.read_table(f, columns=columns, filesystem=self.root.arrow_fs) for f in files]
+        parts = [read_part(f, self.root, columns) for f in files]
         return pa.concat_tables(parts, promote_options="default")
 
     def table_uris(self, table: str) -> list[str]:
@@ -452,9 +523,57 @@ def _tagged(name: str) -> bool:
 def temp_name(path: str) -> str:
     """A temporary name beside ``path``, unique per writer: a zombie task and its retry writing
     the same part at once must not share (and truncate) one temporary file. Never matches the
-    ``*.parquet`` / ``manifest.json`` / ``*.png`` names readers look for. Everything written
-    locally goes through one (parts, manifests, figures, the report), then ``os.replace``."""
-    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+    ``*.parquet`` / ``manifest.json`` / ``*.png`` names readers look for, and starts with "." so
+    that dataframe tools reading a table's folder skip it (pyarrow, pandas, Spark ignore names
+    starting with "." or "_"). Everything written locally goes through one (parts, manifests,
+    figures, the report), then ``os.replace``."""
+    head, name = posixpath.split(path)
+    return posixpath.join(head, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def copy_file(root: "ResultsRoot", src: str, dst: str) -> None:
+    """Copy within the root so that ``dst`` appears whole or not at all: locally through a
+    temporary name, on S3 as one server-side copy."""
+    if root.scheme == "file":
+        tmp = temp_name(dst)
+        try:
+            root.fs.copy(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        root.fs.copy(src, dst)
+
+
+def migrate_root(root: "ResultsRoot", log: Callable[[str], None] | None = None) -> dict[str, int]:
+    """``StageDir.migrate`` for every committed stage under ``root``: ``{"<model>/<stage>": files moved}``
+    for the stages that were in the stage-folder layout."""
+    from scope_ray.logs import info
+
+    log = log or info
+    moved = {}
+    for model in root.models():
+        folder = posixpath.join(root.path, model)
+        for sub in sorted(root.fs.ls(folder, detail=False)):
+            name = posixpath.basename(sub.rstrip("/"))
+            if name.startswith((".", "_")) or not root.fs.isdir(sub):
+                continue
+            try:
+                n = root.stage(model, name).migrate()
+            except StageBusy as exc:  # a run is writing it; if that run commits, it writes the new layout
+                log(f"[migrate] {model}/{name}: skipped, a run is writing it (run migrate again once it ends): {exc}")
+                continue
+            if n:
+                moved[f"{model}/{name}"] = n
+                log(f"[migrate] {model}/{name}: {n} part files moved to {TABLES_DIR}/<table>/model={model}/stage={name}/")
+    return moved
+
+
+def read_part(path: str, root: "ResultsRoot", columns: list[str] | None = None, **kwargs) -> pa.Table:
+    """One part file, as written: without the ``model`` / ``stage`` columns pyarrow would add from
+    the hive folder names of its path."""
+    return pq.read_table(path, columns=columns, filesystem=root.arrow_fs, partitioning=None, **kwargs)
 
 
 def write_local_atomically(path: str, blob: bytes) -> None:
@@ -553,11 +672,26 @@ class ResultsRoot:
             except (FileNotFoundError, OSError):
                 pass
 
+    def stages_with_tables(self, model: str) -> set[str]:
+        """Stages of ``model`` with a partition in any table (written to, committed or not)."""
+        tables = posixpath.join(self.path, TABLES_DIR)
+        self.fs.invalidate_cache(tables)
+        if not self.fs.exists(tables):
+            return set()
+        out = set()
+        for table in self.fs.ls(tables, detail=False):
+            folder = posixpath.join(table, f"model={model}")
+            if self.fs.exists(folder):
+                out |= {posixpath.basename(p.rstrip("/"))[len("stage="):] for p in self.fs.ls(folder, detail=False)
+                        if posixpath.basename(p.rstrip("/")).startswith("stage=")}
+        return out
+
     def models(self) -> list[str]:
+        """Folders under the root that may be models: not hidden, not the tables' tree."""
         if not self.fs.exists(self.path):
             return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)
-                      if self.fs.isdir(p) and not posixpath.basename(p.rstrip("/")).startswith("."))
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False) if self.fs.isdir(p)]
+        return sorted(n for n in names if not n.startswith(".") and n != TABLES_DIR)
 
 
 def content_hash(items: Iterable[str]) -> str:

@@ -11,11 +11,14 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
+# Every stage's ``rejects`` table has this one schema, so ROOT/tables/rejects/ reads as one dataset
+# across stages; ``task`` is the probe task for probe-features' rejects, null elsewhere.
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("split", pa.string(), nullable=False),
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=True),
     ]
 )
 
@@ -67,8 +70,8 @@ def activations_of(table: pa.Table) -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
-def rejects_table(split: str, image_ids: list[str], reasons: list[str]) -> pa.Table:
+def rejects_table(split: str, image_ids: list[str], reasons: list[str], task: str | None = None) -> pa.Table:
     """Rows of a stage's ``rejects`` table: one per image that could not be used, with why."""
-    return pa.table({"split": [split] * len(image_ids), "image_id": list(image_ids), "reason": [str(r) for r in reasons]},
-                    schema=REJECTS_SCHEMA)
+    return pa.table({"split": [split] * len(image_ids), "image_id": list(image_ids), "reason": [str(r) for r in reasons],
+                     "task": [task] * len(image_ids)}, schema=REJECTS_SCHEMA)
 

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(1500)  # every stage twice (the run, then the re-run that skips): ~6 min idle
 def test_demo_end_to_end_then_skips(ray_local, tmp_path):
     lines: list[str] = []
+    clock = _Phases()
     out = run_demo(tmp_path / "demo", log=lines.append)
+    clock("demo")
     assert not out["extract"].skipped
     # `make demo` prints under 100 lines apart from progress (issue 18): the demo's own lines, with
     # room left for the few warnings Ray itself prints (the raylet's worker start-up notices).
@@ -84,14 +86,55 @@ def test_demo_end_to_end_then_skips(ray_local, tmp_path):
           f"{dep['original']:.4f}, drop local {dep['drop_local']:+.4f} vs global {dep['drop_global']:+.4f}")
     assert seg["drop_local"] > seg["drop_global"] and dep["drop_local"] > dep["drop_global"]
     _check_export(out, root, part, row)
+    _check_tables_as_datasets(root)
+    clock("checks, export")
     not_run = _check_readme_cluster_lines(Path(out["root"]).parent, tmp_path)  # skipped at the end, if at all
+    clock("README cluster lines")
     _check_browser(out, root, tmp_path)
+    clock("browser")
     again = run_demo(tmp_path / "demo", log=lines.append)
     assert all(again[k].skipped for k in ("extract", "train", "eval", "instability", "cds", "partition",
                                           "probe_features", "probes"))
+    clock("re-run, all skipped")
     _check_imported_sae_chain(tmp_path / "demo", out)  # last: it replaces the SAE and what reads it
+    clock("imported-SAE chain")
     if not_run:
         pytest.skip(f"README's cluster lines not run: {not_run}")
+
+
+class _Phases:
+    """Prints how long each part of this (the longest) test took: where CI's minutes go."""
+
+    def __init__(self):
+        import time
+
+        self.now, self.last = time.monotonic, time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        print(f"\n[demo test] {name}: {self.now() - self.last:.0f} s")
+        self.last = self.now()
+
+
+def _check_tables_as_datasets(root: ResultsRoot) -> None:
+    """Every table of the demo's root reads as one hive-partitioned dataset, and each stage's rows
+    in it are exactly the committed ones (docs/storage.md, "One dataset per table")."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from scope_ray.results import read_results, uncommitted_files
+
+    assert uncommitted_files(root) == []
+    tables = Path(root.path) / "tables"
+    names = sorted(p.name for p in tables.iterdir())
+    assert {"train_tokens", "rejects", "cds", "features", "sae_eval", "best", "training_log"} <= set(names), names
+    for name in names:
+        direct = pads.dataset(tables / name, format="parquet", partitioning="hive").to_table()
+        assert set(direct.column("model").to_pylist()) == {"demo-planted"}, name
+        for stage in set(direct.column("stage").to_pylist()):
+            exact = read_results(root, stage, name)
+            assert direct.filter(pc.equal(direct["stage"], stage)).num_rows == exact.num_rows, (name, stage)
+    # rejects: one schema across the stages that write it (read above as one dataset).
+    assert {"stage=extract", "stage=probe-features"} <= {p.name for p in (tables / "rejects").glob("model=*/stage=*")}
 
 
 def _check_export(out: dict, root: ResultsRoot, part: dict, row: dict) -> None:

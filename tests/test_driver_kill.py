@@ -85,18 +85,26 @@ def _driver_env(ray) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
 
 
-def _snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file under ``directory``: (size, mtime in ns, SHA-256)."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns,
+def _stage_files(root, stage: str) -> list[Path]:
+    """Every file of one stage of MODEL: its folder (manifest, figures, checkpoints) and its
+    tables' partitions ROOT/tables/<table>/model=MODEL/stage=<stage>/."""
+    base = Path(root.path)
+    folders = [base / MODEL / stage, *(base / "tables").glob(f"*/model={MODEL}/stage={stage}")]
+    return sorted(p for d in folders for p in d.rglob("*") if p.is_file())
+
+
+def _snapshot(root, stage: str) -> dict[str, tuple[int, int, str]]:
+    """Every file of the stage: (size, mtime in ns, SHA-256)."""
+    return {str(p.relative_to(root.path)): (p.stat().st_size, p.stat().st_mtime_ns,
                                             hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in _stage_files(root, stage)}
 
 
 @pytest.fixture(scope="module")
 def killed(ray_local, job_file) -> dict:
     """Run the driver until instability has a tokens part file on storage, then SIGKILL it."""
-    root, stage_dir = job_file["root"], Path(job_file["root"].path) / MODEL
-    tokens_dir = stage_dir / "instability" / "tokens"
+    root = job_file["root"]
+    tokens_dir = Path(root.stage(MODEL, "instability").table_path("tokens"))
     log_path = job_file["work"] / "killed-driver.log"
     t0 = time.time()
     with open(log_path, "w") as log:
@@ -114,7 +122,7 @@ def killed(ray_local, job_file) -> dict:
     assert proc.returncode == -signal.SIGKILL
     job_id = max((j for j in _jobs() if j["DriverPid"] == proc.pid), key=lambda j: j["StartTime"])["JobID"]
     return {"seconds": time.time() - t0, "log": log_text, "job_id": job_id,
-            "extract_files": _snapshot(stage_dir / "extract"),
+            "extract_files": _snapshot(root, "extract"),
             "partial_parts": sorted(p.name for p in tokens_dir.glob("*.parquet")),
             # Reading each footer: a part file under its final name is never a truncated one.
             "partial_rows": sum(pq.read_metadata(p).num_rows for p in tokens_dir.glob("*.parquet"))}
@@ -174,16 +182,15 @@ def test_rerun_skips_the_committed_stage_and_redoes_the_killed_one_from_scratch(
     proc, out = rerun["proc"], rerun["out"]
     assert proc.returncode == 0, out
     job, root = job_file["job"], job_file["root"]
-    stage_dir = Path(root.path) / MODEL
     assert f"[extract] {MODEL}: already complete" in out
     assert f"[extract] {MODEL} layer" not in out and "[extract] committed" not in out  # no plan, no commit
     assert f"[instability] {MODEL} layer" in out and f"[instability] {MODEL}: already complete" not in out
     # The skipped stage was not touched: same files, same bytes, same modification times.
-    assert _snapshot(stage_dir / "extract") == killed["extract_files"]
+    assert _snapshot(root, "extract") == killed["extract_files"]
     # The killed stage was redone from scratch: nothing the killed attempt wrote is left.
-    inst = stage_dir / "instability"
-    assert all(p.stat().st_mtime_ns >= rerun["start_ns"] for p in inst.rglob("*") if p.is_file())
-    assert not list(inst.rglob("*.tmp"))
+    inst = _stage_files(root, "instability")
+    assert inst and all(p.stat().st_mtime_ns >= rerun["start_ns"] for p in inst)
+    assert not [p for p in inst if p.name.endswith(".tmp")]
     instability = root.stage(MODEL, "instability")
     manifest = instability.manifest()
     n_images = len(job_file["selected"])
@@ -234,14 +241,13 @@ def test_a_typo_in_a_data_path_leaves_the_committed_extraction_byte_identical(ra
     extract would be redone): the run fails naming the path, before anything committed is deleted."""
     typo = str(job_file["job"].data.imagenet.train.path).replace("train", "trian")
     assert typo != str(job_file["job"].data.imagenet.train.path)
-    stage_dir = Path(job_file["root"].path) / MODEL
-    before = _snapshot(stage_dir / "extract")
+    before = _snapshot(job_file["root"], "extract")
     proc = subprocess.run(_driver_cmd(job_file["path"])[:-2] + ["--stages", "extract", "--set",
                                                                 f"data.imagenet.train.path={typo}"],
                           env=_driver_env(ray_local), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and typo in out and "does not exist" in out, out
-    assert _snapshot(stage_dir / "extract") == before
+    assert _snapshot(job_file["root"], "extract") == before
     assert job_file["root"].stage(MODEL, "extract").is_complete(extract_hash(job_file["job"]))
 
 
@@ -253,7 +259,6 @@ def test_a_second_run_on_a_stage_being_written_is_refused_and_the_first_commits(
     from scope_ray.stages.train_sae import config_hash as train_hash
 
     root = job_file["root"]
-    stage_dir = Path(root.path) / MODEL / "train-sae"
     lease = Path(root.path) / MODEL / ".leases" / "train-sae.json"
     cmd = _driver_cmd(job_file["path"])[:-2] + ["--stages", "train-sae", "--set", "sae.batch_size=8"]
     log_path = job_file["work"] / "first-writer.log"
@@ -265,13 +270,13 @@ def test_a_second_run_on_a_stage_being_written_is_refused_and_the_first_commits(
                 time.sleep(0.05)
             assert first.poll() is None and lease.exists(), log_path.read_text()
             os.kill(first.pid, signal.SIGSTOP)
-            before = _snapshot(stage_dir)
+            before = _snapshot(root, "train-sae")
             second = subprocess.run(cmd + ["--set", "sae.lr=0.001"], env=_driver_env(ray_local),
                                     capture_output=True, text=True, timeout=240)
             out = second.stdout + second.stderr
             assert second.returncode != 0 and "is being written by another run" in out, out
             assert f"pid {first.pid}" in out and "Traceback" not in out, out
-            assert _snapshot(stage_dir) == before  # the second run deleted and wrote nothing
+            assert _snapshot(root, "train-sae") == before  # the second run deleted and wrote nothing
         finally:
             os.kill(first.pid, signal.SIGCONT)
         first.wait(timeout=300)

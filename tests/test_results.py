@@ -6,11 +6,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
-from scope_ray.results import committed_files, read_results
+from scope_ray.results import committed_files, read_results, uncommitted_files
 from scope_ray.storage import ResultsRoot
+from scope_ray.tokens import rejects_table
 from tests.report.test_compare import write_scope
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -22,14 +24,18 @@ def _eval(root: ResultsRoot, model: str, fvu: float) -> None:
     stage.commit("e", {}, {"sae_eval": 1})
 
 
-def _populated(root: ResultsRoot) -> dict[str, np.ndarray]:
+def _populated(root: ResultsRoot, in_flight: bool = True) -> dict[str, np.ndarray]:
     cds = {"clip-vit-b16": np.array([0.1, 0.2, 0.9, np.nan]), "dinov2-b": np.linspace(0, 1, 6)}
     for model, values in cds.items():
         write_scope(root, model, values, 0.5)
         _eval(root, model, {"clip-vit-b16": 0.2, "dinov2-b": 0.3}[model])
-    # A run of a third model still writing: a part file, no manifest. Never read.
-    root.stage("deit3-b", "partition").write_part("features", "part-0", pa.table({"feature": [0], "cds": [0.5]}))
+    if in_flight:  # a run of a third model still writing: a part file, no manifest
+        _in_flight(root)
     return cds
+
+
+def _in_flight(root: ResultsRoot) -> str:
+    return root.stage("deit3-b", "partition").write_part("features", "part-0", pa.table({"feature": [0], "cds": [0.5]}))
 
 
 def test_one_table_across_models_with_only_committed_parts(tmp_path):
@@ -60,19 +66,25 @@ def test_an_s3_root_reads_the_same(s3_bucket, tmp_path):
     t = read_results(f"{uri}/results", "partition", "features", endpoint_url=endpoint)
     assert t.num_rows == sum(v.size for v in cds.values())
     assert all(f.startswith(f"{uri}/results/") for f in committed_files(root, "partition", "features").all_files)
+    assert uncommitted_files(root) == [f"{uri}/results/tables/features/model=deit3-b/stage=partition/part-0.parquet"]
+
+
+def _blocks() -> tuple[list[str], str]:
+    """docs/api.md's ```python blocks: the data ones in order, and the logging one."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    logging_blocks = [b for b in blocks if "basicConfig" in b]
+    assert len(logging_blocks) == 1 and len(blocks) == 5, len(blocks)  # pandas, DuckDB, Polars, exact reads
+    return [b for b in blocks if "basicConfig" not in b], logging_blocks[0]
 
 
 def test_the_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
-    """Every ```python block of docs/api.md's pandas, DuckDB and Polars sections, in order, in one
-    namespace, against a root at the demo's path."""
+    """Every data block of docs/api.md (pandas, DuckDB and Polars on the hive folders, then the
+    exact readers), in order, in one namespace, against a root at the demo's path."""
     monkeypatch.chdir(tmp_path)
     root = ResultsRoot("scope-ray-demo/results")
-    cds = _populated(root)
-    text = DOC.read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 4  # pandas, DuckDB, Polars, then "Progress lines" (the next test)
+    cds = _populated(root, in_flight=False)
     namespace: dict = {}
-    for block in blocks[:3]:
+    for block in _blocks()[0]:
         exec(compile(block, str(DOC), "exec"), namespace)
     out = capsys.readouterr().out
     # pandas: group sizes per model; DuckDB: the same per model and group; Polars: Table 6's rows.
@@ -83,8 +95,30 @@ def test_the_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
     assert duck == sizes
     assert namespace["by_group"]["median_cds"].iloc[3] == pytest.approx(np.median(cds["dinov2-b"][cds["dinov2-b"] > 0.5]))
     assert sorted(namespace["sae_eval"]["model"].to_list()) == sorted(cds)
+    assert sorted(namespace["sae_eval"]["fvu_all"].to_list()) == [0.2, 0.3]
     assert "clip-vit-b16" in out and "median_cds" in out and "fvu_all" in out
-    assert "deit3-b" not in out  # its partition is not committed
+
+    # A run of a third model starts writing: the folders now show its rows, the exact readers do not,
+    # and uncommitted_files names its file (the page's first assert would now fail, as it says).
+    part = _in_flight(root)
+    direct = pd.read_parquet("scope-ray-demo/results/tables/features")
+    assert set(direct["model"]) == {"clip-vit-b16", "dinov2-b", "deit3-b"}
+    assert set(read_results(root.uri, "partition", "features").column("model").to_pylist()) == set(cds)
+    assert uncommitted_files(root.uri) == [part]
+
+
+def test_every_stages_rejects_read_as_one_dataset(tmp_path):
+    """One schema per table name: extract's rejects and probe-features' (with their task) are one dataset."""
+    root = ResultsRoot(str(tmp_path / "results"))
+    for stage, task in (("extract", None), ("probe-features", "depth")):
+        d = root.stage("m", stage)
+        d.write_part("rejects", "p", rejects_table("val", [f"{stage}-img"], ["corrupt"], task=task))
+        d.commit("h", {}, {"rejects": 1})
+    root.stage("m", "cds").commit("h", {}, {"rejects": 0})  # a clean stage: one empty part, same columns
+    t = pd.read_parquet(tmp_path / "results" / "tables" / "rejects")
+    assert sorted(zip(t["stage"].astype(str), t["image_id"], t["task"].fillna("-"))) == [
+        ("extract", "extract-img", "-"), ("probe-features", "probe-features-img", "depth")]
+    assert uncommitted_files(root.uri) == []
 
 
 def test_the_api_page_logging_lines_show_the_stages_lines():
@@ -93,8 +127,7 @@ def test_the_api_page_logging_lines_show_the_stages_lines():
     import subprocess
     import sys
 
-    block = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)[3]
-    assert "basicConfig" in block
+    block = _blocks()[1]
     code = block + "\nfrom scope_ray.logs import info\ninfo('[extract] a progress line')\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -50,8 +50,11 @@ def _part(lo: int, hi: int) -> pa.Table:
 
 
 def _put(bucket: str, key: str) -> bytes:
-    """The request line of the PUT that writes ``key`` (path-style, as s3fs sends to an endpoint)."""
-    return f"PUT /{bucket}/results/{key} HTTP/1.1".encode()
+    """The request line of the PUT that writes ``key`` (path-style, as s3fs sends to an endpoint;
+    the key percent-encoded as botocore does: "model=" goes as "model%3D")."""
+    from urllib.parse import quote
+
+    return f"PUT /{bucket}/results/{quote(key, safe='/~')} HTTP/1.1".encode()
 
 
 def _rows(stage, table="tokens") -> list[int]:
@@ -61,7 +64,7 @@ def _rows(stage, table="tokens") -> list[int]:
 def test_part_write_cut_part_way_is_retried_and_whole(store):
     proxy, bucket = store
     stage = _root(store).stage(MODEL, STAGE)
-    rule = proxy.cut(_put(bucket, f"{MODEL}/{STAGE}/tokens/p0.parquet"), after_body_bytes=1024, times=2)
+    rule = proxy.cut(_put(bucket, f"tables/tokens/model={MODEL}/stage={STAGE}/p0.parquet"), after_body_bytes=1024, times=2)
     stage.write_part("tokens", "p0", _part(0, 1000))
     assert rule.hits == 2  # two uploads were cut after 1 kB; the third went through
     stage.write_part("tokens", "p1", _part(1000, 1500))
@@ -75,7 +78,7 @@ def test_part_write_lasting_failure_is_clear_leaves_no_part_and_a_rerun_is_exact
     stage = root.stage(MODEL, STAGE)
     stage.write_part("tokens", "p0", _part(0, 1000))
     # Every upload of p1 is cut part-way: the write fails, naming the root and the part.
-    rule = proxy.cut(_put(bucket, f"{MODEL}/{STAGE}/tokens/p1.parquet"), after_body_bytes=1024, times=10**6)
+    rule = proxy.cut(_put(bucket, f"tables/tokens/model={MODEL}/stage={STAGE}/p1.parquet"), after_body_bytes=1024, times=10**6)
     with pytest.raises(StorageUnreachable, match=rf"results root {root.uri}: writing .*tokens/p1\.parquet failed"):
         stage.write_part("tokens", "p1", _part(1000, 2000))
     assert rule.hits >= 2  # retried before giving up
@@ -152,7 +155,7 @@ def test_a_committed_table_is_never_read_half_rewritten(store, few_attempts):
     stage = root.stage(MODEL, STAGE)
     stage.write_part("tokens", "p0", _part(0, 1000))
     stage.commit("h", {}, {"tokens": 1000})
-    proxy.cut(_put(bucket, f"{MODEL}/{STAGE}/tokens/p0.parquet"), after_body_bytes=2048, times=10**6)
+    proxy.cut(_put(bucket, f"tables/tokens/model={MODEL}/stage={STAGE}/p0.parquet"), after_body_bytes=2048, times=10**6)
     with pytest.raises(StorageUnreachable):
         stage.write_part("tokens", "p0", _part(5000, 7000))
     proxy.clear()

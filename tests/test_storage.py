@@ -57,7 +57,7 @@ def test_a_table_with_no_rows_is_stored_with_its_columns(root):
     rejects = stage.read_table("rejects")
     assert rejects.num_rows == 0 and rejects.schema == REJECTS_SCHEMA
     assert stage.read_table("notes").schema == other
-    files = [root.path + "/m/extract/rejects/empty.parquet"]
+    files = [root.path + "/tables/rejects/model=m/stage=extract/empty.parquet"]
     frame = pads.dataset(files, filesystem=root.arrow_fs, format="parquet").to_table().to_pandas()
     assert list(frame.columns) == REJECTS_SCHEMA.names and frame.empty
 
@@ -90,7 +90,7 @@ def test_a_part_cut_off_mid_write_is_never_listed(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="killed part-way"):
         stage.write_part("t", "b", pa.table({"x": [3]}))
     monkeypatch.undo()
-    table_dir = tmp_path / "m" / "s" / "t"
+    table_dir = tmp_path / "tables" / "t" / "model=m" / "stage=s"
     assert sorted(p.name for p in table_dir.iterdir()) == ["a.parquet"]  # no b.parquet, no temp file left
     assert stage.written_table("t", pa.schema([("x", pa.int64())])).column("x").to_pylist() == [1, 2]
     assert stage.commit("h", {}, {"t": 2})["tables"]["t"] == ["a.parquet"]
@@ -111,7 +111,8 @@ def test_reset_removes_everything(root):
     stage.write_part("t", "a", pa.table({"x": [1]}))
     stage.commit("h", {}, {"t": 1})
     stage.reset()
-    assert stage.manifest() is None and not root.fs.exists(stage.path)
+    assert stage.manifest() is None and not root.fs.exists(stage.path) and _snapshot(root, stage) == {}
+    assert not root.fs.exists(stage.table_path("t"))
 
 
 def test_check_writable(root, tmp_path):
@@ -146,8 +147,12 @@ def test_unwritable_s3_bucket_fails_early(s3_server):
 
 # --- replacing a committed stage (StageDir.writing) -------------------------------------------
 def _snapshot(root, stage) -> dict[str, bytes]:
-    base = stage.path.rstrip("/") + "/"
-    return {p[len(base):]: root.fs.cat_file(p) for p in root.fs.find(stage.path)}
+    """Every file of the stage, by its path under the root: its folder and its tables' partitions."""
+    base = root.path.rstrip("/") + "/"
+    root.fs.invalidate_cache()
+    files = [p for p in root.fs.find(root.path) if p.startswith(stage.path.rstrip("/") + "/")
+             or f"/model={stage.model}/stage={stage.stage}/" in p]
+    return {p[len(base):]: root.fs.cat_file(p) for p in files}
 
 
 def _commit_run(stage, chash: str, values: list[int]) -> None:
@@ -173,7 +178,7 @@ def test_a_run_that_fails_leaves_the_committed_stage_byte_identical(root, tmp_pa
     # The next run clears the failed attempt's files and, once its manifest lands, the old run's.
     _commit_run(stage, "c" * 16, [3])
     assert stage.read_table("t").column("x").to_pylist() == [3]
-    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{file_tag('c' * 16)}-a.parquet"]
+    assert sorted(_snapshot(root, stage)) == ["m/s/manifest.json", f"tables/t/model=m/stage=s/{file_tag('c' * 16)}-a.parquet"]
     assert root.fs.exists(stage.path) and not root.fs.exists(lease_file(root))
 
 
@@ -208,7 +213,7 @@ def test_a_stage_committed_before_runs_named_their_files_is_kept_until_replaced(
             raise RuntimeError("failed")
     assert stage.read_table("t").column("x").to_pylist() == [7]
     _commit_run(stage, "b" * 16, [8])
-    assert sorted(_snapshot(root, stage)) == ["manifest.json", f"t/{file_tag('b' * 16)}-a.parquet"]
+    assert sorted(_snapshot(root, stage)) == ["m/s/manifest.json", f"tables/t/model=m/stage=s/{file_tag('b' * 16)}-a.parquet"]
 
 
 def test_a_second_run_on_the_same_stage_is_refused_and_deletes_nothing(root):
@@ -321,3 +326,112 @@ def test_a_run_of_a_config_committed_meanwhile_stops_and_overwrites_nothing(root
         with stage.writing("a" * 16):
             stage.write_part("t", "a", pa.table({"x": [9]}))
     assert _snapshot(root, stage) == before
+
+
+def _old_layout_stage(root, model: str, stage: str, tables: dict[str, list[int]], tag: str | None = "0123456789ab"):
+    """A stage committed before the hive layout, as that code wrote it: part files in
+    ROOT/<model>/<stage>/<table>/ and a manifest without "table_layout"."""
+    import json
+    import posixpath
+
+    from scope_ray.storage import write_parquet
+
+    d = root.stage(model, stage)
+    listed = {}
+    for table, values in tables.items():
+        name = f"{tag}-part-0.parquet" if tag else "part-0.parquet"
+        folder = posixpath.join(d.path, table)
+        root.ensure_dir(folder)
+        write_parquet(pa.table({"x": values}), posixpath.join(folder, name), root)
+        listed[table] = [name]
+    manifest = {"manifest_version": 1, "model": model, "stage": stage, "config_hash": "old" * 4,
+                **({"file_tag": tag} if tag else {}), "inputs": {}, "rows": {t: len(v) for t, v in tables.items()},
+                "tables": listed}
+    root.ensure_dir(d.path)
+    root.fs.pipe_file(posixpath.join(d.path, "manifest.json"), json.dumps(manifest).encode())
+    return d
+
+
+def test_a_stage_in_the_old_layout_reads_migrates_and_is_replaced(root):
+    from scope_ray.results import uncommitted_files
+    from scope_ray.storage import migrate_root
+
+    old = _old_layout_stage(root, "m", "s", {"t": [1, 2], "u": [3]})
+    plain = _old_layout_stage(root, "m", "q", {"t": [4]}, tag=None)
+    assert old.read_table("t").column("x").to_pylist() == [1, 2]  # read where it was written
+    assert old.part_files("t")[0].startswith(old.path + "/t/")
+    before = old.manifest()
+    assert migrate_root(root) == {"m/q": 1, "m/s": 2}
+    assert old.read_table("t").column("x").to_pylist() == [1, 2] and old.read_table("u").num_rows == 1
+    assert plain.read_table("t").column("x").to_pylist() == [4]
+    after = old.manifest()
+    assert after == {**before, "table_layout": "hive"}  # the same manifest, switched
+    assert old.part_files("t") == [old.table_path("t") + "/0123456789ab-part-0.parquet"]
+    root.fs.invalidate_cache()
+    assert not root.fs.exists(old.path + "/t") and not root.fs.exists(old.path + "/u")
+    assert uncommitted_files(root) == [] and migrate_root(root) == {}  # done, and idempotent
+    # A new run of the stage replaces it as any committed stage: the migrated files go after its commit.
+    _commit_run(old, "c" * 16, [5])
+    assert sorted(_snapshot(root, old)) == ["m/s/manifest.json", f"tables/t/model=m/stage=s/{file_tag('c' * 16)}-a.parquet"]
+
+
+def test_a_migration_cut_off_before_its_switch_leaves_the_stage_complete_and_finishes_on_rerun(root, monkeypatch):
+    from scope_ray.storage import StageDir, migrate_root
+
+    old = _old_layout_stage(root, "m", "s", {"t": [1, 2]})
+    before = old.manifest()
+
+    def cut(self, manifest):
+        raise ConnectionError("the store went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(StageDir, "_write_manifest", cut)
+        with pytest.raises(ConnectionError):
+            migrate_root(root)
+    # Copied but not switched: the old manifest, its files, the stage complete; no lease left.
+    assert old.manifest() == before and old.read_table("t").column("x").to_pylist() == [1, 2]
+    assert not root.fs.exists(lease_file(root))
+    # A run of the old config that failed meanwhile clears nothing the migration needs.
+    assert migrate_root(root) == {"m/s": 1}
+    assert old.manifest()["table_layout"] == "hive" and old.read_table("t").column("x").to_pylist() == [1, 2]
+
+
+def test_a_new_run_over_an_old_layout_stage_keeps_it_until_its_commit(root):
+    old = _old_layout_stage(root, "m", "s", {"t": [1, 2]})
+    with pytest.raises(RuntimeError):
+        with old.writing("b" * 16):
+            old.write_part("t", "a", pa.table({"x": [9]}))
+            raise RuntimeError("a typo in a data path")
+    assert old.read_table("t").column("x").to_pylist() == [1, 2]
+    _commit_run(old, "c" * 16, [5])
+    assert old.read_table("t").column("x").to_pylist() == [5]
+    assert sorted(_snapshot(root, old)) == ["m/s/manifest.json", f"tables/t/model=m/stage=s/{file_tag('c' * 16)}-a.parquet"]
+
+
+def test_the_migrate_command(tmp_path, capsys):
+    from scope_ray.cli import main
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    _old_layout_stage(root, "m", "s", {"t": [1]})
+    assert main(["migrate", root.uri]) == 0
+    assert "m/s: 1 part files moved" in capsys.readouterr().out
+    assert main(["migrate", root.uri]) == 0
+    assert "nothing to migrate" in capsys.readouterr().out
+    assert root.models() == ["m"]  # the tables' tree is not a model
+
+
+def test_migrate_skips_a_stage_a_run_is_writing_and_moves_it_later(tmp_path):
+    from scope_ray.lease import acquire
+    from scope_ray.storage import migrate_root
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    old = _old_layout_stage(root, "m", "s", {"t": [1]})
+    lines: list[str] = []
+    lease = acquire(root, "m", "s", "x" * 16)  # a run of another config is writing the stage
+    try:
+        assert migrate_root(root, log=lines.append) == {}
+    finally:
+        lease.release()
+    assert len(lines) == 1 and "m/s: skipped, a run is writing it" in lines[0], lines
+    assert "table_layout" not in old.manifest() and old.read_table("t").num_rows == 1
+    assert migrate_root(root) == {"m/s": 1}

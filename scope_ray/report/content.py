@@ -92,6 +92,10 @@ def collect(root: ResultsRoot) -> list[ModelRun]:
                 continue
             else:
                 run.manifests[name] = root.stage(model, name).manifest()
+        # A stage that wrote part files but no manifest yet (running, or killed) has no folder of its
+        # own: its partitions in ROOT/tables/ say it was started.
+        for name in sorted(root.stages_with_tables(model) - set(run.manifests)):
+            run.manifests[name] = root.stage(model, name).manifest()
         runs.append(run)
     if not runs:
         raise ValueError(f"no results under {root.uri}: expected ROOT/<model>/<stage>/ folders (docs/storage.md)")

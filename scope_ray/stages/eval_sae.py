@@ -108,7 +108,8 @@ def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=info) -> EvalResult:
     with stage.writing(chash, lease_seconds=job.storage.lease_seconds):
         tau, tau_source = resolve_tau(job, root)
         res = actor_resources(job.ray)
-        ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus).select_columns(["activation", "norm"])
+        ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
+                                   partitioning=None).select_columns(["activation", "norm"])
         ds = ds.map_batches(
             SAEEvaluator, fn_constructor_kwargs=dict(job=job, root=root, tau=tau, torch_threads=res.torch_threads),
             compute=res.strategy(), num_cpus=res.num_cpus, num_gpus=res.num_gpus,

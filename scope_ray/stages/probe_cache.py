@@ -133,7 +133,8 @@ def load_split(cache: FeatureCache, task: str, split: str, variant: str, num_cla
     where = f"{cache.stage.uri}/{table_name}"
     files = cache.stage.part_files(table_name)
     cols = ["image_id", *COLUMNS[task]]
-    table = pq.read_table(files, columns=cols, filesystem=cache.stage.root.arrow_fs,
+    # partitioning=None: the part files' hive folders (model=, stage=) are not columns here.
+    table = pq.read_table(files, columns=cols, filesystem=cache.stage.root.arrow_fs, partitioning=None,
                           filters=[("variant", "=", variant)]) if files else None
     if table is None or table.num_rows == 0:
         raise ValueError(f"{where}: no rows for variant {variant!r}")

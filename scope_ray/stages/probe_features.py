@@ -37,7 +37,7 @@ import pyarrow as pa
 from scope_ray.config import JobConfig, SourceConfig
 from scope_ray.logs import info
 from scope_ray.storage import ResultsRoot, StageDir, content_hash
-from scope_ray.tokens import REJECTS_SCHEMA
+from scope_ray.tokens import REJECTS_SCHEMA, rejects_table
 from scope_ray.pipeline import PARTITION
 from scope_ray.pipeline import PROBE_FEATURES as STAGE
 # RANDOM_POOL: where the random control group is drawn from (load_groups); recorded and hashed.
@@ -52,7 +52,7 @@ from scope_ray.stages.common import load_sae
 TASKS: dict[Task, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
 SPLITS = ("train", "val")
 # The extraction's rejects columns plus the task: the three datasets may share image ids.
-REJECTS = pa.schema([*REJECTS_SCHEMA, pa.field("task", pa.string(), nullable=False)])
+REJECTS = REJECTS_SCHEMA  # every stage's rejects share one schema; here ``task`` is set
 
 
 def table_name(task: str, split: str) -> str:
@@ -159,9 +159,8 @@ class ProbeFeatureWriter:
             clip = {v: None if e is None else e[finite_B] for v, e in clip.items()}
         if (~ok).any():
             bad = np.flatnonzero(~ok)
-            self.stage.write_part("rejects", part, pa.table(
-                {"split": [self.split] * bad.size, "image_id": [ids[i] for i in bad], "reason": [reasons[i] for i in bad],
-                 "task": [self.task] * bad.size}, schema=REJECTS))
+            self.stage.write_part("rejects", part, rejects_table(self.split, [ids[i] for i in bad],
+                                                                 [reasons[i] for i in bad], task=self.task))
         out["rejected"][0] = int((~ok).sum())
         if not ok.any():
             return out
@@ -441,7 +440,7 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                    else "patch-token mean (the model has no class token)",
                    "seconds": round(result.seconds, 3),
                    "nodes": {t: c.nodes for t, c in result.counts.items()}},
-            empty_schemas={"rejects": REJECTS},  # its rejects carry the task: an empty table keeps that column
+            empty_schemas={"rejects": REJECTS},
         )
         # One line for every table (images in / rejected / rows) and the reject reasons.
         reasons = "; rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items()))

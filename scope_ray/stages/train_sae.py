@@ -439,7 +439,7 @@ def _token_stream(job: JobConfig, files: list[str], root: ResultsRoot):
 
     # File-order shuffle plus each worker's local shuffle buffer: a shuffle that streams.
     # (randomize_block_order would be all-to-all: every token block in the object store first.)
-    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus,
+    ds = ray.data.read_parquet(files, filesystem=root.arrow_fs, num_cpus=job.ray.read_cpus, partitioning=None,
                                shuffle=FileShuffleConfig(seed=job.seed)).select_columns(["activation"])
     ds = ds.map_batches(_to_matrix, batch_format="pyarrow", num_cpus=job.ray.read_cpus)
     # Same seed, same batches: a re-run (or a resume that replays an epoch's order) must see the

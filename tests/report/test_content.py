@@ -96,7 +96,7 @@ def populate(root: ResultsRoot, tmp: Path) -> None:
     # file" is not Parquet at all (reading it would fail), and a model-level figure.
     write_eval(root, "demo-vit-tiny", 0.2468)
     write_instability(root, "demo-vit-tiny", tmp, commit=False)
-    bad = Path(root.path) / "demo-vit-tiny" / "instability" / "summary" / "part-1.parquet"
+    bad = Path(root.stage("demo-vit-tiny", "instability").table_path("summary")) / "part-1.parquet"
     bad.write_bytes(b"not parquet")
     (Path(root.path) / "demo-vit-tiny" / "figures").mkdir()
     (Path(root.path) / "demo-vit-tiny" / "figures" / "token_norms.png").write_bytes(
@@ -311,7 +311,7 @@ def test_an_s3_root_is_read_and_the_report_uploaded_next_to_it(s3_bucket, tmp_pa
 def test_a_committed_table_that_cannot_be_read_is_reported_not_fatal(tmp_path):
     root = ResultsRoot(str(tmp_path / "results"))
     write_eval(root, "deit3-s", 0.2)
-    (Path(root.path) / "deit3-s" / "eval-sae" / "sae_eval" / "part-0.parquet").write_bytes(b"truncated")
+    (Path(root.stage("deit3-s", "eval-sae").table_path("sae_eval")) / "part-0.parquet").write_bytes(b"truncated")
     md = Path(write_report(root.uri).markdown).read_text()
     rows = _rows(_section(md, "## SAE reconstruction"), "deit3-s")
     assert rows[0][1].startswith("unreadable: ") and rows[1][1] == "paper (supp. Table 6)"
@@ -326,7 +326,8 @@ def test_sweep_logs_are_not_a_stage_and_an_unreadable_probe_table_costs_only_its
     logs.mkdir()
     (logs / "sweep-state.json").write_text("{}")
     write_probe(root, "clip-vit-b16", {"classification": ALL_VARIANTS})
-    probe_parts = sorted((Path(root.path) / "clip-vit-b16" / "probe").rglob("*.parquet"))
+    probe_parts = sorted(p for p in (Path(root.path) / "tables").rglob("*.parquet")
+                         if "/model=clip-vit-b16/stage=probe/" in str(p))
     assert probe_parts
     for part in probe_parts:
         part.write_bytes(b"truncated")
