@@ -242,9 +242,13 @@ def _add_migrate(sub, fmt) -> None:
 def _migrate(args) -> int:
     from scope_ray.storage import ResultsRoot, migrate_root
 
-    moved = migrate_root(ResultsRoot(args.root, args.endpoint_url))
-    print(f"migrated {len(moved)} stage(s), {sum(moved.values())} part files" if moved
-          else f"nothing to migrate: every committed stage under {args.root} is in the hive layout")
+    done = migrate_root(ResultsRoot(args.root, args.endpoint_url))
+    print(f"migrated {len(done.moved)} stage(s), {sum(done.moved.values())} part files" if done.moved
+          else "nothing moved")
+    if done.busy:
+        print(f"scope-ray: {len(done.busy)} stage(s) not migrated, a run is writing them: {', '.join(done.busy)}; "
+              "run `scope-ray migrate` again once they end", file=sys.stderr)
+        return 1
     return 0
 
 

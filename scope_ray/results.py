@@ -6,8 +6,9 @@ its part files in those folders too, until the stage's next commit. ``read_resul
 Arrow table per (stage, table) over every model whose stage is committed, with a ``model`` column
 first, reading only the part files each manifest lists — never a partial run's files — in either
 layout. ``committed_files`` gives the same file lists for engines that read Parquet themselves;
-``uncommitted_files`` lists the part files no manifest names (none: the folders are exactly the
-committed results). No Ray.
+``uncommitted_files`` lists the part files no manifest names and ``stages_in_old_layout`` the
+committed stages not in those folders yet (both empty: the folders are exactly the committed
+results). No Ray.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def read_results(root: str | ResultsRoot, stage: str, table: str, *, models: lis
     parts = []
     for model in listing.files:
         t = r.stage(model, stage).read_table(table, columns=columns)
+        if "model" in t.column_names:  # a part written before the hive layout kept its own model column
+            t = t.drop_columns(["model"])
         parts.append(t.add_column(0, "model", pa.array([model] * t.num_rows, pa.string())))
     if not parts:
         why = "; ".join(f"{m}: {reason}" for m, reason in listing.skipped.items()) or "no model folders"
@@ -112,3 +115,21 @@ def uncommitted_files(root: str | ResultsRoot, *, endpoint_url: str | None = Non
                 continue
         out.append(prefix + path)
     return sorted(out)
+
+
+def stages_in_old_layout(root: str | ResultsRoot, *, endpoint_url: str | None = None) -> list[str]:
+    """Committed stages (``<model>/<stage>``) whose tables are still where results written before
+    the hive layout kept them, ``ROOT/<model>/<stage>/<table>/``: read by ``read_results``, absent
+    from ``ROOT/tables/`` until ``scope-ray migrate ROOT``."""
+    r = _root(root, endpoint_url)
+    out = []
+    for model in r.models():
+        folder = posixpath.join(r.path, model)
+        for sub in sorted(r.fs.ls(folder, detail=False)):
+            name = posixpath.basename(sub.rstrip("/"))
+            if name.startswith((".", "_")) or not r.fs.isdir(sub):
+                continue
+            m = r.stage(model, name).manifest()
+            if m is not None and m.get("table_layout") != HIVE:
+                out.append(f"{model}/{name}")
+    return out

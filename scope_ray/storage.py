@@ -42,6 +42,7 @@ TABLES_DIR = "tables"
 # layout have no such key: their files are in ROOT/<model>/<stage>/<table>/ ("stage"), still read
 # there; `scope-ray migrate ROOT` moves them (StageDir.migrate).
 HIVE, STAGE_FOLDERS = "hive", "stage"
+PARTITION_KEYS = ("model", "stage")  # the hive partition columns: no stored table has them
 # ROOT/<model>/logs/: job logs and sweep state (docs/sweep.md); not a stage, never committed.
 LOGS_DIR = "logs"
 
@@ -219,6 +220,10 @@ class StageDir:
             return posixpath.join(self.path, table)
         return posixpath.join(self.root.path, TABLES_DIR, table, f"model={self.model}", f"stage={self.stage}")
 
+    def table_uri(self, table: str) -> str:
+        """Where new part files of ``table`` go, as a URI (for messages)."""
+        return join_uri(self.root.uri, TABLES_DIR, table, f"model={self.model}", f"stage={self.stage}")
+
     def _partitions(self) -> list[str]:
         """This stage's partition folder in every table of the root that has one."""
         tables = posixpath.join(self.root.path, TABLES_DIR)
@@ -226,7 +231,14 @@ class StageDir:
         if not self.root.fs.exists(tables):
             return []
         names = [posixpath.basename(p.rstrip("/")) for p in self.root.fs.ls(tables, detail=False)]
-        return [p for p in (self.table_path(t) for t in sorted(names)) if self.root.fs.exists(p)]
+        out = []
+        for p in (self.table_path(t) for t in sorted(names)):
+            # s3fs answers exists() from a cached listing of the parent: another client's files
+            # (a failed run's debris) must not be missed.
+            self.root.fs.invalidate_cache(p)
+            if self.root.fs.exists(p):
+                out.append(p)
+        return out
 
     @property
     def file_tag(self) -> str | None:
@@ -299,8 +311,8 @@ class StageDir:
         """Every file of the stage: under its folder, and in its tables' partitions (full paths)."""
         out = []
         for folder in [self.path, *self._partitions()]:
+            self.root.fs.invalidate_cache(folder)  # others' writes are not in this client's cache
             if self.root.fs.exists(folder):
-                self.root.fs.invalidate_cache(folder)  # others' writes are not in this client's cache
                 out += self.root.fs.find(folder)
         return sorted(set(out))
 
@@ -414,39 +426,55 @@ class StageDir:
     def migrate(self, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
         """Move a stage committed in the stage-folder layout into the hive partitions; the number
         of part files moved (0 when it is not committed or already there). Holding the stage's
-        lease, it copies every part file the manifest lists (same names), then rewrites the
-        manifest (the switch: before it readers read the old files, after it the new ones), then
-        deletes the old table folders. Interrupted anywhere, the stage stays readable and complete,
-        and running it again finishes the move."""
+        lease, it writes every part file the manifest lists to its partition (same names), then
+        rewrites the manifest (the switch: before it readers read the old files, after it the new
+        ones), then deletes the old table folders. Interrupted anywhere, the stage stays readable
+        and complete, and running it again finishes the move (a switched stage's old folders
+        included). Raises ``lease.StageBusy`` when a run is writing the stage."""
         m = self.manifest()
-        if m is None or m.get("table_layout") == HIVE:
+        if m is None or (m.get("table_layout") == HIVE and not self._old_folders(m)):
             return 0
         lease = acquire(self.root, self.model, self.stage, m["config_hash"], lease_seconds)
         try:
             m = self.manifest()  # again under the lease: another run may have committed meanwhile
-            if m is None or m.get("table_layout") == HIVE:
+            if m is None:
                 return 0
+            moved = 0
             with _unreachable_names(self.root, f"migrating {self.model}/{self.stage}"):
-                moved = 0
-                for table, names in m["tables"].items():
-                    src, dst = self.table_path(table, STAGE_FOLDERS), self.table_path(table)
-                    self.root.ensure_dir(dst)
-                    for name in names:
-                        copy_file(self.root, posixpath.join(src, name), posixpath.join(dst, name))
-                        moved += 1
-                lease.check()
-                self._write_manifest({**m, "table_layout": HIVE})
-                for table in m["tables"]:
-                    old = self.table_path(table, STAGE_FOLDERS)
-                    if self.root.fs.exists(old):
-                        self.root.fs.rm(old, recursive=True)
+                if m.get("table_layout") != HIVE:
+                    for table, names in m["tables"].items():
+                        src, dst = self.table_path(table, STAGE_FOLDERS), self.table_path(table)
+                        self.root.ensure_dir(dst)
+                        for name in names:
+                            _migrate_part(self.root, table, posixpath.join(src, name), posixpath.join(dst, name))
+                            moved += 1
+                    lease.check()
+                    self._write_manifest({**m, "table_layout": HIVE})
+                for old in self._old_folders(m):
+                    self.root.fs.rm(old, recursive=True)
             return moved
         finally:
             lease.release()
 
+    def _old_folders(self, manifest: dict) -> list[str]:
+        """The stage-folder layout's table folders of ``manifest``'s tables that exist."""
+        out = []
+        for table in manifest["tables"]:
+            old = self.table_path(table, STAGE_FOLDERS)
+            self.root.fs.invalidate_cache(old)
+            if self.root.fs.exists(old):
+                out.append(old)
+        return out
+
     # --- tables ---------------------------------------------------------------------------
     def write_part(self, table: str, part_name: str, data: pa.Table) -> str:
-        """Write one part file; a retried task writing the same part name overwrites, never duplicates."""
+        """Write one part file; a retried task writing the same part name overwrites, never duplicates.
+        ``data`` must not have a ``model`` or ``stage`` column: the partition folders are those
+        columns for every reader of ``ROOT/tables/``, which would fail on a duplicate."""
+        clash = [c for c in PARTITION_KEYS if c in data.column_names]
+        if clash:
+            raise ValueError(f"{self.model}/{self.stage}/{table}: a stored table cannot have the column(s) {clash} "
+                             "(its partition folders model=/stage= are those columns)")
         tdir = self.table_path(table)
         self.root.ensure_dir(tdir)
         fpath = posixpath.join(tdir, f"{self.run_name(part_name)}.parquet")
@@ -546,13 +574,37 @@ def copy_file(root: "ResultsRoot", src: str, dst: str) -> None:
         root.fs.copy(src, dst)
 
 
-def migrate_root(root: "ResultsRoot", log: Callable[[str], None] | None = None) -> dict[str, int]:
-    """``StageDir.migrate`` for every committed stage under ``root``: ``{"<model>/<stage>": files moved}``
-    for the stages that were in the stage-folder layout."""
+def _migrate_part(root: "ResultsRoot", table: str, src: str, dst: str) -> None:
+    """One old-layout part file to its partition: copied as it is, or — when it has a ``model`` /
+    ``stage`` column (the folders are those now) or is a ``rejects`` part without ``task`` —
+    rewritten with the columns every new part of that table has."""
+    with root.fs.open(src, "rb") as f:
+        names = pq.read_schema(f).names
+    if not any(c in names for c in PARTITION_KEYS) and not (table == "rejects" and "task" not in names):
+        copy_file(root, src, dst)
+        return
+    data = read_part(src, root)
+    data = data.drop_columns([c for c in PARTITION_KEYS if c in data.column_names])
+    if table == "rejects" and "task" not in data.column_names:
+        data = data.append_column(pa.field("task", pa.string()), pa.nulls(data.num_rows, pa.string()))
+    write_parquet(data, dst, root)
+
+
+@dataclass
+class Migration:
+    """What ``migrate_root`` did: part files moved per ``<model>/<stage>``, and stages left as
+    they were because a run was writing them (with the holder)."""
+
+    moved: dict[str, int] = field(default_factory=dict)
+    busy: dict[str, str] = field(default_factory=dict)
+
+
+def migrate_root(root: "ResultsRoot", log: Callable[[str], None] | None = None) -> Migration:
+    """``StageDir.migrate`` for every committed stage under ``root``."""
     from scope_ray.logs import info
 
     log = log or info
-    moved = {}
+    out = Migration()
     for model in root.models():
         folder = posixpath.join(root.path, model)
         for sub in sorted(root.fs.ls(folder, detail=False)):
@@ -562,12 +614,13 @@ def migrate_root(root: "ResultsRoot", log: Callable[[str], None] | None = None) 
             try:
                 n = root.stage(model, name).migrate()
             except StageBusy as exc:  # a run is writing it; if that run commits, it writes the new layout
-                log(f"[migrate] {model}/{name}: skipped, a run is writing it (run migrate again once it ends): {exc}")
+                out.busy[f"{model}/{name}"] = str(exc)
+                log(f"[migrate] {model}/{name}: not moved, a run is writing it (run migrate again once it ends): {exc}")
                 continue
             if n:
-                moved[f"{model}/{name}"] = n
+                out.moved[f"{model}/{name}"] = n
                 log(f"[migrate] {model}/{name}: {n} part files moved to {TABLES_DIR}/<table>/model={model}/stage={name}/")
-    return moved
+    return out
 
 
 def read_part(path: str, root: "ResultsRoot", columns: list[str] | None = None, **kwargs) -> pa.Table:
@@ -681,6 +734,7 @@ class ResultsRoot:
         out = set()
         for table in self.fs.ls(tables, detail=False):
             folder = posixpath.join(table, f"model={model}")
+            self.fs.invalidate_cache(folder)
             if self.fs.exists(folder):
                 out |= {posixpath.basename(p.rstrip("/"))[len("stage="):] for p in self.fs.ls(folder, detail=False)
                         if posixpath.basename(p.rstrip("/")).startswith("stage=")}

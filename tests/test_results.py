@@ -97,6 +97,7 @@ def test_the_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
     assert sorted(namespace["sae_eval"]["model"].to_list()) == sorted(cds)
     assert sorted(namespace["sae_eval"]["fvu_all"].to_list()) == [0.2, 0.3]
     assert "clip-vit-b16" in out and "median_cds" in out and "fvu_all" in out
+    assert sorted(namespace["committed"].column("model").to_pylist()) == sorted(cds)
 
     # A run of a third model starts writing: the folders now show its rows, the exact readers do not,
     # and uncommitted_files names its file (the page's first assert would now fail, as it says).

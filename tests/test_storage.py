@@ -353,7 +353,7 @@ def _old_layout_stage(root, model: str, stage: str, tables: dict[str, list[int]]
 
 
 def test_a_stage_in_the_old_layout_reads_migrates_and_is_replaced(root):
-    from scope_ray.results import uncommitted_files
+    from scope_ray.results import stages_in_old_layout, uncommitted_files
     from scope_ray.storage import migrate_root
 
     old = _old_layout_stage(root, "m", "s", {"t": [1, 2], "u": [3]})
@@ -361,7 +361,9 @@ def test_a_stage_in_the_old_layout_reads_migrates_and_is_replaced(root):
     assert old.read_table("t").column("x").to_pylist() == [1, 2]  # read where it was written
     assert old.part_files("t")[0].startswith(old.path + "/t/")
     before = old.manifest()
-    assert migrate_root(root) == {"m/q": 1, "m/s": 2}
+    assert stages_in_old_layout(root) == ["m/q", "m/s"]
+    assert migrate_root(root).moved == {"m/q": 1, "m/s": 2}
+    assert stages_in_old_layout(root) == []
     assert old.read_table("t").column("x").to_pylist() == [1, 2] and old.read_table("u").num_rows == 1
     assert plain.read_table("t").column("x").to_pylist() == [4]
     after = old.manifest()
@@ -369,7 +371,7 @@ def test_a_stage_in_the_old_layout_reads_migrates_and_is_replaced(root):
     assert old.part_files("t") == [old.table_path("t") + "/0123456789ab-part-0.parquet"]
     root.fs.invalidate_cache()
     assert not root.fs.exists(old.path + "/t") and not root.fs.exists(old.path + "/u")
-    assert uncommitted_files(root) == [] and migrate_root(root) == {}  # done, and idempotent
+    assert uncommitted_files(root) == [] and migrate_root(root).moved == {}  # done, and idempotent
     # A new run of the stage replaces it as any committed stage: the migrated files go after its commit.
     _commit_run(old, "c" * 16, [5])
     assert sorted(_snapshot(root, old)) == ["m/s/manifest.json", f"tables/t/model=m/stage=s/{file_tag('c' * 16)}-a.parquet"]
@@ -392,8 +394,67 @@ def test_a_migration_cut_off_before_its_switch_leaves_the_stage_complete_and_fin
     assert old.manifest() == before and old.read_table("t").column("x").to_pylist() == [1, 2]
     assert not root.fs.exists(lease_file(root))
     # A run of the old config that failed meanwhile clears nothing the migration needs.
-    assert migrate_root(root) == {"m/s": 1}
+    assert migrate_root(root).moved == {"m/s": 1}
     assert old.manifest()["table_layout"] == "hive" and old.read_table("t").column("x").to_pylist() == [1, 2]
+
+
+def test_a_migration_cut_off_after_its_switch_finishes_on_rerun(root, monkeypatch):
+    from scope_ray.storage import migrate_root
+
+    old = _old_layout_stage(root, "m", "s", {"t": [1, 2]})
+    real_rm = root.fs.rm
+
+    def cut(path, *args, **kwargs):
+        if path.endswith("/m/s/t"):
+            raise ConnectionError("the store went away")
+        return real_rm(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(root.fs, "rm", cut)  # the instance's: s3fs's sync methods are set per instance
+        with pytest.raises(ConnectionError):
+            migrate_root(root)
+    assert old.manifest()["table_layout"] == "hive" and old.read_table("t").column("x").to_pylist() == [1, 2]
+    root.fs.invalidate_cache()
+    assert root.fs.exists(old.path + "/t")  # switched, old folder still there
+    assert migrate_root(root).moved == {}  # nothing left to copy ...
+    root.fs.invalidate_cache()
+    assert not root.fs.exists(old.path + "/t")  # ... but the old folder is gone
+    assert old.read_table("t").column("x").to_pylist() == [1, 2]
+
+
+def test_migrated_parts_get_the_columns_new_parts_have(tmp_path):
+    """An old sae_eval part with a model column (the folders are that column now) and an old rejects
+    part without task are rewritten; the tables then read as one dataset each."""
+    import json
+
+    import pandas as pd
+
+    from scope_ray.storage import migrate_root, write_parquet
+
+    root = ResultsRoot(str(tmp_path / "results"))
+    for stage, table, data in (("eval-sae", "sae_eval", pa.table({"model": ["m"], "fvu_all": [0.25]})),
+                               ("extract", "rejects", pa.table({"split": ["val"], "image_id": ["a"], "reason": ["x"]}))):
+        d = root.stage("m", stage)
+        (tmp_path / "results" / "m" / stage / table).mkdir(parents=True)
+        write_parquet(data, f"{d.path}/{table}/part-0.parquet", root)
+        (tmp_path / "results" / "m" / stage / "manifest.json").write_text(json.dumps(
+            {"config_hash": "h", "tables": {table: ["part-0.parquet"]}, "rows": {table: 1}}))
+    root.stage("m", "probe-features").commit("h", {}, {"rejects": 0})  # a new stage's (empty) rejects
+    from scope_ray.results import read_results
+
+    assert read_results(root, "eval-sae", "sae_eval").column_names == ["model", "fvu_all"]  # one model column
+    assert sorted(migrate_root(root).moved) == ["m/eval-sae", "m/extract"]
+    sae_eval = pd.read_parquet(tmp_path / "results" / "tables" / "sae_eval")
+    assert sae_eval[["model", "fvu_all"]].values.tolist() == [["m", 0.25]]
+    assert root.stage("m", "eval-sae").read_table("sae_eval").column_names == ["fvu_all"]
+    rejects = pd.read_parquet(tmp_path / "results" / "tables" / "rejects")
+    assert "task" in rejects.columns and rejects["image_id"].tolist() == ["a"]
+
+
+def test_a_stored_table_cannot_have_a_partition_column(tmp_path):
+    stage = ResultsRoot(str(tmp_path / "results")).stage("m", "s")
+    with pytest.raises(ValueError, match=r"cannot have the column\(s\) \['model'\]"):
+        stage.write_part("t", "p", pa.table({"model": ["m"], "x": [1]}))
 
 
 def test_a_new_run_over_an_old_layout_stage_keeps_it_until_its_commit(root):
@@ -416,7 +477,7 @@ def test_the_migrate_command(tmp_path, capsys):
     assert main(["migrate", root.uri]) == 0
     assert "m/s: 1 part files moved" in capsys.readouterr().out
     assert main(["migrate", root.uri]) == 0
-    assert "nothing to migrate" in capsys.readouterr().out
+    assert "nothing moved" in capsys.readouterr().out
     assert root.models() == ["m"]  # the tables' tree is not a model
 
 
@@ -429,9 +490,13 @@ def test_migrate_skips_a_stage_a_run_is_writing_and_moves_it_later(tmp_path):
     lines: list[str] = []
     lease = acquire(root, "m", "s", "x" * 16)  # a run of another config is writing the stage
     try:
-        assert migrate_root(root, log=lines.append) == {}
+        done = migrate_root(root, log=lines.append)
+        assert done.moved == {} and list(done.busy) == ["m/s"]
+        from scope_ray.cli import main
+
+        assert main(["migrate", root.uri]) == 1  # the command says so, and fails
     finally:
         lease.release()
-    assert len(lines) == 1 and "m/s: skipped, a run is writing it" in lines[0], lines
+    assert "m/s: not moved, a run is writing it" in lines[0], lines
     assert "table_layout" not in old.manifest() and old.read_table("t").num_rows == 1
-    assert migrate_root(root) == {"m/s": 1}
+    assert migrate_root(root).moved == {"m/s": 1}

@@ -132,7 +132,8 @@ def run_eval_sae(job: JobConfig, root: ResultsRoot, *, log=info) -> EvalResult:
             "d_sae": int(rate.size), "dead_latents": int((rate == 0).sum()),
             "dense_latents": int((rate > job.sae.dense_fraction).sum()), "dense_fraction": job.sae.dense_fraction,
         }
-        stage.write_part("sae_eval", "part-0", pa.Table.from_pylist([row]))
+        stored = {k: v for k, v in row.items() if k != "model"}  # the table's folder names the model
+        stage.write_part("sae_eval", "part-0", pa.Table.from_pylist([stored]))
         stage.commit(chash, {"val_tokens": extract.uri}, {"sae_eval": 1}, extra={"tau": tau, "tau_source": tau_source})
         log(f"[eval-sae] {job.model.name}: FVU_A {row['fvu_all']:.3f} FVU_O {row['fvu_outlier']:.3f} "
             f"L0_A {row['l0_all']:.2f} L0_O {row['l0_outlier']:.2f} CS_A {row['cs_all']:.3f} CS_O {row['cs_outlier']:.3f} "

@@ -284,7 +284,7 @@ def run_instability(job: JobConfig, root: ResultsRoot, *, progress: bool = True,
         used, rejected = _verify(job, tokens, rejects, set(ids))
         summary = summarize(tokens, shifts, len(used), tau)
         for row in summary:
-            row.update(model=job.model.name, layer=job.model.resolved_layer, alignment=job.scope.instability_alignment)
+            row.update(layer=job.model.resolved_layer, alignment=job.scope.instability_alignment)
         stage.write_part("summary", "part-0", pa.Table.from_pylist(summary))
         unlabelled = sum(1 for c in chosen if c[1] < 0)
         figure = _draw_summary(job, stage, summary)

@@ -260,7 +260,7 @@ def run_partition(job: JobConfig, root: ResultsRoot, *, progress: bool = True, l
             log(f"[partition] {len(image_ids) - stats['images']} of the {len(image_ids)} analysis images have no stored "
                 "val tokens (extract.val_split differs from scope.instability_split?); statistics use the rest")
         row = table4_row(job, q, gamma, gamma_source, buckets, reason_Q)
-        stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))
+        stage.write_part("partition", "part-0", pa.Table.from_pylist([{k: v for k, v in row.items() if k != "model"}]))
         stage.write_part("gamma_sensitivity", "part-0", pa.Table.from_pylist(sensitivity))
         stage.write_part("groups", "part-0", pa.Table.from_pylist(stats["groups"]))
         membership = np.full(q, "unscored", dtype=object)

@@ -92,17 +92,17 @@ def check_schemas(cache: FeatureCache, tasks: Sequence[str]) -> None:
             name = f"{task}_{split}"
             files = cache.stage.part_files(name)
             if not files:
-                raise ValueError(f"{cache.stage.uri}/{name}: the table has no part files")
+                raise ValueError(f"{cache.stage.table_uri(name)}: the table has no part files")
             schema = pq.read_schema(files[0], filesystem=cache.stage.root.arrow_fs)
             missing = [c for c in ("image_id", "variant", *COLUMNS[task]) if c not in schema.names]
             if missing:
-                raise ValueError(f"{cache.stage.uri}/{name}: missing column(s) {missing}; it has {schema.names}")
+                raise ValueError(f"{cache.stage.table_uri(name)}: missing column(s) {missing}; it has {schema.names}")
             for col in COLUMNS[task]:
                 typ = schema.field(col).type
                 if pa.types.is_fixed_size_list(typ) and typ.list_size != widths[col]:
                     first = pq.read_table(files[0], columns=["image_id"], filesystem=cache.stage.root.arrow_fs)
                     image = first.column("image_id")[0].as_py() if first.num_rows else None
-                    raise ValueError(f"{cache.stage.uri}/{name}: column {col!r} holds {typ.list_size} values per "
+                    raise ValueError(f"{cache.stage.table_uri(name)}: column {col!r} holds {typ.list_size} values per "
                                      f"image, expected {widths[col]} from the manifest (width {cache.width}, grid "
                                      f"{cache.grid}, image_size {cache.image_size}); first image {image!r}")
 
@@ -130,7 +130,7 @@ def load_split(cache: FeatureCache, task: str, split: str, variant: str, num_cla
     """One (task, split, variant) of the cache as dense arrays, checked: sizes from the manifest,
     labels in the class range. Only this variant's rows are read."""
     table_name = f"{task}_{split}"
-    where = f"{cache.stage.uri}/{table_name}"
+    where = cache.stage.table_uri(table_name)
     files = cache.stage.part_files(table_name)
     cols = ["image_id", *COLUMNS[task]]
     # partitioning=None: the part files' hive folders (model=, stage=) are not columns here.

@@ -1,7 +1,8 @@
 """SAE training on Ray Train: DDP workers stream the extracted tokens through Ray Data.
 
-Reads ``ROOT/<model>/extract/train_tokens``; writes ``ROOT/<model>/train-sae/``:
-``sae.safetensors`` (input scale folded in), ``training_log`` (one row per logged step).
+Reads extract's ``train_tokens``; writes ``ROOT/<model>/train-sae/``: ``sae.safetensors`` (input
+scale folded in) beside the manifest, and the ``training_log`` table (one row per logged step) in
+``ROOT/tables/training_log/model=<model>/stage=train-sae/``.
 
 Fault tolerance is Ray Train's: every ``checkpoint_every`` steps rank 0 reports a checkpoint
 (raw SAE state, optimizer state, step) to the results root; ``FailureConfig`` restarts failed

@@ -160,7 +160,7 @@ def _features(job: JobConfig, root: ResultsRoot) -> tuple[StageDir, dict]:
                            f"data.imagenet.val and {hint}")
     if job.zeroshot.image_embedding == "class_token" and not m.get("clip_embedding_dim"):
         raise RuntimeError(f"{job.model.name}: the probe features at {stage.uri} carry no clip_embedding (written "
-                           f"by an older version); remove that directory and {hint}")
+                           f"by an older version); remove its manifest.json (the stage is then redone) and {hint}")
     return stage, m
 
 
@@ -228,7 +228,7 @@ def _score_variants(features, fm: dict, column: str, width: int, proj_DE, class_
     from scope_ray.zeroshot import ZeroShotTally, patch_mean_embedding, zeroshot_logits
 
     tallies = {v: ZeroShotTally() for v in VARIANTS}
-    where = f"{features.uri}/{SOURCE_TABLE}"
+    where = features.table_uri(SOURCE_TABLE)
     for path in features.part_files(SOURCE_TABLE):
         t = pq.read_table(path, columns=["image_id", "variant", column, "label"], filesystem=features.root.arrow_fs)
         labels = t.column("label").to_numpy()
@@ -262,7 +262,7 @@ def run_zeroshot(job: JobConfig, root: ResultsRoot, *, log=info) -> ZeroShotResu
     if not names:  # label numbers: as many classes as the labels reach
         names = [str(i) for i in range((label_max or 0) + 1)]
     if label_max is not None and label_max >= len(names):
-        raise ValueError(f"{features.uri}/{SOURCE_TABLE}: labels reach {label_max}, outside the {len(names)} class "
+        raise ValueError(f"{features.table_uri(SOURCE_TABLE)}: labels reach {label_max}, outside the {len(names)} class "
                          f"names (0..{len(names) - 1}) from {names_from}. Set zeroshot.class_names to the dataset's "
                          "full class list")
     stage = root.stage(job.model.name, STAGE)

@@ -23,7 +23,7 @@ def write_scope(root: ResultsRoot, model: str, cds: np.ndarray, gamma: float, *,
     root.stage(model, "extract").commit("e", {}, {}, extra={"layer": layer})
     finite = np.isfinite(cds)
     low, high = int((cds[finite] <= gamma).sum()), int((cds[finite] > gamma).sum())
-    row = {"model": model, "dictionary_size": cds.size, "gamma": gamma, "gamma_source": "config", "low_cds": low,
+    row = {"dictionary_size": cds.size, "gamma": gamma, "gamma_source": "config", "low_cds": low,
            "high_cds": high, "unscored": int((~finite).sum())}
     stage = root.stage(model, "partition")
     stage.write_part("partition", "part-0", pa.Table.from_pylist([row]))

@@ -22,7 +22,7 @@ from tests.report.test_probes import ALL_VARIANTS, write_probe
 
 
 def write_eval(root: ResultsRoot, model: str, fvu_all: float, extra: dict | None = None) -> None:
-    row = {"model": model, "layer": 12, "fvu_all": fvu_all, "fvu_outlier": 0.5, "l0_all": 8.0, "l0_outlier": 6.5,
+    row = {"layer": 12, "fvu_all": fvu_all, "fvu_outlier": 0.5, "l0_all": 8.0, "l0_outlier": 6.5,
            "cs_all": 0.91, "cs_outlier": float("nan"), "tau": 42.0, "tau_source": "config", "tokens": 1568,
            "outlier_tokens": 0, "nonfinite_rows": 0, "d_sae": 384, "dead_latents": 3, "dense_latents": 1,
            "dense_fraction": 0.1}
@@ -40,7 +40,7 @@ def write_instability(root: ResultsRoot, model: str, tmp: Path, *, commit: bool 
                        "emd": rng.uniform(0.5, 3.0, 100)})
     summary = summarize(tokens, (1, 2), 10, 42.0)
     stage = root.stage(model, "instability")
-    stage.write_part("summary", "part-0", pa.Table.from_pylist([{**r, "model": model, "layer": 12} for r in summary]))
+    stage.write_part("summary", "part-0", pa.Table.from_pylist([{**r, "layer": 12} for r in summary]))
     fig = instability_plot([r["shift"] for r in summary], [r["d_non"] for r in summary], [r["d_out"] for r in summary],
                            tmp / f"{model}-instability" / "instability.png", title=model)
     uri = stage.write_figure(fig)
@@ -53,7 +53,7 @@ def write_partition(root: ResultsRoot, model: str, tmp: Path) -> None:
 
     cds = np.random.default_rng(1).uniform(0, 1, 384)
     stage = root.stage(model, "partition")
-    row = {"model": model, "dictionary_size": 384, "gamma": 0.31, "gamma_source": "auto (Otsu on scored CDS)",
+    row = {"dictionary_size": 384, "gamma": 0.31, "gamma_source": "auto (Otsu on scored CDS)",
            "low_cds": int((cds[5:] <= 0.31).sum()), "high_cds": int((cds[5:] > 0.31).sum()), "unscored": 5,
            "unscored_never_fired": 3, "unscored_images_rejected": 0, "unscored_no_usable_image": 0,
            "unscored_too_few_usable_images": 2, "min_usable_images": 4, "shift": 1, "k_cds": 16}

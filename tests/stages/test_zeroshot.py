@@ -159,7 +159,7 @@ def test_missing_or_old_features_say_what_to_run(tmp_path, cache):
     with pytest.raises(RuntimeError, match="probe-features stage .* is missing.*run `scope-ray stage probe` first"):
         run_zeroshot(job, root, **QUIET)
     _commit_features(job, root, emb, labels, clip_dim=None)
-    with pytest.raises(RuntimeError, match="carry no clip_embedding.*remove that directory"):
+    with pytest.raises(RuntimeError, match="carry no clip_embedding.*remove its manifest.json"):
         run_zeroshot(job, root, **QUIET)
 
 
