@@ -123,13 +123,8 @@ def stages_in_old_layout(root: str | ResultsRoot, *, endpoint_url: str | None = 
     from ``ROOT/tables/`` until ``scope-ray migrate ROOT``."""
     r = _root(root, endpoint_url)
     out = []
-    for model in r.models():
-        folder = posixpath.join(r.path, model)
-        for sub in sorted(r.fs.ls(folder, detail=False)):
-            name = posixpath.basename(sub.rstrip("/"))
-            if name.startswith((".", "_")) or not r.fs.isdir(sub):
-                continue
-            m = r.stage(model, name).manifest()
-            if m is not None and m.get("table_layout") != HIVE:
-                out.append(f"{model}/{name}")
+    for model, name in r.stage_folders():
+        m = r.stage(model, name).manifest()
+        if m is not None and m.get("table_layout") != HIVE:
+            out.append(f"{model}/{name}")
     return out

@@ -605,21 +605,16 @@ def migrate_root(root: "ResultsRoot", log: Callable[[str], None] | None = None) 
 
     log = log or info
     out = Migration()
-    for model in root.models():
-        folder = posixpath.join(root.path, model)
-        for sub in sorted(root.fs.ls(folder, detail=False)):
-            name = posixpath.basename(sub.rstrip("/"))
-            if name.startswith((".", "_")) or not root.fs.isdir(sub):
-                continue
-            try:
-                n = root.stage(model, name).migrate()
-            except StageBusy as exc:  # a run is writing it; if that run commits, it writes the new layout
-                out.busy[f"{model}/{name}"] = str(exc)
-                log(f"[migrate] {model}/{name}: not moved, a run is writing it (run migrate again once it ends): {exc}")
-                continue
-            if n:
-                out.moved[f"{model}/{name}"] = n
-                log(f"[migrate] {model}/{name}: {n} part files moved to {TABLES_DIR}/<table>/model={model}/stage={name}/")
+    for model, name in root.stage_folders():
+        try:
+            n = root.stage(model, name).migrate()
+        except StageBusy as exc:  # a run is writing it; if that run commits, it writes the new layout
+            out.busy[f"{model}/{name}"] = str(exc)
+            log(f"[migrate] {model}/{name}: not moved, a run is writing it (run migrate again once it ends): {exc}")
+            continue
+        if n:
+            out.moved[f"{model}/{name}"] = n
+            log(f"[migrate] {model}/{name}: {n} part files moved to {TABLES_DIR}/<table>/model={model}/stage={name}/")
     return out
 
 
@@ -724,6 +719,16 @@ class ResultsRoot:
                 self.fs.rm(probe)
             except (FileNotFoundError, OSError):
                 pass
+
+    def stage_folders(self) -> list[tuple[str, str]]:
+        """(model, stage) of every folder that may be a stage: ``ROOT/<model>/<stage>/``, not hidden."""
+        out = []
+        for model in self.models():
+            for sub in sorted(self.fs.ls(posixpath.join(self.path, model), detail=False)):
+                name = posixpath.basename(sub.rstrip("/"))
+                if not name.startswith((".", "_")) and self.fs.isdir(sub):
+                    out.append((model, name))
+        return out
 
     def stages_with_tables(self, model: str) -> set[str]:
         """Stages of ``model`` with a partition in any table (written to, committed or not)."""

@@ -340,5 +340,5 @@ def test_bad_mask_value_and_wrong_mask_size_are_clear_errors(ray_local, tmp_path
         run_probes(_job(tmp_path / "a"), root, tasks=["segmentation"], trials=1, log=_quiet)
     root = ResultsRoot(str(tmp_path / "b"))
     write_cache(root, mask_size=S * S + 3)
-    with pytest.raises(ValueError, match=r"segmentation_train: column 'mask' holds 19 values per image, expected 16"):
+    with pytest.raises(ValueError, match=r"segmentation_train/model=demo-vit-tiny/stage=probe-features: column 'mask' holds 19 values per image, expected 16"):
         run_probes(_job(tmp_path / "b"), root, log=_quiet)
