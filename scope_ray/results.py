@@ -13,13 +13,12 @@ results). No Ray.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import posixpath
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from scope_ray.storage import HIVE, TABLES_DIR, ResultsRoot
+from scope_ray.storage import HIVE, TABLES_DIR, ResultsRoot, hive_value
 
 
 @dataclass
@@ -43,8 +42,7 @@ def _models(r: ResultsRoot, table: str) -> list[str]:
     folder = posixpath.join(r.path, TABLES_DIR, table)
     r.fs.invalidate_cache(folder)
     partitions = r.fs.ls(folder, detail=False) if r.fs.exists(folder) else []
-    writing = {posixpath.basename(p.rstrip("/"))[len("model="):] for p in partitions
-               if posixpath.basename(p.rstrip("/")).startswith("model=")}
+    writing = {v for p in partitions if (v := hive_value(p, "model")) is not None}
     return sorted(set(r.models()) | writing)
 
 
@@ -106,8 +104,10 @@ def uncommitted_files(root: str | ResultsRoot, *, endpoint_url: str | None = Non
         parts = path[len(tables.rstrip("/")) + 1:].split("/")
         if posixpath.basename(path).startswith((".", "_")):
             continue
-        if len(parts) == 4 and parts[1].startswith("model=") and parts[2].startswith("stage="):
-            table, model, stage, name = parts[0], parts[1][len("model="):], parts[2][len("stage="):], parts[3]
+        model = hive_value(parts[1], "model") if len(parts) == 4 else None
+        stage = hive_value(parts[2], "stage") if len(parts) == 4 else None
+        if model is not None and stage is not None:
+            table, name = parts[0], parts[3]
             if (model, stage) not in manifests:
                 manifests[(model, stage)] = r.stage(model, stage).manifest()
             m = manifests[(model, stage)]

@@ -218,11 +218,15 @@ class StageDir:
         under the stage folder for a manifest committed before that layout."""
         if layout == STAGE_FOLDERS:
             return posixpath.join(self.path, table)
-        return posixpath.join(self.root.path, TABLES_DIR, table, f"model={self.model}", f"stage={self.stage}")
+        return posixpath.join(self.root.path, *self._partition(table))
 
     def table_uri(self, table: str) -> str:
         """Where new part files of ``table`` go, as a URI (for messages)."""
-        return join_uri(self.root.uri, TABLES_DIR, table, f"model={self.model}", f"stage={self.stage}")
+        return join_uri(self.root.uri, *self._partition(table))
+
+    def _partition(self, table: str) -> tuple[str, ...]:
+        """``table``'s partition of this stage, as path components under the root."""
+        return TABLES_DIR, table, f"model={self.model}", f"stage={self.stage}"
 
     def _partitions(self) -> list[str]:
         """This stage's partition folder in every table of the root that has one."""
@@ -559,6 +563,12 @@ def temp_name(path: str) -> str:
     return posixpath.join(head, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
 
 
+def hive_value(path: str, key: str) -> str | None:
+    """``v`` when the last component of ``path`` is the partition folder ``key=v``, else None."""
+    head, sep, value = posixpath.basename(path.rstrip("/")).partition("=")
+    return value if sep and head == key else None
+
+
 def copy_file(root: "ResultsRoot", src: str, dst: str) -> None:
     """Copy within the root so that ``dst`` appears whole or not at all: locally through a
     temporary name, on S3 as one server-side copy."""
@@ -741,8 +751,7 @@ class ResultsRoot:
             folder = posixpath.join(table, f"model={model}")
             self.fs.invalidate_cache(folder)
             if self.fs.exists(folder):
-                out |= {posixpath.basename(p.rstrip("/"))[len("stage="):] for p in self.fs.ls(folder, detail=False)
-                        if posixpath.basename(p.rstrip("/")).startswith("stage=")}
+                out |= {v for p in self.fs.ls(folder, detail=False) if (v := hive_value(p, "stage")) is not None}
         return out
 
     def models(self) -> list[str]:

@@ -52,7 +52,6 @@ from scope_ray.stages.common import load_sae
 TASKS: dict[Task, str] = {"classification": "imagenet", "segmentation": "ade20k", "depth": "nyud"}
 SPLITS = ("train", "val")
 # The extraction's rejects columns plus the task: the three datasets may share image ids.
-REJECTS = REJECTS_SCHEMA  # every stage's rejects share one schema; here ``task`` is set
 
 
 def table_name(task: str, split: str) -> str:
@@ -411,7 +410,7 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                                    "(see the rejects table); not committing")
             verify_table(stage, table, counts)
             result.counts[table] = counts
-        reasons = stage.written_table("rejects", REJECTS, columns=["reason"]).column("reason").to_pylist()
+        reasons = stage.written_table("rejects", REJECTS_SCHEMA, columns=["reason"]).column("reason").to_pylist()
         n_rejects = len(reasons)
         for r in reasons:
             key = r.split(":")[0]
@@ -440,7 +439,6 @@ def run_probe_features(job: JobConfig, root: ResultsRoot, *, progress: bool = Tr
                    else "patch-token mean (the model has no class token)",
                    "seconds": round(result.seconds, 3),
                    "nodes": {t: c.nodes for t, c in result.counts.items()}},
-            empty_schemas={"rejects": REJECTS},
         )
         # One line for every table (images in / rejected / rows) and the reject reasons.
         reasons = "; rejects by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.reject_reasons.items()))
